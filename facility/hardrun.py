@@ -1,0 +1,65 @@
+"""Running the conventional hard-mode analysis over a fileset, reading each chunk once.
+
+:class:`ColumnStore` keeps the columns of every chunk in memory after the first read, so
+repeated hard evaluations (a parameter scan, validation before and after an optimisation)
+never re-read files.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from tqdm.auto import tqdm
+
+from jacana.stages.columns import Columns, read_chunk
+from jacana.stages.errors import FilesetError
+from jacana.stages.fileset import Chunk, Fileset
+from jacana.stages.reference import add_histograms, fill_histograms, to_arrays
+from jacana.stages.spec import AnalysisSpec
+
+DEFAULT_CHUNK_SIZE = 100_000
+
+
+def analysis_chunks(spec: AnalysisSpec, fileset: Fileset, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[Chunk]:
+    """Every chunk the analysis needs, in a fixed order; a missing sample is an error naming it."""
+    missing = [f"{s}/{v}" for s in spec.samples for v in spec.file_variations(s) if not fileset.has(s, v)]
+    if missing:
+        raise FilesetError(f"fileset {fileset.source} lacks what the analysis needs: {', '.join(missing)}")
+    return [c for s in spec.samples for v in spec.file_variations(s) for c in fileset.chunks(s, v, chunk_size)]
+
+
+class ColumnStore:
+    """Columns of each chunk, read on first use and kept in memory (branch names fixed by ``spec``)."""
+
+    def __init__(self, spec: AnalysisSpec, reader: Callable[[Chunk, AnalysisSpec], Columns] = read_chunk):
+        self.branches = spec.branches
+        self._spec = spec
+        self._reader = reader
+        self._columns: dict[tuple, Columns] = {}
+        self.reads = 0
+
+    def get(self, chunk: Chunk) -> Columns:
+        key = (chunk.sample, chunk.variation) + chunk.key
+        if key not in self._columns:
+            self._columns[key] = self._reader(chunk, self._spec)
+            self.reads += 1
+        return self._columns[key]
+
+    def compatible(self, spec: AnalysisSpec) -> bool:
+        return spec.branches == self.branches and spec.systematics == self._spec.systematics
+
+
+def hard_histograms(spec: AnalysisSpec, chunks: Iterable[Chunk], store: ColumnStore | None = None,
+                    progress: bool = False) -> dict:
+    """Hard-mode histograms ``{region: {sample: {variation: {"edges", "sumw", "sumw2"}}}}``."""
+    if store is None or not store.compatible(spec):
+        store = ColumnStore(spec)
+    chunks = list(chunks)
+    per_sample: dict[str, dict] = {}
+    for chunk in tqdm(chunks, desc="hard analysis", unit="chunk", disable=not progress):
+        add_histograms(per_sample.setdefault(chunk.sample, {}), fill_histograms(store.get(chunk), spec))
+    out: dict = {r: {} for r in spec.regions}
+    for sample, by_region in per_sample.items():
+        for region, by_var in by_region.items():
+            out[region][sample] = {v: to_arrays(h) for v, h in by_var.items()}
+    return out

@@ -1,0 +1,140 @@
+"""Reading the columns an analysis needs from NanoAOD files, with errors that name what is wrong.
+
+Awkward stays at this boundary: :func:`read_chunk` returns a :class:`Columns` mapping of
+logical names (``jet_pt``, ``muon_iso``, ...; see the config's ``branches``) to awkward
+arrays, plus the derived per-jet resolution-smearing factors, which are a deterministic
+function of (file, entry, jet index) so every chunking of a file gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import zlib
+from pathlib import Path
+
+import awkward as ak
+import numpy as np
+import uproot
+from scipy.special import ndtri
+
+from .errors import InputFileError, MissingBranchError
+from .fileset import Chunk
+from .spec import AnalysisSpec
+
+#: Logical columns that are per-event scalars; every other column is per-object (jagged).
+EVENT_COLUMNS = ("gen_weight",)
+COLLECTIONS = ("electron", "muon", "jet")
+
+
+@dataclasses.dataclass
+class Columns:
+    """The logical columns of one chunk (awkward arrays) and where they came from."""
+
+    chunk: Chunk
+    arrays: dict[str, ak.Array]
+    jer_factor: ak.Array  # per-jet pT smearing factor of the JER variation (1 where none)
+
+    def __getitem__(self, name: str) -> ak.Array:
+        return self.arrays[name]
+
+    def __len__(self) -> int:
+        return self.chunk.n_events
+
+
+def file_key(path: str) -> int:
+    """A 32-bit key of a file's name (not its folder), so moved files give the same smearing."""
+    return zlib.crc32(Path(path).name.encode())
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x += np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def jer_factors(path: str, entry_start: int, counts: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    """Per-jet N(1, sigma) smearing factors, flat, counter-based on (seed, file, entry, jet index).
+
+    Counter-based (not a stateful RNG) so any chunking, any worker and any order of
+    evaluation gives bit-identical factors for the same jet.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    n = int(counts.sum())
+    if n == 0:
+        return np.zeros(0, dtype=np.float64)
+    entry = np.repeat(np.arange(entry_start, entry_start + len(counts), dtype=np.uint64), counts)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    jet_index = (np.arange(n, dtype=np.int64) - np.repeat(offsets, counts)).astype(np.uint64)
+    key = (np.uint64(seed) << np.uint64(32)) ^ np.uint64(file_key(path))
+    bits = _splitmix64(_splitmix64(entry * np.uint64(1024) + jet_index) ^ key)
+    u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 2**53)
+    return 1.0 + sigma * ndtri(u)
+
+
+def _open_tree(path: str, tree: str):
+    if "://" not in path and not Path(path).exists():
+        raise InputFileError(path, "file does not exist")
+    try:
+        f = uproot.open(path)
+    except Exception as exc:  # uproot raises many types for damaged files
+        raise InputFileError(path, f"cannot open as a ROOT file ({type(exc).__name__}: {exc})") from None
+    try:
+        t = f[tree]
+    except Exception:
+        names = sorted({k.split(";")[0] for k in f.keys()})
+        close = difflib.get_close_matches(tree, names, n=3)
+        hint = f"; closest: {', '.join(close)}" if close else f"; it has: {', '.join(names[:10]) or 'nothing'}"
+        raise InputFileError(path, f"no tree {tree!r}{hint}") from None
+    if not isinstance(t, uproot.TTree):
+        raise InputFileError(path, f"{tree!r} is a {type(t).__name__}, not a TTree")
+    return t
+
+
+def _check_branches(tree, path: str, spec: AnalysisSpec) -> None:
+    keys = set(tree.keys())
+    for logical, branch in spec.branches.items():
+        if branch not in keys:
+            raise MissingBranchError(path, branch, difflib.get_close_matches(branch, sorted(keys), n=3, cutoff=0.5))
+
+
+def _check_type(path: str, logical: str, branch: str, array: ak.Array) -> ak.Array:
+    jagged = logical not in EVENT_COLUMNS
+    layout = ak.to_layout(array)
+    depth = layout.minmax_depth[1] if hasattr(layout, "minmax_depth") else layout.purelist_depth
+    if jagged and depth != 2:
+        raise InputFileError(path, f"branch {branch!r} ({logical}) must be a jagged per-object array, got {array.type}")
+    if not jagged and depth != 1:
+        raise InputFileError(path, f"branch {branch!r} ({logical}) must be one number per event, got {array.type}")
+    prim = str(ak.type(array)).split("*")[-1].strip()
+    if prim not in ("float32", "float64", "int32", "int64", "int16", "int8", "uint8", "uint32", "bool", "uint64"):
+        raise InputFileError(path, f"branch {branch!r} ({logical}) must be numeric or boolean, got {prim}")
+    return array
+
+
+def read_chunk(chunk: Chunk, spec: AnalysisSpec) -> Columns:
+    """Read only the branches ``spec`` needs for the entries of ``chunk``."""
+    tree = _open_tree(chunk.path, spec.tree)
+    _check_branches(tree, chunk.path, spec)
+    if chunk.entry_stop > tree.num_entries:
+        raise InputFileError(chunk.path, f"needs entries up to {chunk.entry_stop} but the tree has {tree.num_entries}"
+                             " (the fileset's nevts is wrong or the file is truncated)")
+    branch_of = spec.branches
+    try:
+        raw = tree.arrays(list(dict.fromkeys(branch_of.values())), entry_start=chunk.entry_start,
+                          entry_stop=chunk.entry_stop, library="ak", how=dict)
+    except Exception as exc:
+        raise InputFileError(chunk.path, f"cannot read entries {chunk.entry_start}-{chunk.entry_stop}"
+                             f" ({type(exc).__name__}: {exc}); the file may be truncated or corrupt") from None
+    arrays = {logical: _check_type(chunk.path, logical, branch, raw[branch]) for logical, branch in branch_of.items()}
+    counts = ak.to_numpy(ak.num(arrays["jet_pt"], axis=1))
+    jer = [s for s in spec.systematics if s.kind == "jet_pt_smear"]
+    if jer:
+        flat = jer_factors(chunk.path, chunk.entry_start, counts, float(jer[0].options["sigma"]), int(jer[0].options["seed"]))
+    else:
+        flat = np.ones(int(counts.sum()))
+    return Columns(chunk=chunk, arrays=arrays, jer_factor=ak.unflatten(flat, counts))

@@ -1,0 +1,321 @@
+"""The analysis definition: what every stage computes, loaded from a validated config file.
+
+One :class:`AnalysisSpec` drives both the hard (conventional) and the soft
+(differentiable) analysis. It is loaded from YAML, validated against
+``schemas/analysis.schema.json`` and then against the physics rules a schema
+cannot express (values inside bounds, increasing bin edges, samples that exist).
+
+>>> from jacana.stages.spec import load_spec
+>>> spec = load_spec(overrides=["jet_pt_min=25", "branches.jet_btag=Jet_btagDeepFlavB"])
+>>> spec.param_values()["jet_pt_min"], spec.branches["jet_btag"]
+(25.0, 'Jet_btagDeepFlavB')
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import re
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import jsonschema
+import numpy as np
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG = "agc_ttbar"
+NOMINAL = "nominal"
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameter:
+    """A tunable, bounded, physical analysis parameter (e.g. ``jet_pt_min`` in GeV)."""
+
+    name: str
+    value: float
+    lower: float
+    upper: float
+    unit: str = ""
+    temperature: float = 0.0
+    learning_rate: float = 1.0
+    description: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """An analysis region: a b-tag multiplicity requirement and the observable it histograms."""
+
+    name: str
+    observable: str  # "ht" or "m_bjj"
+    btag: str  # "exactly_1" or "at_least_2"
+    edges: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Systematic:
+    """One systematic uncertainty as the config defines it (``kind`` selects the options used)."""
+
+    key: str
+    kind: str
+    name: str
+    options: Mapping[str, Any]
+
+
+def _schema() -> dict:
+    text = resources.files("jacana.stages").joinpath("schemas/analysis.schema.json").read_text()
+    return json.loads(text)
+
+
+def _default_config_path(name: str = DEFAULT_CONFIG) -> Path:
+    return Path(str(resources.files("jacana.stages").joinpath(f"configs/{name}.yaml")))
+
+
+def _format_schema_error(err: jsonschema.ValidationError, raw: Mapping) -> str:
+    where = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+    if err.validator == "additionalProperties":
+        # Name the unknown key and the closest allowed one: the commonest typo.
+        parent = raw
+        for p in err.absolute_path:
+            parent = parent[p]
+        allowed = set(err.schema.get("properties", {})) | set()
+        unknown = [k for k in parent if k not in allowed and not any(
+            re.match(pat, k) for pat in err.schema.get("patternProperties", {}))]
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, sorted(allowed), n=1)
+            hints.append(f"unknown key {k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if hints:
+            return f"config {where}: " + "; ".join(hints)
+    return f"config {where}: {err.message}"
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like name=value (e.g. jet_pt_min=25)")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has no name before '='")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: cannot parse value {value!r}: {exc}") from None
+    return key, parsed
+
+
+def apply_overrides(raw: dict, overrides: Iterable[str] | Mapping[str, Any] | None) -> dict:
+    """Return a copy of ``raw`` with ``name=value`` overrides applied.
+
+    A bare parameter name sets that parameter's value; a dotted path sets any config
+    entry (``branches.jet_btag=Jet_btagDeepFlavB``, ``parameters.btag_min.temperature=0.01``).
+    """
+    out = copy.deepcopy(raw)
+    if overrides is None:
+        return out
+    items = overrides.items() if isinstance(overrides, Mapping) else (_parse_override(o) for o in overrides)
+    for key, value in items:
+        if "." not in key and key in out.get("parameters", {}):
+            path = ["parameters", key, "value"]
+        else:
+            path = key.split(".")
+        node = out
+        for depth, part in enumerate(path[:-1]):
+            if not isinstance(node, dict) or part not in node:
+                known = sorted(node) if isinstance(node, dict) else []
+                if depth == 0:
+                    known = sorted(set(known) | set(out.get("parameters", {})))
+                close = difflib.get_close_matches(part, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"override {key!r}: no config entry {'.'.join(path[:depth + 1])!r}{hint}")
+            node = node[part]
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {'.'.join(path[:-1])!r} is not a mapping")
+        if path[-1] not in node and len(path) == 1:
+            known = sorted(set(node) | set(out.get("parameters", {})))
+            close = difflib.get_close_matches(path[-1], known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"override {key!r}: unknown parameter or config key{hint}")
+        node[path[-1]] = value
+    return out
+
+
+class AnalysisSpec:
+    """A validated analysis definition. Immutable: overrides return a new spec."""
+
+    def __init__(self, raw: Mapping[str, Any], source: str = "<dict>"):
+        self.raw = copy.deepcopy(dict(raw))
+        self.source = source
+        self._validate()
+
+    # -- construction -------------------------------------------------------------
+    def _validate(self) -> None:
+        validator = jsonschema.Draft202012Validator(_schema())
+        errors = sorted(validator.iter_errors(self.raw), key=lambda e: list(e.absolute_path))
+        if errors:
+            lines = [_format_schema_error(e, self.raw) for e in errors[:10]]
+            raise ConfigError(f"invalid analysis config ({self.source}):\n  " + "\n  ".join(lines))
+        for name, p in self.raw["parameters"].items():
+            lo, hi = p["bounds"]
+            if not lo < hi:
+                raise ConfigError(f"parameter {name!r}: bounds {p['bounds']} must be [lower, upper] with lower < upper")
+            if not lo <= p["value"] <= hi:
+                raise ConfigError(
+                    f"parameter {name!r} = {p['value']} is outside its bounds [{lo}, {hi}]"
+                    f" (change the value, or the bounds with --set parameters.{name}.bounds=[lo,hi])")
+        for name, region in self.regions.items():
+            if len(region.edges) < 2 or np.any(np.diff(region.edges) <= 0):
+                raise ConfigError(f"region {name!r}: bin edges must be strictly increasing, got {region.edges.tolist()}")
+        samples = set(self.raw["samples"])
+        if self.raw["poi"]["sample"] not in samples:
+            raise ConfigError(f"poi.sample {self.raw['poi']['sample']!r} is not one of the samples {sorted(samples)}")
+        for key, syst in self.raw["systematics"].items():
+            names = [syst["sample"]] if "sample" in syst else syst.get("samples", [])
+            for s in ([] if names == "all" else names):
+                if s not in samples:
+                    raise ConfigError(f"systematics.{key}: sample {s!r} is not one of {sorted(samples)}")
+        for s in self.raw["pseudo_data"]:
+            if s not in samples:
+                raise ConfigError(f"pseudo_data: sample {s!r} is not one of {sorted(samples)}")
+
+    def with_overrides(self, overrides: Iterable[str] | Mapping[str, Any] | None) -> "AnalysisSpec":
+        """A new spec with ``name=value`` overrides (see :func:`apply_overrides`)."""
+        return AnalysisSpec(apply_overrides(self.raw, overrides), source=f"{self.source} + overrides")
+
+    def with_params(self, values: Mapping[str, float]) -> "AnalysisSpec":
+        """A new spec whose tunable parameters take ``values`` (unknown names are an error)."""
+        unknown = set(values) - set(self.parameters)
+        if unknown:
+            raise ConfigError(f"unknown parameters {sorted(unknown)}; known: {sorted(self.parameters)}")
+        return self.with_overrides({f"parameters.{k}.value": float(v) for k, v in values.items()})
+
+    # -- views ----------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.raw["name"]
+
+    @property
+    def tree(self) -> str:
+        return self.raw["tree"]
+
+    @property
+    def luminosity_pb(self) -> float:
+        return float(self.raw["luminosity_pb"])
+
+    @property
+    def use_genweight_sign(self) -> bool:
+        return bool(self.raw.get("use_genweight_sign", True))
+
+    @property
+    def branches(self) -> dict[str, str]:
+        return dict(self.raw["branches"])
+
+    @property
+    def cuts(self) -> dict[str, float]:
+        return dict(self.raw["cuts"])
+
+    @cached_property
+    def parameters(self) -> dict[str, Parameter]:
+        return {
+            name: Parameter(name=name, value=float(p["value"]), lower=float(p["bounds"][0]),
+                            upper=float(p["bounds"][1]), unit=p.get("unit", ""),
+                            temperature=float(p.get("temperature", 0.0)),
+                            learning_rate=float(p.get("learning_rate", 1.0)),
+                            description=p.get("description", ""))
+            for name, p in self.raw["parameters"].items()
+        }
+
+    def param_values(self) -> dict[str, float]:
+        return {name: p.value for name, p in self.parameters.items()}
+
+    @cached_property
+    def regions(self) -> dict[str, Region]:
+        out = {}
+        for name, r in self.raw["regions"].items():
+            e = r["edges"]
+            edges = (np.linspace(e["low"], e["high"], e["bins"] + 1) if isinstance(e, dict)
+                     else np.asarray(e, dtype=np.float64))
+            out[name] = Region(name=name, observable=r["observable"], btag=r["btag"], edges=edges)
+        return out
+
+    @property
+    def samples(self) -> dict[str, dict]:
+        return {k: dict(v) for k, v in self.raw["samples"].items()}
+
+    @property
+    def poi(self) -> dict:
+        return dict(self.raw["poi"])
+
+    @cached_property
+    def systematics(self) -> list[Systematic]:
+        return [Systematic(key=k, kind=v["kind"], name=v["name"],
+                           options={kk: vv for kk, vv in v.items() if kk not in ("kind", "name")})
+                for k, v in self.raw["systematics"].items()]
+
+    def systematics_of(self, kind: str) -> list[Systematic]:
+        return [s for s in self.systematics if s.kind == kind]
+
+    # -- variations -----------------------------------------------------------------
+    def kinematic_variations(self) -> list[str]:
+        """Jet-pT variations evaluated on nominal files: ``nominal`` first, then JES/JER names."""
+        return [NOMINAL] + [s.options["variation"] for s in self.systematics
+                            if s.kind in ("jet_pt_scale", "jet_pt_smear")]
+
+    def weight_variations(self) -> list[str]:
+        """Event-weight variations evaluated on nominal files with nominal jets (b-tag NPs)."""
+        out = []
+        for s in self.systematics_of("btag_weight"):
+            for i in range(int(s.options["n_jets"])):
+                out += [f"btag_var_{i}_up", f"btag_var_{i}_down"]
+        return out
+
+    def alternative_variations(self, sample: str) -> list[str]:
+        """File-level variations of ``sample`` (alternative generator, shower, scale samples)."""
+        out: list[str] = []
+        for s in self.systematics_of("alternative_sample"):
+            if s.options["sample"] == sample:
+                out += [s.options["up"]] + ([s.options["down"]] if "down" in s.options else [])
+        for s, variations in self.raw["pseudo_data"].items():
+            if s == sample:
+                out += list(variations)
+        return list(dict.fromkeys(out))
+
+    def histogram_variations(self, sample: str) -> list[str]:
+        """Every histogram variation key produced for ``sample``."""
+        return self.kinematic_variations() + self.weight_variations() + self.alternative_variations(sample)
+
+    def file_variations(self, sample: str) -> list[str]:
+        """The fileset variations of ``sample`` the analysis reads (``nominal`` first)."""
+        return [NOMINAL] + self.alternative_variations(sample)
+
+    def normalization_samples(self, syst: Systematic) -> list[str]:
+        s = syst.options["samples"]
+        return list(self.samples) if s == "all" else list(s)
+
+    def needed_branches(self) -> list[str]:
+        """The file branches the analysis reads (nothing else is read)."""
+        return list(dict.fromkeys(self.branches.values()))
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self.raw)
+
+
+def load_spec(path: str | Path | None = None, overrides: Iterable[str] | Mapping[str, Any] | None = None) -> AnalysisSpec:
+    """Load and validate an analysis config (the embedded AGC ttbar config when ``path`` is None)."""
+    if path is None:
+        path = _default_config_path()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"analysis config {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"analysis config {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"analysis config {str(path)!r} must be a mapping at the top level")
+    return AnalysisSpec(apply_overrides(raw, overrides), source=str(path))

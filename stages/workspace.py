@@ -1,0 +1,129 @@
+"""From histograms to the pyhf HistFactory model, as the AGC's cabinetry config builds it.
+
+One code path serves hard and soft mode: :func:`build_channels` works on numpy arrays
+(hard mode, written to ``workspace.json``) and on traced JAX arrays (soft mode, fed to
+the differentiable likelihood) alike, through the array namespace ``xp``.
+
+Model (cabinetry conventions): a ``ttbar_norm`` normfactor (the POI) on ttbar; for each
+shape systematic a correlated ``normsys`` + ``histosys`` pair ("NormPlusShape": the
+normsys carries sum(var)/sum(nominal), the histosys the variation scaled to the nominal
+yield); one-sided variations are symmetrised after that split (down = 2 nominal - up,
+norm_down = 2 - norm_up); normalisation systematics are plain ``normsys``; every sample
+carries the channel's ``staterror`` with data sqrt(sumw2).
+
+Histogram layout everywhere in jacana: ``{region: {sample: {variation: {"edges", "sumw", "sumw2"}}}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from .spec import NOMINAL, AnalysisSpec
+
+#: Smallest yield used as a denominator: keeps ratios finite when a template is empty.
+YIELD_FLOOR = 1e-9
+
+Histograms = Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]]
+
+
+def shape_systematics(spec: AnalysisSpec, sample: str) -> list[tuple[str, str, str | None]]:
+    """``(modifier name, up variation, down variation or None to symmetrise)`` for ``sample``."""
+    out: list[tuple[str, str, str | None]] = []
+    for s in spec.systematics:
+        if s.kind in ("jet_pt_scale", "jet_pt_smear"):
+            out.append((s.key, s.options["variation"], None))
+        elif s.kind == "btag_weight":
+            for i in range(int(s.options["n_jets"])):
+                out.append((f"{s.key}_{i}", f"btag_var_{i}_up", f"btag_var_{i}_down"))
+        elif s.kind == "alternative_sample" and s.options["sample"] == sample:
+            out.append((s.key, s.options["up"], s.options.get("down")))
+    return out
+
+
+def norm_plus_shape(nominal, up, down=None, xp=np) -> tuple[dict, dict]:
+    """cabinetry's NormPlusShape split: ``({"hi", "lo"}, {"hi_data", "lo_data"})``."""
+    total = xp.maximum(xp.sum(nominal), YIELD_FLOOR)
+    norm_up = xp.sum(up) / total
+    hi_data = up / xp.maximum(norm_up, YIELD_FLOOR)
+    if down is None:
+        norm_down = 2.0 - norm_up
+        lo_data = 2.0 * nominal - hi_data
+    else:
+        norm_down = xp.sum(down) / total
+        lo_data = down / xp.maximum(norm_down, YIELD_FLOOR)
+    return {"hi": norm_up, "lo": norm_down}, {"hi_data": hi_data, "lo_data": lo_data}
+
+
+def build_channels(spec: AnalysisSpec, hists: Histograms, xp=np) -> list[dict]:
+    """pyhf ``channels`` (names, samples, modifiers) with array data in namespace ``xp``."""
+    poi = spec.poi
+    channels = []
+    for region in spec.regions:
+        samples = []
+        for sample in spec.samples:
+            h = hists[region][sample]
+            nominal = h[NOMINAL]["sumw"]
+            modifiers: list[dict] = []
+            if sample == poi["sample"]:
+                modifiers.append({"name": poi["name"], "type": "normfactor", "data": None})
+            for s in spec.systematics_of("normalization"):
+                if sample in spec.normalization_samples(s):
+                    modifiers.append({"name": s.key, "type": "normsys",
+                                      "data": {"hi": float(s.options["up"]), "lo": float(s.options["down"])}})
+            for name, up, down in shape_systematics(spec, sample):
+                norm, shape = norm_plus_shape(nominal, h[up]["sumw"], None if down is None else h[down]["sumw"], xp)
+                modifiers.append({"name": name, "type": "normsys", "data": norm})
+                modifiers.append({"name": name, "type": "histosys", "data": shape})
+            modifiers.append({"name": f"staterror_{region}", "type": "staterror",
+                              "data": xp.sqrt(h[NOMINAL]["sumw2"])})
+            samples.append({"name": sample, "data": nominal, "modifiers": modifiers})
+        channels.append({"name": region, "samples": samples})
+    return channels
+
+
+def pseudo_data(spec: AnalysisSpec, hists: Histograms, xp=np) -> dict[str, Any]:
+    """The AGC pseudo-data per region: averaged alternative ttbar samples plus nominal others."""
+    out = {}
+    for region in spec.regions:
+        total = 0.0
+        for sample in spec.samples:
+            variations = spec.raw["pseudo_data"].get(sample, [NOMINAL])
+            h = hists[region][sample]
+            total = total + sum(h[v]["sumw"] for v in variations) / len(variations)
+        out[region] = total
+    return out
+
+
+def _to_json(value):
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_json(v) for v in value]
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    arr = np.asarray(value, dtype=np.float64)
+    return arr.tolist() if arr.ndim else float(arr)
+
+
+def build_workspace(spec: AnalysisSpec, hists: Histograms, observations: Mapping[str, Any] | None = None) -> dict:
+    """A complete pyhf workspace (JSON-ready) with the AGC pseudo-data as observations."""
+    observations = pseudo_data(spec, hists) if observations is None else observations
+    poi = spec.poi
+    return {
+        "version": "1.0.0",
+        "channels": _to_json(build_channels(spec, hists)),
+        "observations": [{"name": r, "data": _to_json(observations[r])} for r in spec.regions],
+        "measurements": [{
+            "name": f"{spec.name}_measurement",
+            "config": {"poi": poi["name"],
+                       "parameters": [{"name": poi["name"], "bounds": [list(map(float, poi["bounds"]))], "inits": [1.0]}]},
+        }],
+    }
+
+
+def histograms_to_json(hists: Histograms) -> dict:
+    """The histogram layout as plain JSON (lists of floats)."""
+    return _to_json({r: {s: {v: dict(h) for v, h in by_v.items()} for s, by_v in by_s.items()}
+                     for r, by_s in hists.items()})
