@@ -1,1 +1,14 @@
-"""jacana.protocol."""
+"""jacana.protocol: how stages talk.
+
+The stage contract (:mod:`.stage`), composition in Jacobian and VJP modes and
+JAX interop (:mod:`.pipeline`), messages and their codec (:mod:`.message`),
+provenance of additive partials (:mod:`.provenance`), stage calls as messages
+(:mod:`.rpc`), transports (:mod:`.transport`, :mod:`.server`). See SPEC.md.
+Importing this package does not import JAX.
+"""
+
+from .errors import ProtocolError
+from .message import Message, decode, encode, params_digest
+from .provenance import Provenance, merge
+
+__all__ = ["ProtocolError", "Message", "decode", "encode", "params_digest", "Provenance", "merge"]

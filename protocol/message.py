@@ -178,7 +178,7 @@ def params_digest(params: Mapping[str, Any]) -> str:
     for name in sorted(params):
         arr = np.asarray(params[name])
         dt = wire_dtype(arr.dtype)
-        arr = np.ascontiguousarray(arr, dtype=_WIRE_DTYPES[dt])
+        arr = np.asarray(arr, dtype=_WIRE_DTYPES[dt], order="C")
         h.update(f"{name}\n{dt}\n{','.join(str(d) for d in arr.shape)}\n".encode())
         h.update(arr.tobytes())
     return "sha256:" + h.hexdigest()
@@ -235,7 +235,7 @@ def encode(msg: Message) -> bytes:
         dt = wire_dtype(arr.dtype)
         if arr.ndim > MAX_NDIM:
             raise MalformedMessage(f"tensor {name!r} has {arr.ndim} > {MAX_NDIM} dimensions")
-        arr = np.ascontiguousarray(arr, dtype=_WIRE_DTYPES[dt])
+        arr = np.asarray(arr, dtype=_WIRE_DTYPES[dt], order="C")
         start = _align(offset)
         if start > offset:
             parts.append(b"\0" * (start - offset))
@@ -435,3 +435,10 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
         meta=meta,
         version=header["version"],
     )
+
+
+def header_schema() -> dict[str, Any]:
+    """The JSON Schema of the header (``schemas/header.schema.json``)."""
+    from importlib import resources
+
+    return json.loads(resources.files("jacana.protocol").joinpath("schemas/header.schema.json").read_text("utf-8"))

@@ -72,3 +72,36 @@ def _norm_ppf(p: float) -> float:
     from scipy.stats import norm
 
     return float(norm.ppf(p))
+
+
+def impacts(workspace_spec: Mapping[str, Any], include_staterror: bool = False) -> list[dict]:
+    """Post-fit impacts on the POI of each nuisance parameter, on Asimov data.
+
+    For each parameter: fix it at its best fit +/- its post-fit uncertainty, refit, and
+    record the shift of the POI. Returns ``[{"name", "up", "down"}]`` (one entry per
+    scalar; per-bin staterror parameters only when ``include_staterror``).
+    """
+    with numpy_backend():
+        model, _ = model_and_data(workspace_spec)
+        data = asimov_data(model, 1.0)
+        best, unc = _fit(data, model)
+        poi_idx = model.config.poi_index
+        out = []
+        for name in model.config.par_order:
+            if name == model.config.poi_name or (not include_staterror and name.startswith("staterror")):
+                continue
+            sl = model.config.par_slice(name)
+            for k, idx in enumerate(range(sl.start, sl.stop)):
+                if model.config.suggested_fixed()[idx]:
+                    continue
+                shifts = {}
+                for direction, sign in (("up", 1.0), ("down", -1.0)):
+                    init = list(best)
+                    init[idx] = best[idx] + sign * unc[idx]
+                    fixed = list(model.config.suggested_fixed())
+                    fixed[idx] = True
+                    refit = pyhf.infer.mle.fit(data, model, init_pars=init, fixed_params=fixed)
+                    shifts[direction] = float(np.asarray(refit)[poi_idx] - best[poi_idx])
+                label = name if sl.stop - sl.start == 1 else f"{name}[{k}]"
+                out.append({"name": label, **shifts})
+        return out

@@ -24,6 +24,8 @@ from .spec import NOMINAL, AnalysisSpec
 
 #: Smallest yield used as a denominator: keeps ratios finite when a template is empty.
 YIELD_FLOOR = 1e-9
+#: Smallest normsys factor: pyhf's code4 interpolation takes its logarithm.
+NORM_FLOOR = 1e-3
 
 Histograms = Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]]
 
@@ -43,16 +45,27 @@ def shape_systematics(spec: AnalysisSpec, sample: str) -> list[tuple[str, str, s
 
 
 def norm_plus_shape(nominal, up, down=None, xp=np) -> tuple[dict, dict]:
-    """cabinetry's NormPlusShape split: ``({"hi", "lo"}, {"hi_data", "lo_data"})``."""
-    total = xp.maximum(xp.sum(nominal), YIELD_FLOOR)
-    norm_up = xp.sum(up) / total
-    hi_data = up / xp.maximum(norm_up, YIELD_FLOOR)
+    """cabinetry's NormPlusShape split: ``({"hi", "lo"}, {"hi_data", "lo_data"})``.
+
+    Guards where cabinetry would give NaN or negative rates (only with very sparse
+    templates): an empty nominal gives no normalisation effect, normalisation factors stay
+    above :data:`NORM_FLOOR`, and symmetrised templates are floored at zero.
+    """
+    total = xp.sum(nominal)
+    present = total > YIELD_FLOOR
+    safe_total = xp.where(present, total, 1.0)
+
+    def norm_of(variation):
+        return xp.maximum(xp.where(present, xp.sum(variation) / safe_total, 1.0), NORM_FLOOR)
+
+    norm_up = norm_of(up)
+    hi_data = up / norm_up
     if down is None:
-        norm_down = 2.0 - norm_up
-        lo_data = 2.0 * nominal - hi_data
+        norm_down = xp.maximum(2.0 - norm_up, NORM_FLOOR)
+        lo_data = xp.maximum(2.0 * nominal - hi_data, 0.0)
     else:
-        norm_down = xp.sum(down) / total
-        lo_data = down / xp.maximum(norm_down, YIELD_FLOOR)
+        norm_down = norm_of(down)
+        lo_data = down / norm_down
     return {"hi": norm_up, "lo": norm_down}, {"hi_data": hi_data, "lo_data": lo_data}
 
 

@@ -1,0 +1,649 @@
+"""Synthetic AGC-like NanoAOD samples: a small, vectorised, physics-motivated event generator.
+
+``generate(out_dir, events, seed)`` writes NanoAOD-like ROOT files (TTree ``Events``) for the nine
+(process, variation) pairs of the AGC ttbar analysis, a fileset ``fileset.json`` in the shape of the
+AGC's ``nanoaod_inputs.json`` (process -> variation -> ``{"files": [{"path", "nevts"}], "nevts_total"}``,
+paths relative to the fileset's folder) and a sidecar ``generator.json`` with the generator's
+metadata. The output is a deterministic function of ``(seed, events, files_per_sample)``: every chunk
+of at most ``CHUNK_EVENTS`` events draws from its own ``numpy.random.SeedSequence([seed, process,
+variation, file, chunk])``, so the files' contents are bit-identical for the same arguments (the ROOT
+files' headers hold timestamps/UUIDs, their branch contents do not differ).
+
+The model is fixed by physics and is NOT tuned to make any analysis or optimisation look better.
+It is a toy: parton kinematics and decays are approximately right, the detector is a handful of
+response/efficiency numbers. Its purpose is realistic *shapes and correlations* for the AGC
+selection (lepton ID/isolation/sip3d, jet pT/eta/jetId, b-tagging, the b-jet-jet trijet mass).
+
+Sample split of ``events`` (``SAMPLE_FRACTIONS``; remainder of the integer split goes to ttbar nominal)
+    ttbar nominal 30 %; ttbar scaleup, scaledown, ME_var, PS_var 6 % each; W+jets 30 %;
+    single top t-channel 8 %, tW 5 %, s-channel 3 %.
+Each (process, variation) is written as ``ceil(n / 50_000)`` files clipped to 2..6 (or
+``files_per_sample``), named ``{process}__{variation}__{i}.root``. Every pair gets at least one event,
+so a tiny ``events`` is rounded up (``generator.json`` records the total actually written). Files and
+JSONs are written to ``*.tmp`` names in ``out_dir`` and renamed (``os.replace``); ``fileset.json`` last.
+Cost: 1,000,000 events take about 12 s on one core and 120 MB (uproot's default ZLIB level 1).
+
+Event content (branch names and types as in CMS NanoAOD; counters ``nJet``/``nElectron``/``nMuon``
+are written by uproot as ``int32`` where NanoAOD has ``uint32``)
+    ``run`` (uint32, always 1 as in MC), ``luminosityBlock`` (uint32, ``(event-1)//100 + 1``),
+    ``event`` (uint64, 1..N unique within a (process, variation)), ``genWeight`` (float32).
+    ``Jet_{pt,eta,phi,mass,btagCSVV2}`` float32, ``Jet_{jetId,hadronFlavour}`` int32;
+    ``Electron_{pt,eta,phi,mass,sip3d}`` float32, ``Electron_{cutBased,charge}`` int32;
+    ``Muon_{pt,eta,phi,mass,sip3d,pfRelIso04_all}`` float32, ``Muon_tightId`` bool, ``Muon_charge`` int32.
+    Collections are sorted by pT (descending). Jet and lepton angles, jet pT/mass/b-tag and the
+    lepton sip3d/isolation are stored with a reduced float mantissa like NanoAOD (compresses better).
+
+genWeight
+    Constant magnitude per process, sign negative for a fixed fraction of events
+    (``NEG_WEIGHT_FRACTION``): ttbar (powheg-like) 1.5 %, single top s-channel and W+jets (aMC@NLO-
+    like) 13 %, t-channel and tW (powheg) 0. The 13 % is what the 200 real events in
+    ``shared/data/nanoAOD_2015_CMS_Open_Data_ttbar.root`` show; note that file's generator record
+    (``LHEPart_pdgId``: W -> l nu plus 0-3 partons, no top quarks) says it is in fact W+jets, not ttbar.
+    ttbar variations share the nominal fraction so that a variation's yield does not move by a sign
+    artefact.
+
+Parton-level physics (all four-vectors in GeV, float64)
+    * Resonances: top (172.5, width 1.42, truncated to [150, 195]) and W (80.38, width 2.09,
+      truncated to [60, 100]) masses are Breit-Wigner. Two-body decays are isotropic in the rest
+      frame and boosted to the lab exactly (no spin correlations).
+    * W decays by branching ratio: ud 33.8 %, cs 33.8 % (the c is a charm jet, i.e. half of the
+      hadronic Ws give one charm), e/mu/tau 10.8 % each. tau -> e (17.8 %), mu (17.4 %) with a
+      collinear momentum fraction ~ Beta(2, 3), else a hadronic tau jet with fraction ~ Beta(3, 2).
+      For ttbar this gives lepton+jets 43.8 %, dilepton 10.5 %, all-hadronic 45.7 % (counting taus as
+      leptons).
+    * ttbar: (t, tbar) pair of invariant mass m_t1 + m_t2 + Gamma(k=1.4, scale 90 GeV) (mean top pT
+      ~ 120 GeV), isotropic in the pair frame, pair rapidity ~ N(0, 0.9), pair pT balancing the
+      radiation jets plus a N(0, 5 GeV) intrinsic kT. Each top -> b W; the b and the W decay products
+      are partons. Radiation (ISR/FSR) jets: Poisson(3.0), pT Pareto(index 2.0) above 12 GeV,
+      eta ~ N(0, 1.8), flavour g->bb 2 %, g->cc 4 %, else light.
+    * single top s-channel: t + b pair (excess Gamma(1.5, 60)), radiation Poisson(1.5).
+      t-channel: t + light quark pair (excess Gamma(1.5, 90)) with cos(theta*) pushed to +-1
+      (``sign(u)|u|^0.4``) and pair rapidity ~ N(0, 1.2), so the light jet is forward; plus the
+      spectator b (pT 5 + Exp(15), eta ~ N(0, 2)) that is mostly below threshold; radiation
+      Poisson(1.8). tW: t + W pair (excess Gamma(1.4, 70)), both decayed; radiation Poisson(2.2).
+      Top/antitop 60/40.
+    * W+jets: W -> l nu only (e, mu, tau equally), W+ 58 %. Jets: geometric multiplicity
+      P(n) = 0.5 * 0.5^n above 15 GeV with pT Pareto(index 1.6), so each extra jet above 30 GeV
+      costs a factor ~0.25 (Berends-like scaling); eta ~ N(0, 2); flavour b 3 %, c 10 %, light 87 %.
+      The W's pT balances the jets (+ N(0, 6 GeV) kT), W rapidity ~ N(0, 1.8).
+
+Variations of ttbar (``TUNES``; modest, percent-level effects)
+    scaleup: radiation rate x1.1 and harder (Pareto index x0.98); scaledown: rate x0.9, softer
+    (index x1.02) -- about +-5 % on the 4j1b/4j2b ttbar yields (rate x1.2/x0.8 gave ~ +-10 %). ME_var (alternative matrix-element generator): pair-mass excess scale x0.96, i.e. a
+    few per cent softer top pT. PS_var (alternative shower/hadronisation): jet response x0.985,
+    stochastic resolution term 1.0 instead of 0.9, radiation index x1.02, b-jet b-tag Beta ``a``
+    parameter x0.95 (b fragmentation).
+
+Detector model
+    * Jets from partons: pT x N(response, sigma), response 0.98 (light/c) and 0.95 (b: neutrinos
+      in semileptonic b decays), sigma/pT = sqrt(0.9^2/pT + 0.05^2) (~13 % at 50 GeV); eta/phi
+      smeared by 0.02; jet mass = pT x lognormal (median 0.13 light, 0.15 b; width 0.35). No
+      merging of overlapping partons.
+    * Pileup/underlying-event jets in every event: Poisson(2.0), pT 15 + Exp(5 GeV), |eta| uniform
+      up to 4.7, mass/pT median 0.2, hadronFlavour 0.
+    * Leptons are also clustered into jets, as in NanoAOD (jets are not lepton-cleaned): a
+      reconstructed prompt lepton above 10 GeV gives (90 % e, 85 % mu) a jet at its direction with
+      pT x (1 + Exp(0.06)) and ``jetId`` 2 (fails the lepton veto) in 95 % of cases. This is what the
+      AGC's ``jetId == 6`` requirement removes.
+    * Stored jets: pT >= 15 GeV, |eta| < 4.7. ``jetId`` of other jets: 0 with 4 % (central) or 12 %
+      (|eta| > 2.7), 2 with 2 %, else 6 (the real file has 80 % 6, 11 % 2, 9 % 0).
+    * ``btagCSVV2``: -10 for |eta| > 2.4 and, for central jets, with probability 0.85 (jetId 0),
+      0.45 (jetId 2), 0.10 (b/c jets) or 0.18 (light jets) -- no tracks (the real file has ~26 % of
+      central jets at -10, mostly jetId 0/2 or few constituents). Otherwise b ~ Beta(3, 0.8)
+      (P(>0.5) = 0.91, P(>0.8) = 0.58), c ~ Beta(1.3, 2) (P(>0.5) = 0.33), light ~ Beta(1, 3.5)
+      (median 0.18 as in the real file, P(>0.5) = 0.09).
+    * Prompt leptons (W and W->tau decays): reconstruction efficiency 95 %, e |eta| < 2.5 and
+      pT > 5, mu |eta| < 2.4 and pT > 3; pT resolution 2 % (e) / 1.5 % (mu); sip3d = 0.4 x chi(3 dof)
+      (tau daughters x2.2) plus a 3 % tail 2 + Exp(4); muon pfRelIso04_all = 0 (35 %) or Exp(0.05);
+      muon tightId 96 %; electron cutBased 0..4 with probabilities 4/3/4/9/80 %.
+    * Non-prompt leptons: each b (c) parton yields a lepton (e or mu) with probability 20 % (10 %),
+      pT = parton pT x Beta(1.5, 5), close to the jet; sip3d 1.5 + Exp(5), iso 0.1 + Exp(0.6),
+      tightId 85 %, cutBased 45/20/15/10/10 %. Fakes: each light parton jet yields one with 2 %,
+      pT x Beta(2, 4), sip3d Exp(3), iso 0.05 + Exp(0.4), tightId 40 %, cutBased 60/20/10/6/4 %.
+      Random charge.
+
+Known limitations
+    No spin correlations or W polarisation, no merging of overlapping partons into one jet, no
+    MET/neutrino branches, no generator-truth branches (only ``Jet_hadronFlavour``), jets and leptons
+    are not cross-referenced, electron and muon from the same parent are independent draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+
+import numpy as np
+
+GENERATOR_VERSION = "1.0.0"
+
+# ---------------------------------------------------------------------------------------------
+# samples
+SAMPLES: tuple[tuple[str, str, float], ...] = (
+    ("ttbar", "nominal", 0.30),
+    ("ttbar", "scaledown", 0.06),
+    ("ttbar", "scaleup", 0.06),
+    ("ttbar", "ME_var", 0.06),
+    ("ttbar", "PS_var", 0.06),
+    ("single_top_s_chan", "nominal", 0.03),
+    ("single_top_t_chan", "nominal", 0.08),
+    ("single_top_tW", "nominal", 0.05),
+    ("wjets", "nominal", 0.30),
+)
+SAMPLE_FRACTIONS = {(p, v): f for p, v, f in SAMPLES}
+PROCESS_INDEX = {"ttbar": 0, "single_top_s_chan": 1, "single_top_t_chan": 2, "single_top_tW": 3, "wjets": 4}
+VARIATION_INDEX = {"nominal": 0, "scaledown": 1, "scaleup": 2, "ME_var": 3, "PS_var": 4}
+
+NEG_WEIGHT_FRACTION = {"ttbar": 0.015, "single_top_s_chan": 0.13, "single_top_t_chan": 0.0,
+                       "single_top_tW": 0.0, "wjets": 0.13}
+# magnitudes are arbitrary (analyses use only the sign); ttbar's is the real file's value
+GENWEIGHT_MAGNITUDE = {"ttbar": 225892.45, "single_top_s_chan": 3.294, "single_top_t_chan": 1.0,
+                       "single_top_tW": 1.0, "wjets": 225892.45}
+
+EVENTS_PER_FILE = 50_000
+MIN_FILES, MAX_FILES = 2, 6
+CHUNK_EVENTS = 100_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Tune:
+    rad_rate: float = 1.0      # x Poisson mean of radiation jets
+    rad_index: float = 1.0     # x Pareto index of radiation pT (> 1: softer)
+    top_excess: float = 1.0    # x scale of the pair-mass excess (top pT)
+    jet_response: float = 1.0  # x jet response
+    jet_stoch: float = 0.9     # stochastic term of the jet resolution
+    b_frag: float = 1.0        # x Beta 'a' of the b-jet b-tag distribution
+
+
+TUNES = {
+    "nominal": Tune(),
+    "scaleup": Tune(rad_rate=1.1, rad_index=0.98),
+    "scaledown": Tune(rad_rate=0.9, rad_index=1.02),
+    "ME_var": Tune(top_excess=0.96),
+    "PS_var": Tune(jet_response=0.985, jet_stoch=1.0, rad_index=1.02, b_frag=0.95),
+}
+
+# ---------------------------------------------------------------------------------------------
+# constants
+M_TOP, G_TOP = 172.5, 1.42
+M_W, G_W = 80.38, 2.09
+M_B, M_C = 4.8, 1.5
+M_E, M_MU, M_TAU = 0.000511, 0.1057, 1.777
+
+# origins of leptons
+PROMPT, FROM_TAU, HEAVY_FLAVOUR, FAKE = 0, 1, 2, 3
+
+
+# ---------------------------------------------------------------------------------------------
+# four-vector helpers; a four-vector is a (4, n) float64 array (E, px, py, pz)
+def _ptetaphim(p):
+    e, px, py, pz = p
+    pt = np.maximum(np.hypot(px, py), 1e-9)
+    m2 = e * e - px * px - py * py - pz * pz
+    return pt, np.arcsinh(pz / pt), np.arctan2(py, px), np.sqrt(np.maximum(m2, 0.0))
+
+
+def _mass(p):
+    return np.sqrt(np.maximum(p[0] ** 2 - p[1] ** 2 - p[2] ** 2 - p[3] ** 2, 0.0))
+
+
+def _boost(p, beta):
+    """Boost four-vectors ``p`` by velocity ``beta`` (3, n) (rest frame -> lab)."""
+    bx, by, bz = beta
+    b2 = np.minimum(bx * bx + by * by + bz * bz, 1 - 1e-15)
+    gamma = 1.0 / np.sqrt(1.0 - b2)
+    bp = bx * p[1] + by * p[2] + bz * p[3]
+    g2 = np.where(b2 > 0, (gamma - 1.0) / np.where(b2 > 0, b2, 1.0), 0.0)
+    k = g2 * bp + gamma * p[0]
+    return np.stack([gamma * (p[0] + bp), p[1] + k * bx, p[2] + k * by, p[3] + k * bz])
+
+
+def _beta(p):
+    return p[1:] / p[0]
+
+
+def _two_body(rng, M, m1, m2, cos=None):
+    """Decay masses M -> m1 m2 in the rest frame; isotropic unless ``cos`` (of daughter 1) is given."""
+    n = len(M)
+    pstar = np.sqrt(np.maximum((M * M - (m1 + m2) ** 2) * (M * M - (m1 - m2) ** 2), 0.0)) / (2 * M)
+    c = rng.uniform(-1.0, 1.0, n) if cos is None else cos
+    s = np.sqrt(np.maximum(1.0 - c * c, 0.0))
+    phi = rng.uniform(-np.pi, np.pi, n)
+    px, py, pz = pstar * s * np.cos(phi), pstar * s * np.sin(phi), pstar * c
+    e1 = np.sqrt(pstar ** 2 + m1 ** 2)
+    e2 = np.sqrt(pstar ** 2 + m2 ** 2)
+    return np.stack([e1, px, py, pz]), np.stack([e2, -px, -py, -pz])
+
+
+def _breit_wigner(rng, m0, width, lo, hi, n):
+    lo_c = np.arctan(2 * (lo - m0) / width)
+    hi_c = np.arctan(2 * (hi - m0) / width)
+    return m0 + 0.5 * width * np.tan(rng.uniform(lo_c, hi_c, n))
+
+
+def _system(rng, M, ptx, pty, y_sigma):
+    """Velocity of a system of mass M with transverse momentum (ptx, pty) and rapidity ~ N(0, y_sigma)."""
+    y = rng.normal(0.0, y_sigma, len(M))
+    mt = np.sqrt(M * M + ptx * ptx + pty * pty)
+    e = mt * np.cosh(y)
+    return np.stack([ptx / e, pty / e, mt * np.sinh(y) / e])
+
+
+def _round_mantissa(x, bits):
+    """Keep ``bits`` bits of the float32 mantissa (round to nearest), like NanoAOD's stored precision."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    shift = np.uint32(23 - bits)
+    i = x.view(np.uint32)
+    i = ((i + np.uint32(1 << (23 - bits - 1))) >> shift) << shift
+    return i.view(np.float32)
+
+
+def _choice(rng, n, probs):
+    """Vectorised categorical draw: index into ``probs`` for n draws."""
+    return np.searchsorted(np.cumsum(probs)[:-1], rng.random(n), side="right").astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+class _Event:
+    """Accumulates parton-level jets and leptons (flat arrays with an event index) for n events."""
+
+    def __init__(self, rng, n, tune):
+        self.rng, self.n, self.tune = rng, n, tune
+        self.partons = []   # (ev, pt, eta, phi, flav)
+        self.leptons = []   # (ev, pt, eta, phi, pdg, charge, origin)
+
+    def add_partons(self, ev, p4, flav):
+        pt, eta, phi, _ = _ptetaphim(p4)
+        self.partons.append((ev, pt, eta, phi, np.broadcast_to(np.asarray(flav, np.int32), ev.shape)))
+
+    def add_partons_ptetaphi(self, ev, pt, eta, phi, flav):
+        self.partons.append((ev, pt, eta, phi, np.broadcast_to(np.asarray(flav, np.int32), ev.shape)))
+
+    def add_leptons(self, ev, pt, eta, phi, pdg, charge, origin):
+        b = lambda a, t: np.broadcast_to(np.asarray(a, t), ev.shape)  # noqa: E731
+        self.leptons.append((ev, pt, eta, phi, b(pdg, np.int32), b(charge, np.int32), b(origin, np.int32)))
+
+    # -- physics building blocks ------------------------------------------------------------
+    def radiation(self, ev_all, lam, index, pt0=12.0, eta_sigma=1.8):
+        """Poisson(lam) radiation partons per event; returns the summed (px, py) per event."""
+        rng = self.rng
+        t = self.tune
+        k = rng.poisson(lam * t.rad_rate, len(ev_all))
+        ev = np.repeat(ev_all, k)
+        m = len(ev)
+        pt = np.minimum(pt0 * rng.random(m) ** (-1.0 / (index * t.rad_index)), 3000.0)
+        eta = rng.normal(0.0, eta_sigma, m)
+        phi = rng.uniform(-np.pi, np.pi, m)
+        flav = np.array([5, 4, 0], np.int32)[_choice(rng, m, [0.02, 0.04, 0.94])]
+        self.add_partons_ptetaphi(ev, pt, eta, phi, flav)
+        sx = np.bincount(ev, pt * np.cos(phi), minlength=self.n)[ev_all]
+        sy = np.bincount(ev, pt * np.sin(phi), minlength=self.n)[ev_all]
+        return sx, sy
+
+    def decay_w(self, ev, w4, charge, leptonic_only=False):
+        rng = self.rng
+        n = len(ev)
+        if leptonic_only:
+            mode = 2 + rng.integers(0, 3, n).astype(np.int32)
+        else:
+            mode = _choice(rng, n, [0.338, 0.338, 0.108, 0.108, 0.108])
+        m1 = np.array([0.0, M_C, M_E, M_MU, M_TAU])[mode]
+        p1, p2 = _two_body(rng, _mass(w4), m1, np.zeros(n))
+        beta = _beta(w4)
+        p1, p2 = _boost(p1, beta), _boost(p2, beta)
+        had = mode < 2
+        self.add_partons(ev[had], p1[:, had], np.where(mode[had] == 1, 4, 0))
+        self.add_partons(ev[had], p2[:, had], 0)
+        lep = (mode == 2) | (mode == 3)
+        pt, eta, phi, _ = _ptetaphim(p1[:, lep])
+        self.add_leptons(ev[lep], pt, eta, phi, np.where(mode[lep] == 2, 11, 13), charge[lep], PROMPT)
+        tau = mode == 4
+        pt, eta, phi, _ = _ptetaphim(p1[:, tau])
+        u = rng.random(len(pt))
+        tl = u < 0.352
+        x = rng.beta(2.0, 3.0, int(tl.sum()))
+        self.add_leptons(ev[tau][tl], pt[tl] * x, eta[tl], phi[tl], np.where(u[tl] < 0.178, 11, 13),
+                         charge[tau][tl], FROM_TAU)
+        th = ~tl
+        x = rng.beta(3.0, 2.0, int(th.sum()))
+        self.add_partons_ptetaphi(ev[tau][th], pt[th] * x, eta[th], phi[th], 0)
+
+    def decay_top(self, ev, t4, charge):
+        rng = self.rng
+        n = len(ev)
+        mw = _breit_wigner(rng, M_W, G_W, 60.0, 100.0, n)
+        pb, pw = _two_body(rng, _mass(t4), np.full(n, M_B), mw)
+        beta = _beta(t4)
+        self.add_partons(ev, _boost(pb, beta), 5)
+        self.decay_w(ev, _boost(pw, beta), charge)
+
+    def pair(self, ev, m1, m2, shape, scale, y_sigma, recoil, cos=None):
+        """A two-body system (masses m1, m2) with mass excess ~ Gamma, balancing ``recoil`` in pT."""
+        rng = self.rng
+        n = len(ev)
+        M = m1 + m2 + rng.gamma(shape, scale * self.tune.top_excess, n)
+        p1, p2 = _two_body(rng, M, m1, m2, cos)
+        ptx = -recoil[0] + rng.normal(0.0, 5.0, n)
+        pty = -recoil[1] + rng.normal(0.0, 5.0, n)
+        beta = _system(rng, M, ptx, pty, y_sigma)
+        return _boost(p1, beta), _boost(p2, beta)
+
+    def top_mass(self, n):
+        return _breit_wigner(self.rng, M_TOP, G_TOP, 150.0, 195.0, n)
+
+    def top_charge(self, n):
+        return np.where(self.rng.random(n) < 0.6, 1, -1).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+def _ttbar(e: _Event):
+    ev = np.arange(e.n)
+    rec = e.radiation(ev, 3.0, 2.0)
+    t1, t2 = e.pair(ev, e.top_mass(e.n), e.top_mass(e.n), 1.4, 90.0, 0.9, rec)
+    e.decay_top(ev, t1, np.ones(e.n, np.int32))
+    e.decay_top(ev, t2, -np.ones(e.n, np.int32))
+
+
+def _single_top_s(e: _Event):
+    ev = np.arange(e.n)
+    rec = e.radiation(ev, 1.5, 2.0)
+    t, b = e.pair(ev, e.top_mass(e.n), np.full(e.n, M_B), 1.5, 60.0, 1.0, rec)
+    e.decay_top(ev, t, e.top_charge(e.n))
+    e.add_partons(ev, b, 5)
+
+
+def _single_top_t(e: _Event):
+    rng = e.rng
+    ev = np.arange(e.n)
+    rec = e.radiation(ev, 1.8, 2.0)
+    u = rng.uniform(-1.0, 1.0, e.n)
+    cos = np.sign(u) * np.abs(u) ** 0.4
+    t, q = e.pair(ev, e.top_mass(e.n), np.zeros(e.n), 1.5, 90.0, 1.2, rec, cos=cos)
+    e.decay_top(ev, t, e.top_charge(e.n))
+    e.add_partons(ev, q, 0)
+    # spectator b from the initial-state gluon splitting, mostly soft
+    e.add_partons_ptetaphi(ev, 5.0 + rng.exponential(15.0, e.n), rng.normal(0.0, 2.0, e.n),
+                           rng.uniform(-np.pi, np.pi, e.n), 5)
+
+
+def _single_top_tw(e: _Event):
+    ev = np.arange(e.n)
+    rec = e.radiation(ev, 2.2, 2.0)
+    mw = _breit_wigner(e.rng, M_W, G_W, 60.0, 100.0, e.n)
+    t, w = e.pair(ev, e.top_mass(e.n), mw, 1.4, 70.0, 1.0, rec)
+    q = e.top_charge(e.n)
+    e.decay_top(ev, t, q)
+    e.decay_w(ev, w, -q)
+
+
+def _wjets(e: _Event):
+    rng = e.rng
+    ev_all = np.arange(e.n)
+    k = rng.geometric(0.5, e.n) - 1      # P(k) = 0.5 * 0.5^k
+    ev = np.repeat(ev_all, k)
+    m = len(ev)
+    pt = np.minimum(15.0 * rng.random(m) ** (-1.0 / 1.6), 3000.0)
+    eta = rng.normal(0.0, 2.0, m)
+    phi = rng.uniform(-np.pi, np.pi, m)
+    flav = np.array([5, 4, 0], np.int32)[_choice(rng, m, [0.03, 0.10, 0.87])]
+    e.add_partons_ptetaphi(ev, pt, eta, phi, flav)
+    ptx = -np.bincount(ev, pt * np.cos(phi), minlength=e.n) + rng.normal(0.0, 6.0, e.n)
+    pty = -np.bincount(ev, pt * np.sin(phi), minlength=e.n) + rng.normal(0.0, 6.0, e.n)
+    mw = _breit_wigner(rng, M_W, G_W, 60.0, 100.0, e.n)
+    beta = _system(rng, mw, ptx, pty, 1.8)
+    w = _boost(np.stack([mw, np.zeros(e.n), np.zeros(e.n), np.zeros(e.n)]), beta)
+    charge = np.where(rng.random(e.n) < 0.58, 1, -1).astype(np.int32)
+    e.decay_w(ev_all, w, charge, leptonic_only=True)
+
+
+PROCESSES = {"ttbar": _ttbar, "single_top_s_chan": _single_top_s, "single_top_t_chan": _single_top_t,
+             "single_top_tW": _single_top_tw, "wjets": _wjets}
+
+
+# ---------------------------------------------------------------------------------------------
+# detector
+def _cat(parts, i, dtype=None):
+    arrs = [p[i] for p in parts]
+    out = np.concatenate(arrs) if arrs else np.zeros(0)
+    return out.astype(dtype) if dtype is not None else out
+
+
+def _detector(e: _Event):
+    """Turn the accumulated partons/leptons into sorted NanoAOD-like flat columns + counts."""
+    rng, n, t = e.rng, e.n, e.tune
+
+    # ---- partons -> jets
+    ev = _cat(e.partons, 0, np.int64)
+    ppt, peta, pphi = _cat(e.partons, 1), _cat(e.partons, 2), _cat(e.partons, 3)
+    flav = _cat(e.partons, 4, np.int32)
+    npart = len(ev)
+    isb = flav == 5
+    resp = np.where(isb, 0.95, 0.98) * t.jet_response
+    sigma = np.sqrt(t.jet_stoch ** 2 / np.maximum(ppt, 1.0) + 0.05 ** 2)
+    jpt = ppt * np.maximum(rng.normal(resp, sigma), 0.05)
+    jeta = peta + rng.normal(0.0, 0.02, npart)
+    jphi = pphi + rng.normal(0.0, 0.02, npart)
+    jmass = jpt * np.where(isb, 0.15, 0.13) * np.exp(rng.normal(0.0, 0.35, npart))
+
+    # ---- non-prompt leptons from heavy flavour and fakes from light jets (parton level)
+    rnd = rng.random(npart)
+    hf = ((flav == 5) & (rnd < 0.20)) | ((flav == 4) & (rnd < 0.10))
+    fk = (flav == 0) & (rnd < 0.02)
+    for sel, frac, origin in ((hf, (1.5, 5.0), HEAVY_FLAVOUR), (fk, (2.0, 4.0), FAKE)):
+        k = int(sel.sum())
+        x = rng.beta(*frac, k)
+        e.add_leptons(ev[sel], ppt[sel] * x, peta[sel] + rng.normal(0, 0.08, k),
+                      pphi[sel] + rng.normal(0, 0.08, k), np.where(rng.random(k) < 0.5, 11, 13),
+                      np.where(rng.random(k) < 0.5, 1, -1), origin)
+
+    # ---- leptons
+    lev = _cat(e.leptons, 0, np.int64)
+    lpt, leta, lphi = _cat(e.leptons, 1), _cat(e.leptons, 2), _cat(e.leptons, 3)
+    pdg, charge, origin = (_cat(e.leptons, i, np.int32) for i in (4, 5, 6))
+    nl = len(lev)
+    is_e = pdg == 11
+    prompt = origin <= FROM_TAU
+    lpt = lpt * rng.normal(1.0, np.where(is_e, 0.02, 0.015), nl)
+    leta = leta + rng.normal(0.0, 0.001, nl)
+    lphi = lphi + rng.normal(0.0, 0.001, nl)
+    keep = np.where(is_e, (lpt > 5) & (np.abs(leta) < 2.5), (lpt > 3) & (np.abs(leta) < 2.4))
+    keep &= ~prompt | (rng.random(nl) < 0.95)
+    chi3 = np.sqrt(rng.chisquare(3, nl))
+    sip = np.select(
+        [origin == PROMPT, origin == FROM_TAU, origin == HEAVY_FLAVOUR],
+        [0.4 * chi3, 0.88 * chi3, 1.5 + rng.exponential(5.0, nl)],
+        rng.exponential(3.0, nl))
+    tail = prompt & (rng.random(nl) < 0.03)
+    sip = np.where(tail, 2.0 + rng.exponential(4.0, nl), sip)
+    iso = np.select(
+        [prompt, origin == HEAVY_FLAVOUR],
+        [np.where(rng.random(nl) < 0.35, 0.0, rng.exponential(0.05, nl)), 0.1 + rng.exponential(0.6, nl)],
+        0.05 + rng.exponential(0.4, nl))
+    tight_p = np.select([prompt, origin == HEAVY_FLAVOUR], [0.96, 0.85], 0.40)
+    tight = rng.random(nl) < tight_p
+    cut_p = np.select([prompt[:, None], (origin == HEAVY_FLAVOUR)[:, None]],
+                      [np.array([[0.04, 0.03, 0.04, 0.09, 0.80]]), np.array([[0.45, 0.20, 0.15, 0.10, 0.10]])],
+                      np.array([[0.60, 0.20, 0.10, 0.06, 0.04]]))
+    cut = (rng.random(nl)[:, None] > np.cumsum(cut_p, axis=1)[:, :-1]).sum(axis=1).astype(np.int32)
+
+    # ---- jets made of (prompt, isolated) leptons, as NanoAOD jets are not lepton-cleaned
+    lj = keep & prompt & (lpt > 10) & (rng.random(nl) < np.where(is_e, 0.90, 0.85))
+    k = int(lj.sum())
+    ljpt = lpt[lj] * (1.0 + rng.exponential(0.06, k))
+    lj_id = np.where(rng.random(k) < 0.95, 2, 6).astype(np.int32)
+
+    # ---- pileup / underlying-event jets
+    npu = rng.poisson(2.0, n)
+    pev = np.repeat(np.arange(n), npu)
+    m = len(pev)
+    pupt = 15.0 + rng.exponential(5.0, m)
+    pueta = rng.uniform(-4.7, 4.7, m)
+
+    # ---- all jets
+    J_ev = np.concatenate([ev, lev[lj], pev])
+    J_pt = np.concatenate([jpt, ljpt, pupt])
+    J_eta = np.concatenate([jeta, leta[lj] + rng.normal(0, 0.01, k), pueta])
+    J_phi = np.concatenate([jphi, lphi[lj] + rng.normal(0, 0.01, k), rng.uniform(-np.pi, np.pi, m)])
+    J_mass = np.concatenate([jmass, ljpt * 0.03, pupt * 0.2 * np.exp(rng.normal(0.0, 0.35, m))])
+    J_flav = np.concatenate([flav, np.zeros(k, np.int32), np.zeros(m, np.int32)])
+    nj = len(J_ev)
+    J_phi = (J_phi + np.pi) % (2 * np.pi) - np.pi
+    J_pt = _round_mantissa(J_pt, 10)
+    J_eta = _round_mantissa(J_eta, 12)
+    J_phi = _round_mantissa(J_phi, 12)
+    J_mass = _round_mantissa(J_mass, 10)
+    aeta = np.abs(J_eta)
+    rj = rng.random(nj)
+    J_id = np.where(rj < np.where(aeta > 2.7, 0.12, 0.04), 0, np.where(rj > 0.98, 2, 6)).astype(np.int32)
+    J_id[npart:npart + k] = lj_id
+    p_missing = np.select([J_id == 0, J_id == 2, J_flav > 0], [0.85, 0.45, 0.10], 0.18)
+    missing = (aeta > 2.4) | (rng.random(nj) < p_missing)
+    nb, nc = int((J_flav == 5).sum()), int((J_flav == 4).sum())
+    btag = rng.beta(1.0, 3.5, nj)
+    btag[J_flav == 5] = rng.beta(3.0 * t.b_frag, 0.8, nb)
+    btag[J_flav == 4] = rng.beta(1.3, 2.0, nc)
+    btag = np.where(missing, -10.0, _round_mantissa(btag, 10))
+    jkeep = (J_pt >= 15.0) & (aeta < 4.7)
+
+    jets = dict(pt=J_pt, eta=J_eta, phi=J_phi, mass=J_mass, btagCSVV2=btag, jetId=J_id, hadronFlavour=J_flav)
+    jets = _sorted_collection(J_ev, J_pt, jkeep, jets, n)
+
+    # ---- electrons, muons
+    lphi = (lphi + np.pi) % (2 * np.pi) - np.pi
+    lep_common = dict(pt=lpt.astype(np.float32), eta=_round_mantissa(leta, 12), phi=_round_mantissa(lphi, 12))
+    sip = _round_mantissa(sip, 10)
+    ele = dict(lep_common, mass=np.full(nl, M_E, np.float32), sip3d=sip, cutBased=cut, charge=charge)
+    ele = _sorted_collection(lev, lpt, keep & is_e, ele, n)
+    mu = dict(lep_common, mass=np.full(nl, M_MU, np.float32), sip3d=sip,
+              pfRelIso04_all=_round_mantissa(iso, 10), tightId=tight, charge=charge)
+    mu = _sorted_collection(lev, lpt, keep & ~is_e, mu, n)
+    return jets, ele, mu
+
+
+_DTYPES = {"pt": np.float32, "eta": np.float32, "phi": np.float32, "mass": np.float32,
+           "btagCSVV2": np.float32, "sip3d": np.float32, "pfRelIso04_all": np.float32,
+           "jetId": np.int32, "hadronFlavour": np.int32, "cutBased": np.int32, "charge": np.int32,
+           "tightId": np.bool_}
+
+
+def _sorted_collection(ev, pt, keep, fields, n):
+    ev, pt = ev[keep], pt[keep]
+    order = np.lexsort((-pt, ev))
+    counts = np.bincount(ev, minlength=n)
+    return counts, {k: np.asarray(v)[keep][order].astype(_DTYPES[k]) for k, v in fields.items()}
+
+
+def _make_chunk(seed, process, variation, file_index, chunk_index, first_event, n):
+    """Columns of one chunk of n events (a dict ready for uproot's TTree writer)."""
+    import awkward as ak
+
+    ss = np.random.SeedSequence([seed, PROCESS_INDEX[process], VARIATION_INDEX[variation], file_index, chunk_index])
+    rng = np.random.Generator(np.random.PCG64(ss))
+    e = _Event(rng, n, TUNES[variation])
+    PROCESSES[process](e)
+    jets, ele, mu = _detector(e)
+    event = np.arange(first_event, first_event + n, dtype=np.uint64)
+    sign = np.where(rng.random(n) < NEG_WEIGHT_FRACTION[process], -1.0, 1.0)
+    out = {
+        "run": np.ones(n, np.uint32),
+        "luminosityBlock": ((event - np.uint64(1)) // np.uint64(100) + np.uint64(1)).astype(np.uint32),
+        "event": event,
+        "genWeight": (sign * GENWEIGHT_MAGNITUDE[process]).astype(np.float32),
+    }
+    for name, (counts, cols) in (("Jet", jets), ("Electron", ele), ("Muon", mu)):
+        out[name] = ak.zip({k: ak.unflatten(v, counts) for k, v in cols.items()})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+def _split(events, files_per_sample):
+    """(process, variation) -> list of per-file event counts."""
+    counts = {(p, v): int(math.floor(events * f)) for p, v, f in SAMPLES}
+    counts[("ttbar", "nominal")] += events - sum(counts.values())
+    out = {}
+    for key, n in counts.items():
+        n = max(n, 1)
+        nf = files_per_sample or min(max(math.ceil(n / EVENTS_PER_FILE), MIN_FILES), MAX_FILES)
+        nf = max(1, min(nf, n))
+        base, rem = divmod(n, nf)
+        out[key] = [base + (1 if i < rem else 0) for i in range(nf)]
+    return out
+
+
+def _write_file(path: pathlib.Path, seed, process, variation, file_index, first_event, n):
+    import uproot
+
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with uproot.recreate(tmp) as f:
+            tree = None
+            for ci, start in enumerate(range(0, n, CHUNK_EVENTS)):
+                m = min(CHUNK_EVENTS, n - start)
+                data = _make_chunk(seed, process, variation, file_index, ci, first_event + start, m)
+                if tree is None:
+                    tree = f.mktree("Events", {k: (v.type if hasattr(v, "layout") else v.dtype)
+                                               for k, v in data.items()}, title="Events")
+                tree.extend(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_json(path: pathlib.Path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def generate(out_dir, events: int = 1_000_000, seed: int = 1, files_per_sample: int | None = None,
+             progress: bool = True) -> pathlib.Path:
+    """Write synthetic AGC-like NanoAOD files, ``generator.json`` and ``fileset.json`` into ``out_dir``.
+
+    ``events`` is the total over all (process, variation) pairs (split by ``SAMPLE_FRACTIONS``; every
+    pair gets at least one event). Returns the path of ``fileset.json``, which is written last.
+    """
+    from tqdm.auto import tqdm
+
+    events = int(events)
+    if events < len(SAMPLES):
+        raise ValueError(f"events must be at least {len(SAMPLES)}, got {events}")
+    if files_per_sample is not None and int(files_per_sample) < 1:
+        raise ValueError(f"files_per_sample must be positive, got {files_per_sample}")
+    seed = int(seed)
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    split = _split(events, files_per_sample and int(files_per_sample))
+    fileset: dict = {}
+    with tqdm(total=sum(len(v) for v in split.values()), unit="file", desc="jacana generate",
+              disable=not progress) as bar:
+        for (process, variation), per_file in split.items():
+            files, first = [], 1
+            for i, n in enumerate(per_file):
+                name = f"{process}__{variation}__{i}.root"
+                _write_file(out / name, seed, process, variation, i, first, n)
+                files.append({"path": name, "nevts": n})
+                first += n
+                bar.update(1)
+            fileset.setdefault(process, {})[variation] = {"files": files, "nevts_total": sum(per_file)}
+    _write_json(out / "generator.json", {
+        "generator": "jacana.facility.synthetic",
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "events": sum(sum(v) for v in split.values()),
+        "events_requested": events,
+        "files_per_sample": files_per_sample,
+        "sample_fractions": {f"{p}/{v}": f for p, v, f in SAMPLES},
+        "negative_weight_fraction": NEG_WEIGHT_FRACTION,
+        "genWeight_magnitude": GENWEIGHT_MAGNITUDE,
+        "tunes": {k: dataclasses.asdict(v) for k, v in TUNES.items()},
+    })
+    path = out / "fileset.json"
+    _write_json(path, fileset)
+    return path

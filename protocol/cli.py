@@ -1,0 +1,67 @@
+"""``jacana serve-stage``: serve a stage over TCP.
+
+``register(subparsers)`` adds the subcommand to jacana's CLI; the same options
+work with ``python -m jacana.protocol.server``. The server prints one line,
+``jacana serve-stage: serving '<stage>' on <host>:<port>``, once it listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import ProtocolError
+from .transport import DEFAULT_MAX_BYTES
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stage", required=True, help="stage factory as 'package.module:callable'")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, localhost only)")
+    p.add_argument("--port", type=int, default=0, help="port (default 0: any free port, printed at start)")
+    p.add_argument("--token-file", default=None,
+                   help="file whose first line is the token (default: $JACANA_STAGE_TOKEN)")
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted message in bytes")
+    p.add_argument("--timeout", type=float, default=60.0, help="socket timeout in seconds")
+    p.add_argument("--idle-exit", type=float, default=None, help="exit after this many seconds without a connection")
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``serve-stage`` to an argparse subparsers object."""
+    p = subparsers.add_parser("serve-stage", help="serve a jacana stage over TCP (token required)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_options(p)
+    p.set_defaults(func=run_serve_stage)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jacana.protocol.server", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_options(p)
+    return p
+
+
+def run_serve_stage(args: argparse.Namespace) -> int:
+    """Load the stage, bind, print the address, serve until interrupted or idle."""
+    from .server import StageServer
+    from .stage import load_stage
+
+    try:
+        stage = load_stage(args.stage)
+        server = StageServer(stage, token_file=args.token_file, host=args.host, port=args.port,
+                             max_bytes=args.max_bytes, timeout=args.timeout, idle_exit=args.idle_exit)
+    except (ProtocolError, OSError) as exc:
+        print(f"jacana serve-stage: {exc}", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"jacana serve-stage: warning: listening on {args.host}, reachable beyond this machine",
+              file=sys.stderr)
+    host, port = server.address
+    print(f"jacana serve-stage: serving {stage.stage_id!r} on {host}:{port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0

@@ -1,0 +1,214 @@
+"""Stage calls as messages: serving a stage (:func:`handle`) and calling one
+(:class:`RemoteStage`), whatever carries the bytes.
+
+Tensor naming inside messages (see SPEC.md):
+
+=========  ==========================================  ==========================================
+kind       request tensors                             response tensors
+=========  ==========================================  ==========================================
+describe   none (``meta.inputs`` may give shapes)     none (``meta.spec`` is the StageSpec)
+apply      params + inputs                             outputs
+jacobian   params + inputs, header ``wrt``             outputs + ``jacobian:<out>`` (packed)
+jvp        params + inputs + ``tangent:<arg>``         outputs + ``tangent:<out>``
+vjp        params + inputs + ``cotangent:<out>``,      ``cotangent:<arg>`` for each ``wrt`` arg
+           header ``wrt``
+=========  ==========================================  ==========================================
+
+    >>> import numpy as np
+    >>> from jacana.protocol.stage import JaxStage
+    >>> from jacana.protocol.transport import InProcessTransport
+    >>> s = JaxStage(lambda p, i: {"y": p["a"] * i["x"]}, params={"a": np.float32(1)},
+    ...              inputs={"x": np.ones(2, np.float32)}, stage_id="scale")
+    >>> remote = RemoteStage(InProcessTransport(s))
+    >>> remote.apply({"a": np.float32(3)}, {"x": np.ones(2, np.float32)})["y"].tolist()
+    [3.0, 3.0]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import MalformedMessage, ProtocolError, StageError, error_class
+from .message import Message, decode, encode, params_digest
+from .provenance import Provenance
+from .stage import Arrays, Stage, StageSpec, TensorSpec
+
+DERIVATIVE_PREFIXES = ("jacobian:", "tangent:", "cotangent:")
+
+
+def error_message(exc: BaseException, request: Message | None = None) -> Message:
+    """An ``error`` response describing ``exc`` (code + message; no traceback)."""
+    code = exc.code if isinstance(exc, ProtocolError) else StageError.code
+    text = str(exc) if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
+    meta = {"error": {"code": code, "message": text[:4000]}}
+    if request is None:
+        return Message("error", role="response", meta=meta)
+    return Message(
+        "error", role="response", stage=request.stage, step=request.step,
+        params_digest=request.params_digest, meta=meta,
+    )
+
+
+def raise_if_error(msg: Message) -> Message:
+    """Raise the protocol error an ``error`` message carries; else return ``msg``."""
+    if msg.kind == "error":
+        err = msg.meta.get("error") if isinstance(msg.meta, Mapping) else None
+        code = err.get("code") if isinstance(err, Mapping) else None
+        text = err.get("message") if isinstance(err, Mapping) else None
+        raise error_class(str(code))(f"peer {msg.stage or '?'}: {text}")
+    return msg
+
+
+def split_request(req: Message) -> tuple[dict, dict, dict[str, dict]]:
+    """(params, inputs, {prefix: {name: array}}) from a request's tensors."""
+    params, inputs, derived = {}, {}, {p: {} for p in DERIVATIVE_PREFIXES}
+    pnames = set(req.param_names)
+    for name, arr in req.tensors.items():
+        prefix = next((p for p in DERIVATIVE_PREFIXES if name.startswith(p)), None)
+        if prefix is not None:
+            derived[prefix][name[len(prefix):]] = arr
+        elif name in pnames:
+            params[name] = arr
+        else:
+            inputs[name] = arr
+    missing = pnames - set(params)
+    if missing:
+        raise MalformedMessage(f"params.names lists {sorted(missing)} but no such tensors")
+    if req.params_digest and params_digest(params) != req.params_digest:
+        raise MalformedMessage("params digest does not match the parameter tensors")
+    return params, inputs, derived
+
+
+def handle(stage: Stage, req: Message) -> Message:
+    """Serve one request with ``stage``; errors become ``error`` messages."""
+    try:
+        if req.role != "request":
+            raise MalformedMessage(f"expected a request, got a {req.role}")
+        if req.kind == "hello":
+            return req.reply(meta={"stage": stage.stage_id})
+        if req.kind == "describe":
+            shapes = req.meta.get("inputs")
+            override = None
+            if shapes is not None:
+                if not isinstance(shapes, list):
+                    raise MalformedMessage("meta.inputs must be a list of tensor specs")
+                override = {t.name: t for t in (TensorSpec.from_json(s) for s in shapes)}
+            return req.reply(meta={"spec": stage.describe(override).to_json()})
+        if req.kind == "error":
+            raise MalformedMessage("an error message is not a request")
+        params, inputs, derived = split_request(req)
+        if req.provenance:
+            stage = stage.for_chunk(req.provenance)
+        spec = stage.describe()
+        axes = {t.name: t.axes for t in spec.outputs if t.axes is not None}
+        if req.kind == "apply":
+            outs = stage.apply(params, inputs)
+            return req.reply(tensors=outs, axes={k: v for k, v in axes.items() if k in outs})
+        wrt = spec.check_wrt(req.wrt) if req.wrt else spec.diff_args
+        if req.kind == "jacobian":
+            outs, jac = stage.jacobian(params, inputs, wrt)
+            tensors = {**outs, **{f"jacobian:{o}": j for o, j in jac.items()}}
+            jac_axes = {f"jacobian:{o}": (*a, "wrt") for o, a in axes.items() if f"jacobian:{o}" in tensors}
+            return req.reply(tensors=tensors, wrt=wrt, axes={**{k: v for k, v in axes.items() if k in outs}, **jac_axes})
+        if req.kind == "jvp":
+            outs, touts = stage.jvp(params, inputs, derived["tangent:"])
+            return req.reply(tensors={**outs, **{f"tangent:{o}": t for o, t in touts.items()}})
+        if req.kind == "vjp":
+            grads = stage.vjp(params, inputs, derived["cotangent:"], wrt)
+            return req.reply(tensors={f"cotangent:{a}": grads[a] for a in wrt}, wrt=wrt)
+        raise MalformedMessage(f"unknown request kind {req.kind!r}")
+    except Exception as exc:  # every failure is answered as an error message
+        return error_message(exc, req)
+
+
+def handle_bytes(stage: Stage, data: bytes, *, max_bytes: int | None = None) -> bytes:
+    """Decode, serve, encode. Never raises for bad input: answers an error message."""
+    try:
+        req = decode(data, max_bytes=max_bytes)
+    except Exception as exc:
+        return encode(error_message(exc))
+    resp = handle(stage, req)
+    try:
+        return encode(resp)
+    except Exception as exc:  # e.g. a stage returned an unsupported dtype
+        return encode(error_message(exc, req))
+
+
+class RemoteStage(Stage):
+    """A :class:`Stage` whose work is done by a peer behind a transport.
+
+    ``step`` (an int the driver may set) and ``provenance`` are sent in every
+    request; replies are checked to echo the request's step and parameter digest.
+    """
+
+    def __init__(self, transport: Any, *, provenance: Sequence[Provenance] = (), step: int | None = None) -> None:
+        self.transport = transport
+        self.provenance = tuple(provenance)
+        self.step = step
+        self._spec: StageSpec | None = None
+        self.stage_id = self.describe().stage
+
+    def request(self, kind: str, params: Arrays = {}, inputs: Arrays = {}, extra: Arrays = {}, *,
+                wrt: Sequence[str] = (), meta: Mapping[str, Any] | None = None) -> Message:
+        """Build a request message (also used by :class:`~jacana.protocol.pipeline.AdditiveStage`)."""
+        params = {k: np.asarray(v) for k, v in params.items()}
+        return Message(
+            kind,
+            {**params, **{k: np.asarray(v) for k, v in inputs.items()}, **extra},
+            stage=getattr(self, "stage_id", ""),
+            step=self.step,
+            param_names=tuple(params),
+            params_digest=params_digest(params) if params else "",
+            wrt=tuple(wrt),
+            provenance=self.provenance,
+            meta=dict(meta or {}),
+        )
+
+    def call(self, req: Message) -> Message:
+        resp = raise_if_error(self.transport.request(req))
+        if resp.role != "response" or resp.kind != req.kind:
+            raise MalformedMessage(f"expected a {req.kind} response, got {resp.role} {resp.kind}")
+        if resp.step != req.step or resp.params_digest != req.params_digest:
+            raise MalformedMessage("response does not echo the request's step and parameter digest (stale reply?)")
+        return resp
+
+    def describe(self, inputs: Mapping[str, TensorSpec] | None = None) -> StageSpec:
+        if inputs is None and self._spec is not None:
+            return self._spec
+        meta = {"inputs": [t.to_json() for t in inputs.values()]} if inputs else None
+        resp = self.call(self.request("describe", meta=meta))
+        spec = StageSpec.from_json(resp.meta.get("spec"))
+        if inputs is None:
+            self._spec = spec
+        return spec
+
+    def _outputs(self, resp: Message) -> dict[str, np.ndarray]:
+        return {k: v for k, v in resp.tensors.items() if ":" not in k}
+
+    def apply(self, params, inputs):
+        return self._outputs(self.call(self.request("apply", params, inputs)))
+
+    def jacobian(self, params, inputs, wrt=None):
+        wrt = self.describe().check_wrt(wrt)
+        resp = self.call(self.request("jacobian", params, inputs, wrt=wrt))
+        if tuple(resp.wrt) != tuple(wrt):
+            raise MalformedMessage(f"jacobian response wrt {resp.wrt} != requested {wrt}")
+        jac = {k[len("jacobian:"):]: v for k, v in resp.tensors.items() if k.startswith("jacobian:")}
+        return self._outputs(resp), jac
+
+    def jvp(self, params, inputs, tangents):
+        extra = {f"tangent:{k}": np.asarray(v) for k, v in tangents.items()}
+        resp = self.call(self.request("jvp", params, inputs, extra))
+        touts = {k[len("tangent:"):]: v for k, v in resp.tensors.items() if k.startswith("tangent:")}
+        return self._outputs(resp), touts
+
+    def vjp(self, params, inputs, cotangents, wrt=None):
+        wrt = self.describe().check_wrt(wrt)
+        extra = {f"cotangent:{k}": np.asarray(v) for k, v in cotangents.items()}
+        resp = self.call(self.request("vjp", params, inputs, extra, wrt=wrt))
+        grads = {k[len("cotangent:"):]: v for k, v in resp.tensors.items() if k.startswith("cotangent:")}
+        if set(grads) != set(wrt):
+            raise MalformedMessage(f"vjp response gives {sorted(grads)}, requested {list(wrt)}")
+        return grads

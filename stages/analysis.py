@@ -1,0 +1,281 @@
+"""The AGC ttbar analysis as one differentiable function of its parameters (soft mode).
+
+:func:`soft_yields` maps (parameters, relaxation, one dense :class:`EventBatch`) to the relaxed
+histograms of every region and every variation the batch carries::
+
+    {region: {"sumw": [variations, bins], "sumw2": [variations, bins]}}
+
+Per event, in blocks of events (``lax.scan``, so memory is bounded by the block size):
+
+1. soft object selection (:mod:`.soft`): lepton pT, jet pT, jet |eta| and b-tag cuts as weights;
+2. soft event selection (:mod:`.multiplicity`): P(exactly ``n_leptons`` leptons) x
+   P(>= ``min_jets`` jets and exactly one / at least two b-tags), from exact Poisson-binomial DPs;
+3. soft observables (:mod:`.observables`): weighted HT, soft-argmax m_bjj;
+4. relaxed histograms (:mod:`.histogram`) filled with ``weight x P(selection)``; ``sumw2`` with
+   ``weight^2 x P(selection)`` (the expectation of the hard ``sum w^2``).
+
+Variations: every kinematic variation of the batch (nominal, JES, JER: the jets are re-selected
+with the varied pT) and, on nominal files, the b-tag weight variations
+``w (1 +/- rate x pT_i / pt_ref)`` with ``pT_i`` the expected pT of the i-th selected jet (file
+order). Normalisation systematics (W+jets, luminosity) are scale factors applied in the
+statistical model; alternative samples (ME_var, PS_var, scaleup/down) are their own batches with
+one variation. With every temperature and the bandwidth at zero (:func:`hard_relax`), every
+histogram equals the conventional :func:`jacana.stages.reference.fill_histograms`.
+
+Parameters travel as a dict of named scalars (:data:`PARAM_NAMES`), optionally with bin edges
+``edges_<region>`` (kept ordered by sorting); ``relax`` holds one temperature per cut (same
+names, same units), ``trijet_pt`` (the m_bjj softmax temperature, GeV) and ``bandwidth`` (the
+histogram kernel width, in observable units). Both are traced: annealing does not recompile.
+The static :class:`SoftConfig` (hashable) is what jit specialises on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .batch import ChunkBatches, EventBatch
+from .histogram import bin_mass
+from .multiplicity import jet_region_probs, nth_selected_value, prob_exactly
+from .observables import soft_ht, soft_mbjj
+from .soft import soft_step
+from .spec import NOMINAL, AnalysisSpec
+
+jax.config.update("jax_enable_x64", True)
+
+PARAM_NAMES = ("lepton_pt_min", "jet_pt_min", "jet_eta_max", "btag_min")
+RELAX_NAMES = PARAM_NAMES + ("trijet_pt", "bandwidth")
+#: Default m_bjj softmax temperature (GeV) and histogram bandwidth (GeV) at relaxation scale 1.
+DEFAULT_TRIJET_PT_TEMPERATURE = 5.0
+DEFAULT_BANDWIDTH = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionDef:
+    name: str
+    observable: str  # "ht" | "m_bjj"
+    btag: str  # "exactly_1" | "at_least_2"
+    edges: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BtagDef:
+    n_jets: int
+    rate: float
+    pt_ref: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftConfig:
+    """The static (hashable) part of the analysis that the soft stages compile against."""
+
+    n_leptons: int
+    min_jets: int
+    regions: tuple[RegionDef, ...]
+    kinematic: tuple[str, ...]
+    weight_variations: tuple[str, ...]
+    btag: tuple[BtagDef, ...]
+    kernel: str = "normal"
+    flow: bool = False
+
+    def region(self, name: str) -> RegionDef:
+        return next(r for r in self.regions if r.name == name)
+
+    def variations(self, nominal_file: bool, kinematic: Sequence[str] | None = None) -> tuple[str, ...]:
+        """Variation names along the ``variations`` axis of :func:`soft_yields`' output."""
+        kin = tuple(kinematic) if kinematic is not None else (self.kinematic if nominal_file else (NOMINAL,))
+        return kin + (self.weight_variations if nominal_file else ())
+
+
+def soft_config(spec: AnalysisSpec, kernel: str = "normal", flow: bool = False) -> SoftConfig:
+    """The static soft-analysis configuration of ``spec``."""
+    c = spec.cuts
+    regions = tuple(RegionDef(r.name, r.observable, r.btag, tuple(float(e) for e in r.edges))
+                    for r in spec.regions.values())
+    for r in regions:
+        if r.observable not in ("ht", "m_bjj") or r.btag not in ("exactly_1", "at_least_2"):
+            raise ValueError(f"region {r.name!r}: unsupported observable/btag {r.observable!r}/{r.btag!r}")
+    btag = tuple(BtagDef(int(s.options["n_jets"]), float(s.options["rate"]), float(s.options["pt_ref"]))
+                 for s in spec.systematics_of("btag_weight"))
+    return SoftConfig(n_leptons=int(c["n_leptons"]), min_jets=int(c["min_jets"]), regions=regions,
+                      kinematic=tuple(spec.kinematic_variations()),
+                      weight_variations=tuple(spec.weight_variations()), btag=btag, kernel=kernel, flow=flow)
+
+
+def default_params(spec: AnalysisSpec) -> dict:
+    """The spec's parameter values as a dict of float64 scalars."""
+    vals = spec.param_values()
+    return {k: jnp.asarray(float(vals[k]), jnp.float64) for k in PARAM_NAMES}
+
+
+def default_relax(spec: AnalysisSpec, scale: float = 1.0, trijet_pt: float = DEFAULT_TRIJET_PT_TEMPERATURE,
+                  bandwidth: float = DEFAULT_BANDWIDTH) -> dict:
+    """Temperatures from the spec (times ``scale``), the trijet-pT temperature and the bandwidth."""
+    out = {k: jnp.asarray(scale * spec.parameters[k].temperature, jnp.float64) for k in PARAM_NAMES}
+    out["trijet_pt"] = jnp.asarray(scale * trijet_pt, jnp.float64)
+    out["bandwidth"] = jnp.asarray(scale * bandwidth, jnp.float64)
+    return out
+
+
+def hard_relax() -> dict:
+    """Every temperature and the bandwidth at zero: the exact hard analysis."""
+    return {k: jnp.asarray(0.0, jnp.float64) for k in RELAX_NAMES}
+
+
+def region_edges(params: Mapping, config: SoftConfig, dtype=jnp.float64) -> dict:
+    """Bin edges per region: ``params["edges_<region>"]`` (sorted) when given, else the config's."""
+    out = {}
+    for r in config.regions:
+        key = f"edges_{r.name}"
+        if key in params:
+            out[r.name] = jnp.sort(jnp.asarray(params[key], dtype))
+        else:
+            out[r.name] = jnp.asarray(np.asarray(r.edges), dtype)
+    return out
+
+
+def _block_yields(p, r, edges, b: EventBatch, config: SoftConfig):
+    """Histogram contributions of one block of events: {region: (sumw [V, bins], sumw2 [V, bins])}."""
+    lep_pt = jnp.concatenate([b.electron_pt, b.muon_pt], axis=-1)
+    lep_mask = jnp.concatenate([b.electron_mask, b.muon_mask], axis=-1)
+    p_lep = soft_step(lep_pt, p["lepton_pt_min"], r["lepton_pt_min"]) * lep_mask
+    prob_lep = prob_exactly(p_lep, config.n_leptons)
+    q_tag = soft_step(b.jet_btag, p["btag_min"], r["btag_min"])
+    eta_w = soft_step(p["jet_eta_max"], jnp.abs(b.jet_eta), r["jet_eta_max"]) * b.jet_mask
+    needed = {reg.observable for reg in config.regions}
+
+    kin_parts = {reg.name: [] for reg in config.regions}
+    weight_parts = {reg.name: [] for reg in config.regions}
+    for v, _name in enumerate(b.kinematic):
+        pt = b.jet_pt[:, v, :]
+        p_sel = soft_step(pt, p["jet_pt_min"], r["jet_pt_min"]) * eta_w
+        probs = jet_region_probs(p_sel, q_tag, config.min_jets)
+        obs = {}
+        if "ht" in needed:
+            obs["ht"] = soft_ht(pt, p_sel)
+        if "m_bjj" in needed:
+            obs["m_bjj"] = soft_mbjj(pt, b.jet_eta, b.jet_phi, b.jet_mass, p_sel, q_tag, r["trijet_pt"])
+        factors = [jnp.ones_like(b.weight)]
+        if v == 0 and b.weight_variations:
+            for bt in config.btag:
+                lead = nth_selected_value(pt, p_sel, bt.n_jets)  # [B, n]
+                for i in range(bt.n_jets):
+                    shift = bt.rate * lead[:, i] / bt.pt_ref
+                    factors += [1.0 + shift, 1.0 - shift]
+        wf = b.weight[:, None] * jnp.stack(factors, axis=-1)  # [B, nW]
+        for reg in config.regions:
+            sel = (prob_lep * probs[reg.btag])[:, None]
+            mass = bin_mass(obs[reg.observable], edges[reg.name], r["bandwidth"], config.flow, config.kernel)
+            sumw = (wf * sel).T @ mass
+            sumw2 = (wf * wf * sel).T @ mass
+            kin_parts[reg.name].append((sumw[:1], sumw2[:1]))
+            if sumw.shape[0] > 1:
+                weight_parts[reg.name].append((sumw[1:], sumw2[1:]))
+    out = {}
+    for reg in config.regions:
+        parts = kin_parts[reg.name] + weight_parts[reg.name]
+        out[reg.name] = (jnp.concatenate([s for s, _ in parts]), jnp.concatenate([s2 for _, s2 in parts]))
+    return out
+
+
+@partial(jax.jit, static_argnames=("config",))
+def soft_yields(params: Mapping, relax: Mapping, batch: EventBatch, config: SoftConfig) -> dict:
+    """Relaxed histograms of one dense batch: ``{region: {"sumw": [V, bins], "sumw2": [V, bins]}}``.
+
+    The variations axis follows ``config.variations(batch.weight_variations, batch.kinematic)``.
+    """
+    dt = batch.jet_eta.dtype
+    p = {k: jnp.asarray(params[k], dt) for k in PARAM_NAMES}
+    r = {k: jnp.asarray(relax[k], dt) for k in RELAX_NAMES}
+    edges = region_edges(params, config, dt)
+    n, bsize = batch.n_padded, batch.block_size
+    if n % bsize:
+        raise ValueError(f"batch of {n} events is not a whole number of blocks of {bsize}")
+    blocks = jax.tree.map(lambda a: jnp.reshape(a, (n // bsize, bsize) + a.shape[1:]), batch)
+
+    @jax.checkpoint
+    def body(acc, blk):
+        contrib = _block_yields(p, r, edges, blk, config)
+        return jax.tree.map(jnp.add, acc, contrib), None
+
+    n_var = len(config.variations(batch.weight_variations, batch.kinematic))
+    init = {reg.name: (jnp.zeros((n_var, len(reg.edges) - 1), dt),) * 2 for reg in config.regions}
+    acc, _ = jax.lax.scan(body, init, blocks)
+    return {k: {"sumw": v[0], "sumw2": v[1]} for k, v in acc.items()}
+
+
+def _parts(batches: ChunkBatches | EventBatch | Sequence[EventBatch]) -> tuple[EventBatch, ...]:
+    if isinstance(batches, ChunkBatches):
+        return batches.parts
+    if isinstance(batches, EventBatch):
+        return (batches,)
+    return tuple(batches)
+
+
+def add_yields(a, b):
+    """Sum of two yield pytrees (chunks and jet buckets are additive)."""
+    return b if a is None else jax.tree.map(jnp.add, a, b)
+
+
+def chunk_yields(params: Mapping, relax: Mapping, batches, config: SoftConfig) -> dict:
+    """:func:`soft_yields` summed over the jet-bucket parts of a chunk."""
+    total = None
+    for part in _parts(batches):
+        total = add_yields(total, soft_yields(params, relax, part, config))
+    return total
+
+
+def assemble_histograms(results: Iterable[tuple[str, str, Mapping]], config: SoftConfig,
+                        params: Mapping | None = None) -> dict:
+    """Per-(sample, file variation) yields -> ``{region: {sample: {variation: {"edges","sumw","sumw2"}}}}``.
+
+    ``results`` yields ``(sample, file_variation, yields)`` with ``yields`` from
+    :func:`chunk_yields`; repeated (sample, file variation) pairs (several chunks) are summed.
+    Nominal files give ``config.variations(True)``; an alternative file gives its own name.
+    """
+    edges = {k: np.asarray(v, dtype=np.float64) for k, v in region_edges(params or {}, config).items()}
+    out: dict = {r.name: {} for r in config.regions}
+    for sample, file_var, ylds in results:
+        nominal = file_var == NOMINAL
+        names = config.variations(True) if nominal else (file_var,)
+        for reg in config.regions:
+            sumw = np.asarray(ylds[reg.name]["sumw"], dtype=np.float64)
+            sumw2 = np.asarray(ylds[reg.name]["sumw2"], dtype=np.float64)
+            if sumw.shape[0] != len(names):
+                raise ValueError(f"{sample}/{file_var}: {sumw.shape[0]} variations in the yields, expected {names}")
+            slot = out[reg.name].setdefault(sample, {})
+            for i, name in enumerate(names):
+                if name in slot:
+                    slot[name]["sumw"] = slot[name]["sumw"] + sumw[i]
+                    slot[name]["sumw2"] = slot[name]["sumw2"] + sumw2[i]
+                else:
+                    slot[name] = {"edges": edges[reg.name], "sumw": sumw[i].copy(), "sumw2": sumw2[i].copy()}
+    return out
+
+
+def soft_histograms(batches: ChunkBatches, spec: AnalysisSpec, params: Mapping | None = None,
+                    relax: Mapping | None = None, config: SoftConfig | None = None) -> dict:
+    """Soft histograms of one chunk as ``{region: {variation: {"edges","sumw","sumw2"}}}``.
+
+    The soft counterpart of ``{r: {v: to_arrays(h)}}`` of the reference's ``fill_histograms``;
+    defaults: the spec's parameters and the hard limit.
+    """
+    config = config or soft_config(spec)
+    params = default_params(spec) if params is None else params
+    relax = hard_relax() if relax is None else relax
+    ylds = chunk_yields(params, relax, batches, config)
+    if ylds is None:  # no events survive the prefilter
+        ylds = _empty_yields(config, batches.variation == NOMINAL)
+    full = assemble_histograms([(batches.sample, batches.variation, ylds)], config, params)
+    return {reg: by_sample[batches.sample] for reg, by_sample in full.items()}
+
+
+def _empty_yields(config: SoftConfig, nominal_file: bool) -> dict:
+    nv = len(config.variations(nominal_file))
+    return {r.name: {"sumw": np.zeros((nv, len(r.edges) - 1)), "sumw2": np.zeros((nv, len(r.edges) - 1))}
+            for r in config.regions}

@@ -1,0 +1,103 @@
+"""Soft observables of the AGC analysis: HT and m_bjj, with exact hard limits.
+
+* ``soft_ht``: the selection-weighted sum of jet pT, ``sum_j pT_j p_j``; with hard weights it is
+  the scalar sum of the selected jets' pT.
+* ``soft_mbjj``: the mass of "the highest-pT trijet with at least one b-tag" as a soft argmax over
+  all C(K, 3) trijets of the padded jets. Trijet ``t = (a, b, c)`` has weight
+  ``w_t = p_a p_b p_c (1 - (1-q_a)(1-q_b)(1-q_c))`` (its jets are selected and at least one is
+  tagged) and is chosen with probability ``w_t exp(pT_t / T) / sum_s w_s exp(pT_s / T)``; m_bjj is
+  the expected trijet mass. At ``T == 0`` the choice is the hard argmax: the first trijet, in the
+  order of ``ak.combinations`` (lexicographic over file order), with the largest pT among those of
+  weight > 0. With hard cut weights that is exactly the conventional trijet.
+
+The trijet four-vector sums depend on the jet kinematics only (not on the parameters), so forward
+mode carries tangents only through the trijet weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import lru_cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .soft import _safe_scale
+
+jax.config.update("jax_enable_x64", True)
+
+
+@lru_cache(maxsize=None)
+def trijet_indices(n_jets: int) -> np.ndarray:
+    """[C(n, 3), 3] jet indices of every trijet, lexicographic (``ak.combinations`` order)."""
+    combos = list(itertools.combinations(range(n_jets), 3))
+    return np.asarray(combos, dtype=np.int32).reshape(-1, 3)
+
+
+def soft_ht(pt, p_sel):
+    """Selection-weighted scalar sum of jet pT: [..., K] -> [...]."""
+    return jnp.sum(pt * p_sel, axis=-1)
+
+
+def jet_p4(pt, eta, phi, mass):
+    """(px, py, pz, E) of jets given (pt, eta, phi, mass)."""
+    px = pt * jnp.cos(phi)
+    py = pt * jnp.sin(phi)
+    pz = pt * jnp.sinh(eta)
+    e = jnp.sqrt(px * px + py * py + pz * pz + mass * mass)
+    return px, py, pz, e
+
+
+def trijet_kinematics(pt, eta, phi, mass):
+    """Trijet pT and mass of every trijet: [..., K] -> ([..., T], [..., T])."""
+    idx = trijet_indices(pt.shape[-1])
+    px, py, pz, e = jet_p4(pt, eta, phi, mass)
+
+    def tri(v):
+        return v[..., idx[:, 0]] + v[..., idx[:, 1]] + v[..., idx[:, 2]]
+
+    tpx, tpy, tpz, te = tri(px), tri(py), tri(pz), tri(e)
+    tpt = jnp.sqrt(tpx * tpx + tpy * tpy)
+    m2 = te * te - tpx * tpx - tpy * tpy - tpz * tpz
+    return tpt, jnp.sqrt(jnp.maximum(m2, 0.0))
+
+
+def trijet_weights(p_sel, q_tag):
+    """Probability that a trijet's jets are all selected and at least one is b-tagged: [..., T]."""
+    idx = trijet_indices(p_sel.shape[-1])
+    pa, pb, pc = (p_sel[..., idx[:, i]] for i in range(3))
+    qa, qb, qc = (q_tag[..., idx[:, i]] for i in range(3))
+    return pa * pb * pc * (1.0 - (1.0 - qa) * (1.0 - qb) * (1.0 - qc))
+
+
+def soft_argmax_weights(score, weight, temperature):
+    """Probabilities of choosing each candidate: softmax of ``score / T`` restricted by ``weight``.
+
+    ``weight * exp(score / T)``, normalised over the last axis; at ``T == 0`` the one-hot of the first
+    maximum of ``score`` among candidates of weight > 0. All zero where no candidate has weight > 0.
+    """
+    valid = weight > 0
+    neg_inf = jnp.asarray(-jnp.inf, score.dtype)
+    masked = jnp.where(valid, score, neg_inf)
+    top = jnp.max(masked, axis=-1, keepdims=True)
+    any_valid = jnp.any(valid, axis=-1, keepdims=True)
+    top = jnp.where(any_valid, top, 0.0)
+    # hard: first maximum among valid candidates
+    first = jnp.argmax(masked, axis=-1)
+    hard = (jnp.arange(score.shape[-1]) == first[..., None]) & any_valid
+    # soft: weight-restricted softmax (stable; exponent <= 0 for valid candidates)
+    is_soft, safe_t = _safe_scale(temperature)
+    expo = jnp.where(valid, (score - jax.lax.stop_gradient(top)) / safe_t, 0.0)
+    e = jnp.where(valid, weight * jnp.exp(jnp.minimum(expo, 0.0)), 0.0)
+    den = jnp.sum(e, axis=-1, keepdims=True)
+    soft = e / jnp.where(den > 0, den, 1.0)
+    return jnp.where(is_soft, soft, hard.astype(score.dtype))
+
+
+def soft_mbjj(pt, eta, phi, mass, p_sel, q_tag, temperature):
+    """Soft m_bjj per event: [..., K] jets -> [...] (0 where no trijet has weight > 0)."""
+    tpt, tmass = trijet_kinematics(pt, eta, phi, mass)
+    w = trijet_weights(p_sel, q_tag)
+    choice = soft_argmax_weights(tpt, w, temperature)
+    return jnp.sum(choice * tmass, axis=-1)

@@ -1,0 +1,230 @@
+"""The synthetic AGC sample generator: files, fileset, NanoAOD conventions and physics sanity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import awkward as ak
+import numpy as np
+import pytest
+import uproot
+
+from jacana.facility import synthetic
+from jacana.facility.synthetic import generate
+
+EVENTS = 20_000
+VARIATIONS = {"ttbar": {"nominal", "scaledown", "scaleup", "ME_var", "PS_var"},
+              "single_top_s_chan": {"nominal"}, "single_top_t_chan": {"nominal"},
+              "single_top_tW": {"nominal"}, "wjets": {"nominal"}}
+
+
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("syn"), events=EVENTS, seed=3, progress=False)
+
+
+def _load(fileset: Path, process: str, variation: str = "nominal") -> ak.Array:
+    fs = json.loads(fileset.read_text())
+    return ak.concatenate([uproot.open(fileset.parent / f["path"])["Events"].arrays()
+                           for f in fs[process][variation]["files"]])
+
+
+def _collection(a: ak.Array, name: str) -> ak.Array:
+    return ak.zip({k[len(name) + 1:]: a[k] for k in a.fields if k.startswith(name + "_")})
+
+
+def _agc_selection(a: ak.Array):
+    """Per event: (exactly one tight lepton & >= 4 jets, number of b-tags, selected jets)."""
+    el, mu, jet = _collection(a, "Electron"), _collection(a, "Muon"), _collection(a, "Jet")
+    sel_e = (el.pt > 30) & (abs(el.eta) < 2.1) & (el.cutBased == 4) & (el.sip3d < 4)
+    sel_m = ((mu.pt > 30) & (abs(mu.eta) < 2.1) & mu.tightId & (mu.sip3d < 4)
+             & (mu.pfRelIso04_all < 0.15))
+    jets = jet[(jet.pt > 30) & (abs(jet.eta) < 2.4) & (jet.jetId == 6)]
+    base = (ak.sum(sel_e, axis=1) + ak.sum(sel_m, axis=1) == 1) & (ak.num(jets) >= 4)
+    return base, ak.sum(jets.btagCSVV2 > 0.5, axis=1), jets
+
+
+def _p4(j):
+    px, py, pz = j.pt * np.cos(j.phi), j.pt * np.sin(j.phi), j.pt * np.sinh(j.eta)
+    return px, py, pz, np.sqrt(px ** 2 + py ** 2 + pz ** 2 + j.mass ** 2)
+
+
+def test_fileset_shape_and_counts(gen):
+    assert gen.name == "fileset.json"
+    fs = json.loads(gen.read_text())
+    assert {p: set(v) for p, v in fs.items()} == VARIATIONS
+    total = 0
+    for process, variations in fs.items():
+        for variation, block in variations.items():
+            assert set(block) == {"files", "nevts_total"}
+            assert 2 <= len(block["files"]) <= 6
+            assert block["nevts_total"] == sum(f["nevts"] for f in block["files"])
+            expected = int(EVENTS * synthetic.SAMPLE_FRACTIONS[(process, variation)])
+            assert abs(block["nevts_total"] - expected) <= len(synthetic.SAMPLES)
+            events = []
+            for f in block["files"]:
+                assert set(f) == {"path", "nevts"} and not Path(f["path"]).is_absolute()
+                tree = uproot.open(gen.parent / f["path"])["Events"]
+                assert tree.num_entries == f["nevts"]
+                events.append(tree["event"].array(library="np"))
+            events = np.concatenate(events)
+            assert len(np.unique(events)) == len(events)  # unique within a (process, variation)
+            total += block["nevts_total"]
+    assert total == EVENTS
+    meta = json.loads((gen.parent / "generator.json").read_text())
+    assert meta["seed"] == 3 and meta["events"] == EVENTS and meta["version"] == synthetic.GENERATOR_VERSION
+    # readable by the pipeline's own fileset loader
+    from jacana.stages.fileset import load_fileset
+    loaded = load_fileset(gen)
+    assert loaded.nevts_total("ttbar", "nominal") == fs["ttbar"]["nominal"]["nevts_total"]
+
+
+def test_atomic_writes_leave_no_temporaries(gen):
+    assert not list(gen.parent.glob("*.tmp"))
+    assert sorted(p.suffix for p in gen.parent.iterdir() if p.suffix != ".root") == [".json", ".json"]
+
+
+def test_branch_names_and_types_match_real_nanoaod(gen, real_nanoaod):
+    real = uproot.open(real_nanoaod)["Events"]
+    ours = uproot.open(gen.parent / "ttbar__nominal__0.root")["Events"]
+    expected = {"run", "luminosityBlock", "event", "genWeight", "nJet", "nElectron", "nMuon"}
+    expected |= {f"Jet_{k}" for k in ("pt", "eta", "phi", "mass", "btagCSVV2", "jetId", "hadronFlavour")}
+    expected |= {f"Electron_{k}" for k in ("pt", "eta", "phi", "mass", "sip3d", "cutBased", "charge")}
+    expected |= {f"Muon_{k}" for k in ("pt", "eta", "phi", "mass", "sip3d", "pfRelIso04_all", "tightId", "charge")}
+    assert set(ours.keys()) == expected
+    for name in expected:
+        if name.startswith("n") and name[1:] in ("Jet", "Electron", "Muon"):
+            # uproot writes counters as int32; NanoAOD's are uint32
+            assert ours[name].typename == "int32_t" and real[name].typename == "uint32_t"
+            continue
+        assert ours[name].typename == real[name].typename, name
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    a = generate(tmp_path / "a", events=2_000, seed=5, progress=False)
+    b = generate(tmp_path / "b", events=2_000, seed=5, progress=False)
+    c = generate(tmp_path / "c", events=2_000, seed=6, progress=False)
+    assert a.read_text() == b.read_text() == c.read_text()
+    fs = json.loads(a.read_text())
+    for process, variations in fs.items():
+        for variation, block in variations.items():
+            for f in block["files"]:
+                xa, xb = (uproot.open(d.parent / f["path"])["Events"].arrays() for d in (a, b))
+                assert xa.fields == xb.fields
+                for k in xa.fields:
+                    assert ak.array_equal(xa[k], xb[k]), (f["path"], k)
+    # a different seed gives different events
+    xa = _load(a, "ttbar")
+    xc = _load(c, "ttbar")
+    assert not np.array_equal(ak.to_numpy(xa.nJet), ak.to_numpy(xc.nJet))
+
+
+def test_nanoaod_conventions(gen):
+    for process in ("ttbar", "wjets"):
+        a = _load(gen, process)
+        for name in ("Jet", "Electron", "Muon"):
+            pt = a[f"{name}_pt"]
+            assert ak.all(pt[:, 1:] <= pt[:, :-1]), name  # sorted by pT, descending
+        jet = _collection(a, "Jet")
+        assert ak.min(jet.pt) >= 15.0 and ak.max(abs(jet.eta)) < 4.7
+        flat = ak.flatten(jet)
+        assert np.all(ak.to_numpy(flat.btagCSVV2[abs(flat.eta) > 2.4]) == -10.0)
+        central = flat.btagCSVV2[abs(flat.eta) <= 2.4]
+        valued = ak.to_numpy(central[central != -10.0])
+        assert valued.min() >= 0.0 and valued.max() <= 1.0
+        assert 0.03 < np.mean(ak.to_numpy(central) == -10.0) < 0.4
+        ids, counts = np.unique(ak.to_numpy(flat.jetId), return_counts=True)
+        assert set(ids) == {0, 2, 6} and counts[ids == 6][0] / counts.sum() > 0.75
+        assert set(np.unique(ak.to_numpy(flat.hadronFlavour))) <= {0, 4, 5}
+        el, mu = _collection(a, "Electron"), _collection(a, "Muon")
+        assert np.allclose(ak.to_numpy(ak.flatten(el.mass)), 0.000511)
+        assert np.allclose(ak.to_numpy(ak.flatten(mu.mass)), 0.1057)
+        assert set(np.unique(ak.to_numpy(ak.flatten(el.cutBased)))) == {0, 1, 2, 3, 4}
+        assert set(np.unique(ak.to_numpy(ak.flatten(mu.charge)))) == {-1, 1}
+        assert ak.all(a.run == 1)
+        assert ak.all(a.luminosityBlock == (a.event - 1) // 100 + 1)
+
+
+def test_negative_weight_fractions(gen):
+    for process, frac in synthetic.NEG_WEIGHT_FRACTION.items():
+        w = ak.to_numpy(_load(gen, process).genWeight)
+        assert len(np.unique(np.abs(w))) == 1
+        n = len(w)
+        assert abs(np.mean(w < 0) - frac) < 4 * np.sqrt(frac * (1 - frac) / n) + 1e-9, process
+
+
+def test_btag_by_flavour(gen):
+    jet = ak.flatten(_collection(_load(gen, "ttbar"), "Jet"))
+    jet = jet[jet.btagCSVV2 >= 0]
+    mean = {f: float(ak.mean(jet.btagCSVV2[jet.hadronFlavour == f])) for f in (0, 4, 5)}
+    assert mean[5] > 0.7 > mean[4] > mean[0]
+    assert mean[0] < 0.3
+    eff_b = float(ak.mean(jet.btagCSVV2[jet.hadronFlavour == 5] > 0.5))
+    mistag = float(ak.mean(jet.btagCSVV2[jet.hadronFlavour == 0] > 0.5))
+    assert 0.8 < eff_b < 0.97 and 0.03 < mistag < 0.15
+
+
+def test_ttbar_has_more_jets_and_btags_than_wjets(gen):
+    stats = {}
+    for process in ("ttbar", "wjets"):
+        jet = _collection(_load(gen, process), "Jet")
+        good = jet[(jet.pt > 30) & (abs(jet.eta) < 2.4) & (jet.jetId == 6)]
+        stats[process] = (float(ak.mean(ak.num(good))), float(ak.mean(ak.sum(good.btagCSVV2 > 0.5, axis=1))))
+    assert stats["ttbar"][0] > 2.5 * stats["wjets"][0]
+    assert stats["ttbar"][1] > 5 * stats["wjets"][1]
+    assert stats["ttbar"][1] > 1.0
+
+
+def test_agc_selection_prefers_ttbar(gen):
+    rate = {}
+    for process in VARIATIONS:
+        base, nb, _ = _agc_selection(_load(gen, process))
+        rate[process] = float(ak.mean(base & (nb >= 1)))
+    assert 0.03 < rate["ttbar"] < 0.2
+    assert rate["ttbar"] > 20 * rate["wjets"]
+    for single_top in ("single_top_s_chan", "single_top_t_chan", "single_top_tW"):
+        assert rate[single_top] < rate["ttbar"] / 2
+    assert rate["single_top_tW"] > 5 * rate["wjets"]  # tW has a hadronic top
+
+
+def test_ttbar_trijet_mass_peaks_at_top_mass(gen):
+    """The AGC's m_bjj (highest-pT trijet with a b-tag) in 4j2b ttbar events peaks near m_top."""
+    base, nb, jets = _agc_selection(_load(gen, "ttbar"))
+    jets = jets[base & (nb >= 2)]
+    tri = ak.combinations(jets, 3, fields=["a", "b", "c"])
+    pa, pb, pc = _p4(tri.a), _p4(tri.b), _p4(tri.c)
+    px, py, pz, e = (pa[i] + pb[i] + pc[i] for i in range(4))
+    mass = np.sqrt(np.maximum(e ** 2 - px ** 2 - py ** 2 - pz ** 2, 0))
+    has_b = (tri.a.btagCSVV2 > 0.5) | (tri.b.btagCSVV2 > 0.5) | (tri.c.btagCSVV2 > 0.5)
+    trijet_pt = ak.where(has_b, np.hypot(px, py), -1)
+    m_bjj = ak.to_numpy(ak.fill_none(ak.flatten(mass[ak.argmax(trijet_pt, axis=1, keepdims=True)]), -1.0))
+    assert len(m_bjj) > 100
+    assert 150 < np.median(m_bjj) < 200
+    counts, edges = np.histogram(m_bjj, bins=25, range=(50, 550))  # the AGC binning
+    assert 150 <= edges[np.argmax(counts)] < 200
+    assert np.mean((m_bjj > 140) & (m_bjj < 210)) > 0.4
+
+
+def test_ttbar_variations_are_modest(gen):
+    """Alternative ttbar samples move the >= 4 jet acceptance and jet multiplicity by per cents only."""
+    def stats(variation):
+        a = _load(gen, "ttbar", variation)
+        _, _, jets = _agc_selection(a)
+        return float(ak.mean(ak.num(jets) >= 4)), float(ak.mean(a.nJet))
+
+    ref = stats("nominal")
+    var = {v: stats(v) for v in ("scaleup", "scaledown", "ME_var", "PS_var")}
+    for v, (ge4, njet) in var.items():
+        assert abs(ge4 / ref[0] - 1) < 0.12, v
+        assert abs(njet / ref[1] - 1) < 0.08, v
+    assert var["scaleup"][1] > var["scaledown"][1]  # more radiation
+
+
+def test_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError):
+        generate(tmp_path, events=3, progress=False)
+    with pytest.raises(ValueError):
+        generate(tmp_path, events=1000, files_per_sample=0, progress=False)
+    fs = generate(tmp_path / "one", events=1000, files_per_sample=1, progress=False)
+    assert all(len(v["files"]) == 1 for vs in json.loads(fs.read_text()).values() for v in vs.values())

@@ -1,0 +1,71 @@
+"""Histograms -> pyhf workspace: valid for pyhf and cabinetry, cabinetry's NormPlusShape numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyhf
+import pytest
+
+from jacana.stages.inference import evaluate_workspace, numpy_backend
+from jacana.stages.spec import load_spec
+from jacana.stages.workspace import build_workspace, norm_plus_shape
+
+
+def random_histograms(spec, seed=0, scale=None):
+    rng = np.random.default_rng(seed)
+    scale = scale or {"ttbar": 2000.0, "wjets": 600.0, "single_top_t_chan": 150.0, "single_top_tW": 100.0,
+                      "single_top_s_chan": 20.0}
+    out = {}
+    for region, r in spec.regions.items():
+        nb = len(r.edges) - 1
+        shape = np.exp(-0.5 * ((np.arange(nb) - 3.0) / 3.0) ** 2) + 0.1
+        out[region] = {}
+        for sample in spec.samples:
+            nominal = scale[sample] * shape / shape.sum()
+            out[region][sample] = {}
+            for var in spec.histogram_variations(sample):
+                factor = 1.0 if var == "nominal" else rng.uniform(0.9, 1.1, nb)
+                sumw = nominal * factor
+                out[region][sample][var] = {"edges": r.edges, "sumw": sumw, "sumw2": sumw * 2.0}
+    return out
+
+
+def test_norm_plus_shape_matches_cabinetry_formulas():
+    nom = np.array([10.0, 20.0, 30.0])
+    up = np.array([12.0, 21.0, 30.0])
+    norm, shape = norm_plus_shape(nom, up)
+    assert norm["hi"] == pytest.approx(63 / 60) and norm["lo"] == pytest.approx(2 - 63 / 60)
+    np.testing.assert_allclose(shape["hi_data"], up * 60 / 63)
+    np.testing.assert_allclose(shape["lo_data"], 2 * nom - up * 60 / 63)
+    down = np.array([9.0, 19.0, 29.0])
+    norm, shape = norm_plus_shape(nom, up, down)
+    assert norm["lo"] == pytest.approx(57 / 60)
+    np.testing.assert_allclose(shape["lo_data"], down * 60 / 57)
+
+
+def test_workspace_is_valid_and_loads_in_pyhf_and_cabinetry():
+    spec = load_spec()
+    ws_spec = build_workspace(spec, random_histograms(spec))
+    ws = pyhf.Workspace(ws_spec)  # validates against pyhf's schema
+    model = ws.model()
+    assert model.config.poi_name == "ttbar_norm"
+    assert list(model.config.suggested_bounds()[model.config.poi_index]) == [0.0, 10.0]
+    assert {"jes", "jer", "btag_0", "btag_3", "lumi", "wjets_norm", "ttbar_me", "ttbar_ps", "ttbar_scale",
+            "staterror_4j1b", "staterror_4j2b"} <= set(model.config.parameters)
+    assert model.config.channel_nbins == {"4j1b": 11, "4j2b": 11}
+    cabinetry = pytest.importorskip("cabinetry")
+    cab_model, cab_data = cabinetry.model_utils.model_and_data(ws_spec)
+    assert cab_model.config.npars == model.config.npars
+
+
+def test_pyhf_reproduces_the_fit():
+    spec = load_spec()
+    ws_spec = build_workspace(spec, random_histograms(spec))
+    result = evaluate_workspace(ws_spec, significance=False)
+    with numpy_backend():
+        model = pyhf.Workspace(ws_spec).model()
+        data = pyhf.Workspace(ws_spec).data(model)
+        bestfit, unc = pyhf.infer.mle.fit(data, model, return_uncertainties=True).T
+    assert result["ttbar_norm"]["value"] == pytest.approx(bestfit[model.config.poi_index], abs=1e-3)
+    assert result["ttbar_norm"]["uncertainty"] == pytest.approx(unc[model.config.poi_index], rel=1e-2)
+    assert 0 < result["expected"]["sigma_mu"] < 1
