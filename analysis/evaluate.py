@@ -43,7 +43,7 @@ def compositions(spec: AnalysisSpec, hists: Mapping) -> dict[str, dict[str, floa
 
 
 def hard_evaluation(spec: AnalysisSpec, fileset: Fileset, store: ColumnStore | None = None,
-                    chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = False, significance: bool = True) -> dict:
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = False, significance: bool = False) -> dict:
     """Histograms, workspace and pyhf result of the hard analysis (nothing written)."""
     hists = hard_histograms(spec, analysis_chunks(spec, fileset, chunk_size), store=store, progress=progress)
     workspace = build_workspace(spec, hists)
@@ -72,7 +72,10 @@ def format_summary(spec: AnalysisSpec, result: Mapping) -> str:
         lines.append(f"  {region}: total {total:,.0f}: {parts}")
     fit = result[poi]
     exp = result["expected"]
-    lines.append(f"  fit to pseudo-data: {poi} = {fit['value']:.4f} +/- {fit['uncertainty']:.4f}")
-    z0 = f", expected Z0 = {exp['z0']:.1f}" if "z0" in exp else ""
+    if fit.get("converged", True):
+        lines.append(f"  fit to pseudo-data: {poi} = {fit['value']:.4f} +/- {fit['uncertainty']:.4f}")
+    else:
+        lines.append(f"  fit to pseudo-data FAILED: {fit['error']}")
+    z0 = f", expected Z0 = {exp['z0']:.1f}" if exp.get("z0") is not None else ""
     lines.append(f"  expected (Asimov): sigma_{poi} = {exp['sigma_mu']:.4f}{z0}")
     return "\n".join(lines)

@@ -141,45 +141,47 @@ def region_edges(params: Mapping, config: SoftConfig, dtype=jnp.float64) -> dict
 
 def _block_yields(p, r, edges, b: EventBatch, config: SoftConfig):
     """Histogram contributions of one block of events: {region: (sumw [V, bins], sumw2 [V, bins])}."""
-    lep_pt = jnp.concatenate([b.electron_pt, b.muon_pt], axis=-1)
-    lep_mask = jnp.concatenate([b.electron_mask, b.muon_mask], axis=-1)
-    p_lep = soft_step(lep_pt, p["lepton_pt_min"], r["lepton_pt_min"]) * lep_mask
+    p_lep = soft_step(b.lepton_pt, p["lepton_pt_min"], r["lepton_pt_min"]) * b.lepton_mask
     prob_lep = prob_exactly(p_lep, config.n_leptons)
     q_tag = soft_step(b.jet_btag, p["btag_min"], r["btag_min"])
     eta_w = soft_step(p["jet_eta_max"], jnp.abs(b.jet_eta), r["jet_eta_max"]) * b.jet_mask
     needed = {reg.observable for reg in config.regions}
 
-    kin_parts = {reg.name: [] for reg in config.regions}
-    weight_parts = {reg.name: [] for reg in config.regions}
-    for v, _name in enumerate(b.kinematic):
-        pt = b.jet_pt[:, v, :]
+    def per_kinematic(pt):  # everything that depends on the (varied) jet pT: [B, K] -> ...
         p_sel = soft_step(pt, p["jet_pt_min"], r["jet_pt_min"]) * eta_w
         probs = jet_region_probs(p_sel, q_tag, config.min_jets)
         obs = {}
         if "ht" in needed:
             obs["ht"] = soft_ht(pt, p_sel)
         if "m_bjj" in needed:
-            obs["m_bjj"] = soft_mbjj(pt, b.jet_eta, b.jet_phi, b.jet_mass, p_sel, q_tag, r["trijet_pt"])
-        factors = [jnp.ones_like(b.weight)]
-        if v == 0 and b.weight_variations:
-            for bt in config.btag:
-                lead = nth_selected_value(pt, p_sel, bt.n_jets)  # [B, n]
-                for i in range(bt.n_jets):
-                    shift = bt.rate * lead[:, i] / bt.pt_ref
-                    factors += [1.0 + shift, 1.0 - shift]
-        wf = b.weight[:, None] * jnp.stack(factors, axis=-1)  # [B, nW]
-        for reg in config.regions:
-            sel = (prob_lep * probs[reg.btag])[:, None]
-            mass = bin_mass(obs[reg.observable], edges[reg.name], r["bandwidth"], config.flow, config.kernel)
-            sumw = (wf * sel).T @ mass
-            sumw2 = (wf * wf * sel).T @ mass
-            kin_parts[reg.name].append((sumw[:1], sumw2[:1]))
-            if sumw.shape[0] > 1:
-                weight_parts[reg.name].append((sumw[1:], sumw2[1:]))
+            obs["m_bjj"] = soft_mbjj(pt, b.jet_cos_phi, b.jet_sin_phi, b.jet_sinh_eta, b.jet_mass, p_sel, q_tag,
+                                     r["trijet_pt"])
+        masses = {reg.name: bin_mass(obs[reg.observable], edges[reg.name], r["bandwidth"], config.flow,
+                                     config.kernel) for reg in config.regions}
+        sel = {reg.name: prob_lep * probs[reg.btag] for reg in config.regions}
+        return masses, sel, p_sel
+
+    # kinematic variations share one program: vmapped over the variation axis of jet_pt
+    masses, sel, p_sel = jax.vmap(per_kinematic, in_axes=1, out_axes=0)(b.jet_pt)  # [V, B, ...]
+    factors = [jnp.ones_like(b.weight)]
+    if b.weight_variations:
+        for bt in config.btag:  # expected pT of the i-th selected nominal jet
+            lead = nth_selected_value(b.jet_pt[:, 0, :], p_sel[0], bt.n_jets)  # [B, n]
+            for i in range(bt.n_jets):
+                shift = bt.rate * lead[:, i] / bt.pt_ref
+                factors += [1.0 + shift, 1.0 - shift]
+    wf = b.weight[:, None] * jnp.stack(factors, axis=-1)  # [B, 1 + weight variations]
     out = {}
     for reg in config.regions:
-        parts = kin_parts[reg.name] + weight_parts[reg.name]
-        out[reg.name] = (jnp.concatenate([s for s, _ in parts]), jnp.concatenate([s2 for _, s2 in parts]))
+        m, s = masses[reg.name], sel[reg.name]  # [V, B, bins], [V, B]
+        w_kin = b.weight[None, :] * s  # nominal weight, every kinematic variation
+        sumw = [jnp.einsum("vb,vbk->vk", w_kin, m)]
+        sumw2 = [jnp.einsum("vb,vbk->vk", b.weight[None, :] * w_kin, m)]
+        if wf.shape[1] > 1:  # weight variations on the nominal jets
+            wv = wf[:, 1:] * s[0][:, None]
+            sumw.append(wv.T @ m[0])
+            sumw2.append((wf[:, 1:] * wv).T @ m[0])
+        out[reg.name] = (jnp.concatenate(sumw), jnp.concatenate(sumw2))
     return out
 
 

@@ -9,7 +9,8 @@ Shapes are bucketed so that a handful of programs compile for any chunking:
 
 * objects: an event goes to the smallest jet bucket (4, 6, 8, 12, 16, 24, 32, ...) that holds all
   its jets, so nothing is ever truncated and a rare 20-jet event does not make every event pay
-  for C(32, 3) trijets; lepton slots are a power of two per bucket;
+  for C(32, 3) trijets; electrons and muons share one lepton collection (they share the
+  ``lepton_pt_min`` cut; ``lepton_is_muon`` tells them apart) whose width is a power of two;
 * events: the event count of each bucket is padded (zero weight, masked) to a size of the
   form 2^k or 3 x 2^(k-1), a whole number of processing blocks.
 
@@ -94,13 +95,14 @@ class EventBatch:
     Padded objects have mask False and zero values; padded events have weight 0.
     """
 
-    electron_pt: np.ndarray  # [N, Le]
-    electron_mask: np.ndarray
-    muon_pt: np.ndarray  # [N, Lm]
-    muon_mask: np.ndarray
+    lepton_pt: np.ndarray  # [N, L]: electrons then muons (both pass the fixed ID cuts)
+    lepton_mask: np.ndarray
+    lepton_is_muon: np.ndarray
     jet_pt: np.ndarray  # [N, V, K]
     jet_eta: np.ndarray  # [N, K]
-    jet_phi: np.ndarray
+    jet_cos_phi: np.ndarray  # direction and mass terms of the four-vectors (parameter-free)
+    jet_sin_phi: np.ndarray
+    jet_sinh_eta: np.ndarray
     jet_mass: np.ndarray
     jet_btag: np.ndarray
     jet_mask: np.ndarray
@@ -185,6 +187,8 @@ def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilt
     j_ok = columns["jet_id"] == c["jet_id_value"]
     electrons = columns["electron_pt"][e_ok]
     muons = columns["muon_pt"][m_ok]
+    leptons = ak.concatenate([electrons, muons], axis=1)
+    is_muon = ak.concatenate([ak.zeros_like(electrons, dtype=bool), ak.ones_like(muons, dtype=bool)], axis=1)
     kin = {k: v[j_ok] for k, v in kinematic_jet_pt(columns, spec).items()}
     jets = {name: columns[f"jet_{name}"][j_ok] for name in ("eta", "phi", "mass", "btag")}
     weight = event_weights(columns, spec)
@@ -210,23 +214,23 @@ def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilt
             out[:n] = _pad(arr[sel], width, fill, dt)
             return out
 
-        le = max(1, 1 << int(max(n_e[sel].max(initial=0), 1) - 1).bit_length())
-        lm = max(1, 1 << int(max(n_m[sel].max(initial=0), 1) - 1).bit_length())
-        e_pt = dense(electrons, le)
-        m_pt = dense(muons, lm)
-        e_mask = np.arange(le)[None, :] < np.concatenate([n_e[sel], np.zeros(n_pad - n, np.int64)])[:, None]
-        m_mask = np.arange(lm)[None, :] < np.concatenate([n_m[sel], np.zeros(n_pad - n, np.int64)])[:, None]
+        nl = n_e[sel] + n_m[sel]
+        width = 1 << int(max(nl.max(initial=0), 1) - 1).bit_length()  # 1, 2, 4, 8, ...
+        l_pt = dense(leptons, width)
+        l_mu = dense(is_muon, width, False, bool)
+        l_mask = np.arange(width)[None, :] < np.concatenate([nl, np.zeros(n_pad - n, np.int64)])[:, None]
         nj = np.concatenate([n_j[sel], np.zeros(n_pad - n, np.int64)])
         j_mask = np.arange(k)[None, :] < nj[:, None]
         jet_pt = np.stack([dense(v, k) for v in kin.values()], axis=1)
+        eta, phi = dense(jets["eta"], k), dense(jets["phi"], k)
         w = np.zeros(n_pad, dtype=dtype)
         w[:n] = weight[sel]
         ev = np.zeros(n_pad, dtype=bool)
         ev[:n] = True
         parts.append(EventBatch(
-            electron_pt=e_pt, electron_mask=e_mask, muon_pt=m_pt, muon_mask=m_mask,
-            jet_pt=jet_pt, jet_eta=dense(jets["eta"], k), jet_phi=dense(jets["phi"], k),
-            jet_mass=dense(jets["mass"], k), jet_btag=dense(jets["btag"], k), jet_mask=j_mask,
+            lepton_pt=l_pt, lepton_mask=l_mask, lepton_is_muon=l_mu,
+            jet_pt=jet_pt, jet_eta=eta, jet_cos_phi=np.cos(phi), jet_sin_phi=np.sin(phi),
+            jet_sinh_eta=np.sinh(eta), jet_mass=dense(jets["mass"], k), jet_btag=dense(jets["btag"], k), jet_mask=j_mask,
             weight=w, event_mask=ev, kinematic=tuple(kin), weight_variations=nominal_file, block_size=block))
     return ChunkBatches(sample=columns.chunk.sample, variation=columns.chunk.variation,
                         n_events=len(columns), parts=tuple(parts))

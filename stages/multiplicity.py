@@ -23,6 +23,9 @@ import jax.numpy as jnp
 
 jax.config.update("jax_enable_x64", True)
 
+#: Objects up to this many are processed by an unrolled loop, more by a ``lax.scan``.
+UNROLL_MAX = 4
+
 
 def _shift_absorbing(s, axis: int):
     """Move probability one count up along ``axis``; the last state keeps what it had (absorbing)."""
@@ -36,10 +39,24 @@ def count_distribution(p, cap: int):
     """P(count = 0 .. cap-1) and P(count >= cap) of independent passes ``p`` [..., K] -> [..., cap + 1]."""
     p = jnp.asarray(p)
     state = jnp.zeros(p.shape[:-1] + (cap + 1,), p.dtype).at[..., 0].set(1.0)
-    for j in range(p.shape[-1]):  # K is small and static: unrolled, fused elementwise updates
-        pj = p[..., j, None]
-        state = state * (1.0 - pj) + _shift_absorbing(state, -1) * pj
-    return state
+
+    def step(state, pj):
+        pj = pj[..., None]
+        return state * (1.0 - pj) + _shift_absorbing(state, -1) * pj, None
+
+    return _over_objects(step, state, p)
+
+
+def _over_objects(step, init, *per_object):
+    """Run ``step(carry, *object_j)`` over the last axis of the per-object arrays (scan if long)."""
+    k = per_object[0].shape[-1]
+    if k <= UNROLL_MAX:  # a few objects: unrolled, fused elementwise updates
+        carry = init
+        for j in range(k):
+            carry, _ = step(carry, *(a[..., j] for a in per_object))
+        return carry
+    carry, _ = jax.lax.scan(lambda c, xs: step(c, *xs), init, tuple(jnp.moveaxis(a, -1, 0) for a in per_object))
+    return carry
 
 
 def prob_exactly(p, k: int):
@@ -64,12 +81,13 @@ def jet_tag_distribution(p_sel, q_tag, jet_cap: int, tag_cap: int = 2):
     p_sel, q_tag = jnp.asarray(p_sel), jnp.asarray(q_tag)
     shape = p_sel.shape[:-1] + (jet_cap + 1, tag_cap + 1)
     state = jnp.zeros(shape, p_sel.dtype).at[..., 0, 0].set(1.0)
-    for j in range(p_sel.shape[-1]):
-        p = p_sel[..., j, None, None]
-        q = q_tag[..., j, None, None]
+
+    def step(state, p, q):
+        p, q = p[..., None, None], q[..., None, None]
         moved = _shift_absorbing(state, -2)  # one more selected jet
-        state = state * (1.0 - p) + moved * (p * (1.0 - q)) + _shift_absorbing(moved, -1) * (p * q)
-    return state
+        return state * (1.0 - p) + moved * (p * (1.0 - q)) + _shift_absorbing(moved, -1) * (p * q), None
+
+    return _over_objects(step, state, p_sel, q_tag)
 
 
 def jet_region_probs(p_sel, q_tag, min_jets: int):
@@ -88,8 +106,11 @@ def nth_selected_value(values, p_sel, n: int):
     values, p_sel = jnp.asarray(values), jnp.asarray(p_sel)
     prefix = jnp.zeros(p_sel.shape[:-1] + (n + 1,), p_sel.dtype).at[..., 0].set(1.0)
     out = jnp.zeros(p_sel.shape[:-1] + (n,), values.dtype)
-    for j in range(p_sel.shape[-1]):
-        pj = p_sel[..., j, None]
-        out = out + (values[..., j, None] * pj) * prefix[..., :n]
-        prefix = prefix * (1.0 - pj) + _shift_absorbing(prefix, -1) * pj
-    return out
+
+    def step(carry, vj, pj):
+        out, prefix = carry
+        pj = pj[..., None]
+        out = out + (vj[..., None] * pj) * prefix[..., :n]
+        return (out, prefix * (1.0 - pj) + _shift_absorbing(prefix, -1) * pj), None
+
+    return _over_objects(step, (out, prefix), values, p_sel)[0]

@@ -40,27 +40,30 @@ def soft_ht(pt, p_sel):
     return jnp.sum(pt * p_sel, axis=-1)
 
 
-def jet_p4(pt, eta, phi, mass):
-    """(px, py, pz, E) of jets given (pt, eta, phi, mass)."""
-    px = pt * jnp.cos(phi)
-    py = pt * jnp.sin(phi)
-    pz = pt * jnp.sinh(eta)
-    e = jnp.sqrt(px * px + py * py + pz * pz + mass * mass)
-    return px, py, pz, e
+def jet_p4(pt, cos_phi, sin_phi, sinh_eta, mass):
+    """(px, py, pz, E) of jets from pT and the parameter-free direction terms."""
+    pz = pt * sinh_eta
+    e = jnp.sqrt(pt * pt * (1.0 + sinh_eta * sinh_eta) + mass * mass)
+    return pt * cos_phi, pt * sin_phi, pz, e
 
 
-def trijet_kinematics(pt, eta, phi, mass):
+@lru_cache(maxsize=None)
+def trijet_matrix(n_jets: int) -> np.ndarray:
+    """[K, T] 0/1 matrix: column t sums the three jets of trijet t (a matmul instead of a gather)."""
+    idx = trijet_indices(n_jets)
+    out = np.zeros((n_jets, len(idx)))
+    out[idx, np.arange(len(idx))[:, None]] = 1.0
+    return out
+
+
+def trijet_kinematics(pt, cos_phi, sin_phi, sinh_eta, mass):
     """Trijet pT and mass of every trijet: [..., K] -> ([..., T], [..., T])."""
-    idx = trijet_indices(pt.shape[-1])
-    px, py, pz, e = jet_p4(pt, eta, phi, mass)
-
-    def tri(v):
-        return v[..., idx[:, 0]] + v[..., idx[:, 1]] + v[..., idx[:, 2]]
-
-    tpx, tpy, tpz, te = tri(px), tri(py), tri(pz), tri(e)
-    tpt = jnp.sqrt(tpx * tpx + tpy * tpy)
-    m2 = te * te - tpx * tpx - tpy * tpy - tpz * tpz
-    return tpt, jnp.sqrt(jnp.maximum(m2, 0.0))
+    s = jnp.asarray(trijet_matrix(pt.shape[-1]), pt.dtype)
+    four = jnp.stack(jet_p4(pt, cos_phi, sin_phi, sinh_eta, mass), axis=0)  # [4, ..., K]
+    tpx, tpy, tpz, te = four @ s  # the four-vector sums of all trijets (a BLAS matmul)
+    tpt2 = tpx * tpx + tpy * tpy
+    m2 = te * te - tpt2 - tpz * tpz
+    return jnp.sqrt(tpt2), jnp.sqrt(jnp.maximum(m2, 0.0))
 
 
 def trijet_weights(p_sel, q_tag):
@@ -95,9 +98,9 @@ def soft_argmax_weights(score, weight, temperature):
     return jnp.where(is_soft, soft, hard.astype(score.dtype))
 
 
-def soft_mbjj(pt, eta, phi, mass, p_sel, q_tag, temperature):
+def soft_mbjj(pt, cos_phi, sin_phi, sinh_eta, mass, p_sel, q_tag, temperature):
     """Soft m_bjj per event: [..., K] jets -> [...] (0 where no trijet has weight > 0)."""
-    tpt, tmass = trijet_kinematics(pt, eta, phi, mass)
+    tpt, tmass = trijet_kinematics(pt, cos_phi, sin_phi, sinh_eta, mass)
     w = trijet_weights(p_sel, q_tag)
     choice = soft_argmax_weights(tpt, w, temperature)
     return jnp.sum(choice * tmass, axis=-1)

@@ -59,13 +59,29 @@ def test_workspace_is_valid_and_loads_in_pyhf_and_cabinetry():
 
 
 def test_pyhf_reproduces_the_fit():
+    """result.json's numbers are pyhf's: its numpy fit, and the exact Fisher information."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
     spec = load_spec()
     ws_spec = build_workspace(spec, random_histograms(spec))
-    result = evaluate_workspace(ws_spec, significance=False)
+    result = evaluate_workspace(ws_spec)
     with numpy_backend():
         model = pyhf.Workspace(ws_spec).model()
         data = pyhf.Workspace(ws_spec).data(model)
-        bestfit, unc = pyhf.infer.mle.fit(data, model, return_uncertainties=True).T
-    assert result["ttbar_norm"]["value"] == pytest.approx(bestfit[model.config.poi_index], abs=1e-3)
-    assert result["ttbar_norm"]["uncertainty"] == pytest.approx(unc[model.config.poi_index], rel=1e-2)
-    assert 0 < result["expected"]["sigma_mu"] < 1
+        bestfit = pyhf.infer.mle.fit(data, model)
+    assert result["ttbar_norm"]["value"] == pytest.approx(bestfit[model.config.poi_index], abs=1e-6)
+    # The expected uncertainty is the Fisher information at the Asimov point (autodiff, jax backend).
+    previous = pyhf.get_backend()
+    pyhf.set_backend("jax")
+    try:
+        jmodel = pyhf.Workspace(ws_spec).model()
+        init = jax.numpy.asarray(jmodel.config.suggested_init())
+        asimov = jmodel.expected_data(init)
+        hess = jax.hessian(lambda p: -jmodel.logpdf(p, asimov)[0])(init)
+    finally:
+        pyhf.set_backend(*previous)
+    fisher_sigma = float(np.sqrt(np.linalg.inv(np.asarray(hess))[model.config.poi_index, model.config.poi_index]))
+    assert result["expected"]["sigma_mu"] == pytest.approx(fisher_sigma, rel=1e-3)
+    assert 0 < result["ttbar_norm"]["uncertainty"] < 1
+    assert result["ttbar_norm"]["converged"] is True
