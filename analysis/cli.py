@@ -16,6 +16,9 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
                    help="override a parameter or config entry, e.g. jet_pt_min=25 or branches.jet_btag=Jet_btagDeepFlavB")
     p.add_argument("--events", type=int, default=None,
                    help="events of the embedded synthetic samples (default 1,000,000)")
+    p.add_argument("--on-bad-file", choices=("fail", "skip"), default="fail",
+                   help="a missing or unreadable input file stops the run (fail, default) or is skipped and"
+                        " recorded in result.json (skip; nothing is re-weighted)")
 
 
 def _spec_from_args(args):
@@ -47,10 +50,12 @@ def cmd_evaluate(args) -> int:
     if args.params:
         spec = spec.with_params(load_params_file(args.params))
     fileset = _fileset_from_args(args, "validate")
-    evaluation = hard_evaluation(spec, fileset, progress=not args.quiet)
+    evaluation = hard_evaluation(spec, fileset, progress=not args.quiet, on_bad_file=args.on_bad_file)
     paths = write_evaluation(args.out, evaluation, extra={"fileset": fileset.source, "config": spec.source})
     print(f"jacana evaluate: {spec.name} on {fileset.source}")
     print(format_summary(spec, evaluation["result"]))
+    for skipped in evaluation["result"]["inputs"]["skipped_files"]:
+        print(f"  WARNING: skipped {skipped['path']}: {skipped['error']}")
     print(f"jacana: results in {Path(args.out).resolve()} ({', '.join(p.name for p in paths.values())})")
     return 0
 

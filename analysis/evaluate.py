@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from jacana.facility.atomic import write_json
-from jacana.facility.hardrun import DEFAULT_CHUNK_SIZE, ColumnStore, analysis_chunks, hard_histograms
+from jacana.facility.hardrun import DEFAULT_CHUNK_SIZE, ColumnStore, InputReport, analysis_chunks, hard_histograms
 from jacana.stages.errors import ConfigError
 from jacana.stages.fileset import Fileset
 from jacana.stages.inference import evaluate_workspace
@@ -43,12 +43,15 @@ def compositions(spec: AnalysisSpec, hists: Mapping) -> dict[str, dict[str, floa
 
 
 def hard_evaluation(spec: AnalysisSpec, fileset: Fileset, store: ColumnStore | None = None,
-                    chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = False, significance: bool = False) -> dict:
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = False, significance: bool = False,
+                    on_bad_file: str = "fail") -> dict:
     """Histograms, workspace and pyhf result of the hard analysis (nothing written)."""
-    hists = hard_histograms(spec, analysis_chunks(spec, fileset, chunk_size), store=store, progress=progress)
+    report = InputReport(on_bad_file)
+    hists = hard_histograms(spec, analysis_chunks(spec, fileset, chunk_size), store=store, progress=progress,
+                            report=report)
     workspace = build_workspace(spec, hists)
     fit = evaluate_workspace(workspace, significance=significance)
-    result = {**fit, "params": spec.param_values(), "regions": compositions(spec, hists)}
+    result = {**fit, "params": spec.param_values(), "regions": compositions(spec, hists), "inputs": report.to_dict()}
     return {"histograms": hists, "workspace": workspace, "result": result}
 
 

@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 from tqdm.auto import tqdm
 
 from jacana.stages.columns import Columns, read_chunk
-from jacana.stages.errors import FilesetError
+from jacana.stages.errors import ConfigError, FilesetError, InputFileError
 from jacana.stages.fileset import Chunk, Fileset
 from jacana.stages.reference import add_histograms, fill_histograms, to_arrays
 from jacana.stages.spec import AnalysisSpec
@@ -49,17 +49,70 @@ class ColumnStore:
         return spec.branches == self.branches and spec.systematics == self._spec.systematics
 
 
+BAD_FILE_POLICIES = ("fail", "skip")
+
+
+class InputReport:
+    """What went wrong with the inputs and was handled: skipped files, masked non-finite values.
+
+    ``skip`` never corrects anything: a skipped file's events are simply missing from its
+    sample (weights keep the fileset's ``nevts_total``), and the report says so.
+    """
+
+    def __init__(self, policy: str = "fail"):
+        if policy not in BAD_FILE_POLICIES:
+            raise ConfigError(f"on_bad_file must be one of {BAD_FILE_POLICIES}, got {policy!r}")
+        self.policy = policy
+        self.skipped: dict[str, dict] = {}
+        self.nonfinite: dict[str, int] = {}
+
+    def should_skip(self, chunk: Chunk) -> bool:
+        return chunk.path in self.skipped
+
+    def file_failed(self, chunk: Chunk, error: InputFileError) -> None:
+        if self.policy == "fail":
+            raise error
+        self.skipped[chunk.path] = {"path": chunk.path, "sample": chunk.sample, "variation": chunk.variation,
+                                    "error": str(error)}
+
+    def columns_read(self, columns: Columns) -> None:
+        for branch, n in columns.nonfinite.items():
+            self.nonfinite[branch] = self.nonfinite.get(branch, 0) + n
+
+    def to_dict(self) -> dict:
+        return {"on_bad_file": self.policy, "skipped_files": list(self.skipped.values()),
+                "nonfinite_values_masked": dict(self.nonfinite)}
+
+
 def hard_histograms(spec: AnalysisSpec, chunks: Iterable[Chunk], store: ColumnStore | None = None,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, report: InputReport | None = None) -> dict:
     """Hard-mode histograms ``{region: {sample: {variation: {"edges", "sumw", "sumw2"}}}}``."""
     if store is None or not store.compatible(spec):
         store = ColumnStore(spec)
+    report = report or InputReport()
     chunks = list(chunks)
     per_sample: dict[str, dict] = {}
     for chunk in tqdm(chunks, desc="hard analysis", unit="chunk", disable=not progress):
-        add_histograms(per_sample.setdefault(chunk.sample, {}), fill_histograms(store.get(chunk), spec))
+        if report.should_skip(chunk):
+            continue
+        try:
+            columns = store.get(chunk)
+        except InputFileError as exc:
+            report.file_failed(chunk, exc)
+            continue
+        report.columns_read(columns)
+        add_histograms(per_sample.setdefault(chunk.sample, {}), fill_histograms(columns, spec))
+    missing = [s for s in spec.samples if s not in per_sample]
+    if missing:
+        raise FilesetError(f"no readable file left for samples {missing}; skipped: "
+                           + "; ".join(v["error"] for v in report.skipped.values()))
     out: dict = {r: {} for r in spec.regions}
     for sample, by_region in per_sample.items():
         for region, by_var in by_region.items():
             out[region][sample] = {v: to_arrays(h) for v, h in by_var.items()}
+    for region in out:  # a variation whose every file was skipped is an error, not a zero
+        for sample in spec.samples:
+            absent = [v for v in spec.histogram_variations(sample) if v not in out[region][sample]]
+            if absent:
+                raise FilesetError(f"no readable file left for {sample} variations {absent}")
     return out

@@ -162,7 +162,8 @@ def _block_yields(p, r, edges, b: EventBatch, config: SoftConfig):
         return masses, sel, p_sel
 
     # kinematic variations share one program: vmapped over the variation axis of jet_pt
-    masses, sel, p_sel = jax.vmap(per_kinematic, in_axes=1, out_axes=0)(b.jet_pt)  # [V, B, ...]
+    per_v = [per_kinematic(b.jet_pt[:, v, :]) for v in range(b.jet_pt.shape[1])]
+    masses, sel, p_sel = jax.tree.map(lambda *xs: jnp.stack(xs), *per_v)  # [V, B, ...]
     factors = [jnp.ones_like(b.weight)]
     if b.weight_variations:
         for bt in config.btag:  # expected pT of the i-th selected nominal jet

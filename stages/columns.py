@@ -34,6 +34,7 @@ class Columns:
     chunk: Chunk
     arrays: dict[str, ak.Array]
     jer_factor: ak.Array  # per-jet pT smearing factor of the JER variation (1 where none)
+    nonfinite: dict[str, int] = dataclasses.field(default_factory=dict)  # branch -> NaN/inf values masked
 
     def __getitem__(self, name: str) -> ak.Array:
         return self.arrays[name]
@@ -131,10 +132,62 @@ def read_chunk(chunk: Chunk, spec: AnalysisSpec) -> Columns:
         raise InputFileError(chunk.path, f"cannot read entries {chunk.entry_start}-{chunk.entry_stop}"
                              f" ({type(exc).__name__}: {exc}); the file may be truncated or corrupt") from None
     arrays = {logical: _check_type(chunk.path, logical, branch, raw[branch]) for logical, branch in branch_of.items()}
+    _check_multiplicities(chunk.path, arrays, branch_of)
+    arrays, nonfinite = _mask_nonfinite(arrays, branch_of)
     counts = ak.to_numpy(ak.num(arrays["jet_pt"], axis=1))
     jer = [s for s in spec.systematics if s.kind == "jet_pt_smear"]
     if jer:
         flat = jer_factors(chunk.path, chunk.entry_start, counts, float(jer[0].options["sigma"]), int(jer[0].options["seed"]))
     else:
         flat = np.ones(int(counts.sum()))
-    return Columns(chunk=chunk, arrays=arrays, jer_factor=ak.unflatten(flat, counts))
+    return Columns(chunk=chunk, arrays=arrays, jer_factor=ak.unflatten(flat, counts), nonfinite=nonfinite)
+
+
+def _check_multiplicities(path: str, arrays: dict[str, ak.Array], branch_of: dict[str, str]) -> None:
+    for coll in COLLECTIONS:
+        names = [n for n in arrays if n.startswith(coll + "_")]
+        ref = ak.num(arrays[names[0]], axis=1)
+        for n in names[1:]:
+            if not ak.all(ak.num(arrays[n], axis=1) == ref):
+                raise InputFileError(path, f"branches {branch_of[names[0]]!r} and {branch_of[n]!r} have different"
+                                     " object counts per event (they must belong to one collection)")
+
+
+#: What a masked (non-finite) object becomes: it fails every cut, and has no b-tag value.
+_MASKED_VALUE = {"pt": 0.0, "btag": -10.0}
+
+
+def _mask_nonfinite(arrays: dict[str, ak.Array], branch_of: dict[str, str]) -> tuple[dict[str, ak.Array], dict[str, int]]:
+    """Neutralise NaN/inf values: the object fails every cut, the event weight becomes 0.
+
+    Counted per branch and reported, never silently propagated (a NaN would poison every
+    sum and every gradient it touches).
+    """
+    counts: dict[str, int] = {}
+    out = dict(arrays)
+    for coll in COLLECTIONS:
+        names = [n for n in arrays if n.startswith(coll + "_")]
+        bad = None
+        for n in names:
+            flat = ak.flatten(arrays[n])
+            if not np.issubdtype(np.asarray(flat).dtype, np.floating):
+                continue
+            mask = ~np.isfinite(ak.to_numpy(flat))
+            if mask.any():
+                counts[branch_of[n]] = int(mask.sum())
+                m = ak.unflatten(mask, ak.num(arrays[n], axis=1))
+                bad = m if bad is None else (bad | m)
+        if bad is not None:
+            flat_bad = ak.to_numpy(ak.flatten(bad))
+            for n in names:
+                flat = ak.to_numpy(ak.flatten(arrays[n]))
+                value = _MASKED_VALUE.get(n[len(coll) + 1:], 0)
+                out[n] = ak.unflatten(np.where(flat_bad, np.asarray(value).astype(flat.dtype), flat),
+                                      ak.num(arrays[n], axis=1))
+    gw = ak.to_numpy(arrays["gen_weight"])
+    if np.issubdtype(gw.dtype, np.floating):
+        bad = ~np.isfinite(gw)
+        if bad.any():
+            counts[branch_of["gen_weight"]] = int(bad.sum())
+            out["gen_weight"] = ak.Array(np.where(bad, 0.0, gw).astype(gw.dtype))
+    return out, counts

@@ -79,6 +79,7 @@ import contextlib
 import copy
 import threading
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import jax
@@ -627,6 +628,7 @@ class TracedModel:
                 pieces.append(jnp.asarray(cfg.param_set(name).factors, dtype=jnp.float64))
         return jnp.reshape(jnp.concatenate(pieces), (1, -1)) if pieces else None
 
+    @partial(jax.jit, static_argnums=0)
     def auxdata(self, yields) -> jnp.ndarray:
         """The auxiliary data of the model for these yields (pyhf's ``config.auxdata``)."""
         y = self.check_yields(yields)
@@ -696,6 +698,10 @@ class TracedModel:
             return BoundModel(self, self._shadow(y), self._auxdata(y))
 
     # ------------------------------------------------------------------ evaluation
+    # Public evaluators are jitted with the model static: an eager call compiles
+    # once per input shape and then never re-enters pyhf; inside an outer
+    # jit/grad/vmap they are simply inlined.
+    @partial(jax.jit, static_argnums=0)
     def logpdf(self, pars, data, yields):
         """pyhf's ``Model.logpdf(pars, data)`` for these yields, as a scalar."""
         return self.bind(yields).logpdf(pars, data)
@@ -704,17 +710,19 @@ class TracedModel:
         """``-logpdf`` (pyhf's fits minimise twice this)."""
         return -self.logpdf(pars, data, yields)
 
+    @partial(jax.jit, static_argnums=(0, 3))
     def expected_data(self, pars, yields, include_auxdata: bool = True):
         """pyhf's ``Model.expected_data(pars, include_auxdata)`` for these yields."""
         return self.bind(yields).expected_data(pars, include_auxdata=include_auxdata)
 
     def expected_actualdata(self, pars, yields):
-        return self.expected_data(pars, yields, include_auxdata=False)
+        return self.expected_data(pars, yields, False)
 
     def poi_pars(self, poi_value=1.0):
         """The suggested init parameters with the POI set to ``poi_value`` (jnp)."""
         return jnp.asarray(self._init).at[self.poi_index].set(poi_value)
 
+    @partial(jax.jit, static_argnums=0)
     def asimov_data(self, yields, poi_value=1.0):
         """Asimov data: expected main data at POI=``poi_value``, nuisances at their
         suggested init values, followed by the auxdata of these yields (the
@@ -722,13 +730,14 @@ class TracedModel:
         return self.bind(yields).asimov_data(poi_value)
 
     # ------------------------------------------------------------------ interop
-    def workspace(self, yields, measurement_name: str | None = None) -> dict:
+    def workspace(self, yields, measurement_name: str | None = None, observations=None) -> dict:
         """A JSON workspace spec for concrete ``yields`` (loads in pyhf and cabinetry).
 
         Yields are written as given (not floored). The measurement is the
         template model's parameter configuration under ``measurement_name``
-        (default "measurement"); the observations are the Asimov data at POI=1
-        of these yields (replace ``spec["observations"]`` to write real data).
+        (default "measurement"); ``observations`` (channel -> counts, or the
+        main-data vector in model order) default to the Asimov data at POI=1
+        of these yields, computed host-side with numpy pyhf.
         """
         y = self.check_yields(yields)
         y = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=float), y)
@@ -754,11 +763,31 @@ class TracedModel:
                     mods.append(mm)
                 samples.append({"name": s["name"], "data": ys["data"].tolist(), "modifiers": mods})
             channels.append({"name": ch["name"], "samples": samples})
-        asimov = np.asarray(self.asimov_data(yields, 1.0))
-        observations = []
-        for c in [ch["name"] for ch in channels]:
-            o = self._offsets[c]
-            observations.append({"name": c, "data": asimov[o : o + self._nbins[c]].tolist()})
+        if observations is None:
+            # Asimov at POI=1, host-side with numpy pyhf (no JAX needed in hard mode)
+            model = pyhf.Model(
+                {"channels": channels, "parameters": self._model.spec.get("parameters", [])},
+                poi_name=self.poi_name,
+                modifier_settings=self._model.config.modifier_settings,
+                validate=False,
+            )
+            init = np.asarray(model.config.suggested_init(), dtype=float)
+            init[model.config.poi_index] = 1.0
+            main = pyhf.default_backend.tolist(_numpy_expected_actualdata(model, init))
+            observations = {}
+            for c in self._channels:
+                o = self._offsets[c]
+                observations[c] = main[o : o + self._nbins[c]]
+        elif not isinstance(observations, Mapping):
+            obs = np.asarray(observations, dtype=float)
+            observations = {
+                c: obs[self._offsets[c] : self._offsets[c] + self._nbins[c]].tolist()
+                for c in self._channels
+            }
+        observations = [
+            {"name": ch["name"], "data": [float(v) for v in observations[ch["name"]]]}
+            for ch in channels
+        ]
         return {
             "channels": channels,
             "observations": observations,
@@ -773,6 +802,19 @@ class TracedModel:
             ],
             "version": "1.0.0",
         }
+
+
+def _numpy_expected_actualdata(model, pars):
+    """``model.expected_actualdata`` on pyhf's numpy backend, whatever the current one."""
+    with _BACKEND_LOCK:
+        current = get_backend()
+        if current[0].name == "numpy":
+            return np.asarray(model.expected_actualdata(pars))
+        try:
+            pyhf.set_backend("numpy", current[1])
+            return np.asarray(model.expected_actualdata(pars))
+        finally:
+            pyhf.set_backend(current[0], current[1])
 
 
 class BoundModel:
@@ -801,6 +843,18 @@ class BoundModel:
             pars = jnp.asarray(pars, dtype=jnp.float64)
             return self.pyhf_model.expected_data(pars, include_auxdata=include_auxdata)
 
+    def expected_actualdata(self, pars):
+        return self.expected_data(pars, include_auxdata=False)
+
+    def constraint_nll(self, pars):
+        """Minus the log of the constraint terms at ``pars`` for this model's auxdata."""
+        cons = self.pyhf_model.constraint_model
+        if not cons.has_pdf():
+            return jnp.zeros(())
+        with pyhf_jax_backend():
+            pars = jnp.asarray(pars, dtype=jnp.float64)
+            return -cons.logpdf(self.auxdata, pars)
+
     def asimov_data(self, poi_value=1.0):
-        main = self.expected_data(self.traced.poi_pars(poi_value), include_auxdata=False)
+        main = self.expected_actualdata(self.traced.poi_pars(poi_value))
         return jnp.concatenate([main, self.auxdata])

@@ -98,8 +98,8 @@ def _indices(model: TracedModel, include_poi: bool) -> np.ndarray:
     return np.flatnonzero(free)
 
 
-def _hessian(bound, data, poi_value, idx):
-    """Hessian of the NLL of ``bound`` in parameters ``idx`` at init with POI=poi_value."""
+def _nll_hessian(bound, data, poi_value, idx):
+    """Hessian of the NLL (pyhf's full logpdf) in parameters ``idx`` at init with POI=poi_value."""
     p0 = bound.traced.poi_pars(poi_value)
 
     def f(q):
@@ -108,16 +108,42 @@ def _hessian(bound, data, poi_value, idx):
     return jax.hessian(f)(p0[idx])
 
 
-def fisher(model: TracedModel, yields, poi_value=1.0, include_poi: bool = True):
+def _asimov_fisher(bound, poi_value, idx):
+    """The NLL Hessian at the Asimov(POI=poi_value) point, computed as the Fisher information.
+
+    At that point every main bin has ``n = lambda``, so the Poisson part of the
+    Hessian is exactly ``J^T diag(1/lambda) J`` (``J = d lambda / d pars``, one
+    forward-mode pass per parameter) and the constraint part is the Hessian of
+    pyhf's constraint term. Identical to :func:`_nll_hessian` on Asimov data,
+    with a much smaller graph (second rather than third derivatives under grad).
+    """
+    p0 = bound.traced.poi_pars(poi_value)
+
+    def lam(q):
+        return bound.expected_actualdata(p0.at[idx].set(q))
+
+    q0 = p0[idx]
+    J = jax.jacfwd(lam)(q0)
+    lam0 = lam(q0)
+    Hc = jax.hessian(lambda q: bound.constraint_nll(p0.at[idx].set(q)))(q0)
+    return (J.T / lam0[None, :]) @ J + Hc
+
+
+def fisher(
+    model: TracedModel, yields, poi_value=1.0, include_poi: bool = True, exact_hessian: bool = False
+):
     """Hessian of the NLL at the Asimov(POI=``poi_value``) point in the free parameters.
 
-    On Asimov data generated at that point it equals the Fisher information.
-    Returns ``(H, free_indices)``.
+    On Asimov data generated at that point it equals the Fisher information;
+    ``exact_hessian=True`` differentiates pyhf's full logpdf twice instead
+    (same value, bigger graph). Returns ``(H, free_indices)``.
     """
     with pyhf_jax_backend():
         idx = _indices(model, include_poi)
         bound = model.bind(yields)
-        return _hessian(bound, bound.asimov_data(poi_value), poi_value, idx), idx
+        if exact_hessian:
+            return _nll_hessian(bound, bound.asimov_data(poi_value), poi_value, idx), idx
+        return _asimov_fisher(bound, poi_value, idx), idx
 
 
 def _sigma_from_hessian(H, idx, poi_index):
@@ -134,10 +160,10 @@ def sigma_mu(model: TracedModel, yields, poi_value=1.0):
 
 
 # ----------------------------------------------------------------------------- fits
-def _whitening(bound_sg, data_sg, poi_value, idx):
-    """Whitening matrix ``W = L^-T`` (``H = L L^T``: nuisance block of the NLL Hessian
-    at init with POI=poi_value) and the penalty curvature ``diag(H)``; constants."""
-    H = jax.lax.stop_gradient(_hessian(bound_sg, data_sg, poi_value, idx))
+def _whitening(bound_sg, poi_value, idx):
+    """Whitening matrix ``W = L^-T`` (``H = L L^T``: nuisance block of the Fisher
+    matrix at Asimov(POI=poi_value)) and the penalty curvature ``diag(H)``; constants."""
+    H = jax.lax.stop_gradient(_asimov_fisher(bound_sg, poi_value, idx))
     n = H.shape[0]
     d = jnp.sqrt(jnp.clip(jnp.diag(H), 1e-12))
     Hn = H / d[:, None] / d[None, :] + 1e-10 * jnp.eye(n)  # unit diagonal, then factor
@@ -198,7 +224,7 @@ def _profile(model, bound, bound_sg, data, poi_value, whitening_poi=None, whiten
     data_sg = sg(data)
     if whitening is None:
         wp = poi_value if whitening_poi is None else whitening_poi
-        whitening = _whitening(bound_sg, data_sg, sg(wp), _indices(model, False))
+        whitening = _whitening(bound_sg, sg(wp), _indices(model, False))
     pars_hat = _fit_nuisances(model, bound_sg, data_sg, poi_value, whitening)
     pars_hat = pars_hat.at[model.poi_index].set(poi_value)  # differentiable POI
     return bound.nll(pars_hat, data), pars_hat
@@ -270,11 +296,10 @@ def upper_limit(model: TracedModel, yields, cl: float = 0.95):
     sg = jax.lax.stop_gradient
     with pyhf_jax_backend():
         bound_sg = model.bind(sg(yields))
-        data_sg = bound_sg.asimov_data(0.0)
         idx_all = _indices(model, include_poi=True)
-        H = _hessian(bound_sg, data_sg, 0.0, idx_all)
+        H = _asimov_fisher(bound_sg, 0.0, idx_all)
         mu_start = target * _sigma_from_hessian(H, idx_all, model.poi_index)
-        whitening = _whitening(bound_sg, data_sg, 0.0, _indices(model, include_poi=False))
+        whitening = _whitening(bound_sg, 0.0, _indices(model, include_poi=False))
 
         def fn(mu, args):
             yields_, wh = args
