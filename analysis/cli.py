@@ -60,6 +60,42 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_optimize(args) -> int:
+    from jacana.analysis.optimize import OptimizeSettings, run_optimize
+    from jacana.facility.datasets import DEFAULT_EVENTS, default_fileset
+    from jacana.stages.fileset import load_fileset
+
+    spec = _spec_from_args(args)
+    if args.fileset:
+        train = load_fileset(args.fileset)
+        if args.validation_fileset:
+            validation = load_fileset(args.validation_fileset)
+        else:
+            train, validation = train.split_alternate()
+    else:
+        events = args.events or DEFAULT_EVENTS
+        train = load_fileset(default_fileset("optimize", events=events, progress=not args.quiet))
+        validation = load_fileset(args.validation_fileset or default_fileset("validate", events=events,
+                                                                              progress=not args.quiet))
+    settings = OptimizeSettings(steps=args.steps, objective=args.objective)
+    result = run_optimize(spec, train, validation, args.out, settings, resume=args.resume,
+                          progress=not args.quiet, on_bad_file=args.on_bad_file, plots=not args.no_plots)
+    out = Path(args.out).resolve()
+    v = result["validation"]
+    b, a = v["before"]["expected"]["sigma_mu"], v["after"]["expected"]["sigma_mu"]
+    print(f"jacana optimize: {result['objective']} over {len(result['history'])} steps ({result['stopped']}),"
+          f" {result['seconds']:.0f} s")
+    print("  parameters: " + ", ".join(f"{k} {result['initial_params'][k]:.4g} -> {v_:.4g}"
+                                       for k, v_ in result["final_params"].items()))
+    print(f"  relaxed objective at the end {result['final_objective']['relaxed']:.5g},"
+          f" hard limit {result['final_objective']['hard_limit']:.5g} (same events)")
+    print(f"  held-out hard analysis (pyhf): expected sigma_ttbar_norm {b:.4f} -> {a:.4f}"
+          f" (ratio {a / b:.3f})")
+    print(f"jacana: results in {out} (result.json, params.json, workspace.json, histograms.json,"
+          f" checkpoint.json); plots in {out / 'plots'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jacana", description=__doc__ or "jacana")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -77,12 +113,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("optimize", help="optimise the analysis end to end for its expected sensitivity")
+    _add_analysis_options(p)
+    p.add_argument("--validation-fileset",
+                   help="held-out fileset for the hard validation (default: the embedded validation samples,"
+                        " or every other file of --fileset)")
+    p.add_argument("--steps", type=int, default=60, help="optimisation steps (default 60)")
+    p.add_argument("--objective", choices=("sigma_mu", "z0", "cls", "upper_limit"), default="sigma_mu",
+                   help="what to optimise (default: the expected uncertainty on ttbar_norm)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.json")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_optimize)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("optimize", "evaluate"):
+        from jacana.facility.jaxsetup import configure_jax
+
+        configure_jax()
     try:
         return int(args.func(args) or 0)
     except JacanaError as exc:

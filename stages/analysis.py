@@ -162,8 +162,8 @@ def _block_yields(p, r, edges, b: EventBatch, config: SoftConfig):
         return masses, sel, p_sel
 
     # kinematic variations share one program: vmapped over the variation axis of jet_pt
-    per_v = [per_kinematic(b.jet_pt[:, v, :]) for v in range(b.jet_pt.shape[1])]
-    masses, sel, p_sel = jax.tree.map(lambda *xs: jnp.stack(xs), *per_v)  # [V, B, ...]
+    # kinematic variations share one compiled body (a loop over the variation axis of jet_pt)
+    masses, sel, p_sel = jax.lax.map(per_kinematic, jnp.moveaxis(b.jet_pt, 1, 0))  # [V, B, ...]
     factors = [jnp.ones_like(b.weight)]
     if b.weight_variations:
         for bt in config.btag:  # expected pT of the i-th selected nominal jet

@@ -46,8 +46,8 @@ jax.config.update("jax_enable_x64", True)
 
 JET_BUCKETS_MIN = 4
 #: Target number of (event x trijet) elements per processing block (bounds temporary memory).
-BLOCK_ELEMENTS = 1 << 20
-MIN_BLOCK = 64
+BLOCK_ELEMENTS = 1 << 16  # ~0.5 MB per float64 array: stays in cache
+MIN_BLOCK = 128
 
 
 def jet_bucket(n: int, minimum: int = JET_BUCKETS_MIN) -> int:
@@ -215,7 +215,7 @@ def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilt
             return out
 
         nl = n_e[sel] + n_m[sel]
-        width = 1 << int(max(nl.max(initial=0), 1) - 1).bit_length()  # 1, 2, 4, 8, ...
+        width = 1 << int(max(nl.max(initial=0), 2) - 1).bit_length()  # 2, 4, 8, ... (few shapes)
         l_pt = dense(leptons, width)
         l_mu = dense(is_muon, width, False, bool)
         l_mask = np.arange(width)[None, :] < np.concatenate([nl, np.zeros(n_pad - n, np.int64)])[:, None]

@@ -73,6 +73,25 @@ class Fileset:
                 out.append(Chunk(sample, variation, f.path, start, min(start + chunk_size, f.nevts), total))
         return out
 
+    def split_alternate(self) -> tuple["Fileset", "Fileset"]:
+        """(train, held-out): alternate files of every (sample, variation) go to each side.
+
+        Each side's ``nevts_total`` is scaled to the events it keeps, so both are correctly
+        normalised estimates of the same sample. Needs at least two files everywhere.
+        """
+        sides: tuple[dict, dict] = ({}, {})
+        for sample, variations in self.entries.items():
+            for variation, (files, total) in variations.items():
+                if len(files) < 2:
+                    raise FilesetError(f"fileset {self.source}: {sample}/{variation} has one file; cannot hold"
+                                       " files out for validation (give a separate validation fileset)")
+                all_events = sum(f.nevts for f in files) or 1
+                for side, part in zip(sides, (files[0::2], files[1::2])):
+                    kept = sum(f.nevts for f in part)
+                    side.setdefault(sample, {})[variation] = (part, max(1, round(total * kept / all_events)))
+        return (Fileset(sides[0], source=f"{self.source} (even files)"),
+                Fileset(sides[1], source=f"{self.source} (odd files)"))
+
     def to_dict(self) -> dict:
         return {s: {v: {"files": [{"path": f.path, "nevts": f.nevts} for f in files], "nevts_total": total}
                     for v, (files, total) in vs.items()} for s, vs in self.entries.items()}

@@ -39,12 +39,11 @@ pyhf selects its tensor backend globally. Every entry point of this module
 that calls into pyhf runs inside :func:`pyhf_jax_backend`, which makes pyhf's
 *current and default* backends JAX (64-bit) and restores the previous ones on
 exit (also on error), so code around it keeps seeing the backend it set
-(numpy by default). pyhf is only called while JAX traces (or while evaluating
-eagerly); a compiled (jitted) function never re-enters pyhf. Switching a
-backend makes pyhf re-run ``_precompute`` on every live model, so the switch
-costs a few milliseconds per trace, nothing per compiled call. A re-entrant
-lock serialises these switches between threads; do not run numpy pyhf in
-another thread *while* a jacana likelihood function is being traced.
+(numpy by default). pyhf is only called while JAX traces; a compiled (jitted)
+function never re-enters pyhf, and the public evaluators are jitted, so an
+eager call re-enters pyhf only on its first call per input shape. A
+re-entrant lock serialises the switches between threads; do not run numpy
+pyhf in another thread *while* a jacana likelihood function is being traced.
 
 Precision
 ---------
@@ -90,6 +89,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pyhf  # noqa: E402
+from pyhf.tensor import manager as _pyhf_manager  # noqa: E402
 from pyhf.tensor.manager import get_backend  # noqa: E402
 
 from .errors import ModelStructureError  # noqa: E402
@@ -136,7 +136,7 @@ def pyhf_jax_backend():
 
     Both pyhf's *current* backend (used by ``logpdf`` and friends) and its
     *default* backend (used by constructors such as the interpolators') are
-    switched; nested uses are free. Example::
+    switched; the optimizer is kept; nested uses are free. Example::
 
         >>> import pyhf
         >>> from jacana.stages.likelihood import pyhf_jax_backend
@@ -145,19 +145,30 @@ def pyhf_jax_backend():
         jax
         >>> pyhf.tensorlib.name
         'numpy'
+
+    The switch writes pyhf's backend state (``pyhf.tensor.manager.state``)
+    directly instead of calling ``pyhf.set_backend``: the latter fires pyhf's
+    ``tensorlib_changed`` event, which re-runs ``_precompute`` on *every* live
+    pyhf model of the process (twice per switch), a cost that grows with the
+    number of models and a side effect on models that are not ours. Without
+    it, a template model keeps its host-side (numpy) index and mask tensors,
+    which ``jax.numpy`` consumes as constants. pyhf is pinned to 0.7.x, whose
+    backend state this relies on.
     """
     with _BACKEND_LOCK:
-        current = get_backend()
-        default = get_backend(default=True)
+        state = _pyhf_manager.state
+        current, default = state["current"], state["default"]
         if _is_jax64(current[0]) and _is_jax64(default[0]):
             yield
             return
+        backend = _jax64()
         try:
-            pyhf.set_backend(_jax64(), current[1], default=True)
+            state["current"] = (backend, current[1])
+            state["default"] = (backend, default[1])
             yield
         finally:
-            pyhf.set_backend(default[0], default[1], default=True)
-            pyhf.set_backend(current[0], current[1])
+            state["current"] = current
+            state["default"] = default
 
 
 def _floor(x, floor):
@@ -263,30 +274,30 @@ class TracedModel:
         for ch in spec["channels"]:
             for s in ch["samples"]:
                 self._defined[(ch["name"], s["name"])] = s
-                mods = {}
+                mods: dict[str, dict] = {}
                 for m in s["modifiers"]:
                     fields = YIELD_FIELDS.get(m["type"])
                     if fields is None:
                         continue
+                    # a normsys and a histosys of the same name (NormPlusShape) share
+                    # one entry holding the fields of both
+                    entry = mods.setdefault(m["name"], {})
                     if m["type"] == "normsys":
-                        mods[m["name"]] = {k: np.asarray(float(m["data"][k])) for k in fields}
+                        entry.update({k: np.asarray(float(m["data"][k])) for k in fields})
                     elif m["type"] == "histosys":
-                        mods[m["name"]] = {
-                            k: np.asarray(m["data"][k], dtype=float) for k in fields
-                        }
+                        entry.update({k: np.asarray(m["data"][k], dtype=float) for k in fields})
                     else:
-                        mods[m["name"]] = {"data": np.asarray(m["data"], dtype=float)}
+                        entry["data"] = np.asarray(m["data"], dtype=float)
                 template.setdefault(ch["name"], {})[s["name"]] = {
                     "data": np.asarray(s["data"], dtype=float),
                     "modifiers": mods,
                 }
         self._template = template
-        # modifier type for each (channel, sample, modifier name)
-        self._modtype = {
-            (c, s, m["name"]): m["type"]
-            for (c, s), samp in self._defined.items()
-            for m in samp["modifiers"]
-        }
+        # modifier types for each (channel, sample, modifier name)
+        self._modtypes: dict[tuple[str, str, str], set[str]] = {}
+        for (c, s), samp in self._defined.items():
+            for m in samp["modifiers"]:
+                self._modtypes.setdefault((c, s, m["name"]), set()).add(m["type"])
 
         user_params = {p["name"]: p for p in spec.get("parameters", [])}
 
@@ -298,7 +309,7 @@ class TracedModel:
             carriers = [
                 (c, s)
                 for (c, s) in self._defined
-                if self._modtype.get((c, s, m)) == "staterror"
+                if "staterror" in self._modtypes.get((c, s, m), ())
             ]
             chans = sorted({c for c, _ in carriers}, key=self._channels.index)
             idx = np.concatenate(
@@ -322,7 +333,9 @@ class TracedModel:
             if mtype != "shapesys":
                 continue
             (c, s), = [
-                (c, s) for (c, s) in self._defined if self._modtype.get((c, s, m)) == "shapesys"
+                (c, s)
+                for (c, s) in self._defined
+                if "shapesys" in self._modtypes.get((c, s, m), ())
             ]
             nom = template[c][s]["data"]
             unc = template[c][s]["modifiers"][m]["data"]
@@ -459,16 +472,18 @@ class TracedModel:
                 ymods = ys.get("modifiers") or {}
                 mods_out = {}
                 for mname, mfields in ymods.items():
-                    mtype = self._modtype.get((c, s, mname))
-                    if mtype is None:
+                    mtypes = self._modtypes.get((c, s, mname))
+                    if mtypes is None:
                         problems.append(
                             f"{where}: modifier {mname!r} is not on this sample in the model "
                             "(adding modifiers changes the model structure)"
                         )
-                    elif mtype in _NO_YIELD_TYPES and mfields:
-                        problems.append(f"{where}: {mtype} modifier {mname!r} takes no yield fields")
+                    elif mname not in tmpl["modifiers"] and mfields:
+                        problems.append(
+                            f"{where}: {'/'.join(sorted(mtypes))} modifier {mname!r} takes no yield fields"
+                        )
                 for mname, tfields in tmpl["modifiers"].items():
-                    mtype = self._modtype[(c, s, mname)]
+                    mtype = "/".join(sorted(self._modtypes[(c, s, mname)]))
                     if mname not in ymods or ymods[mname] is None:
                         problems.append(
                             f"{where}: {mtype} modifier {mname!r} missing (removing modifiers "
@@ -532,7 +547,7 @@ class TracedModel:
                 lo, nom, hi = [], [], []
                 for c in self._channels:
                     n = self._sample_nom(y, c, s)
-                    has = self._modtype.get((c, s, m)) == mtype
+                    has = mtype in self._modtypes.get((c, s, m), ())
                     if mtype == "histosys":
                         if n is None:
                             lo.append(None), nom.append(None), hi.append(None)

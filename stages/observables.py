@@ -80,27 +80,47 @@ def soft_argmax_weights(score, weight, temperature):
     ``weight * exp(score / T)``, normalised over the last axis; at ``T == 0`` the one-hot of the first
     maximum of ``score`` among candidates of weight > 0. All zero where no candidate has weight > 0.
     """
-    valid = weight > 0
-    neg_inf = jnp.asarray(-jnp.inf, score.dtype)
-    masked = jnp.where(valid, score, neg_inf)
-    top = jnp.max(masked, axis=-1, keepdims=True)
+    return _choose(score, weight, temperature, None)
+
+
+def _weight_floor(dtype) -> float:
+    return 1e-100 if jnp.finfo(dtype).bits >= 64 else 1e-20
+
+
+def _choose(score, weight, temperature, value):
+    """Choice probabilities (``value is None``) or the expected ``value`` under them (last axis)."""
+    temperature = jnp.asarray(temperature, score.dtype)
+    # Candidates whose weight is below a floor are not candidates: with every weight near the
+    # underflow limit the softmax normalisation's derivative (e / den^2) overflows to inf and
+    # then NaN. Weights are 0 or 1 in the hard limit, so the floor never changes it.
+    valid = weight > _weight_floor(weight.dtype)
+    masked = jnp.where(valid, score, -jnp.inf)
     any_valid = jnp.any(valid, axis=-1, keepdims=True)
-    top = jnp.where(any_valid, top, 0.0)
-    # hard: first maximum among valid candidates
-    first = jnp.argmax(masked, axis=-1)
-    hard = (jnp.arange(score.shape[-1]) == first[..., None]) & any_valid
-    # soft: weight-restricted softmax (stable; exponent <= 0 for valid candidates)
+
+    def hard(_):  # first maximum among valid candidates
+        first = jnp.argmax(masked, axis=-1)
+        onehot = ((jnp.arange(score.shape[-1]) == first[..., None]) & any_valid).astype(score.dtype)
+        return onehot if value is None else jnp.sum(onehot * value, axis=-1)
+
+    def soft(t):  # weight-restricted softmax, stable (exponent <= 0 for valid candidates)
+        top = jax.lax.stop_gradient(jnp.where(any_valid, jnp.max(masked, axis=-1, keepdims=True), 0.0))
+        expo = jnp.minimum(jnp.where(valid, (score - top) / t, 0.0), 0.0)
+        e = jnp.where(valid, weight * jnp.exp(expo), 0.0)
+        den = jnp.sum(e, axis=-1, keepdims=True)
+        den = jnp.where(den > 0, den, 1.0)
+        if value is None:
+            return e / den
+        return jnp.sum(e * value, axis=-1) / den[..., 0]
+
     is_soft, safe_t = _safe_scale(temperature)
-    expo = jnp.where(valid, (score - jax.lax.stop_gradient(top)) / safe_t, 0.0)
-    e = jnp.where(valid, weight * jnp.exp(jnp.minimum(expo, 0.0)), 0.0)
-    den = jnp.sum(e, axis=-1, keepdims=True)
-    soft = e / jnp.where(den > 0, den, 1.0)
-    return jnp.where(is_soft, soft, hard.astype(score.dtype))
+    # one branch runs (the predicate is a traced scalar: annealing to 0 does not recompile)
+    return jax.lax.cond(is_soft, soft, hard, safe_t)
 
 
 def soft_mbjj(pt, cos_phi, sin_phi, sinh_eta, mass, p_sel, q_tag, temperature):
     """Soft m_bjj per event: [..., K] jets -> [...] (0 where no trijet has weight > 0)."""
     tpt, tmass = trijet_kinematics(pt, cos_phi, sin_phi, sinh_eta, mass)
     w = trijet_weights(p_sel, q_tag)
-    choice = soft_argmax_weights(tpt, w, temperature)
-    return jnp.sum(choice * tmass, axis=-1)
+    # materialise the [events, trijets] arrays once: XLA would otherwise recompute them in each reduction
+    tpt, tmass, w = jax.lax.optimization_barrier((tpt, tmass, w))
+    return _choose(tpt, w, temperature, tmass)

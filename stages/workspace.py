@@ -69,6 +69,12 @@ def norm_plus_shape(nominal, up, down=None, xp=np) -> tuple[dict, dict]:
     return {"hi": norm_up, "lo": norm_down}, {"hi_data": hi_data, "lo_data": lo_data}
 
 
+def _sqrt_floored(x, xp):
+    """sqrt(x) with a zero (not infinite) derivative where x is empty: soft sumw2 reaches 0."""
+    present = x > YIELD_FLOOR**2
+    return xp.where(present, xp.sqrt(xp.where(present, x, 1.0)), 0.0)
+
+
 def build_channels(spec: AnalysisSpec, hists: Histograms, xp=np) -> list[dict]:
     """pyhf ``channels`` (names, samples, modifiers) with array data in namespace ``xp``."""
     poi = spec.poi
@@ -90,7 +96,7 @@ def build_channels(spec: AnalysisSpec, hists: Histograms, xp=np) -> list[dict]:
                 modifiers.append({"name": name, "type": "normsys", "data": norm})
                 modifiers.append({"name": name, "type": "histosys", "data": shape})
             modifiers.append({"name": f"staterror_{region}", "type": "staterror",
-                              "data": xp.sqrt(h[NOMINAL]["sumw2"])})
+                              "data": _sqrt_floored(h[NOMINAL]["sumw2"], xp)})
             samples.append({"name": sample, "data": nominal, "modifiers": modifiers})
         channels.append({"name": region, "samples": samples})
     return channels
@@ -140,3 +146,22 @@ def histograms_to_json(hists: Histograms) -> dict:
     """The histogram layout as plain JSON (lists of floats)."""
     return _to_json({r: {s: {v: dict(h) for v, h in by_v.items()} for s, by_v in by_s.items()}
                      for r, by_s in hists.items()})
+
+
+def channels_to_yields(channels: list[dict]) -> dict:
+    """The likelihood's yields pytree from :func:`build_channels` output.
+
+    ``{channel: {sample: {"data", "modifiers": {name: fields}}}}``; a normsys and a histosys
+    of the same name (one nuisance parameter) share one entry with both sets of fields.
+    """
+    out: dict = {}
+    for ch in channels:
+        for s in ch["samples"]:
+            mods: dict = {}
+            for m in s["modifiers"]:
+                if m["type"] == "staterror" or m["type"] == "shapesys":
+                    mods.setdefault(m["name"], {})["data"] = m["data"]
+                elif m["data"] is not None:
+                    mods.setdefault(m["name"], {}).update(m["data"])
+            out.setdefault(ch["name"], {})[s["name"]] = {"data": s["data"], "modifiers": mods}
+    return out

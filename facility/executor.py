@@ -1,0 +1,155 @@
+"""Executors: where the per-chunk soft analysis runs, behind one interface.
+
+An executor reads every chunk once, keeps its dense batches where they were read, and on
+each optimisation step returns the per-(sample, file variation) yields with their
+Jacobians (forward mode) or, given cotangents, their vector-Jacobian products. Chunk results
+are additive; the executor sums them.
+
+:class:`InProcessExecutor` runs everything in this process (the default for small work);
+:mod:`jacana.facility.dask_executor` runs the same functions on dask workers.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jacana.stages.analysis import SoftConfig, add_yields, chunk_yields, soft_config
+import dataclasses
+
+from jacana.stages.batch import ChunkBatches, EventBatch, block_size_for, make_batches, to_device
+from jacana.stages.columns import read_chunk
+from jacana.stages.errors import FilesetError, InputFileError
+from jacana.stages.fileset import Chunk
+from jacana.stages.jacobian import yields_and_jacobian, yields_vjp
+from jacana.stages.sensitivity import yields_key
+from jacana.stages.spec import AnalysisSpec
+
+from .hardrun import InputReport
+
+
+#: Events per compiled call: every call has this many events, so each (jet bucket, file kind)
+#: compiles once however many chunks and events there are.
+CALL_EVENTS = 4096
+#: Lepton slots of every batch (widened on demand to the next power of two).
+LEPTON_WIDTH = 4
+
+
+def _pad_axis(a: np.ndarray, axis: int, size: int, fill) -> np.ndarray:
+    if a.shape[axis] == size:
+        return a
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, size - a.shape[axis])
+    return np.pad(a, pad, constant_values=fill)
+
+
+def rebatch(parts: Iterable[EventBatch], lepton_width: int = LEPTON_WIDTH,
+            call_events: int = CALL_EVENTS) -> list[EventBatch]:
+    """Regroup dense batches into fixed-shape calls: one shape per (jet bucket, kinematic set).
+
+    Events of the same jet bucket from any number of chunks are concatenated (padding events
+    dropped), lepton slots widened to a common width, and cut into calls of exactly
+    ``call_events`` events (the last padded with zero-weight events), processed in blocks of
+    :func:`~jacana.stages.batch.block_size_for` events.
+    """
+    groups: dict[tuple, list[EventBatch]] = {}
+    for p in parts:
+        groups.setdefault((p.n_jets, p.kinematic, p.weight_variations), []).append(p)
+    out = []
+    for (n_jets, kinematic, wv), members in sorted(groups.items(), key=lambda kv: kv[0][0]):
+        block = min(block_size_for(n_jets), call_events)
+        width = max([lepton_width] + [m.lepton_pt.shape[1] for m in members])
+        width = 1 << (width - 1).bit_length()
+        fields = {}
+        for f in dataclasses.fields(EventBatch):
+            if f.metadata.get("static"):
+                continue
+            arrays = []
+            for m in members:
+                a = np.asarray(getattr(m, f.name))[np.asarray(m.event_mask)]
+                if f.name.startswith("lepton_"):
+                    a = _pad_axis(a, 1, width, False if a.dtype == bool else 0)
+                arrays.append(a)
+            fields[f.name] = np.concatenate(arrays)
+        n = len(fields["weight"])
+        call = call_events
+        n_calls = max(1, -(-n // call))
+        for name, a in fields.items():
+            fields[name] = _pad_axis(a, 0, n_calls * call, False if a.dtype == bool else 0)
+        for i in range(n_calls):
+            sl = slice(i * call, (i + 1) * call)
+            out.append(EventBatch(**{k: v[sl] for k, v in fields.items()}, kinematic=kinematic,
+                                  weight_variations=wv, block_size=block))
+    return out
+
+
+def load_batches(chunk: Chunk, spec: AnalysisSpec, dtype=np.float64) -> ChunkBatches:
+    """Read one chunk and densify it (events that cannot pass at any parameter values dropped)."""
+    return make_batches(read_chunk(chunk, spec), spec, dtype=dtype, prefilter=True)
+
+
+class InProcessExecutor:
+    """Batches in this process's memory (device memory under JAX); steps run here."""
+
+    def __init__(self, spec: AnalysisSpec, chunks: Iterable[Chunk], dtype=np.float64, progress: bool = False,
+                 report: InputReport | None = None):
+        self.spec = spec
+        self.config: SoftConfig = soft_config(spec)
+        self.report = report or InputReport()
+        self.batches: dict[str, list[EventBatch]] = {}
+        self.n_events = 0
+        parts: dict[str, list[EventBatch]] = {}
+        for chunk in tqdm(list(chunks), desc="reading", unit="chunk", disable=not progress):
+            if self.report.should_skip(chunk):
+                continue
+            try:
+                columns = read_chunk(chunk, spec)
+            except InputFileError as exc:
+                self.report.file_failed(chunk, exc)
+                continue
+            self.report.columns_read(columns)
+            batches = make_batches(columns, spec, dtype=dtype, prefilter=True)
+            parts.setdefault(yields_key(chunk.sample, chunk.variation), []).extend(batches.parts)
+            self.n_events += chunk.n_events
+        for key, group in parts.items():
+            self.batches[key] = to_device(rebatch(group))
+        expected = {yields_key(s, v) for s in spec.samples for v in spec.file_variations(s)}
+        missing = sorted(expected - set(self.batches))
+        if missing:
+            raise FilesetError(f"no readable chunk for {missing}")
+
+    def yields(self, params: Mapping, relax: Mapping) -> dict:
+        """Soft yields per (sample, file variation), summed over chunks."""
+        return {key: chunk_yields(params, relax, parts, self.config) for key, parts in self.batches.items()}
+
+    def yields_and_jacobian(self, params: Mapping, relax: Mapping) -> tuple[dict, dict]:
+        """(yields, d yields / d params) per (sample, file variation): forward mode, one pass."""
+        ylds, jacs = {}, {}
+        for key, parts in self.batches.items():
+            ylds[key], jacs[key] = yields_and_jacobian(params, relax, parts, self.config)
+        return ylds, jacs
+
+    def yields_vjp(self, params: Mapping, relax: Mapping, cotangents: Mapping) -> tuple[dict, dict]:
+        """(yields, sum over (sample, variation) of cotangent . d yields / d params): reverse mode."""
+        ylds, grad = {}, None
+        for key, parts in self.batches.items():
+            ylds[key], g = yields_vjp(params, relax, parts, self.config, cotangents[key])
+            grad = add_yields(grad, g)
+        return ylds, grad
+
+    def close(self) -> None:
+        self.batches.clear()
+
+
+def contract_all(jacobians: Mapping, cotangents: Mapping) -> dict:
+    """d(objective)/d(params) = sum over (sample, variation, region, bin) of cotangent x Jacobian."""
+    from jacana.stages.jacobian import contract
+
+    grad: dict = {}
+    for key, jac in jacobians.items():
+        for name, g in contract(jac, cotangents[key]).items():
+            grad[name] = g if name not in grad else grad[name] + g
+    return jax.tree.map(np.asarray, grad)
