@@ -17,7 +17,7 @@ mode carries tangents only through the trijet weights.
 from __future__ import annotations
 
 import itertools
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -118,9 +118,124 @@ def _choose(score, weight, temperature, value):
 
 
 def soft_mbjj(pt, cos_phi, sin_phi, sinh_eta, mass, p_sel, q_tag, temperature):
-    """Soft m_bjj per event: [..., K] jets -> [...] (0 where no trijet has weight > 0)."""
+    """Soft m_bjj per event: [..., K] jets -> [...] (0 where no trijet has weight > 0).
+
+    The trijet weights are computed in log space with matmuls (no gathers, which are slow on
+    CPU): ``w_t = exp(sum_{j in t} log p_j) * (1 - exp(sum_{j in t} log(1 - q_j)))``. Logs of
+    zero are clamped to ``LOG_ZERO`` (``exp(3 LOG_ZERO) == exp(LOG_ZERO) == 0`` in any float
+    dtype), so hard weights (0 or 1) give exactly 0 or 1 and the hard limit is unchanged. Jets with
+    ``p_j`` below the validity floor get ``LOG_ZERO`` too: every trijet containing one has
+    ``w_t <= p_j`` below the floor and is not a candidate either way.
+
+    Derivatives (:func:`_expected_mass`, a custom JVP): a tangent of the per-jet logs reaches the
+    output through ``sum_j C_j dlog p_j`` with per-jet coefficients ``C`` computed once from the
+    primal, so forward mode costs O(jets) per parameter instead of O(trijets).
+    """
     tpt, tmass = trijet_kinematics(pt, cos_phi, sin_phi, sinh_eta, mass)
-    w = trijet_weights(p_sel, q_tag)
-    # materialise the [events, trijets] arrays once: XLA would otherwise recompute them in each reduction
-    tpt, tmass, w = jax.lax.optimization_barrier((tpt, tmass, w))
-    return _choose(tpt, w, temperature, tmass)
+    lp, lq = trijet_log_inputs(p_sel, q_tag)
+    return _expected_mass(tpt, tmass, lp, lq, jnp.asarray(temperature, tpt.dtype))
+
+
+#: log(0) stand-in: exp of it (or of three times it) is exactly 0 in float32 and float64.
+LOG_ZERO = -1000.0
+
+
+def trijet_log_inputs(p_sel, q_tag):
+    """(log p, log(1 - q)) per jet, ``LOG_ZERO`` where p is below the validity floor / q == 1.
+
+    The untaken branches are made harmless (``where`` inside and outside) so gradients stay finite.
+    """
+    floor = _weight_floor(p_sel.dtype)
+    p_ok = p_sel > floor
+    lp = jnp.where(p_ok, jnp.log(jnp.where(p_ok, p_sel, 1.0)), LOG_ZERO)
+    q_ok = q_tag < 1.0
+    lq = jnp.where(q_ok, jnp.log1p(-jnp.where(q_ok, q_tag, 0.0)), LOG_ZERO)
+    return lp, lq
+
+
+def trijet_log_weights(lp, lq):
+    """Trijet weights from per-jet logs: (P_t = prod p, N_t = prod (1 - q), w_t = P_t (1 - N_t))."""
+    s = jnp.asarray(trijet_matrix(lp.shape[-1]), lp.dtype)
+    g = jnp.stack([lp, lq], axis=0) @ s  # [2, ..., T]: one BLAS matmul for both sums
+    big_p, big_n = jnp.exp(g[0]), jnp.exp(g[1])
+    return big_p, big_n, big_p * -jnp.expm1(g[1])
+
+
+def _mass_terms(tpt, tmass, lp, lq, temperature, coefficients: bool, want_pi: bool):
+    """Expected trijet mass and, optionally, what its derivatives need.
+
+    Returns ``(out, cp, cq, pi, r)``: ``cp``/``cq`` [..., K] the derivative of ``out`` with respect
+    to ``lp``/``lq``; ``pi`` [..., T] the choice probabilities and ``r = pi (m_t - out)`` (the
+    derivative with respect to each trijet's log-score); entries not asked for are None.
+    """
+    big_p, big_n, w = trijet_log_weights(lp, lq)
+    valid = w > _weight_floor(w.dtype)
+    masked = jnp.where(valid, tpt, -jnp.inf)
+    any_valid = jnp.any(valid, axis=-1, keepdims=True)
+    st = jnp.asarray(trijet_matrix(lp.shape[-1]), lp.dtype).T  # [T, K]: trijet -> its jets
+    k = lp.shape[-1]
+
+    def hard(_):  # first maximum among valid candidates: no derivative through the weights
+        first = jnp.argmax(masked, axis=-1)
+        onehot = ((jnp.arange(tpt.shape[-1]) == first[..., None]) & any_valid).astype(tpt.dtype)
+        out = jnp.sum(onehot * tmass, axis=-1)
+        zeros = jnp.zeros(lp.shape[:-1] + (k,), lp.dtype) if coefficients else None
+        return out, zeros, zeros, (onehot if want_pi else None), (jnp.zeros_like(tpt) if want_pi else None)
+
+    def soft(t):  # weight-restricted softmax, stable (exponent <= 0 for valid candidates)
+        top = jnp.where(any_valid, jnp.max(masked, axis=-1, keepdims=True), 0.0)
+        expo = jnp.minimum(jnp.where(valid, (tpt - top) / t, 0.0), 0.0)
+        x = jnp.where(valid, jnp.exp(expo), 0.0)
+        e = w * x
+        den = jnp.sum(e, axis=-1, keepdims=True)
+        den = jnp.where(den > 0, den, 1.0)
+        out = jnp.sum(e * tmass, axis=-1) / den[..., 0]
+        cp = cq = pi = r = None
+        if coefficients or want_pi:
+            dev = (tmass - out[..., None]) / den  # d out / d e_t
+            # d e_t = e_t dlog P_t - x_t P_t N_t dlog N_t, with dlog P_t = sum_{j in t} dlp_j (same for N)
+            both = jnp.stack([e * dev, -(x * big_p * big_n) * dev], axis=0) @ st  # [2, ..., K]
+            cp, cq = both[0], both[1]
+            if want_pi:
+                pi = e / den
+                r = e * dev
+            if not coefficients:
+                cp = cq = None
+        return out, cp, cq, pi, r
+
+    is_soft, safe_t = _safe_scale(temperature)
+    return jax.lax.cond(is_soft, soft, hard, safe_t)
+
+
+@jax.custom_jvp
+def _expected_mass(tpt, tmass, lp, lq, temperature):
+    """Mass of the soft-argmax trijet (see :func:`soft_mbjj`), from per-jet log weights."""
+    return _mass_terms(tpt, tmass, lp, lq, temperature, False, False)[0]
+
+
+def _is_zero(t) -> bool:
+    return isinstance(t, jax.custom_derivatives.SymbolicZero)
+
+
+@partial(_expected_mass.defjvp, symbolic_zeros=True)
+def _expected_mass_jvp(primals, tangents):
+    tpt, tmass, lp, lq, temperature = primals
+    d_tpt, d_tmass, d_lp, d_lq, d_temp = tangents
+    coefficients = not (_is_zero(d_lp) and _is_zero(d_lq))
+    want_pi = not (_is_zero(d_tpt) and _is_zero(d_tmass) and _is_zero(d_temp))
+    out, cp, cq, pi, r = _mass_terms(tpt, tmass, lp, lq, temperature, coefficients, want_pi)
+    tan = jnp.zeros_like(out)
+    if not _is_zero(d_lp):
+        tan = tan + jnp.sum(cp * d_lp, axis=-1)
+    if not _is_zero(d_lq):
+        tan = tan + jnp.sum(cq * d_lq, axis=-1)
+    if not _is_zero(d_tmass):
+        tan = tan + jnp.sum(pi * d_tmass, axis=-1)
+    if not (_is_zero(d_tpt) and _is_zero(d_temp)):
+        # log-score (tpt - top) / T: d = d_tpt / T - (tpt - top) dT / T^2 (top cancels in the softmax)
+        is_soft, safe_t = _safe_scale(temperature)
+        if not _is_zero(d_tpt):
+            tan = tan + jnp.sum(r * d_tpt, axis=-1) / safe_t
+        if not _is_zero(d_temp):
+            tan = tan - jnp.sum(r * tpt, axis=-1) * d_temp / (safe_t * safe_t)
+    return out, tan

@@ -1,0 +1,203 @@
+"""Benchmark of the dask executor against in-process, on one machine (ratios from one run).
+
+    python -m jacana.facility.bench_dask /tmp/gen1m/fileset.json --workers 2 --repeats 3
+
+Reports, each measured in the same run:
+
+* steady-state step time (forward-mode yields + Jacobians, after one warm-up step) in-process
+  and with ``workers`` local dask workers, and the speed-up;
+* per-task overhead: the round trip of a no-op task (submit -> result) on the same cluster, and
+  the step's wall time minus its slowest shard's compute time;
+* bytes per step received by the driver (all its TCP sockets, ``TCP_INFO``) vs the size of
+  the one response message;
+* the first (reading) pass: uproot read + densify + regroup on the workers, vs a plain uproot
+  read of the same branches and entries in this process and on the same workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import struct
+import time
+from pathlib import Path
+
+_TCPI_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received in Linux's struct tcp_info
+
+
+def driver_bytes_received() -> int | None:
+    """Bytes received so far on every TCP socket of this process (Linux), or None."""
+    fd_dir = Path("/proc/self/fd")
+    if not fd_dir.is_dir() or not hasattr(socket, "TCP_INFO"):
+        return None
+    total = 0
+    for fd in os.listdir(fd_dir):
+        try:
+            if not os.readlink(fd_dir / fd).startswith("socket:"):
+                continue
+            s = socket.socket(fileno=os.dup(int(fd)))
+        except OSError:
+            continue
+        try:
+            if s.type == socket.SOCK_STREAM and s.family in (socket.AF_INET, socket.AF_INET6):
+                info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+                if len(info) >= _TCPI_BYTES_RECEIVED + 8:
+                    total += struct.unpack_from("<Q", info, _TCPI_BYTES_RECEIVED)[0]
+        except OSError:
+            pass
+        finally:
+            s.close()
+    return total
+
+
+def plain_read_task(path: str, tree: str, branches: list, start: int, stop: int) -> int:
+    """A plain uproot read of ``branches`` for entries [start, stop) (the baseline of the first pass)."""
+    import uproot
+
+    with uproot.open(path) as f:
+        arrays = f[tree].arrays(branches, entry_start=start, entry_stop=stop, library="ak", how=dict)
+    return sum(int(a.layout.nbytes) for a in arrays.values())
+
+
+def _start_cluster(workers: int, timeout: float = 60.0):
+    """A dask scheduler and ``workers`` single-threaded worker processes as subprocesses (so the
+    driver's sockets carry only the driver's traffic); returns (client, processes)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from distributed import Client
+
+    d = tempfile.mkdtemp(prefix="jacana-bench-")
+    sched_file = os.path.join(d, "scheduler.json")
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--scheduler-file", sched_file,
+                               "--port", "0", "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", sched_file,
+                                   "--nworkers", str(workers), "--nthreads", "1", "--no-dashboard"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    t0 = time.time()
+    while not os.path.exists(sched_file):
+        if time.time() - t0 > timeout:
+            raise RuntimeError("the benchmark's dask scheduler did not start")
+        time.sleep(0.1)
+    client = Client(scheduler_file=sched_file, timeout=timeout, set_as_default=False)
+    client.wait_for_workers(workers, timeout=timeout)
+    return client, procs
+
+
+def bench_dask(fileset: str | Path, workers: int = 2, repeats: int = 3, chunk_size: int = 100_000,
+               in_process: bool = True, separate_scheduler: bool = True) -> dict:
+    """Figures of the dask executor vs in-process (see the module docstring); returns a dict."""
+    from jacana.facility.jaxsetup import configure_jax
+
+    configure_jax()
+    from jacana.facility.dask_executor import DaskExecutor, noop_task
+    from jacana.facility.executor import InProcessExecutor
+    from jacana.facility.hardrun import analysis_chunks
+    from jacana.stages.analysis import default_params, default_relax
+    from jacana.stages.fileset import load_fileset
+    from jacana.stages.spec import load_spec
+
+    spec = load_spec()
+    chunks = analysis_chunks(spec, load_fileset(fileset), chunk_size)
+    params, relax = default_params(spec), default_relax(spec)
+    branches = spec.needed_branches()
+    out: dict = {"events": sum(c.n_events for c in chunks), "chunks": len(chunks), "workers": workers,
+                 "cpus": os.cpu_count()}
+
+    t = time.perf_counter()
+    for c in chunks:
+        plain_read_task(c.path, spec.tree, branches, c.entry_start, c.entry_stop)
+    out["plain_uproot_read_s"] = time.perf_counter() - t
+
+    def steps(ex) -> tuple[float, list]:
+        t0 = time.perf_counter()
+        ex.yields_and_jacobian(params, relax)  # warm-up: compiles (or loads) every call shape
+        warm = time.perf_counter() - t0
+        times, cpu = [], []
+        for _ in range(repeats):
+            c0, t0 = time.process_time(), time.perf_counter()
+            ex.yields_and_jacobian(params, relax)
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        return warm, times, cpu
+
+    if in_process:
+        t = time.perf_counter()
+        ex = InProcessExecutor(spec, chunks)
+        out["in_process_read_s"] = time.perf_counter() - t
+        out["in_process_warmup_s"], times, cpu = steps(ex)
+        out["in_process_step_s"] = statistics.median(times)
+        out["in_process_step_cpu_s"] = statistics.median(cpu)
+        out["in_process_steps_s"] = times
+        ex.close()
+
+    t = time.perf_counter()
+    procs, client = [], None
+    if separate_scheduler:  # scheduler and workers in their own processes, as on a facility
+        client, procs = _start_cluster(workers)
+        dx = DaskExecutor(spec, chunks, client=client)
+    else:
+        dx = DaskExecutor(spec, chunks, workers=workers)
+    try:
+        out["dask_read_s"] = time.perf_counter() - t  # includes starting the cluster
+        out["dask_read_pass_s"] = dx.read_seconds  # loads + plan + shards, cluster already up
+        out["dask_batch_bytes"] = dx.loaded_bytes
+        out["shard_cost_estimate"] = dx.shard_costs
+        out["dask_warmup_s"], times, _ = steps(dx)
+        out["dask_step_s"] = statistics.median(times)
+        out["dask_steps_s"] = times
+        out["last_step"] = dict(dx.last_step)
+        b0 = driver_bytes_received()
+        dx.yields_and_jacobian(params, relax)
+        b1 = driver_bytes_received()
+        out["driver_bytes_per_step"] = None if b0 is None else b1 - b0
+        out["message_bytes"] = dx.last_step["bytes_to_driver"]
+        client = dx.client
+        rt = []
+        for i in range(50):
+            t0 = time.perf_counter()
+            client.submit(noop_task, i, pure=False).result()
+            rt.append(time.perf_counter() - t0)
+        out["noop_task_round_trip_s"] = statistics.median(rt)
+        out["step_overhead_s"] = out["last_step"]["seconds"] - max(out["last_step"]["shard_wall"])
+        t0 = time.perf_counter()
+        futs = [client.submit(plain_read_task, c.path, spec.tree, branches, c.entry_start, c.entry_stop, pure=False)
+                for c in chunks]
+        client.gather(futs)
+        out["plain_uproot_read_on_workers_s"] = time.perf_counter() - t0
+    finally:
+        dx.close()
+        if client is not None:
+            client.close()
+        for p in procs:  # the processes this benchmark started, by their id
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+    if in_process:
+        out["speedup_step"] = out["in_process_step_s"] / out["dask_step_s"]
+    out["first_pass_over_plain_read"] = out["dask_read_pass_s"] / out["plain_uproot_read_s"]
+    out["first_pass_over_plain_read_on_workers"] = out["dask_read_pass_s"] / out["plain_uproot_read_on_workers_s"]
+    if out["driver_bytes_per_step"] is not None:
+        out["driver_bytes_over_message"] = out["driver_bytes_per_step"] / out["message_bytes"]
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("fileset")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunk-size", type=int, default=100_000)
+    ap.add_argument("--no-in-process", action="store_true")
+    ap.add_argument("--local-cluster", action="store_true", help="scheduler in this process (LocalCluster)")
+    a = ap.parse_args(argv)
+    print(json.dumps(bench_dask(a.fileset, a.workers, a.repeats, a.chunk_size, not a.no_in_process,
+                                not a.local_cluster), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""jacana's differentiable pass as a coffea processor, for coffea's own Runner and executors.
+
+:class:`JacanaProcessor` is a :class:`coffea.processor.ProcessorABC`: ``process(events)`` takes
+the NanoEvents of one coffea work item, builds jacana's columns from them (the analysis
+config's branch names mapped to NanoEvents fields: ``Jet_pt`` -> ``events.Jet.pt``,
+``genWeight`` -> ``events.genWeight``), densifies them exactly as jacana's reader does, and
+returns the soft yields and their Jacobians in the parameters (or, given cotangents, the VJP)
+at the processor's parameters and relaxation, as a coffea accumulator (nested dicts of numpy
+arrays, which coffea adds)::
+
+    {"yields":     {"ttbar/nominal": {region: {"sumw": [V, bins], "sumw2": [V, bins]}}, ...},
+     "jacobian":   {"ttbar/nominal": {region: {"sumw": {param: [V, bins]}, ...}}, ...},
+     "provenance": [[file, entry_start, entry_stop, n_events], ...],
+     "nonfinite":  {branch: values masked}}
+
+so the differentiable pass runs through ``processor.Runner`` with ``IterativeExecutor``,
+``FuturesExecutor`` or ``DaskExecutor`` on a coffea-style fileset (:func:`coffea_fileset`
+converts jacana's). :func:`executor_output` turns the accumulator into what
+:class:`~jacana.facility.executor.InProcessExecutor` returns, after checking that every entry of
+every file was counted exactly once.
+
+Example (see ``docs/facility.md``)::
+
+    from coffea import processor
+    from coffea.nanoevents import NanoAODSchema
+    run = processor.Runner(executor=processor.IterativeExecutor(), schema=NanoAODSchema, chunksize=100_000)
+    out = run(coffea_fileset(fileset, spec), JacanaProcessor(spec, params, relax), treename="Events")
+    ylds, jacs = executor_output(out, spec, fileset)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import awkward as ak
+import numpy as np
+from coffea import processor
+
+from jacana.protocol.errors import ProvenanceError
+from jacana.protocol.provenance import Provenance, merge
+from jacana.stages.columns import Columns, _check_multiplicities, _check_type, _mask_nonfinite, jer_factors
+from jacana.stages.errors import InputFileError
+from jacana.stages.fileset import Chunk, Fileset
+from jacana.stages.spec import AnalysisSpec
+
+DATASET_SEP = "__"
+MODES = ("jacobian", "yields", "vjp")
+
+
+def coffea_fileset(fileset: Fileset, spec: AnalysisSpec) -> dict:
+    """jacana's fileset as coffea's: ``{"<sample>__<variation>": {"files": {path: tree}, "metadata": {...}}}``.
+
+    Only the (sample, file variation) pairs the analysis needs; the metadata carries the sample,
+    the file variation and ``nevts_total`` (the weight's denominator).
+    """
+    out = {}
+    for sample in spec.samples:
+        for variation in spec.file_variations(sample):
+            files = fileset.files(sample, variation)
+            out[f"{sample}{DATASET_SEP}{variation}"] = {
+                "files": {f.path: spec.tree for f in files},
+                "metadata": {"sample": sample, "variation": variation,
+                             "nevts_total": int(fileset.nevts_total(sample, variation))},
+            }
+    return out
+
+
+def _field(events, branch: str):
+    """The NanoEvents field of a flat NanoAOD branch name: ``Jet_pt`` -> ``events.Jet.pt``."""
+    fields = events.fields
+    if branch in fields:
+        arr = events[branch]
+    else:
+        coll, _, name = branch.partition("_")
+        if coll not in fields or not name or name not in events[coll].fields:
+            raise InputFileError(events.metadata.get("filename", "<events>"),
+                                 f"branch {branch!r} has no NanoEvents field ({coll}.{name})")
+        arr = events[coll][name]
+    arr = ak.without_parameters(arr)
+    materialize = getattr(ak, "materialize", None)
+    return materialize(arr) if materialize is not None else arr
+
+
+def columns_from_arrays(chunk: Chunk, spec: AnalysisSpec, raw: Mapping[str, ak.Array]) -> Columns:
+    """jacana's :class:`Columns` from arrays by branch name: the same checks, masking and JER
+    factors as :func:`jacana.stages.columns.read_chunk` (which reads them with uproot)."""
+    branch_of = spec.branches
+    arrays = {logical: _check_type(chunk.path, logical, branch, raw[branch]) for logical, branch in branch_of.items()}
+    _check_multiplicities(chunk.path, arrays, branch_of)
+    arrays, nonfinite = _mask_nonfinite(arrays, branch_of)
+    counts = ak.to_numpy(ak.num(arrays["jet_pt"], axis=1))
+    jer = [s for s in spec.systematics if s.kind == "jet_pt_smear"]
+    if jer:
+        flat = jer_factors(chunk.path, chunk.entry_start, counts, float(jer[0].options["sigma"]), int(jer[0].options["seed"]))
+    else:
+        flat = np.ones(int(counts.sum()))
+    return Columns(chunk=chunk, arrays=arrays, jer_factor=ak.unflatten(flat, counts), nonfinite=nonfinite)
+
+
+def columns_from_events(events, spec: AnalysisSpec) -> Columns:
+    """jacana's columns of one coffea work item (metadata from :func:`coffea_fileset`)."""
+    m = events.metadata
+    chunk = Chunk(m["sample"], m["variation"], m["filename"], int(m["entrystart"]), int(m["entrystop"]),
+                  int(m["nevts_total"]))
+    if len(events) != chunk.n_events:
+        raise InputFileError(chunk.path, f"coffea gave {len(events)} events for entries {chunk.entry_start}-{chunk.entry_stop}")
+    return columns_from_arrays(chunk, spec, {b: _field(events, b) for b in spec.needed_branches()})
+
+
+def _numpy(tree):
+    if isinstance(tree, Mapping):
+        return {k: _numpy(v) for k, v in tree.items()}
+    return np.asarray(tree, dtype=np.float64)
+
+
+class JacanaProcessor(processor.ProcessorABC):
+    """Soft yields and Jacobians (or VJPs) of jacana's analysis on coffea NanoEvents.
+
+    ``spec``: the analysis (an :class:`AnalysisSpec` or its dict); ``params``/``relax``: values by
+    name (default: the spec's parameters, relaxation scale 1); ``mode``: ``"jacobian"`` (yields
+    and d yields/d params), ``"yields"``, or ``"vjp"`` with ``cotangents`` per (sample, variation).
+    Only plain data is held, so coffea can ship the processor to its workers.
+    """
+
+    def __init__(self, spec: AnalysisSpec | Mapping, params: Mapping[str, Any] | None = None,
+                 relax: Mapping[str, Any] | None = None, mode: str = "jacobian", cotangents: Mapping | None = None):
+        from jacana.stages.analysis import default_params, default_relax
+
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "vjp" and cotangents is None:
+            raise ValueError("mode='vjp' needs cotangents")
+        self.spec_dict = spec.to_dict() if isinstance(spec, AnalysisSpec) else dict(spec)
+        s = AnalysisSpec(self.spec_dict)
+        self.params = {k: np.asarray(v, np.float64) for k, v in (params if params is not None else default_params(s)).items()}
+        self.relax = {k: np.asarray(v, np.float64) for k, v in (relax if relax is not None else default_relax(s)).items()}
+        self.mode = mode
+        self.cotangents = _numpy(cotangents) if cotangents is not None else None
+
+    def process(self, events) -> dict:
+        import jax.numpy as jnp
+
+        from jacana.stages.analysis import _empty_yields, chunk_yields
+        from jacana.stages.batch import make_batches, to_device
+        from jacana.stages.jacobian import yields_and_jacobian, yields_vjp
+        from jacana.stages.sensitivity import yields_key
+        from jacana.stages.spec import NOMINAL
+
+        from .dask_executor import _spec_and_config
+        from .executor import rebatch
+
+        spec, config = _spec_and_config(self.spec_dict)
+        columns = columns_from_events(events, spec)
+        chunk = columns.chunk
+        key = yields_key(chunk.sample, chunk.variation)
+        batches = make_batches(columns, spec, prefilter=True)
+        params = {k: jnp.asarray(v) for k, v in self.params.items()}
+        relax = {k: jnp.asarray(v) for k, v in self.relax.items()}
+        parts = to_device(rebatch(batches.parts)) if batches.parts else []
+        out: dict = {"provenance": [[chunk.path, chunk.entry_start, chunk.entry_stop, chunk.n_events]],
+                     "nonfinite": dict(columns.nonfinite)}
+        if not parts:  # nothing can pass: exact zeros (shapes as the in-process executor's)
+            ylds = _empty_yields(config, chunk.variation == NOMINAL)
+            out["yields"] = {key: _numpy(ylds)}
+            if self.mode == "jacobian":
+                out["jacobian"] = {key: {r: {k: {p: np.zeros(np.shape(v) + np.shape(self.params[p])) for p in self.params}
+                                             for k, v in by.items()} for r, by in ylds.items()}}
+            elif self.mode == "vjp":
+                out["vjp"] = {p: np.zeros(np.shape(v)) for p, v in self.params.items()}
+            return out
+        if self.mode == "yields":
+            out["yields"] = {key: _numpy(chunk_yields(params, relax, parts, config))}
+        elif self.mode == "jacobian":
+            y, j = yields_and_jacobian(params, relax, parts, config)
+            out["yields"], out["jacobian"] = {key: _numpy(y)}, {key: _numpy(j)}
+        else:
+            ct = {r: {k: jnp.asarray(v) for k, v in by.items()} for r, by in self.cotangents[key].items()}
+            y, g = yields_vjp(params, relax, parts, config, ct)
+            out["yields"], out["vjp"] = {key: _numpy(y)}, _numpy(g)
+        return out
+
+    def postprocess(self, accumulator):
+        return accumulator
+
+
+def check_provenance(output: Mapping, fileset: Fileset, spec: AnalysisSpec) -> tuple[Provenance, ...]:
+    """Every entry of every file the analysis needs was processed exactly once (else ProvenanceError)."""
+    records = [Provenance(str(f), int(a), int(b), int(n)) for f, a, b, n in output.get("provenance", [])]
+    merged = merge([records])  # no record twice, no overlap
+    covered: dict[str, int] = {}
+    for p in merged:
+        covered[p.file] = covered.get(p.file, 0) + (p.entry_stop - p.entry_start)
+    want = {f.path: f.nevts for s in spec.samples for v in spec.file_variations(s) for f in fileset.files(s, v)}
+    wrong = {f: (covered.get(f, 0), n) for f, n in want.items() if covered.get(f, 0) != n}
+    extra = sorted(set(covered) - set(want))
+    if wrong or extra:
+        raise ProvenanceError(f"entries processed != entries in the files: {dict(list(wrong.items())[:5])}"
+                              f"{'; unexpected files ' + str(extra[:5]) if extra else ''}")
+    return merged
+
+
+def executor_output(output: Mapping, spec: AnalysisSpec, fileset: Fileset | None = None):
+    """The accumulator as the executor interface returns it: ``(yields, jacobians)`` (mode
+    ``jacobian``), ``(yields, grad)`` (``vjp``) or ``yields`` (``yields``); provenance checked
+    against ``fileset`` when given."""
+    if fileset is not None:
+        check_provenance(output, fileset, spec)
+    ylds = output["yields"]
+    if "jacobian" in output:
+        return ylds, output["jacobian"]
+    if "vjp" in output:
+        return ylds, output["vjp"]
+    return ylds

@@ -1,0 +1,591 @@
+"""The soft analysis on dask workers: batches stay where they were read, one message per step.
+
+:class:`DaskExecutor` answers exactly what :class:`~jacana.facility.executor.InProcessExecutor`
+answers (``yields``, ``yields_and_jacobian``, ``yields_vjp``, ``config``, ``n_events``,
+``report``, ``close``), on a local dask cluster (``workers=N``), any running scheduler
+(``scheduler="tcp://..."``), a facility profile (``profile="coffea-casa"``, see
+:mod:`jacana.facility.profiles`) or a :class:`distributed.Client` you already have.
+
+Reading (once)
+    One task per chunk (:func:`load_chunk_task`) reads it and densifies it with
+    ``make_batches(prefilter=True)``. The driver then gets a few numbers per chunk (events per
+    jet bucket) and plans the work: every (sample, file variation, jet bucket) *unit* goes to one
+    shard, balancing the estimated compute per shard and preferring the worker that read the
+    unit's events (longest-processing-time first). One task per shard
+    (:func:`build_shard_task`) regroups its units into the same fixed-shape calls as the
+    in-process executor (:func:`~jacana.facility.executor.rebatch`) and keeps them in worker
+    memory: the driver holds the shard futures, so dask keeps them there, and recomputes them
+    from their task graph (re-reading the chunks elsewhere) if a worker is lost.
+
+One step
+    The driver encodes one request message (parameters, relaxation, and for reverse mode the
+    cotangents; :mod:`jacana.protocol.message`) and submits :func:`step_task` once per shard.
+    Each returns one encoded response message: the yields of every (sample, file variation),
+    their packed Jacobians (``jacobian:<name>``, last axis over the parameters) or the VJP
+    (``cotangent:<param>``), the provenance of the chunks it answers for, and a ledger of the
+    events and parts it counted per chunk. :func:`sum_messages_task` sums them in a binary tree
+    on the cluster (:func:`~jacana.protocol.pipeline.reduce_partials`: duplicates and overlaps
+    are refused), so one message reaches the driver, which checks that the provenance is exactly
+    the expected chunk list and the ledger exactly the events that were read.
+
+Only module-level functions, plain data (chunk descriptions, the analysis config as a dict)
+and message bytes cross between driver and workers; every worker compiles each call shape
+once (the persistent compilation cache in ``$JACANA_CACHE`` is shared by workers on one
+machine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import uuid
+from collections import Counter
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from jacana.protocol.message import Message, decode, encode, params_digest
+from jacana.protocol.pipeline import reduce_partials
+from jacana.protocol.provenance import Provenance, merge
+from jacana.stages.errors import FilesetError, InputFileError
+from jacana.stages.fileset import Chunk
+from jacana.stages.spec import NOMINAL, AnalysisSpec
+
+from .executor import CALL_EVENTS, InProcessExecutor, rebatch
+from .hardrun import InputReport
+from .profiles import FacilityError, connect, connect_scheduler, load_profile, plugin_for
+
+STAGE = "jacana.soft_yields"
+KINDS = ("apply", "jacobian", "vjp")
+#: Balance tolerance of the planner: a unit stays on the worker holding its events when that
+#: shard's load is within this fraction of the mean shard load of the lightest shard.
+LOCALITY_SLACK = 0.05
+
+# =========================================================================================
+# Worker side: module-level functions (dask pickles a reference to them, never a closure).
+# =========================================================================================
+_SPEC_CACHE: dict[str, tuple] = {}
+
+
+def _spec_and_config(spec_dict: Mapping):
+    """(AnalysisSpec, SoftConfig) of a config dict, built once per worker process."""
+    from jacana.stages.analysis import soft_config
+
+    token = json.dumps(spec_dict, sort_keys=True, default=str)
+    if token not in _SPEC_CACHE:
+        spec = AnalysisSpec(spec_dict)
+        _SPEC_CACHE[token] = (spec, soft_config(spec))
+    return _SPEC_CACHE[token]
+
+
+@dataclasses.dataclass
+class ChunkLoad:
+    """The dense (numpy) batches of one chunk, or why it could not be read. Lives on a worker."""
+
+    index: int
+    chunk: Chunk
+    parts: tuple
+    nonfinite: dict
+    error: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.asarray(getattr(p, f.name)).nbytes) for p in self.parts
+                   for f in dataclasses.fields(p) if not f.metadata.get("static"))
+
+
+def load_chunk_task(index: int, chunk: Mapping, spec_dict: Mapping, dtype: str = "float64") -> ChunkLoad:
+    """Read chunk ``index`` (a plain dict of :class:`Chunk` fields) and densify it.
+
+    A file that cannot be read is not raised here: the driver applies its bad-file policy.
+    """
+    from jacana.stages.batch import make_batches
+    from jacana.stages.columns import read_chunk
+
+    spec, _ = _spec_and_config(spec_dict)
+    c = Chunk(**chunk)
+    try:
+        columns = read_chunk(c, spec)
+    except InputFileError as exc:
+        return ChunkLoad(index, c, (), {}, error=str(exc))
+    batches = make_batches(columns, spec, dtype=np.dtype(dtype), prefilter=True)
+    return ChunkLoad(index, c, tuple(batches.parts), dict(columns.nonfinite))
+
+
+def chunk_summary_task(load: ChunkLoad) -> dict:
+    """What the planner needs of a loaded chunk: events per jet bucket, errors, masked values."""
+    return {"index": load.index, "error": load.error, "nonfinite": load.nonfinite,
+            "parts": [[p.n_jets, int(np.asarray(p.event_mask).sum()), len(p.kinematic)] for p in load.parts],
+            "nbytes": load.nbytes}
+
+
+@dataclasses.dataclass
+class WorkerShard:
+    """A shard's fixed-shape calls per (sample, file variation), on the worker's JAX device."""
+
+    index: int
+    n_shards: int
+    config: Any
+    batches: dict
+    provenance: tuple
+    ledger_events: np.ndarray  # [n_chunks] events counted per chunk
+    ledger_parts: np.ndarray  # [n_chunks] jet-bucket parts counted per chunk
+    nbytes: int = 0
+
+
+def build_shard_task(index: int, n_shards: int, spec_dict: Mapping, units: Sequence, owned: Sequence[Mapping],
+                     n_chunks: int, *loads: ChunkLoad) -> WorkerShard:
+    """Regroup the ``units`` ([key, n_jets]) of the given chunk loads into calls kept on this worker."""
+    from jacana.stages.batch import to_device
+    from jacana.stages.sensitivity import yields_key
+
+    _, config = _spec_and_config(spec_dict)
+    wanted = {(k, int(n)) for k, n in units}
+    groups: dict[str, list] = {}
+    events = np.zeros(n_chunks, np.int64)
+    parts = np.zeros(n_chunks, np.int64)
+    for load in sorted(loads, key=lambda ld: ld.index):  # chunk order: the in-process concatenation order
+        key = yields_key(load.chunk.sample, load.chunk.variation)
+        for p in load.parts:
+            if (key, p.n_jets) in wanted:
+                groups.setdefault(key, []).append(p)
+                events[load.index] += int(np.asarray(p.event_mask).sum())
+                parts[load.index] += 1
+    batches = {key: to_device(rebatch(group)) for key, group in groups.items()}
+    nbytes = sum(int(a.nbytes) for calls in batches.values() for b in calls for a in _arrays(b))
+    prov = tuple(Provenance(**p) for p in owned)
+    return WorkerShard(index, n_shards, config, batches, prov, events, parts, nbytes)
+
+
+def _arrays(batch) -> list:
+    return [getattr(batch, f.name) for f in dataclasses.fields(batch) if not f.metadata.get("static")]
+
+
+def _key_of(i: int) -> str:
+    return f"y{i}"
+
+
+def _zeros_like_yields(config, variation: str, edges: Mapping) -> dict:
+    nv = len(config.variations(variation == NOMINAL))
+    return {r.name: {"sumw": np.zeros((nv, len(edges[r.name]) - 1)), "sumw2": np.zeros((nv, len(edges[r.name]) - 1))}
+            for r in config.regions}
+
+
+def step_task(shard: WorkerShard, request: bytes) -> bytes:
+    """Answer one request message with the shard's yields and Jacobians (or VJP) as one message."""
+    import jax.numpy as jnp
+
+    from jacana.stages.analysis import add_yields, chunk_yields, region_edges
+    from jacana.stages.jacobian import yields_and_jacobian, yields_vjp
+    from jacana.stages.sensitivity import yields_key
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    req = decode(request)
+    if req.kind not in KINDS or req.role != "request":
+        raise FacilityError(f"step_task cannot answer a {req.role} of kind {req.kind!r}")
+    pnames = list(req.param_names)
+    params = {n: jnp.asarray(req.tensors[n]) for n in pnames}
+    if params_digest({n: req.tensors[n] for n in pnames}) != req.params_digest:
+        raise FacilityError("request parameters do not match their digest")
+    relax = {n[len("relax."):]: jnp.asarray(v) for n, v in req.tensors.items() if n.startswith("relax.")}
+    keys = [tuple(k) for k in req.meta["keys"]]
+    config = shard.config
+    edges = {k: np.asarray(v) for k, v in region_edges(params, config).items()}
+    out: dict[str, np.ndarray] = {}
+    grad = None
+    for i, (sample, variation) in enumerate(keys):
+        parts = shard.batches.get(yields_key(sample, variation))
+        jac = None
+        if not parts:
+            ylds = _zeros_like_yields(config, variation, edges)
+        elif req.kind == "apply":
+            ylds = chunk_yields(params, relax, parts, config)
+        elif req.kind == "jacobian":
+            ylds, jac = yields_and_jacobian(params, relax, parts, config)
+        else:
+            ct = {r.name: {kind: jnp.asarray(req.tensors[f"cotangent:{_key_of(i)}.{r.name}.{kind}"])
+                           for kind in ("sumw", "sumw2")} for r in config.regions}
+            ylds, g = yields_vjp(params, relax, parts, config, ct)
+            grad = add_yields(grad, g)
+        for r in config.regions:
+            for kind in ("sumw", "sumw2"):
+                name = f"{_key_of(i)}.{r.name}.{kind}"
+                y = np.asarray(ylds[r.name][kind], np.float64)
+                out[name] = y
+                if req.kind == "jacobian":
+                    if jac is None:
+                        cols = [np.zeros(y.shape + (int(np.size(req.tensors[p])),)) for p in pnames]
+                    else:
+                        cols = [np.asarray(jac[r.name][kind][p], np.float64).reshape(y.shape + (-1,)) for p in pnames]
+                    out[f"jacobian:{name}"] = np.concatenate(cols, axis=-1)
+    if req.kind == "vjp":
+        for p in pnames:
+            out[f"cotangent:{p}"] = (np.zeros(np.shape(req.tensors[p])) if grad is None
+                                     else np.asarray(grad[p], np.float64).reshape(np.shape(req.tensors[p])))
+    out["ledger.events"] = shard.ledger_events
+    out["ledger.parts"] = shard.ledger_parts
+    for name, value in (("timing.wall", time.perf_counter() - t0), ("timing.cpu", time.process_time() - c0)):
+        out[name] = np.zeros(shard.n_shards)
+        out[name][shard.index] = value
+    resp = Message(req.kind, out, role="response", stage=STAGE, step=req.step, params_digest=req.params_digest,
+                   wrt=req.wrt, provenance=shard.provenance, meta={"keys": req.meta["keys"]})
+    return encode(resp)
+
+
+def sum_messages_task(*blobs: bytes) -> bytes:
+    """Sum partial response messages (provenance checked: no chunk twice, no overlap)."""
+    return encode(reduce_partials([decode(b) for b in blobs]))
+
+
+async def _wait_all(futures) -> None:
+    from distributed.client import _wait
+
+    await _wait(futures)
+
+
+def noop_task(x=None):
+    """A task that does nothing (to measure the per-task overhead of a cluster)."""
+    return x
+
+
+def _register_sizeof() -> None:
+    """Tell dask how big worker-resident objects are (so it never thinks moving them is free)."""
+    try:
+        from dask.sizeof import sizeof
+    except ImportError:  # pragma: no cover
+        return
+    sizeof.register(WorkerShard)(lambda s: int(s.nbytes) + 1024)
+    sizeof.register(ChunkLoad)(lambda ld: ld.nbytes + 1024)
+
+
+_register_sizeof()
+
+
+# =========================================================================================
+# Driver side
+# =========================================================================================
+def _unit_cost(n_jets: int, events: int, n_var: int) -> float:
+    """Estimated compute of one (key, jet bucket) unit: padded events x trijets x variations."""
+    calls = max(1, math.ceil(events / CALL_EVENTS))
+    return calls * CALL_EVENTS * (max(math.comb(n_jets, 3), 1) + n_jets) * max(n_var, 1)
+
+
+def plan_shards(summaries: Sequence[Mapping], keys_of: Sequence[str], where: Sequence[str | None],
+                n_shards: int, shard_worker: Sequence[str]) -> tuple[list[list], list[int], list[float]]:
+    """Assign (key, jet bucket) units to shards: LPT on estimated cost, preferring data locality.
+
+    Returns (units per shard, owner shard per chunk, estimated cost per shard).
+    """
+    units: dict[tuple[str, int], dict] = {}
+    for s in summaries:
+        if s["error"] is not None:
+            continue
+        for n_jets, events, n_var in s["parts"]:
+            u = units.setdefault((keys_of[s["index"]], n_jets), {"events": 0, "n_var": n_var, "local": Counter()})
+            u["events"] += events
+            u["local"][where[s["index"]]] += events
+    costs = {k: _unit_cost(k[1], u["events"], u["n_var"]) for k, u in units.items()}
+    mean = sum(costs.values()) / max(n_shards, 1)
+    load = [0.0] * n_shards
+    assign: dict[tuple[str, int], int] = {}
+    for k in sorted(units, key=lambda k: (-costs[k], k)):
+        best = min(range(n_shards), key=lambda i: (load[i], i))
+        choice = best
+        home = units[k]["local"].most_common(1)[0][0] if units[k]["local"] else None
+        for i in sorted(range(n_shards), key=lambda i: (load[i], i)):
+            if shard_worker[i] == home and load[i] <= load[best] + LOCALITY_SLACK * mean:
+                choice = i
+                break
+        assign[k] = choice
+        load[choice] += costs[k]
+    per_shard: list[list] = [[] for _ in range(n_shards)]
+    for k, i in sorted(assign.items()):
+        per_shard[i].append([k[0], k[1]])
+    owner = []
+    for s in summaries:
+        best = max(s["parts"], key=lambda p: p[1], default=None) if s["error"] is None else None
+        owner.append(assign[(keys_of[s["index"]], best[0])] if best else s["index"] % n_shards)
+    return per_shard, owner, load
+
+
+class DaskExecutor:
+    """The executor interface on dask workers (see the module docstring).
+
+    Exactly one of ``client`` (an existing :class:`distributed.Client`: a notebook's),
+    ``scheduler`` (an address), ``workers`` (a local cluster of that many processes) or
+    ``profile`` (a facility profile name or path; ``workers`` then overrides its size) says
+    where. A cluster or client created here is closed by :meth:`close`.
+    """
+
+    def __init__(self, spec: AnalysisSpec, chunks: Iterable[Chunk], *, client=None, scheduler: str | None = None,
+                 workers: int | None = None, profile: str | Mapping | None = None, dtype=np.float64,
+                 progress: bool = False, report: InputReport | None = None, shards_per_worker: int = 1,
+                 connect_timeout: float | None = None, timeout: float | None = 3600.0, plugin: bool = True):
+        from jacana.stages.analysis import soft_config
+        from jacana.stages.sensitivity import yields_key
+
+        self.spec = spec
+        self.config = soft_config(spec)
+        self.report = report or InputReport()
+        self.timeout = timeout
+        self.cluster = None
+        self._own_client = False
+        self._token = uuid.uuid4().hex[:8]
+        self._step = 0
+        self.shards: list = []
+        self.last_step: dict = {}
+        self._spw = max(1, int(shards_per_worker))
+        prof = None
+        if sum(x is not None for x in (client, scheduler, profile)) > 1:
+            raise FacilityError("give one of client, scheduler or profile (workers may size a local or profile cluster)")
+        if client is not None:
+            self.client = client
+        elif scheduler is not None:
+            self.client = connect_scheduler(scheduler, 10.0 if connect_timeout is None else connect_timeout)
+            self._own_client = True
+        else:
+            prof = load_profile(profile or "local", workers=workers, connect_timeout=connect_timeout)
+            self.client, self.cluster = connect(prof)
+            self._own_client = True
+        try:
+            self._setup(spec, list(chunks), prof, plugin, workers, dtype, progress, yields_key)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- reading ----------------------------------------------------------------------------
+    def _setup(self, spec, chunks, prof, plugin, workers, dtype, progress, yields_key) -> None:
+        from distributed import as_completed
+        from tqdm.auto import tqdm
+
+        from .plugin import JacanaWorkerPlugin
+
+        wait_n = workers or (prof.get("workers") if prof and prof["kind"] in ("local",) else None) or 1
+        wait_timeout = float(prof["connect_timeout"]) if prof else 60.0
+        try:
+            self.client.wait_for_workers(int(wait_n), timeout=wait_timeout)
+        except TimeoutError:
+            raise FacilityError(f"no {wait_n} dask workers joined within {wait_timeout:g} s") from None
+        self.resources = dict(prof.get("task_resources", {})) if prof else {}
+        if plugin:
+            try:
+                self.client.register_plugin(plugin_for(prof) if prof else JacanaWorkerPlugin(), name="jacana")
+            except FacilityError:
+                raise
+            except Exception as exc:
+                raise FacilityError(f"setting up the dask workers failed: {type(exc).__name__}: {exc}") from exc
+        self.workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        spec_dict = spec.to_dict()
+        keys_of = [yields_key(c.sample, c.variation) for c in chunks]
+        todo = [i for i, c in enumerate(chunks) if not self.report.should_skip(c)]
+        t0 = time.perf_counter()
+        loads = {i: self.client.submit(load_chunk_task, i, dataclasses.asdict(chunks[i]), spec_dict,
+                                       np.dtype(dtype).name, pure=False, key=f"jacana-load-{self._token}-{i}")
+                 for i in todo}
+        summaries_f = {i: self.client.submit(chunk_summary_task, f, pure=False, key=f"jacana-summary-{self._token}-{i}")
+                       for i, f in loads.items()}
+        for _ in tqdm(as_completed(list(summaries_f.values()), loop=self.client.loop), total=len(summaries_f), desc="reading", unit="chunk",
+                      disable=not progress):
+            pass
+        summaries = self.client.gather([summaries_f[i] for i in todo])
+        by_index = {s["index"]: s for s in summaries}
+        ok = []
+        for i in todo:
+            s, c = by_index[i], chunks[i]
+            if s["error"] is not None:
+                msg = s["error"][len(c.path) + 2:] if s["error"].startswith(c.path + ": ") else s["error"]
+                self.report.file_failed(c, InputFileError(c.path, msg))  # raises under the "fail" policy
+                continue
+            for branch, n in s["nonfinite"].items():
+                self.report.nonfinite[branch] = self.report.nonfinite.get(branch, 0) + n
+            ok.append(i)
+        for i in todo:
+            if i not in ok:
+                loads.pop(i).release()
+        self.n_events = sum(chunks[i].n_events for i in ok)
+        expected_keys = [(s, v) for s in spec.samples for v in spec.file_variations(s)]
+        missing = sorted({yields_key(s, v) for s, v in expected_keys} - {keys_of[i] for i in ok})
+        if missing:
+            raise FilesetError(f"no readable chunk for {missing}")
+        self.keys = expected_keys
+        # plan: where each chunk was read; units to shards
+        who = self.client.who_has([loads[i] for i in ok])
+        where = [None] * len(chunks)
+        for i in ok:
+            holders = who.get(loads[i].key) or []
+            where[i] = holders[0] if holders else None
+        n_shards = max(1, len(self.workers) * self._spw)
+        shard_worker = [self.workers[i % len(self.workers)] for i in range(n_shards)]
+        ok_summaries = [by_index[i] for i in ok]
+        per_shard, owner_of, self.shard_costs = plan_shards(
+            [dict(s, index=j) for j, s in enumerate(ok_summaries)], [keys_of[i] for i in ok],
+            [where[i] for i in ok], n_shards, shard_worker)
+        self.chunks = [chunks[i] for i in ok]
+        self.expected = [Provenance(c.path, c.entry_start, c.entry_stop, c.n_events) for c in self.chunks]
+        self._expected_events = np.array([sum(p[1] for p in s["parts"]) for s in ok_summaries], np.int64)
+        self._expected_parts = np.array([len(s["parts"]) for s in ok_summaries], np.int64)
+        self.loaded_bytes = sum(s["nbytes"] for s in ok_summaries)
+        # build the shards (the chunk futures are released once every shard holds its calls)
+        ok_loads = [loads[i] for i in ok]
+        shards = []
+        for si in range(n_shards):
+            units = per_shard[si]
+            unit_set = {(k, n) for k, n in units}
+            needed = [j for j, s in enumerate(ok_summaries)
+                      if any((keys_of[ok[j]], p[0]) in unit_set for p in s["parts"])]
+            owned = [dataclasses.asdict(self.expected[j]) for j in range(len(ok)) if owner_of[j] == si]
+            shards.append(self.client.submit(
+                build_shard_task, si, n_shards, spec_dict, units, owned, len(ok), *[ok_loads[j] for j in needed],
+                pure=False, key=f"jacana-shard-{self._token}-{si}", workers=[shard_worker[si]],
+                allow_other_workers=True, resources=self.resources or None))
+        self.client.sync(_wait_all, shards)
+        for f in shards:
+            if f.status == "error":
+                raise FacilityError(f"building a shard failed: {f.exception()!r}") from f.exception()
+        self.shards = shards
+        del loads, ok_loads
+        self.read_seconds = time.perf_counter() - t0
+
+    # -- steps ------------------------------------------------------------------------------
+    def _request(self, kind: str, params: Mapping, relax: Mapping, cotangents: Mapping | None) -> tuple[bytes, dict]:
+        from jacana.stages.sensitivity import yields_key
+
+        tensors: dict[str, np.ndarray] = {}
+        shapes = {}
+        for k, v in params.items():
+            tensors[k] = np.asarray(v, np.float64)
+            shapes[k] = tensors[k].shape
+        for k, v in relax.items():
+            tensors[f"relax.{k}"] = np.asarray(v, np.float64)
+        if kind == "vjp":
+            for i, (s, v) in enumerate(self.keys):
+                ct = cotangents[yields_key(s, v)]
+                for r in self.config.regions:
+                    for part in ("sumw", "sumw2"):
+                        tensors[f"cotangent:{_key_of(i)}.{r.name}.{part}"] = np.asarray(ct[r.name][part], np.float64)
+        self._step += 1
+        msg = Message(kind, tensors, role="request", stage=STAGE, step=self._step, param_names=tuple(params),
+                      params_digest=params_digest({k: tensors[k] for k in params}),
+                      wrt=tuple(params) if kind != "apply" else (), meta={"keys": [list(k) for k in self.keys]})
+        return encode(msg), shapes
+
+    def run(self, kind: str, params: Mapping, relax: Mapping, cotangents: Mapping | None = None) -> Message:
+        """One step on the cluster: the summed, checked response message."""
+        if not self.shards:
+            raise FacilityError("this executor is closed")
+        t0 = time.perf_counter()
+        request, _ = self._request(kind, params, relax, cotangents)
+        step = self._step
+        level = [self.client.submit(step_task, shard, request, pure=False, key=f"jacana-step-{self._token}-{step}-{i}",
+                                    resources=self.resources or None)
+                 for i, shard in enumerate(self.shards)]
+        n_tasks, depth = len(level), 0
+        while len(level) > 1:
+            depth += 1
+            nxt = [self.client.submit(sum_messages_task, *level[j:j + 2], pure=False,
+                                      key=f"jacana-sum-{self._token}-{step}-{depth}-{j // 2}")
+                   if j + 1 < len(level) else level[j] for j in range(0, len(level), 2)]
+            n_tasks += sum(1 for j in range(0, len(level), 2) if j + 1 < len(level))
+            level = nxt
+        try:
+            data = level[0].result(timeout=self.timeout)
+        except TimeoutError:
+            raise FacilityError(f"step {step} took longer than {self.timeout} s on the cluster") from None
+        except FacilityError:
+            raise
+        except Exception as exc:
+            raise FacilityError(f"step {step} failed on the cluster: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(data, (bytes, bytearray)):
+            raise FacilityError(f"step {step}: the cluster returned {type(data).__name__}, not message bytes")
+        msg = decode(data)
+        if msg.kind != kind or msg.step != step or msg.params_digest != decode(request).params_digest:
+            raise FacilityError(f"step {step}: reply is for step {msg.step}, kind {msg.kind!r} (stale or foreign)")
+        merge([msg.provenance], expected=self.expected)  # every chunk exactly once
+        if not (np.array_equal(msg.tensors["ledger.events"], self._expected_events)
+                and np.array_equal(msg.tensors["ledger.parts"], self._expected_parts)):
+            bad = np.nonzero((msg.tensors["ledger.events"] != self._expected_events)
+                             | (msg.tensors["ledger.parts"] != self._expected_parts))[0]
+            from jacana.protocol.errors import ProvenanceError
+
+            raise ProvenanceError(f"step {step}: events of chunks {[self.expected[j].label for j in bad[:5]]}"
+                                  " were not counted exactly once")
+        self.last_step = {"seconds": time.perf_counter() - t0, "bytes_to_driver": len(data),
+                          "request_bytes": len(request), "tasks": n_tasks, "tree_depth": depth,
+                          "shard_wall": msg.tensors["timing.wall"].tolist(), "shard_cpu": msg.tensors["timing.cpu"].tolist()}
+        return msg
+
+    def _unpack_yields(self, msg: Message) -> dict:
+        from jacana.stages.sensitivity import yields_key
+
+        return {yields_key(s, v): {r.name: {part: msg.tensors[f"{_key_of(i)}.{r.name}.{part}"]
+                                            for part in ("sumw", "sumw2")} for r in self.config.regions}
+                for i, (s, v) in enumerate(self.keys)}
+
+    def yields(self, params: Mapping, relax: Mapping) -> dict:
+        """Soft yields per (sample, file variation), summed over every chunk on the cluster."""
+        return self._unpack_yields(self.run("apply", params, relax))
+
+    def yields_and_jacobian(self, params: Mapping, relax: Mapping) -> tuple[dict, dict]:
+        """(yields, d yields / d params) per (sample, file variation): forward mode, one pass."""
+        from jacana.stages.sensitivity import yields_key
+
+        msg = self.run("jacobian", params, relax)
+        sizes = [(k, int(np.size(params[k])), np.shape(params[k])) for k in params]
+        jacs = {}
+        for i, (s, v) in enumerate(self.keys):
+            by_region = {}
+            for r in self.config.regions:
+                by_region[r.name] = {}
+                for part in ("sumw", "sumw2"):
+                    packed = msg.tensors[f"jacobian:{_key_of(i)}.{r.name}.{part}"]
+                    out, at = {}, 0
+                    for name, n, shape in sizes:
+                        out[name] = packed[..., at:at + n].reshape(packed.shape[:-1] + shape)
+                        at += n
+                    by_region[r.name][part] = out
+            jacs[yields_key(s, v)] = by_region
+        return self._unpack_yields(msg), jacs
+
+    def yields_vjp(self, params: Mapping, relax: Mapping, cotangents: Mapping) -> tuple[dict, dict]:
+        """(yields, sum over (sample, variation) of cotangent . d yields / d params): reverse mode."""
+        msg = self.run("vjp", params, relax, cotangents)
+        return self._unpack_yields(msg), {k: msg.tensors[f"cotangent:{k}"] for k in params}
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the worker-resident batches; close a client or cluster created here."""
+        for f in self.shards:
+            try:
+                f.release()
+            except Exception:
+                pass
+        self.shards = []
+        if self._own_client and getattr(self, "client", None) is not None:
+            try:
+                self.client.close()
+            finally:
+                self._own_client = False
+        if self.cluster is not None:
+            try:
+                self.cluster.close()
+            finally:
+                self.cluster = None
+
+    def __enter__(self) -> "DaskExecutor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_executor(spec: AnalysisSpec, chunks: Iterable[Chunk], workers: int | None = None, scheduler: str | None = None,
+                  client=None, profile: str | Mapping | None = None, progress: bool = False,
+                  report: InputReport | None = None, **kwargs: Any):
+    """The executor the options ask for: in-process when none of ``workers``, ``scheduler``,
+    ``client``, ``profile`` is given (or ``workers=0``), else a :class:`DaskExecutor`."""
+    if client is None and scheduler is None and profile is None and not workers:
+        return InProcessExecutor(spec, chunks, progress=progress, report=report)
+    return DaskExecutor(spec, chunks, client=client, scheduler=scheduler, workers=workers, profile=profile,
+                        progress=progress, report=report, **kwargs)

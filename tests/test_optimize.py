@@ -1,0 +1,174 @@
+"""``jacana optimize`` end to end on small samples: outputs, validation, exact resume, clean stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jacana.analysis.cli import main
+from jacana.analysis.optimize import OptimizationError, Optimizer, OptimizeSettings
+from jacana.facility.executor import InProcessExecutor
+from jacana.facility.hardrun import analysis_chunks
+from jacana.stages.fileset import load_fileset
+from jacana.stages.spec import load_spec
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_filesets(tmp_path_factory):
+    from jacana.facility.synthetic import generate
+
+    out = tmp_path_factory.mktemp("tiny")
+    return generate(out / "train", events=20_000, seed=11, progress=False), \
+        generate(out / "validate", events=20_000, seed=12, progress=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_compile_cache(tmp_path_factory):
+    """One persistent XLA cache for this module's in-process and subprocess runs."""
+    path = tmp_path_factory.mktemp("jacana_cache")
+    old = os.environ.get("JACANA_CACHE")
+    os.environ["JACANA_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("JACANA_CACHE", None)
+    else:
+        os.environ["JACANA_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def optimized(tiny_filesets, tmp_path_factory):
+    train, validate = tiny_filesets
+    out = tmp_path_factory.mktemp("opt")
+    code = main(["optimize", "--fileset", str(train), "--validation-fileset", str(validate), "--steps", str(STEPS),
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_outputs(optimized):
+    result = json.loads((optimized / "result.json").read_text())
+    assert set(result) >= {"initial_params", "final_params", "history", "validation", "final_objective"}
+    assert len(result["history"]) == STEPS
+    assert result["history"][0]["hard_objective"] is not None
+    for key in ("before", "after"):
+        v = result["validation"][key]
+        assert set(v) >= {"ttbar_norm", "expected", "params", "regions"}  # the keys of jacana evaluate
+        assert v["expected"]["sigma_mu"] > 0
+    assert result["validation"]["before"]["params"] == result["initial_params"]
+    assert result["validation"]["after"]["params"] == pytest.approx(result["final_params"])
+    assert result["final_params"] != result["initial_params"]
+    for name, value in result["final_params"].items():
+        p = load_spec().parameters[name]
+        assert p.lower <= value <= p.upper
+    for png in ("objective", "parameters", "histograms_before", "histograms_after", "impacts"):
+        assert (optimized / "plots" / f"{png}.png").stat().st_size > 10_000
+    import pyhf
+
+    pyhf.Workspace(json.loads((optimized / "workspace.json").read_text()))
+
+
+def test_params_json_loads_into_evaluate(optimized, tiny_filesets, tmp_path):
+    _, validate = tiny_filesets
+    assert main(["evaluate", "--fileset", str(validate), "--params", str(optimized / "params.json"),
+                 "--out", str(tmp_path), "--quiet"]) == 0
+    again = json.loads((tmp_path / "result.json").read_text())
+    result = json.loads((optimized / "result.json").read_text())
+    assert again["expected"]["sigma_mu"] == pytest.approx(result["validation"]["after"]["expected"]["sigma_mu"],
+                                                          rel=1e-9)
+
+
+def _run(spec, fileset, out, steps, resume=False):
+    executor = InProcessExecutor(spec, analysis_chunks(spec, load_fileset(fileset)))
+    return Optimizer(spec, executor, OptimizeSettings(steps=steps, hard_every=0), out, progress=False).run(
+        spec.param_values(), resume=resume)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_filesets, tmp_path):
+    spec = load_spec()
+    train, _ = tiny_filesets
+    full = _run(spec, train, tmp_path / "full", STEPS)
+    part_dir = tmp_path / "part"
+    executor = InProcessExecutor(spec, analysis_chunks(spec, load_fileset(train)))
+    opt = Optimizer(spec, executor, OptimizeSettings(steps=STEPS, hard_every=0), part_dir, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(entry):
+        if entry["step"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        opt.run(spec.param_values(), on_step=stop_after_two)
+    resumed = _run(spec, train, part_dir, STEPS, resume=True)
+    assert resumed["params"] == full["params"]  # bit for bit
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tiny_filesets, tmp_path):
+    spec = load_spec()
+    train, _ = tiny_filesets
+    _run(spec, train, tmp_path, 1)
+    executor = InProcessExecutor(spec, analysis_chunks(spec, load_fileset(train)))
+    opt = Optimizer(spec, executor, OptimizeSettings(steps=3, objective="z0", hard_every=0), tmp_path, progress=False)
+    with pytest.raises(OptimizationError, match="different settings.*objective"):
+        opt.run(spec.param_values(), resume=True)
+
+
+def test_nan_objective_stops_cleanly_and_keeps_the_last_good_checkpoint(tiny_filesets, tmp_path):
+    spec = load_spec()
+    train, _ = tiny_filesets
+    executor = InProcessExecutor(spec, analysis_chunks(spec, load_fileset(train)))
+    opt = Optimizer(spec, executor, OptimizeSettings(steps=5, hard_every=0), tmp_path, progress=False)
+    real = opt.value_and_grad
+    calls = {"n": 0}
+
+    def poisoned(params, relax):
+        calls["n"] += 1
+        value, grad = real(params, relax)
+        return (float("nan"), grad) if calls["n"] == 3 else (value, grad)
+
+    opt.value_and_grad = poisoned
+    with pytest.raises(OptimizationError, match="step 2: objective or gradient is not finite"):
+        opt.run(spec.param_values())
+    checkpoint = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert checkpoint["step"] == 1 and len(checkpoint["history"]) == 2
+    assert all(np.isfinite(v) for v in checkpoint["params"].values())
+
+
+def test_sigkill_then_resume_loses_nothing(tiny_filesets, tmp_path):
+    """A killed process (SIGKILL: no cleanup at all) resumes from its last atomic checkpoint."""
+    train, validate = tiny_filesets
+    steps = 6
+    args = [sys.executable, "-m", "jacana.analysis.cli", "optimize", "--fileset", str(train), "--validation-fileset",
+            str(validate), "--steps", str(steps), "--no-plots", "--quiet"]
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out", str(killed_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = killed_dir / "checkpoint.json"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if checkpoint.exists() and json.loads(checkpoint.read_text())["step"] >= 1:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the optimisation ended before it could be killed")
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads(checkpoint.read_text())  # never half-written
+    assert 1 <= state["step"] < steps - 1
+    assert subprocess.run(args + ["--out", str(killed_dir), "--resume"], capture_output=True).returncode == 0
+    full_dir = tmp_path / "full"
+    assert subprocess.run(args + ["--out", str(full_dir)], capture_output=True).returncode == 0
+    resumed = json.loads((killed_dir / "result.json").read_text())
+    full = json.loads((full_dir / "result.json").read_text())
+    assert resumed["final_params"] == full["final_params"]
+    assert [h["step"] for h in resumed["history"]] == list(range(steps))

@@ -1,0 +1,120 @@
+"""Facility profiles: schema, no credentials, connection paths (gateway/jobqueue faked), worker plugin."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from jacana.facility.plugin import JacanaWorkerPlugin, local_versions
+from jacana.facility.profiles import (FacilityError, available_profiles, connect, load_profile, plugin_for,
+                                      validate_profile)
+
+
+def test_shipped_profiles_are_valid():
+    names = available_profiles()
+    assert {"local", "coffea-casa", "fermilab-eaf", "purdue-af", "htcondor-gpu"} <= set(names)
+    for name in names:
+        p = load_profile(name)
+        assert p["kind"] in ("local", "scheduler", "gateway", "htcondor") and p["device"] in ("cpu", "gpu")
+    gpu = load_profile("htcondor-gpu")
+    assert gpu["job_extra_directives"]["request_GPUs"] == 1 and gpu["worker_extra_args"] == ["--resources", "GPU=1"]
+    assert load_profile("coffea-casa")["address"].startswith("tls://")
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"kind": "cloud"}, "kind must be one of"),
+    ({"kind": "local", "wrokers": 2}, "unknown key 'wrokers'"),
+    ({"kind": "local", "workers": "two"}, "workers must be int"),
+    ({"kind": "local", "workers": 0}, "workers must be >= 1"),
+    ({"kind": "local", "device": "tpu"}, "device must be one of"),
+    ({"kind": "scheduler"}, "needs address or address_env"),
+    ({"kind": "gateway", "api_token": "abc"}, "look like credentials"),
+    ({"kind": "gateway", "cluster_options": {"password": "x"}}, "look like credentials"),
+    ({"kind": "local", "worker": {"threads": "1"}}, "worker.threads must be"),
+])
+def test_schema_errors_name_the_problem(raw, match):
+    with pytest.raises(FacilityError, match=match):
+        validate_profile(raw)
+
+
+def test_unknown_profile_lists_the_known_ones():
+    with pytest.raises(FacilityError, match="coffea-casa"):
+        load_profile("nowhere")
+
+
+def test_overrides_and_env_address(monkeypatch):
+    assert load_profile("local", workers=3, device=None)["workers"] == 3
+    monkeypatch.delenv("JACANA_TEST_SCHED", raising=False)
+    with pytest.raises(FacilityError, match=r"\$JACANA_TEST_SCHED"):
+        connect({"kind": "scheduler", "address_env": "JACANA_TEST_SCHED"})
+
+
+def test_missing_optional_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dask_gateway", None)  # import fails
+    with pytest.raises(FacilityError, match="pip install dask-gateway"):
+        connect("fermilab-eaf")
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", None)
+    with pytest.raises(FacilityError, match="pip install dask-jobqueue"):
+        connect("htcondor-gpu")
+
+
+def test_gateway_profile_uses_the_environment_for_auth(monkeypatch):
+    calls = {}
+
+    class Cluster:
+        def scale(self, n):
+            calls["scale"] = n
+
+        def get_client(self, set_as_default=False):
+            return "client"
+
+    class Gateway:
+        def __init__(self, **kwargs):
+            calls["gateway"] = kwargs
+
+        def new_cluster(self, **options):
+            calls["options"] = options
+            return Cluster()
+
+    monkeypatch.setitem(sys.modules, "dask_gateway", types.SimpleNamespace(Gateway=Gateway))
+    client, cluster = connect("purdue-af", workers=5)
+    assert client == "client" and calls["scale"] == 5
+    assert calls["gateway"] == {"auth": "jupyterhub"}  # no token passed: dask-gateway reads it from the environment
+
+
+def test_htcondor_gpu_profile_requests_gpus(monkeypatch):
+    seen = {}
+
+    class HTCondorCluster:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+        def scale(self, jobs):
+            seen["jobs"] = jobs
+
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", types.SimpleNamespace(HTCondorCluster=HTCondorCluster))
+    import distributed
+
+    monkeypatch.setattr(distributed, "Client", lambda cluster, set_as_default=False: "client")
+    client, cluster = connect("htcondor-gpu", workers=2)
+    assert seen["job_extra_directives"]["request_GPUs"] == 1
+    assert seen["worker_extra_args"] == ["--resources", "GPU=1"] and seen["jobs"] == 2
+
+
+def test_plugin_checks_versions_and_device(monkeypatch):
+    import os
+
+    for k in ("JAX_PLATFORMS", "XLA_PYTHON_CLIENT_PREALLOCATE"):  # restored after the test
+        monkeypatch.setenv(k, os.environ.get(k, "cpu" if k == "JAX_PLATFORMS" else "false"))
+    plugin = plugin_for(load_profile("local"))
+    assert isinstance(plugin, JacanaWorkerPlugin) and plugin.device == "cpu"
+    plugin.compilation_cache = False  # leave this process's JAX cache settings alone
+    plugin.setup(None)  # same process: same versions, CPU present
+    other = JacanaWorkerPlugin(versions=dict(local_versions(), jax="0.0.1"), compilation_cache=False)
+    with pytest.raises(FacilityError, match="jax 0.0.1 on the driver"):
+        other.setup(None)
+    assert JacanaWorkerPlugin(threads=1).environment()["OMP_NUM_THREADS"] == "1"
+    with pytest.raises(FacilityError, match="device must be"):
+        JacanaWorkerPlugin(device="tpu")
