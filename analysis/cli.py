@@ -15,7 +15,8 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                    help="override a parameter or config entry, e.g. jet_pt_min=25 or branches.jet_btag=Jet_btagDeepFlavB")
     p.add_argument("--events", type=int, default=None,
-                   help="events of the embedded synthetic samples (default 1,000,000)")
+                   help="events of the embedded synthetic samples (default: 1,000,000 to evaluate and validate on,"
+                        " 250,000 to optimise on)")
     p.add_argument("--on-bad-file", choices=("fail", "skip"), default="fail",
                    help="a missing or unreadable input file stops the run (fail, default) or is skipped and"
                         " recorded in result.json (skip; nothing is re-weighted)")
@@ -62,7 +63,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_optimize(args) -> int:
     from jacana.analysis.optimize import OptimizeSettings, run_optimize
-    from jacana.facility.datasets import DEFAULT_EVENTS, default_fileset
+    from jacana.facility.datasets import DEFAULT_EVENTS, DEFAULT_TRAIN_EVENTS, default_fileset
     from jacana.stages.fileset import load_fileset
 
     spec = _spec_from_args(args)
@@ -73,13 +74,14 @@ def cmd_optimize(args) -> int:
         else:
             train, validation = train.split_alternate()
     else:
-        events = args.events or DEFAULT_EVENTS
-        train = load_fileset(default_fileset("optimize", events=events, progress=not args.quiet))
-        validation = load_fileset(args.validation_fileset or default_fileset("validate", events=events,
-                                                                              progress=not args.quiet))
+        train = load_fileset(default_fileset("optimize", events=args.events or DEFAULT_TRAIN_EVENTS,
+                                             progress=not args.quiet))
+        validation = load_fileset(args.validation_fileset or default_fileset(
+            "validate", events=args.events or DEFAULT_EVENTS, progress=not args.quiet))
     settings = OptimizeSettings(steps=args.steps, objective=args.objective)
     result = run_optimize(spec, train, validation, args.out, settings, resume=args.resume,
-                          progress=not args.quiet, on_bad_file=args.on_bad_file, plots=not args.no_plots)
+                          progress=not args.quiet, on_bad_file=args.on_bad_file, plots=not args.no_plots,
+                          workers=args.workers, scheduler=args.scheduler, profile=args.profile)
     out = Path(args.out).resolve()
     v = result["validation"]
     b, a = v["before"]["expected"]["sigma_mu"], v["after"]["expected"]["sigma_mu"]
@@ -124,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to optimise (default: the expected uncertainty on ttbar_norm)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.json")
+    p.add_argument("--workers", type=int, default=None,
+                   help="run on a local dask cluster of N worker processes (default: in this process)")
+    p.add_argument("--scheduler", help="run on an existing dask scheduler (e.g. tcp://host:8786)")
+    p.add_argument("--profile", help="facility profile: local, coffea-casa, fermilab-eaf, purdue-af, htcondor-gpu,"
+                                     " or a YAML path (see docs/facility.md)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_optimize)

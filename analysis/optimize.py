@@ -29,7 +29,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jacana.facility.atomic import write_json
-from jacana.facility.executor import InProcessExecutor, contract_all
+from jacana.facility.executor import contract_all
 from jacana.facility.hardrun import DEFAULT_CHUNK_SIZE, ColumnStore, InputReport, analysis_chunks
 from jacana.stages.analysis import PARAM_NAMES, default_relax, hard_relax
 from jacana.stages.errors import ConfigError, JacanaError
@@ -225,8 +225,16 @@ class Optimizer:
 
 def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_dir: str | Path,
                  settings: OptimizeSettings, resume: bool = False, progress: bool = True,
-                 on_bad_file: str = "fail", plots: bool = True, impacts: bool = True) -> dict:
-    """The main job: optimise on ``train``, validate before and after on ``validation``, write everything."""
+                 on_bad_file: str = "fail", plots: bool = True, impacts: bool = True,
+                 workers: int | None = None, scheduler: str | None = None, client=None,
+                 profile: str | None = None) -> dict:
+    """The main job: optimise on ``train``, validate before and after on ``validation``, write everything.
+
+    ``workers`` / ``scheduler`` / ``client`` / ``profile`` choose a dask executor (see
+    :func:`jacana.facility.dask_executor.make_executor`); none of them runs in this process.
+    """
+    from jacana.facility.dask_executor import make_executor
+
     from jacana.analysis.evaluate import hard_evaluation
     from jacana.stages.workspace import histograms_to_json
 
@@ -234,8 +242,9 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     train_report, val_report = InputReport(on_bad_file), InputReport(on_bad_file)
-    executor = InProcessExecutor(spec, analysis_chunks(spec, train, settings.chunk_size), progress=progress,
-                                 report=train_report)
+    executor = make_executor(spec, analysis_chunks(spec, train, settings.chunk_size), workers=workers,
+                             scheduler=scheduler, client=client, profile=profile, progress=progress,
+                             report=train_report)
     store = ColumnStore(spec)
 
     def validate(params: Mapping[str, float]) -> dict:
@@ -245,12 +254,15 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
     initial = spec.param_values()
     before = validate(initial)
     opt = Optimizer(spec, executor, settings, out, progress=progress)
-    outcome = opt.run(initial, resume=resume)
-    final = outcome["params"]
+    try:
+        outcome = opt.run(initial, resume=resume)
+        final = outcome["params"]
+        relax_end = default_relax(spec, settings.relax_scale(settings.steps))
+        relaxed_end = opt.objective.physical(opt.loss(final, relax_end))
+        hard_end = opt.objective.physical(opt.hard_loss(final))
+    finally:
+        executor.close()
     after = validate(final)
-    relax_end = default_relax(spec, settings.relax_scale(settings.steps))
-    relaxed_end = opt.objective.physical(opt.loss(final, relax_end))
-    hard_end = opt.objective.physical(opt.hard_loss(final))
     b, a = before["result"]["expected"]["sigma_mu"], after["result"]["expected"]["sigma_mu"]
     result = {
         "objective": settings.objective,

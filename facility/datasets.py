@@ -12,6 +12,9 @@ import os
 from pathlib import Path
 
 DEFAULT_EVENTS = 1_000_000
+#: Events the optimiser runs on by default: a gradient step costs several soft passes, and the
+#: 2-core budget of the main job is minutes; validation always uses DEFAULT_EVENTS.
+DEFAULT_TRAIN_EVENTS = 250_000
 SEEDS = {"optimize": 1, "validate": 2}
 
 

@@ -1,19 +1,29 @@
 """Benchmark of the differentiable stages, as ratios measured in one run.
 
-On >= 1 M in-memory events (a synthetic AGC dataset, every sample and file variation):
+On >= 1 M events (a synthetic AGC dataset, every sample and file variation), loaded the way the
+optimiser loads them (:class:`jacana.facility.executor.InProcessExecutor`: prefiltered, regrouped
+into fixed-shape calls of ``CALL_EVENTS`` events per jet bucket), so the real call pattern is
+measured:
 
-* ``jacobian_over_forward``: yields + forward-mode Jacobian (all samples, regions, variations,
-  bins; 4 cut parameters) / the soft forward pass alone (target <= 3);
-* ``vjp_over_forward``: yields + VJP / forward;
-* ``jacobian_over_reference``: yields + Jacobian / the conventional awkward + hist hard analysis
-  (``reference.fill_histograms``) on the same in-memory columns (target <= 1);
+* ``seconds_forward``: the soft yields of every (sample, file variation);
+* ``seconds_jacobian``: yields + forward-mode Jacobian (4 cut parameters; what ``jacana optimize``
+  calls each step); ``jacobian_over_forward`` (target <= 3);
+* ``seconds_vjp``: yields + VJP; ``vjp_over_forward``;
+* ``seconds_reference``: the conventional awkward + hist hard analysis
+  (``reference.fill_histograms``) on the same in-memory columns; ``jacobian_over_reference``
+  (target <= 1);
+* compile times: per distinct call shape (jet bucket x file kind) and mode, the first call minus
+  a second one (``compile_seconds_{forward,jacobian,vjp}``: sum and max over shapes);
+* ``per_bucket``: forward / Jacobian seconds per jet bucket (where the time goes);
+* with ``compare_float32``: the same Jacobian from float32 batches, and its largest deviation from
+  float64 relative to the largest float64 entry of the same (sample/variation, region, parameter);
 * ``hist_memory_ratio``: peak memory of ``relaxed.ops.hist`` / this package's relaxed histogram at
   1 M events and 25 bins, from XLA's compiled temporary-buffer size and from the RSS growth of a
   fresh subprocess (target >= 10).
 
 Run ``python -m jacana.stages.bench_stages [fileset.json]``; :func:`run_benchmark` returns the dict.
-Timings are the minimum over ``repeats`` runs after a warm-up run (compilation excluded and
-reported separately).
+Timings are the minimum over ``repeats`` runs after a warm-up run; ``cpu_seconds_*`` are the
+process CPU times of the same runs (less sensitive to other load on a shared machine).
 """
 
 from __future__ import annotations
@@ -74,26 +84,77 @@ def histogram_benchmark(n: int = 1_000_000, bins: int = 25) -> dict:
     }
 
 
-def _timed(fn, repeats: int) -> float:
-    best = float("inf")
+def _timed(fn, repeats: int) -> tuple[float, float]:
+    """(best wall seconds, best process CPU seconds) over ``repeats`` runs."""
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
+    return best, best_cpu
+
+
+def _compile_times(executor, params, relax, cotangents) -> dict:
+    """First call minus second call of each distinct call shape, per mode."""
+    import jax
+
+    from .analysis import soft_yields
+    from .jacobian import _yields_and_jacobian_one, _yields_vjp_one
+
+    config = executor.config
+    modes = {
+        "forward": lambda part, key: soft_yields(params, relax, part, config),
+        "jacobian": lambda part, key: _yields_and_jacobian_one(params, relax, part, config),
+        "vjp": lambda part, key: _yields_vjp_one(params, relax, part, config, cotangents[key]),
+    }
+    seen, out = set(), {m: [] for m in modes}
+    for key, parts in executor.batches.items():
+        for part in parts:
+            shape = (part.n_jets, part.n_padded, part.lepton_pt.shape[1], part.kinematic, part.weight_variations,
+                     part.block_size, str(part.dtype))
+            if shape in seen:
+                continue
+            seen.add(shape)
+            for mode, fn in modes.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(part, key))
+                first = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(part, key))
+                out[mode].append(max(first - (time.perf_counter() - t0), 0.0))
+    res = {"call_shapes": len(seen)}
+    for mode, times in out.items():
+        res[f"compile_seconds_{mode}"] = float(sum(times))
+        res[f"compile_seconds_{mode}_max"] = float(max(times, default=0.0))
+    return res
+
+
+def _jacobian_deviation(jac32: dict, jac64: dict) -> float:
+    """max over (key, region, kind, param) of max|J32 - J64| / max|J64|."""
+    worst = 0.0
+    for key, by_region in jac64.items():
+        for region, by_kind in by_region.items():
+            for kind, by_param in by_kind.items():
+                for name, j64 in by_param.items():
+                    a = np.asarray(j64, dtype=np.float64)
+                    b = np.asarray(jac32[key][region][kind][name], dtype=np.float64)
+                    scale = float(np.max(np.abs(a)))
+                    if scale > 0:
+                        worst = max(worst, float(np.max(np.abs(a - b))) / scale)
+    return worst
 
 
 def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, repeats: int = 2,
-                  dtype: str = "float64", prefilter: bool = False, reference_repeats: int = 1,
-                  histogram: bool = True) -> dict:
+                  dtype: str = "float64", reference_repeats: int = 1, histogram: bool = True,
+                  compare_float32: bool = False, chunk_size: int = 200_000) -> dict:
     """Measure the stages on a synthetic dataset of ``events`` events (generated if ``fileset`` is None)."""
     import jax
 
-    from .analysis import chunk_yields, default_params, default_relax, soft_config
-    from .batch import make_batches, to_device
+    from jacana.facility.executor import CALL_EVENTS, InProcessExecutor
+
+    from .analysis import default_params, default_relax
     from .columns import read_chunk
     from .fileset import load_fileset
-    from .jacobian import yields_and_jacobian, yields_vjp
     from .reference import fill_histograms
     from .spec import load_spec
 
@@ -104,7 +165,8 @@ def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, re
     spec = load_spec()
     fs = load_fileset(fileset)
     chunks = [c for s in spec.samples for v in spec.file_variations(s) if fs.has(s, v)
-              for c in fs.chunks(s, v, chunk_size=200_000)]
+              for c in fs.chunks(s, v, chunk_size=chunk_size)]
+
     t0 = time.perf_counter()
     columns = [read_chunk(c, spec) for c in chunks]
     t_read = time.perf_counter() - t0
@@ -114,51 +176,76 @@ def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, re
         for col in columns:
             fill_histograms(col, spec)
 
-    t_reference = _timed(reference, reference_repeats)
+    t_reference, c_reference = _timed(reference, reference_repeats)
+    del columns
 
     t0 = time.perf_counter()
-    batches = [to_device(make_batches(col, spec, dtype=np.dtype(dtype), prefilter=prefilter)) for col in columns]
-    jax.block_until_ready([b.parts for b in batches])
-    t_batch = time.perf_counter() - t0
-    n_padded = sum(b.n_padded for b in batches)
-    config = soft_config(spec)
+    executor = InProcessExecutor(spec, chunks, dtype=np.dtype(dtype))
+    jax.block_until_ready([[p.weight for p in parts] for parts in executor.batches.values()])
+    t_load = time.perf_counter() - t0
+    parts = [p for ps in executor.batches.values() for p in ps]
     params, relax = default_params(spec), default_relax(spec)
 
     def forward():
-        out = [chunk_yields(params, relax, b, config) for b in batches]
+        out = executor.yields(params, relax)
         jax.block_until_ready(out)
         return out
 
     def jacobian():
-        jax.block_until_ready([yields_and_jacobian(params, relax, b, config) for b in batches])
+        out = executor.yields_and_jacobian(params, relax)
+        jax.block_until_ready(out)
+        return out
 
     ylds = forward()
-    cotangents = [jax.tree.map(lambda a: a * 0 + 1.0, y) for y in ylds]
+    cotangents = {k: jax.tree.map(lambda a: a * 0 + 1.0, y) for k, y in ylds.items()}
 
     def vjp():
-        jax.block_until_ready([yields_vjp(params, relax, b, config, ct) for b, ct in zip(batches, cotangents)])
+        jax.block_until_ready(executor.yields_vjp(params, relax, cotangents))
 
-    t0 = time.perf_counter()
-    forward(), jacobian(), vjp()  # warm-up: compiles every shape
-    t_compile = time.perf_counter() - t0
-    t_forward = _timed(forward, repeats)
-    t_jacobian = _timed(jacobian, repeats)
-    t_vjp = _timed(vjp, repeats)
+    compile_info = _compile_times(executor, params, relax, cotangents)
+    t_forward, c_forward = _timed(forward, repeats)
+    t_jacobian, c_jacobian = _timed(jacobian, repeats)
+    t_vjp, c_vjp = _timed(vjp, repeats)
+
+    per_bucket: dict = {}
+    from .jacobian import yields_and_jacobian
+    from .analysis import chunk_yields
+    by_bucket: dict = {}
+    for p in parts:
+        by_bucket.setdefault(p.n_jets, []).append(p)
+    for k, ps in sorted(by_bucket.items()):
+        tf, _ = _timed(lambda: jax.block_until_ready(chunk_yields(params, relax, ps, executor.config)), 1)
+        tj, _ = _timed(lambda: jax.block_until_ready(yields_and_jacobian(params, relax, ps, executor.config)), 1)
+        per_bucket[str(k)] = {"calls": len(ps), "forward": tf, "jacobian": tj}
+
     out = {
-        "events": n_events, "events_padded": n_padded, "chunks": len(chunks), "dtype": dtype,
-        "prefilter": prefilter, "cpu_count": os.cpu_count(),
-        "parts": sum(len(b.parts) for b in batches),
-        "shapes": len({(p.n_padded, p.lepton_pt.shape[1], p.n_jets, len(p.kinematic)) for b in batches for p in b.parts}),
-        "seconds_read": t_read, "seconds_batch": t_batch, "seconds_compile_all": t_compile,
+        "events": n_events, "events_in_calls": sum(p.n_padded for p in parts),
+        "events_selected": int(sum(int(np.sum(np.asarray(p.event_mask))) for p in parts)),
+        "calls": len(parts), "call_events": CALL_EVENTS, "chunks": len(chunks), "dtype": dtype,
+        "cpu_count": os.cpu_count(),
+        "seconds_read": t_read, "seconds_load_executor": t_load,
         "seconds_reference": t_reference, "seconds_forward": t_forward,
         "seconds_jacobian": t_jacobian, "seconds_vjp": t_vjp,
+        "cpu_seconds_reference": c_reference, "cpu_seconds_forward": c_forward,
+        "cpu_seconds_jacobian": c_jacobian, "cpu_seconds_vjp": c_vjp,
         "jacobian_over_forward": t_jacobian / t_forward,
         "vjp_over_forward": t_vjp / t_forward,
         "jacobian_over_reference": t_jacobian / t_reference,
         "forward_over_reference": t_forward / t_reference,
         "khz_forward": n_events / t_forward / 1e3, "khz_jacobian": n_events / t_jacobian / 1e3,
         "khz_reference": n_events / t_reference / 1e3,
+        **compile_info,
+        "per_bucket": per_bucket,
     }
+    if compare_float32 and dtype == "float64":
+        _, jac64 = jacobian()
+        ex32 = InProcessExecutor(spec, chunks, dtype=np.float32)
+        _, jac32 = ex32.yields_and_jacobian(params, relax)
+        jax.block_until_ready(jac32)
+        t32, c32 = _timed(lambda: jax.block_until_ready(ex32.yields_and_jacobian(params, relax)), repeats)
+        out.update({"seconds_jacobian_float32": t32, "cpu_seconds_jacobian_float32": c32,
+                    "float32_jacobian_max_relative_deviation": _jacobian_deviation(jac32, jac64)})
+        ex32.close()
     if histogram:
         out.update(histogram_benchmark())
     return out
@@ -173,11 +260,12 @@ def main(argv=None) -> None:
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
-    ap.add_argument("--prefilter", action="store_true")
+    ap.add_argument("--compare-float32", action="store_true",
+                    help="also time the Jacobian on float32 batches and report its deviation from float64")
     ap.add_argument("--no-histogram", action="store_true")
     a = ap.parse_args(argv)
-    res = run_benchmark(a.fileset, events=a.events, repeats=a.repeats, dtype=a.dtype, prefilter=a.prefilter,
-                        histogram=not a.no_histogram)
+    res = run_benchmark(a.fileset, events=a.events, repeats=a.repeats, dtype=a.dtype,
+                        histogram=not a.no_histogram, compare_float32=a.compare_float32)
     print(json.dumps(res, indent=1))
 
 

@@ -26,25 +26,15 @@ jax.config.update("jax_enable_x64", True)
 #: Objects up to this many are processed by an unrolled loop, more by a ``lax.scan``.
 UNROLL_MAX = 4
 
-
-def _shift_absorbing(s, axis: int):
-    """Move probability one count up along ``axis``; the last state keeps what it had (absorbing)."""
-    s = jnp.moveaxis(s, axis, -1)
-    up = jnp.concatenate([jnp.zeros_like(s[..., :1]), s[..., :-1]], axis=-1)
-    up = up.at[..., -1].add(s[..., -1])
-    return jnp.moveaxis(up, -1, axis)
+# The programmes keep their states as separate [...] arrays (one per count, or per (jet count,
+# tag count)) rather than one [..., states] array: every update is then an elementwise
+# operation on whole event vectors, which XLA fuses and vectorises along the events, and forward
+# mode pushes its tangents through the same few fused loops. States that cannot be reached
+# (more tags than jets) are not stored at all.
 
 
-def count_distribution(p, cap: int):
-    """P(count = 0 .. cap-1) and P(count >= cap) of independent passes ``p`` [..., K] -> [..., cap + 1]."""
-    p = jnp.asarray(p)
-    state = jnp.zeros(p.shape[:-1] + (cap + 1,), p.dtype).at[..., 0].set(1.0)
-
-    def step(state, pj):
-        pj = pj[..., None]
-        return state * (1.0 - pj) + _shift_absorbing(state, -1) * pj, None
-
-    return _over_objects(step, state, p)
+def _add(a, b):
+    return b if a is None else a + b
 
 
 def _over_objects(step, init, *per_object):
@@ -53,10 +43,27 @@ def _over_objects(step, init, *per_object):
     if k <= UNROLL_MAX:  # a few objects: unrolled, fused elementwise updates
         carry = init
         for j in range(k):
-            carry, _ = step(carry, *(a[..., j] for a in per_object))
+            carry = step(carry, *(a[..., j] for a in per_object))
         return carry
-    carry, _ = jax.lax.scan(lambda c, xs: step(c, *xs), init, tuple(jnp.moveaxis(a, -1, 0) for a in per_object))
+    carry, _ = jax.lax.scan(lambda c, xs: (step(c, *xs), None), init,
+                            tuple(jnp.moveaxis(a, -1, 0) for a in per_object))
     return carry
+
+
+def count_distribution(p, cap: int):
+    """P(count = 0 .. cap-1) and P(count >= cap) of independent passes ``p`` [..., K] -> [..., cap + 1]."""
+    p = jnp.asarray(p)
+    one = jnp.ones(p.shape[:-1], p.dtype)
+    init = (one,) + tuple(jnp.zeros_like(one) for _ in range(cap))
+
+    def step(state, pj):
+        stay = 1.0 - pj
+        new = [state[0] * stay]
+        new += [state[i] * stay + state[i - 1] * pj for i in range(1, cap)]
+        new.append(state[cap] + state[cap - 1] * pj)  # absorbing "cap or more"
+        return tuple(new)
+
+    return jnp.stack(_over_objects(step, init, p), axis=-1)
 
 
 def prob_exactly(p, k: int):
@@ -71,6 +78,34 @@ def prob_at_least(p, k: int):
     return count_distribution(p, cap=k)[..., k]
 
 
+def _jet_tag_states(p_sel, q_tag, jet_cap: int, tag_cap: int) -> dict:
+    """{(jet count, tag count): probability [...]} of the reachable capped states."""
+    one = jnp.ones(p_sel.shape[:-1], p_sel.dtype)
+    reach = {(0, 0)}
+    for _ in range(jet_cap + tag_cap + 1):  # states reachable at all (fixed point)
+        reach |= {(min(n + 1, jet_cap), t) for n, t in reach}
+        reach |= {(min(n + 1, jet_cap), min(t + 1, tag_cap)) for n, t in reach}
+    keys = sorted(reach)
+    init = {key: (one if key == (0, 0) else jnp.zeros_like(one)) for key in keys}
+
+    def step(state, p, q):
+        tag = p * q
+        untag = p - tag  # p (1 - q)
+        stay = 1.0 - p
+        new: dict = {}
+        for (n, t), v in state.items():
+            if (n, t) == (jet_cap, tag_cap):  # absorbing in both counts
+                new[(n, t)] = _add(new.get((n, t)), v)
+                continue
+            n1, t1 = min(n + 1, jet_cap), min(t + 1, tag_cap)
+            new[(n, t)] = _add(new.get((n, t)), v * stay)
+            new[(n1, t)] = _add(new.get((n1, t)), v * untag)
+            new[(n1, t1)] = _add(new.get((n1, t1)), v * tag)
+        return {key: new[key] for key in keys}
+
+    return _over_objects(step, init, p_sel, q_tag)
+
+
 def jet_tag_distribution(p_sel, q_tag, jet_cap: int, tag_cap: int = 2):
     """Joint distribution of (selected-jet count, tagged selected-jet count), both capped.
 
@@ -79,21 +114,18 @@ def jet_tag_distribution(p_sel, q_tag, jet_cap: int, tag_cap: int = 2):
     the last index of each axis means "cap or more".
     """
     p_sel, q_tag = jnp.asarray(p_sel), jnp.asarray(q_tag)
-    shape = p_sel.shape[:-1] + (jet_cap + 1, tag_cap + 1)
-    state = jnp.zeros(shape, p_sel.dtype).at[..., 0, 0].set(1.0)
-
-    def step(state, p, q):
-        p, q = p[..., None, None], q[..., None, None]
-        moved = _shift_absorbing(state, -2)  # one more selected jet
-        return state * (1.0 - p) + moved * (p * (1.0 - q)) + _shift_absorbing(moved, -1) * (p * q), None
-
-    return _over_objects(step, state, p_sel, q_tag)
+    states = _jet_tag_states(p_sel, q_tag, jet_cap, tag_cap)
+    zero = jnp.zeros(p_sel.shape[:-1], p_sel.dtype)
+    rows = [jnp.stack([states.get((n, t), zero) for t in range(tag_cap + 1)], axis=-1) for n in range(jet_cap + 1)]
+    return jnp.stack(rows, axis=-2)
 
 
 def jet_region_probs(p_sel, q_tag, min_jets: int):
     """{"exactly_1": P(n_jets >= min_jets and n_tag == 1), "at_least_2": P(n_jets >= min_jets and n_tag >= 2)}."""
-    dist = jet_tag_distribution(p_sel, q_tag, jet_cap=min_jets, tag_cap=2)
-    return {"exactly_1": dist[..., min_jets, 1], "at_least_2": dist[..., min_jets, 2]}
+    p_sel, q_tag = jnp.asarray(p_sel), jnp.asarray(q_tag)
+    states = _jet_tag_states(p_sel, q_tag, jet_cap=min_jets, tag_cap=2)
+    zero = jnp.zeros(p_sel.shape[:-1], p_sel.dtype)
+    return {"exactly_1": states.get((min_jets, 1), zero), "at_least_2": states.get((min_jets, 2), zero)}
 
 
 def nth_selected_value(values, p_sel, n: int):
@@ -104,13 +136,17 @@ def nth_selected_value(values, p_sel, n: int):
     limit it is exactly the i-th selected object's value.
     """
     values, p_sel = jnp.asarray(values), jnp.asarray(p_sel)
-    prefix = jnp.zeros(p_sel.shape[:-1] + (n + 1,), p_sel.dtype).at[..., 0].set(1.0)
-    out = jnp.zeros(p_sel.shape[:-1] + (n,), values.dtype)
+    one = jnp.ones(p_sel.shape[:-1], p_sel.dtype)
+    prefix = (one,) + tuple(jnp.zeros_like(one) for _ in range(n))  # P(exactly i before), i < n; P(>= n)
+    out = tuple(jnp.zeros(p_sel.shape[:-1], values.dtype) for _ in range(n))
 
     def step(carry, vj, pj):
         out, prefix = carry
-        pj = pj[..., None]
-        out = out + (vj[..., None] * pj) * prefix[..., :n]
-        return (out, prefix * (1.0 - pj) + _shift_absorbing(prefix, -1) * pj), None
+        vp = vj * pj
+        out = tuple(o + vp * prefix[i] for i, o in enumerate(out))
+        stay = 1.0 - pj
+        new = [prefix[0] * stay] + [prefix[i] * stay + prefix[i - 1] * pj for i in range(1, n)]
+        new.append(prefix[n] + prefix[n - 1] * pj)
+        return out, tuple(new)
 
-    return _over_objects(step, (out, prefix), values, p_sel)[0]
+    return jnp.stack(_over_objects(step, (out, prefix), values, p_sel)[0], axis=-1)

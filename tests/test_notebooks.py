@@ -1,0 +1,28 @@
+"""The notebooks in notebooks/ run top to bottom (on small samples)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
+def test_notebook_executes(name, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("JACANA_NOTEBOOK_EVENTS", "20000")
+    monkeypatch.setenv("JACANA_NOTEBOOK_STEPS", "3")
+    monkeypatch.setenv("JACANA_NOTEBOOK_DIR", str(tmp_path / "work"))
+    monkeypatch.setenv("JACANA_NOTEBOOK_WORKERS", "1")
+    monkeypatch.setenv("JACANA_CACHE", os.environ.get("JACANA_CACHE", str(tmp_path / "cache")))
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 4
