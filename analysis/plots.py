@@ -84,7 +84,8 @@ def stacked_histograms(spec: AnalysisSpec, hists: Mapping, path: Path, title: st
 def impact_ranking(impacts: Sequence[Mapping], poi: str, path: Path, top: int = 15) -> Path:
     """Nuisance-parameter impacts on the POI (post-fit +/-1 sigma), largest first."""
     plt.style.use(mplhep.style.CMS)
-    rows = sorted(impacts, key=lambda r: max(abs(r["up"]), abs(r["down"])), reverse=True)[:top][::-1]
+    rows = [r for r in impacts if r["up"] is not None and r["down"] is not None]  # failed refits are left out
+    rows = sorted(rows, key=lambda r: max(abs(r["up"]), abs(r["down"])), reverse=True)[:top][::-1]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 2))
     y = np.arange(len(rows))
     ax.barh(y, [r["up"] for r in rows], color="#3f90da", label=r"$+1\sigma$")

@@ -38,7 +38,7 @@ from coffea import processor
 
 from jacana.protocol.errors import ProvenanceError
 from jacana.protocol.provenance import Provenance, merge
-from jacana.stages.columns import Columns, _check_multiplicities, _check_type, _mask_nonfinite, jer_factors
+from jacana.stages.columns import Columns, columns_from_arrays
 from jacana.stages.errors import InputFileError
 from jacana.stages.fileset import Chunk, Fileset
 from jacana.stages.spec import AnalysisSpec
@@ -79,22 +79,6 @@ def _field(events, branch: str):
     arr = ak.without_parameters(arr)
     materialize = getattr(ak, "materialize", None)
     return materialize(arr) if materialize is not None else arr
-
-
-def columns_from_arrays(chunk: Chunk, spec: AnalysisSpec, raw: Mapping[str, ak.Array]) -> Columns:
-    """jacana's :class:`Columns` from arrays by branch name: the same checks, masking and JER
-    factors as :func:`jacana.stages.columns.read_chunk` (which reads them with uproot)."""
-    branch_of = spec.branches
-    arrays = {logical: _check_type(chunk.path, logical, branch, raw[branch]) for logical, branch in branch_of.items()}
-    _check_multiplicities(chunk.path, arrays, branch_of)
-    arrays, nonfinite = _mask_nonfinite(arrays, branch_of)
-    counts = ak.to_numpy(ak.num(arrays["jet_pt"], axis=1))
-    jer = [s for s in spec.systematics if s.kind == "jet_pt_smear"]
-    if jer:
-        flat = jer_factors(chunk.path, chunk.entry_start, counts, float(jer[0].options["sigma"]), int(jer[0].options["seed"]))
-    else:
-        flat = np.ones(int(counts.sum()))
-    return Columns(chunk=chunk, arrays=arrays, jer_factor=ak.unflatten(flat, counts), nonfinite=nonfinite)
 
 
 def columns_from_events(events, spec: AnalysisSpec) -> Columns:

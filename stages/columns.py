@@ -124,13 +124,19 @@ def read_chunk(chunk: Chunk, spec: AnalysisSpec) -> Columns:
     if chunk.entry_stop > tree.num_entries:
         raise InputFileError(chunk.path, f"needs entries up to {chunk.entry_stop} but the tree has {tree.num_entries}"
                              " (the fileset's nevts is wrong or the file is truncated)")
-    branch_of = spec.branches
     try:
-        raw = tree.arrays(list(dict.fromkeys(branch_of.values())), entry_start=chunk.entry_start,
+        raw = tree.arrays(spec.needed_branches(), entry_start=chunk.entry_start,
                           entry_stop=chunk.entry_stop, library="ak", how=dict)
     except Exception as exc:
         raise InputFileError(chunk.path, f"cannot read entries {chunk.entry_start}-{chunk.entry_stop}"
                              f" ({type(exc).__name__}: {exc}); the file may be truncated or corrupt") from None
+    return columns_from_arrays(chunk, spec, raw)
+
+
+def columns_from_arrays(chunk: Chunk, spec: AnalysisSpec, raw) -> Columns:
+    """:class:`Columns` from arrays keyed by branch name (from uproot, or coffea's NanoEvents):
+    type and multiplicity checks, non-finite masking, and the JER smearing factors."""
+    branch_of = spec.branches
     arrays = {logical: _check_type(chunk.path, logical, branch, raw[branch]) for logical, branch in branch_of.items()}
     _check_multiplicities(chunk.path, arrays, branch_of)
     arrays, nonfinite = _mask_nonfinite(arrays, branch_of)

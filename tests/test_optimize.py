@@ -145,6 +145,7 @@ def test_nan_objective_stops_cleanly_and_keeps_the_last_good_checkpoint(tiny_fil
     assert all(np.isfinite(v) for v in checkpoint["params"].values())
 
 
+@pytest.mark.slow  # three `jacana optimize` processes: minutes on 2 cores
 def test_sigkill_then_resume_loses_nothing(tiny_filesets, tmp_path):
     """A killed process (SIGKILL: no cleanup at all) resumes from its last atomic checkpoint."""
     train, validate = tiny_filesets
