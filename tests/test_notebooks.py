@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     monkeypatch.setenv("JACANA_NOTEBOOK_STEPS", "3")
     monkeypatch.setenv("JACANA_NOTEBOOK_DIR", str(tmp_path / "work"))
     monkeypatch.setenv("JACANA_NOTEBOOK_WORKERS", "1")
-    monkeypatch.setenv("JACANA_CACHE", os.environ.get("JACANA_CACHE", str(tmp_path / "cache")))
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute()

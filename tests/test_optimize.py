@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -29,19 +28,6 @@ def tiny_filesets(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     return generate(out / "train", events=20_000, seed=11, progress=False), \
         generate(out / "validate", events=20_000, seed=12, progress=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shared_compile_cache(tmp_path_factory):
-    """One persistent XLA cache for this module's in-process and subprocess runs."""
-    path = tmp_path_factory.mktemp("jacana_cache")
-    old = os.environ.get("JACANA_CACHE")
-    os.environ["JACANA_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("JACANA_CACHE", None)
-    else:
-        os.environ["JACANA_CACHE"] = old
 
 
 @pytest.fixture(scope="module")
