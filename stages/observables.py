@@ -11,7 +11,10 @@
   weight > 0. With hard cut weights that is exactly the conventional trijet.
 
 The trijet four-vector sums depend on the jet kinematics only (not on the parameters), so forward
-mode carries tangents only through the trijet weights.
+mode carries tangents only through the trijet weights; and those (products over a trijet's jets)
+enter through per-jet coefficients (a custom JVP, :func:`_expected_mass`), so a parameter tangent
+costs O(jets), not O(trijets), per event. Trijet sums are BLAS matmuls with a fixed 0/1 matrix
+(gathers are slow on CPU); weights are summed in log space (see :func:`soft_mbjj`).
 """
 
 from __future__ import annotations
@@ -229,13 +232,14 @@ def _expected_mass_jvp(primals, tangents):
         tan = tan + jnp.sum(cp * d_lp, axis=-1)
     if not _is_zero(d_lq):
         tan = tan + jnp.sum(cq * d_lq, axis=-1)
+    chosen = pi > 0 if want_pi else None  # unchosen trijets may have non-finite data tangents (sqrt at 0)
     if not _is_zero(d_tmass):
-        tan = tan + jnp.sum(pi * d_tmass, axis=-1)
+        tan = tan + jnp.sum(jnp.where(chosen, pi * d_tmass, 0.0), axis=-1)
     if not (_is_zero(d_tpt) and _is_zero(d_temp)):
         # log-score (tpt - top) / T: d = d_tpt / T - (tpt - top) dT / T^2 (top cancels in the softmax)
         is_soft, safe_t = _safe_scale(temperature)
         if not _is_zero(d_tpt):
-            tan = tan + jnp.sum(r * d_tpt, axis=-1) / safe_t
+            tan = tan + jnp.sum(jnp.where(chosen, r * d_tpt, 0.0), axis=-1) / safe_t
         if not _is_zero(d_temp):
             tan = tan - jnp.sum(r * tpt, axis=-1) * d_temp / (safe_t * safe_t)
     return out, tan

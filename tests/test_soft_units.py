@@ -194,3 +194,55 @@ def test_buckets():
     for n in (1, 100, 5000, 123_457):
         size, block = padded_events(n, 1024)
         assert size >= n and size % block == 0
+
+
+def test_soft_mbjj_custom_derivatives_match_plain_autodiff():
+    """soft_mbjj's custom JVP (per-jet coefficients) == autodiff of a plain gather implementation."""
+    from jacana.stages.observables import _choose, soft_mbjj, trijet_indices
+    from jacana.stages.soft import soft_step
+
+    rng = np.random.default_rng(3)
+    n, k = 40, 7
+    njet = rng.integers(3, k + 1, n)
+    mask = np.arange(k)[None] < njet[:, None]
+    pt = rng.uniform(10, 120, (n, k)) * mask
+    eta, phi, m = rng.uniform(-2.6, 2.6, (n, k)), rng.uniform(-3, 3, (n, k)), rng.uniform(2, 12, (n, k))
+    btag = np.where(rng.uniform(size=(n, k)) < 0.3, -10.0, rng.uniform(0, 1, (n, k)))
+    kin = [jnp.asarray(a) for a in (pt, np.cos(phi), np.sin(phi), np.sinh(eta), m)]
+
+    def plain(th, tau, kin):
+        p = soft_step(kin[0], th[0], tau[0]) * soft_step(th[2], jnp.abs(jnp.asarray(eta)), tau[2]) * mask
+        q = soft_step(jnp.asarray(btag), th[1], tau[1])
+        idx = trijet_indices(k)
+        pa, pb, pc = (p[..., idx[:, i]] for i in range(3))
+        qa, qb, qc = (q[..., idx[:, i]] for i in range(3))
+        w = pa * pb * pc * (qa + qb + qc - qa * qb - qa * qc - qb * qc + qa * qb * qc)  # no cancellation
+        tpt, tmass = trijet_kinematics(*kin)
+        return _choose(tpt, w, tau[3], tmass)
+
+    def custom(th, tau, kin):
+        p = soft_step(kin[0], th[0], tau[0]) * soft_step(th[2], jnp.abs(jnp.asarray(eta)), tau[2]) * mask
+        q = soft_step(jnp.asarray(btag), th[1], tau[1])
+        return soft_mbjj(*kin, p, q, tau[3])
+
+    th = jnp.array([30.0, 0.5, 2.4])
+    for tau in ([2.0, 0.02, 0.05, 5.0], [0.5, 0.01, 0.01, 1.0], [0.0, 0.0, 0.0, 0.0], [2.0, 0.02, 0.05, 0.0]):
+        tau = jnp.asarray(tau)
+        np.testing.assert_allclose(custom(th, tau, kin), plain(th, tau, kin), rtol=1e-12, atol=1e-9)
+        jc = jax.jacfwd(custom)(th, tau, kin)
+        jp = jax.jacfwd(plain)(th, tau, kin)
+        jr = jax.jacrev(custom)(th, tau, kin)
+        scale = max(float(jnp.max(jnp.abs(jp))), 1e-300)
+        assert float(jnp.max(jnp.abs(jc - jp))) <= 1e-9 * scale
+        assert float(jnp.max(jnp.abs(jr - jc))) <= 1e-9 * scale
+        assert np.all(np.isfinite(np.asarray(jc)))
+    # derivatives with respect to the data (jet pT, through the trijet pT and mass) and the temperature
+    tau = jnp.asarray([2.0, 0.02, 0.05, 5.0])
+    f = lambda x, t: custom(th, tau.at[3].set(t), [x] + kin[1:])
+    h = 1e-5
+    g = jax.jacfwd(f, argnums=(0, 1))(kin[0], tau[3])
+    d = jnp.zeros_like(kin[0]).at[:, 1].set(h)
+    fd_pt = (f(kin[0] + d, tau[3]) - f(kin[0] - d, tau[3])) / (2 * h)
+    np.testing.assert_allclose(g[0][jnp.arange(n), jnp.arange(n), 1], fd_pt, rtol=1e-5, atol=1e-6)
+    fd_t = (f(kin[0], tau[3] + h) - f(kin[0], tau[3] - h)) / (2 * h)
+    np.testing.assert_allclose(g[1], fd_t, rtol=1e-5, atol=1e-6)
