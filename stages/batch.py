@@ -40,6 +40,7 @@ import jax
 import numpy as np
 
 from .columns import Columns
+from .reference import event_weight as event_weights  # one definition of the event weight for both modes
 from .spec import NOMINAL, AnalysisSpec
 
 jax.config.update("jax_enable_x64", True)
@@ -149,16 +150,6 @@ def _pad(arr: ak.Array, width: int, fill, dtype) -> np.ndarray:
     padded = ak.fill_none(ak.pad_none(arr, width, axis=1, clip=True), fill)
     out = ak.to_numpy(padded).astype(dtype, copy=False)
     return out.reshape(len(arr), width)
-
-
-def event_weights(columns: Columns, spec: AnalysisSpec) -> np.ndarray:
-    """xsec x lumi / N_generated, times sign(genWeight) where the config asks (as the reference)."""
-    chunk = columns.chunk
-    norm = spec.samples[chunk.sample]["xsec_pb"] * spec.luminosity_pb / chunk.nevts_total
-    w = np.full(len(columns), norm, dtype=np.float64)
-    if spec.use_genweight_sign:
-        w *= np.sign(ak.to_numpy(columns["gen_weight"]).astype(np.float64))
-    return w
 
 
 def kinematic_jet_pt(columns: Columns, spec: AnalysisSpec) -> dict[str, ak.Array]:
