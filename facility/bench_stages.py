@@ -21,7 +21,7 @@ measured:
   1 M events and 25 bins, from XLA's compiled temporary-buffer size and from the RSS growth of a
   fresh subprocess (target >= 10).
 
-Run ``python -m jacana.stages.bench_stages [fileset.json]``; :func:`run_benchmark` returns the dict.
+Run ``python -m jacana.facility.bench_stages [fileset.json]``; :func:`run_benchmark` returns the dict.
 Timings are the minimum over ``repeats`` runs after a warm-up run; ``cpu_seconds_*`` are the
 process CPU times of the same runs (less sensitive to other load on a shared machine).
 """
@@ -98,8 +98,8 @@ def _compile_times(executor, params, relax) -> dict:
     """First call minus second call of each distinct call shape, per mode (run before anything else)."""
     import jax
 
-    from .analysis import soft_yields
-    from .jacobian import _yields_and_jacobian_one, _yields_vjp_one
+    from jacana.stages.analysis import soft_yields
+    from jacana.stages.jacobian import _yields_and_jacobian_one, _yields_vjp_one
 
     config = executor.config
     seen, out = set(), {"forward": [], "jacobian": [], "vjp": []}
@@ -154,11 +154,11 @@ def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, re
 
     from jacana.facility.executor import CALL_EVENTS, InProcessExecutor
 
-    from .analysis import default_params, default_relax
-    from .columns import read_chunk
-    from .fileset import load_fileset
-    from .reference import fill_histograms
-    from .spec import load_spec
+    from jacana.stages.analysis import default_params, default_relax
+    from jacana.stages.columns import read_chunk
+    from jacana.stages.fileset import load_fileset
+    from jacana.stages.reference import fill_histograms
+    from jacana.stages.spec import load_spec
 
     if fileset is None:
         from jacana.facility.datasets import default_fileset
@@ -179,7 +179,7 @@ def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, re
             fill_histograms(col, spec)
 
     t_reference, c_reference = _timed(reference, reference_repeats)
-    del columns
+    columns.clear()  # free the awkward columns before the dense batches are built
 
     t0 = time.perf_counter()
     executor = InProcessExecutor(spec, chunks, dtype=np.dtype(dtype))
@@ -210,8 +210,8 @@ def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, re
     t_vjp, c_vjp = _timed(vjp, repeats)
 
     per_bucket: dict = {}
-    from .jacobian import yields_and_jacobian
-    from .analysis import chunk_yields
+    from jacana.stages.jacobian import yields_and_jacobian
+    from jacana.stages.analysis import chunk_yields
     by_bucket: dict = {}
     for p in parts:
         by_bucket.setdefault(p.n_jets, []).append(p)
