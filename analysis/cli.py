@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_optimize)
+
+    from jacana.protocol.cli import register as register_serve_stage
+
+    register_serve_stage(sub)
     return parser
 
 

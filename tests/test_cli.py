@@ -1,0 +1,21 @@
+"""The `jacana` command: every subcommand is wired and documents itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from jacana.analysis.cli import build_parser, main
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate", "optimize", "serve-stage"])
+def test_subcommand_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert "usage: jacana " + command in capsys.readouterr().out
+
+
+def test_serve_stage_refuses_a_missing_stage(capsys):
+    args = build_parser().parse_args(["serve-stage", "--stage", "no_such_module:factory"])
+    assert args.func(args) == 2
+    assert "no_such_module" in capsys.readouterr().err
