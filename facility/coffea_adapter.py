@@ -94,7 +94,7 @@ def columns_from_events(events, spec: AnalysisSpec) -> Columns:
 def _numpy(tree):
     if isinstance(tree, Mapping):
         return {k: _numpy(v) for k, v in tree.items()}
-    return np.asarray(tree, dtype=np.float64)
+    return np.array(tree, dtype=np.float64, copy=True)  # writable: coffea accumulates in place
 
 
 class JacanaProcessor(processor.ProcessorABC):

@@ -109,3 +109,17 @@ def test_futures_runner_matches_executor(setup):
     ylds, jacs = executor_output(out, setup["spec"], setup["fileset"])
     assert_trees_close(ylds, setup["y0"])
     assert_trees_close(jacs, setup["j0"])
+
+
+@pytest.mark.slow  # starts a dask cluster whose worker compiles the soft analysis
+def test_coffea_dask_executor_matches_executor(setup):
+    """coffea's own dask path (Runner + DaskExecutor on distributed futures) with the pinned versions."""
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        out = _run(setup, processor.DaskExecutor(client=client, status=False))
+    ylds, jacs = executor_output(out, setup["spec"], setup["fileset"])
+    assert_trees_close(ylds, setup["y0"])
+    assert_trees_close(jacs, setup["j0"])
+    check_provenance(out, setup["fileset"], setup["spec"])
