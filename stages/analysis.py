@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import nn
 from .batch import ChunkBatches, EventBatch
 from .histogram import bin_mass
 from .multiplicity import jet_region_probs, nth_selected_value, prob_exactly
@@ -83,6 +84,10 @@ class SoftConfig:
     kernel: str = "normal"
     flow: bool = False
 
+    @property
+    def uses_nn(self) -> bool:
+        return any(r.observable == "nn" for r in self.regions)
+
     def region(self, name: str) -> RegionDef:
         return next(r for r in self.regions if r.name == name)
 
@@ -98,7 +103,7 @@ def soft_config(spec: AnalysisSpec, kernel: str = "normal", flow: bool = False) 
     regions = tuple(RegionDef(r.name, r.observable, r.btag, tuple(float(e) for e in r.edges))
                     for r in spec.regions.values())
     for r in regions:
-        if r.observable not in ("ht", "m_bjj") or r.btag not in ("exactly_1", "at_least_2"):
+        if r.observable not in ("ht", "m_bjj", "nn") or r.btag not in ("exactly_1", "at_least_2"):
             raise ValueError(f"region {r.name!r}: unsupported observable/btag {r.observable!r}/{r.btag!r}")
     btag = tuple(BtagDef(int(s.options["n_jets"]), float(s.options["rate"]), float(s.options["pt_ref"]))
                  for s in spec.systematics_of("btag_weight"))
@@ -110,7 +115,10 @@ def soft_config(spec: AnalysisSpec, kernel: str = "normal", flow: bool = False) 
 def default_params(spec: AnalysisSpec) -> dict:
     """The spec's parameter values as a dict of float64 scalars."""
     vals = spec.param_values()
-    return {k: jnp.asarray(float(vals[k]), jnp.float64) for k in PARAM_NAMES}
+    out = {k: jnp.asarray(float(vals[k]), jnp.float64) for k in PARAM_NAMES}
+    if spec.uses_nn():
+        out["nn"] = {k: jnp.asarray(v, jnp.float64) for k, v in spec.nn_weights().items()}
+    return out
 
 
 def default_relax(spec: AnalysisSpec, scale: float = 1.0, trijet_pt: float = DEFAULT_TRIJET_PT_TEMPERATURE,
@@ -139,7 +147,12 @@ def region_edges(params: Mapping, config: SoftConfig, dtype=jnp.float64) -> dict
     return out
 
 
-def _block_yields(p, r, edges, b: EventBatch, config: SoftConfig):
+def _bandwidth_unit(region: RegionDef) -> float:
+    """The bandwidth is given in GeV; the NN observable lives in (0, 1)."""
+    return nn.BANDWIDTH_PER_GEV if region.observable == "nn" else 1.0
+
+
+def _block_yields(p, r, edges, nn_weights, b: EventBatch, config: SoftConfig):
     """Histogram contributions of one block of events: {region: (sumw [V, bins], sumw2 [V, bins])}."""
     p_lep = soft_step(b.lepton_pt, p["lepton_pt_min"], r["lepton_pt_min"]) * b.lepton_mask
     prob_lep = prob_exactly(p_lep, config.n_leptons)
@@ -151,13 +164,19 @@ def _block_yields(p, r, edges, b: EventBatch, config: SoftConfig):
         p_sel = soft_step(pt, p["jet_pt_min"], r["jet_pt_min"]) * eta_w
         probs = jet_region_probs(p_sel, q_tag, config.min_jets)
         obs = {}
-        if "ht" in needed:
+        if needed & {"ht", "nn"}:
             obs["ht"] = soft_ht(pt, p_sel)
-        if "m_bjj" in needed:
+        if needed & {"m_bjj", "nn"}:
             obs["m_bjj"] = soft_mbjj(pt, b.jet_cos_phi, b.jet_sin_phi, b.jet_sinh_eta, b.jet_mass, p_sel, q_tag,
                                      r["trijet_pt"])
-        masses = {reg.name: bin_mass(obs[reg.observable], edges[reg.name], r["bandwidth"], config.flow,
-                                     config.kernel) for reg in config.regions}
+        if "nn" in needed:  # expected features under the soft selection (the hard ones in the hard limit)
+            lead = nth_selected_value(pt, p_sel, 4)
+            feats = {"ht": obs["ht"], "n_jets": jnp.sum(p_sel, axis=-1), "m_bjj": obs["m_bjj"],
+                     "lepton_pt": jnp.sum(p_lep * b.lepton_pt, axis=-1),
+                     **{f"jet{i + 1}_pt": lead[:, i] for i in range(4)}}
+            obs["nn"] = nn.mlp(nn_weights, nn.stack_features(feats, jnp), jnp)
+        masses = {reg.name: bin_mass(obs[reg.observable], edges[reg.name], r["bandwidth"] * _bandwidth_unit(reg),
+                                     config.flow, config.kernel) for reg in config.regions}
         sel = {reg.name: prob_lep * probs[reg.btag] for reg in config.regions}
         return masses, sel, p_sel
 
@@ -196,6 +215,11 @@ def soft_yields(params: Mapping, relax: Mapping, batch: EventBatch, config: Soft
     p = {k: jnp.asarray(params[k], dt) for k in PARAM_NAMES}
     r = {k: jnp.asarray(relax[k], dt) for k in RELAX_NAMES}
     edges = region_edges(params, config, dt)
+    nn_weights = None
+    if config.uses_nn:
+        if "nn" not in params:
+            raise ValueError("a region uses the nn observable: params must hold its weights under 'nn'")
+        nn_weights = {k: jnp.asarray(params["nn"][k], dt) for k in nn.WEIGHT_NAMES}
     n, bsize = batch.n_padded, batch.block_size
     if n % bsize:
         raise ValueError(f"batch of {n} events is not a whole number of blocks of {bsize}")
@@ -203,7 +227,7 @@ def soft_yields(params: Mapping, relax: Mapping, batch: EventBatch, config: Soft
 
     @jax.checkpoint
     def body(acc, blk):
-        contrib = _block_yields(p, r, edges, blk, config)
+        contrib = _block_yields(p, r, edges, nn_weights, blk, config)
         return jax.tree.map(jnp.add, acc, contrib), None
 
     n_var = len(config.variations(batch.weight_variations, batch.kinematic))

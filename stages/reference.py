@@ -17,6 +17,7 @@ import hist
 import numpy as np
 import vector
 
+from . import nn
 from .columns import Columns
 from .spec import NOMINAL, AnalysisSpec
 
@@ -56,7 +57,8 @@ def _selection(columns: Columns, spec: AnalysisSpec, jet_pt: ak.Array):
     n_leptons = ak.sum(electrons, axis=1) + ak.sum(muons, axis=1)
     n_jets = ak.sum(jets, axis=1)
     base = (n_leptons == c["n_leptons"]) & (n_jets >= c["min_jets"])
-    return base, jets
+    lepton_pt = ak.sum(columns["electron_pt"][electrons], axis=1) + ak.sum(columns["muon_pt"][muons], axis=1)
+    return base, jets, lepton_pt
 
 
 def _observables(columns: Columns, spec: AnalysisSpec, jet_pt: ak.Array, jets_mask: ak.Array, btag_min: float):
@@ -79,6 +81,17 @@ def _observables(columns: Columns, spec: AnalysisSpec, jet_pt: ak.Array, jets_ma
     best = ak.argmax(p4.pt, axis=1, keepdims=True)
     m_bjj = ak.fill_none(ak.firsts(p4[best].mass), np.nan)
     return sel, n_btag, {"ht": ak.to_numpy(ht).astype(np.float64), "m_bjj": ak.to_numpy(m_bjj).astype(np.float64)}
+
+
+def nn_observable(spec: AnalysisSpec, sel: ak.Array, obs: Mapping, lepton_pt: ak.Array) -> np.ndarray:
+    """The trained network (:mod:`.nn`) on the hard features of every event."""
+    lead = ak.fill_none(ak.pad_none(sel.pt, 4, axis=1, clip=True), 0.0)
+    values = {"ht": obs["ht"], "n_jets": ak.to_numpy(ak.num(sel, axis=1)).astype(np.float64),
+              "lepton_pt": ak.to_numpy(lepton_pt).astype(np.float64),
+              "m_bjj": np.nan_to_num(obs["m_bjj"], nan=0.0)}
+    for i in range(4):
+        values[f"jet{i + 1}_pt"] = ak.to_numpy(lead[:, i]).astype(np.float64)
+    return nn.mlp(spec.nn_weights(), nn.stack_features(values), np)
 
 
 def _region_masks(spec: AnalysisSpec, base: np.ndarray, n_btag: np.ndarray) -> dict[str, np.ndarray]:
@@ -113,8 +126,10 @@ def fill_histograms(columns: Columns, spec: AnalysisSpec) -> dict[str, dict[str,
             factors[s.options["variation"]] = columns.jer_factor
     for kin in kinematic:
         jet_pt = columns["jet_pt"] * factors[kin]
-        base, jets_mask = _selection(columns, spec, jet_pt)
+        base, jets_mask, lepton_pt = _selection(columns, spec, jet_pt)
         sel, n_btag, obs = _observables(columns, spec, jet_pt, jets_mask, btag_min)
+        if spec.uses_nn():
+            obs["nn"] = nn_observable(spec, sel, obs, lepton_pt)
         masks = _region_masks(spec, ak.to_numpy(base), ak.to_numpy(n_btag))
         key = kin if chunk.variation == NOMINAL else chunk.variation
         weights = {key: weight}

@@ -182,17 +182,46 @@ class AnalysisSpec:
         for s in self.raw["pseudo_data"]:
             if s not in samples:
                 raise ConfigError(f"pseudo_data: sample {s!r} is not one of {sorted(samples)}")
+        if self.uses_nn():
+            self.nn_weights()
 
     def with_overrides(self, overrides: Iterable[str] | Mapping[str, Any] | None) -> "AnalysisSpec":
         """A new spec with ``name=value`` overrides (see :func:`apply_overrides`)."""
         return AnalysisSpec(apply_overrides(self.raw, overrides), source=f"{self.source} + overrides")
 
-    def with_params(self, values: Mapping[str, float]) -> "AnalysisSpec":
-        """A new spec whose tunable parameters take ``values`` (unknown names are an error)."""
-        unknown = set(values) - set(self.parameters)
+    def with_params(self, values: Mapping[str, Any]) -> "AnalysisSpec":
+        """A new spec whose tunable parameters take ``values`` (unknown names are an error).
+
+        Besides the named cuts, ``edges_<region>`` (a list of bin edges) sets a region's binning
+        and ``nn`` (a dict of weight arrays) the trained neural-network observable.
+        """
+        known = set(self.parameters) | {f"edges_{r}" for r in self.raw["regions"]} | {"nn"}
+        unknown = set(values) - known
         if unknown:
-            raise ConfigError(f"unknown parameters {sorted(unknown)}; known: {sorted(self.parameters)}")
-        return self.with_overrides({f"parameters.{k}.value": float(v) for k, v in values.items()})
+            raise ConfigError(f"unknown parameters {sorted(unknown)}; known: {sorted(known)}")
+        raw = copy.deepcopy(self.raw)
+        for k, v in values.items():
+            if k in self.parameters:
+                raw["parameters"][k]["value"] = float(v)
+            elif k == "nn":
+                from .nn import weights_to_json
+
+                raw.setdefault("nn", {})["weights"] = weights_to_json(v)
+            else:
+                raw["regions"][k[len("edges_"):]]["edges"] = [float(e) for e in np.asarray(v, dtype=np.float64)]
+        return AnalysisSpec(raw, source=f"{self.source} + parameters")
+
+    def nn_weights(self) -> dict[str, np.ndarray]:
+        """The weights of the neural-network observable (``nn`` section; seeded init if untrained)."""
+        from .nn import weights_from_config
+
+        try:
+            return weights_from_config(self.raw.get("nn"))
+        except ValueError as exc:
+            raise ConfigError(f"{self.source}: {exc}") from None
+
+    def uses_nn(self) -> bool:
+        return any(r["observable"] == "nn" for r in self.raw["regions"].values())
 
     # -- views ----------------------------------------------------------------------
     @property
