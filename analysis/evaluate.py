@@ -22,8 +22,13 @@ from jacana.stages.spec import NOMINAL, AnalysisSpec
 from jacana.stages.workspace import build_workspace, histograms_to_json
 
 
-def load_params_file(path: str | Path) -> dict[str, float]:
-    """Parameters from a ``params.json`` (as ``jacana optimize`` writes it)."""
+def load_params_file(path: str | Path) -> tuple[dict, list[str]]:
+    """Parameters and config overrides from a ``params.json`` (as ``jacana optimize`` writes it).
+
+    Parameters are cut values (numbers), bin edges ``edges_<region>`` (lists) and the trained
+    network ``nn`` (a dict of weight lists); overrides (e.g. a region's observable set to the
+    network) apply to the config before the parameters.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file {str(path)!r} does not exist")
@@ -32,9 +37,23 @@ def load_params_file(path: str | Path) -> dict[str, float]:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"params file {str(path)!r} is not valid JSON: {exc}") from None
     values = raw.get("params", raw) if isinstance(raw, dict) else None
-    if not isinstance(values, dict) or not all(isinstance(v, (int, float)) for v in values.values()):
-        raise ConfigError(f"params file {str(path)!r} must map parameter names to numbers")
-    return {k: float(v) for k, v in values.items()}
+    overrides = raw.get("overrides", []) if isinstance(raw, dict) and "params" in raw else []
+
+    def valid(k, v):
+        if k == "nn":
+            return isinstance(v, dict)
+        if k.startswith("edges_"):
+            return isinstance(v, list) and all(isinstance(e, (int, float)) for e in v)
+        return isinstance(v, (int, float))
+
+    if not isinstance(values, dict) or not isinstance(overrides, list):
+        raise ConfigError(f"params file {str(path)!r} must map parameter names to values")
+    bad = [k for k, v in values.items() if not valid(k, v)]
+    if bad:
+        raise ConfigError(f"params file {str(path)!r}: bad values for {bad} (cuts are numbers, edges_<region>"
+                          " lists of numbers, nn a dict of weights)")
+    return {k: (v if k == "nn" else list(map(float, v)) if isinstance(v, list) else float(v))
+            for k, v in values.items()}, [str(o) for o in overrides]
 
 
 def compositions(spec: AnalysisSpec, hists: Mapping) -> dict[str, dict[str, float]]:

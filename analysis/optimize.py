@@ -59,6 +59,18 @@ class OptimizeSettings:
     min_improvement: float = 1e-4  # relative improvement that counts
     diverge_factor: float = 10.0  # loss above this multiple of the first step's stops the run
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    binning: bool = False  # optimise the interior bin edges of every region too
+    edge_step: float = 0.005  # Adam step of a bin edge, as a fraction of its region's range
+    min_bin_fraction: float = 0.25  # narrowest bin, as a fraction of the initial narrowest bin
+    nn: bool = False  # replace the observable of ``nn_region`` by a neural network trained in place
+    nn_region: str = "4j1b"
+    nn_step: float = 0.02  # Adam step of a network weight
+    nn_bins: int = 10  # bins of the NN observable over (0, 1)
+
+    @property
+    def mode(self) -> str:
+        """How the gradient is computed: forward-mode Jacobians for the 4 cuts, else a VJP (2 passes)."""
+        return "vjp" if self.binning or self.nn else "jacobian"
 
     def relax_scale(self, step: int) -> float:
         n = max(1, int(round(self.anneal_fraction * self.steps)))
@@ -72,24 +84,102 @@ class OptimizeSettings:
             raise ConfigError(f"need 0 < relax_end <= relax_start, got {self.relax_end}, {self.relax_start}")
         if not 0 < self.anneal_fraction <= 1:
             raise ConfigError(f"anneal_fraction must be in (0, 1], got {self.anneal_fraction}")
+        if self.nn_bins < 2:
+            raise ConfigError(f"nn_bins must be >= 2, got {self.nn_bins}")
+
+    def analysis_spec(self, spec: AnalysisSpec) -> AnalysisSpec:
+        """The spec that is optimised: with ``nn``, ``nn_region``'s observable becomes the network."""
+        if not self.nn or spec.regions.get(self.nn_region, None) is not None and \
+                spec.regions[self.nn_region].observable == "nn":
+            return spec
+        if self.nn_region not in spec.regions:
+            raise ConfigError(f"nn_region {self.nn_region!r} is not one of the regions {sorted(spec.regions)}")
+        return spec.with_overrides(nn_overrides(self.nn_region, self.nn_bins))
 
 
-def _optimizer(spec: AnalysisSpec) -> optax.GradientTransformation:
+def nn_overrides(region: str, bins: int) -> list[str]:
+    """Config overrides that make ``region`` histogram the NN observable over (0, 1)."""
+    return [f"regions.{region}.observable=nn", f"regions.{region}.edges={{low: 0.0, high: 1.0, bins: {bins}}}"]
+
+
+def initial_params(spec: AnalysisSpec, settings: OptimizeSettings) -> dict:
+    """The starting point: the spec's cuts, its bin edges (with ``binning``) and NN weights (with ``nn``)."""
+    params: dict = dict(spec.param_values())
+    if settings.binning:
+        params.update({f"edges_{r}": np.asarray(reg.edges, np.float64) for r, reg in spec.regions.items()})
+    if spec.uses_nn():
+        params["nn"] = spec.nn_weights()
+    return params
+
+
+def params_summary(params: Mapping) -> dict:
+    """JSON-friendly parameters without the network weights (cuts as floats, edges as lists)."""
+    return {k: (float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64).tolist())
+            for k, v in params.items() if k != "nn"}
+
+
+def params_to_json(params: Mapping) -> dict:
+    from jacana.stages.nn import weights_to_json
+
+    out = params_summary(params)
+    if "nn" in params:
+        out["nn"] = weights_to_json(params["nn"])
+    return out
+
+
+def params_from_json(raw: Mapping) -> dict:
+    return {k: ({kk: np.asarray(vv, np.float64) for kk, vv in v.items()} if isinstance(v, dict)
+                else float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64)) for k, v in raw.items()}
+
+
+def _rate(name: str, spec: AnalysisSpec, settings: OptimizeSettings) -> float:
+    if name in spec.parameters:
+        return spec.parameters[name].learning_rate
+    if name.startswith("edges_"):
+        edges = spec.regions[name[len("edges_"):]].edges
+        return settings.edge_step * float(edges[-1] - edges[0])
+    return settings.nn_step
+
+
+def _optimizer(spec: AnalysisSpec, settings: OptimizeSettings) -> optax.GradientTransformation:
     """Adam normalises each gradient; the step in physical units is the parameter's learning rate."""
-    rates = {k: spec.parameters[k].learning_rate for k in PARAM_NAMES}
 
     def update(updates, state, params=None):
-        return {k: -rates[k] * u for k, u in updates.items()}, state
+        return {k: jax.tree.map(lambda u, r=_rate(k, spec, settings): -r * u, v) for k, v in updates.items()}, state
 
     return optax.chain(optax.scale_by_adam(), optax.GradientTransformation(lambda p: optax.EmptyState(), update))
 
 
-def _project(params: Mapping, spec: AnalysisSpec) -> dict:
-    return {k: float(np.clip(v, spec.parameters[k].lower, spec.parameters[k].upper)) for k, v in params.items()}
+def _project_edges(edges: np.ndarray, initial: np.ndarray, min_fraction: float) -> np.ndarray:
+    """Outer edges stay; interior edges ordered, inside the range, at least a minimum width apart."""
+    e = np.asarray(edges, np.float64).copy()
+    lo, hi = float(initial[0]), float(initial[-1])
+    width = min_fraction * float(np.min(np.diff(initial)))
+    e[0], e[-1] = lo, hi
+    inner = np.sort(e[1:-1])
+    for i in range(len(inner)):  # forward then backward sweep: a feasible, nearest-in-order layout
+        inner[i] = max(inner[i], (lo if i == 0 else inner[i - 1]) + width)
+    for i in reversed(range(len(inner))):
+        inner[i] = min(inner[i], (hi if i == len(inner) - 1 else inner[i + 1]) - width)
+    e[1:-1] = inner
+    return e
+
+
+def _project(params: Mapping, spec: AnalysisSpec, settings: OptimizeSettings | None = None) -> dict:
+    out: dict = {}
+    for k, v in params.items():
+        if k in spec.parameters:
+            out[k] = float(np.clip(v, spec.parameters[k].lower, spec.parameters[k].upper))
+        elif k.startswith("edges_"):
+            min_fraction = settings.min_bin_fraction if settings else 0.25
+            out[k] = _project_edges(v, spec.regions[k[len("edges_"):]].edges, min_fraction)
+        else:
+            out[k] = jax.tree.map(lambda a: np.asarray(a, np.float64), v)
+    return out
 
 
 def _as_jax(params: Mapping) -> dict:
-    return {k: jnp.asarray(v, jnp.float64) for k, v in params.items()}
+    return jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), dict(params))
 
 
 def _finite(x) -> bool:
@@ -105,12 +195,14 @@ class Optimizer:
         self.spec, self.executor, self.settings = spec, executor, settings
         self.out = Path(out_dir)
         self.progress = progress
-        self.tx = _optimizer(spec)
+        self.tx = _optimizer(spec, settings)
         self._value_and_grad: Callable | None = None
         self.objective: Sensitivity | None = None
 
     # -- one evaluation -------------------------------------------------------------------
     def _yields(self, params: Mapping, relax: Mapping) -> dict:
+        if self.settings.mode == "vjp":
+            return self.executor.yields(_as_jax(params), relax)
         # The Jacobian path serves forward evaluations too: one compiled program per shape, not two.
         return self.executor.yields_and_jacobian(_as_jax(params), relax)[0]
 
@@ -122,12 +214,25 @@ class Optimizer:
             self._value = jax.jit(self.objective)
 
     def value_and_grad(self, params: Mapping, relax: Mapping) -> tuple[float, dict]:
-        """Loss and d(loss)/d(params) at ``params`` (Jacobian mode: one pass over the events)."""
+        """Loss and d(loss)/d(params) at ``params``.
+
+        Jacobian mode (the 4 cuts): one pass over the events. VJP mode (bin edges, NN weights:
+        many parameters): a forward pass for the yields, then one reverse pass with the cotangent.
+        """
         self._ensure_objective(params)
-        ylds, jacs = self.executor.yields_and_jacobian(_as_jax(params), relax)
-        value, cotangents = self._value_and_grad(ylds)
-        grad = contract_all(jacs, cotangents)
-        return float(value), {k: float(grad[k]) for k in PARAM_NAMES}
+        if self.settings.mode == "vjp":
+            ylds = self.executor.yields(_as_jax(params), relax)
+            value, cotangents = self._value_and_grad(ylds)
+            grad = self.executor.yields_vjp(_as_jax(params), relax, cotangents)[1]
+        else:
+            ylds, jacs = self.executor.yields_and_jacobian(_as_jax(params), relax)
+            value, cotangents = self._value_and_grad(ylds)
+            grad = contract_all(jacs, cotangents)
+        grad = {k: jax.tree.map(lambda g: np.array(g, np.float64), grad[k]) for k in params}
+        for k in grad:  # the outer bin edges are fixed (the histogram's range)
+            if k.startswith("edges_"):
+                grad[k][[0, -1]] = 0.0
+        return float(value), grad
 
     def loss(self, params: Mapping, relax: Mapping) -> float:
         self._ensure_objective(params)
@@ -143,12 +248,12 @@ class Optimizer:
         s = self.settings
         state = self._load_checkpoint() if resume else None
         if state is None:
-            params = _project(initial, self.spec)
+            params = _project(initial, self.spec, s)
             opt_state = self.tx.init(_as_jax(params))
             history: list[dict] = []
             start, best, stale, first_loss = 0, math.inf, 0, None
         else:
-            params, history = state["params"], state["history"]
+            params, history = params_from_json(state["params"]), state["history"]
             opt_state = jax.tree.unflatten(jax.tree.structure(self.tx.init(_as_jax(params))),
                                            [jnp.asarray(x) for x in state["opt_state"]])
             start, best, stale, first_loss = state["step"] + 1, state["best"], state["stale"], state["first_loss"]
@@ -159,18 +264,18 @@ class Optimizer:
             scale = s.relax_scale(step)
             t0 = time.perf_counter()
             value, grad = self.value_and_grad(params, default_relax(self.spec, scale))
-            if not (math.isfinite(value) and all(math.isfinite(g) for g in grad.values())):
+            if not (math.isfinite(value) and _finite(grad)):
                 raise OptimizationError(
-                    f"step {step}: objective or gradient is not finite (loss={value}, grad={grad}); stopped, the last"
-                    f" good state is in {self.out / CHECKPOINT}")
+                    f"step {step}: objective or gradient is not finite (loss={value}, grad={params_summary(grad)});"
+                    f" stopped, the last good state is in {self.out / CHECKPOINT}")
             first_loss = value if first_loss is None else first_loss
             if abs(value) > s.diverge_factor * abs(first_loss) + 1e-12 and step > 0:
                 raise OptimizationError(
                     f"step {step}: the objective diverged ({value:.4g} vs {first_loss:.4g} at the start); stopped,"
                     f" the last good state is in {self.out / CHECKPOINT}")
-            entry = {"step": step, "params": dict(params), "objective": self.objective.physical(value),
-                     "loss": value, "grad": grad, "relax_scale": scale, "seconds": time.perf_counter() - t0,
-                     "hard_objective": None}
+            entry = {"step": step, "params": params_summary(params), "objective": self.objective.physical(value),
+                     "loss": value, "grad": params_summary(grad), "relax_scale": scale,
+                     "seconds": time.perf_counter() - t0, "hard_objective": None}
             if s.hard_every and (step % s.hard_every == 0 or step == s.steps - 1):
                 entry["hard_objective"] = self.objective.physical(self.hard_loss(params))
             history.append(entry)
@@ -180,11 +285,12 @@ class Optimizer:
                     best, stale = value, 0
                 else:
                     stale += 1
-            updates, opt_state = self.tx.update({k: jnp.asarray(v) for k, v in grad.items()}, opt_state)
-            params = _project({k: params[k] + float(updates[k]) for k in params}, self.spec)
+            updates, opt_state = self.tx.update(_as_jax(grad), opt_state)
+            params = _project(jax.tree.map(lambda p, u: np.asarray(p) + np.asarray(u), params,
+                                           jax.tree.map(np.asarray, updates)), self.spec, s)
             self._save_checkpoint(step, params, opt_state, history, best, stale, first_loss)
             bar.set_postfix_str(f"{s.objective}={entry['objective']:.5g} " + " ".join(
-                f"{k}={v:.3g}" for k, v in params.items()))
+                f"{k}={params[k]:.3g}" for k in PARAM_NAMES if k in params))
             if on_step is not None:
                 on_step(entry)
             if annealed and stale >= s.patience:
@@ -196,7 +302,7 @@ class Optimizer:
     # -- checkpoints ----------------------------------------------------------------------
     def _save_checkpoint(self, step, params, opt_state, history, best, stale, first_loss) -> None:
         write_json(self.out / CHECKPOINT, {
-            "version": CHECKPOINT_VERSION, "step": step, "params": params,
+            "version": CHECKPOINT_VERSION, "step": step, "params": params_to_json(params),
             "opt_state": [np.asarray(x).tolist() for x in jax.tree.leaves(opt_state)],
             "history": history, "best": best if math.isfinite(best) else None, "stale": stale,
             "first_loss": first_loss, "settings": dataclasses.asdict(self.settings),
@@ -241,18 +347,19 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    reference_spec, spec = spec, settings.analysis_spec(spec)
     train_report, val_report = InputReport(on_bad_file), InputReport(on_bad_file)
     executor = make_executor(spec, analysis_chunks(spec, train, settings.chunk_size), workers=workers,
                              scheduler=scheduler, client=client, profile=profile, progress=progress,
                              report=train_report)
     store = ColumnStore(spec)
 
-    def validate(params: Mapping[str, float]) -> dict:
-        return hard_evaluation(spec.with_params(params), validation, store=store, chunk_size=settings.chunk_size,
+    def validate(analysis: AnalysisSpec) -> dict:
+        return hard_evaluation(analysis, validation, store=store, chunk_size=settings.chunk_size,
                                on_bad_file=on_bad_file)
 
-    initial = spec.param_values()
-    before = validate(initial)
+    initial = initial_params(spec, settings)
+    before = validate(reference_spec)  # the analysis as configured (AGC cuts, binning and observables)
     opt = Optimizer(spec, executor, settings, out, progress=progress)
     try:
         outcome = opt.run(initial, resume=resume)
@@ -262,12 +369,13 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
         hard_end = opt.objective.physical(opt.hard_loss(final))
     finally:
         executor.close()
-    after = validate(final)
+    final_spec = spec.with_params(final)
+    after = validate(final_spec)
     b, a = before["result"]["expected"]["sigma_mu"], after["result"]["expected"]["sigma_mu"]
     result = {
         "objective": settings.objective,
-        "initial_params": initial,
-        "final_params": final,
+        "initial_params": params_summary(initial),
+        "final_params": params_summary(final),
         "stopped": outcome["stopped"],
         "history": outcome["history"],
         "final_objective": {"relaxed": relaxed_end, "hard_limit": hard_end,
@@ -280,17 +388,18 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
         "inputs": {"train": train_report.to_dict(), "validation": val_report.to_dict()},
         "seconds": time.perf_counter() - t_start,
     }
-    write_json(out / "params.json", {"params": final})
+    overrides = nn_overrides(settings.nn_region, settings.nn_bins) if settings.nn else []
+    write_json(out / "params.json", {"params": params_to_json(final), "overrides": overrides})
     write_json(out / "workspace.json", after["workspace"])
     write_json(out / "histograms.json", histograms_to_json(after["histograms"]), indent=None)
     if plots:
-        result["plots"] = make_plots(spec, out, result, before, after, impacts=impacts)
+        result["plots"] = make_plots(reference_spec, final_spec, out, result, before, after, impacts=impacts)
     write_json(out / "result.json", result)
     return result
 
 
-def make_plots(spec: AnalysisSpec, out: Path, result: Mapping, before: Mapping, after: Mapping,
-               impacts: bool = True) -> dict[str, str]:
+def make_plots(spec: AnalysisSpec, final_spec: AnalysisSpec, out: Path, result: Mapping, before: Mapping,
+               after: Mapping, impacts: bool = True) -> dict[str, str]:
     from jacana.analysis import plots
     from jacana.stages.inference import impacts as np_impacts
     from jacana.stages.workspace import pseudo_data
@@ -301,9 +410,8 @@ def make_plots(spec: AnalysisSpec, out: Path, result: Mapping, before: Mapping, 
         "parameters": plots.parameter_trajectories(result["history"], spec, d / "parameters.png"),
         "before": plots.stacked_histograms(spec, before["histograms"], d / "histograms_before.png",
                                            "(AGC cuts)", pseudo_data(spec, before["histograms"])),
-        "after": plots.stacked_histograms(spec.with_params(result["final_params"]), after["histograms"],
-                                          d / "histograms_after.png", "(optimised)",
-                                          pseudo_data(spec, after["histograms"])),
+        "after": plots.stacked_histograms(final_spec, after["histograms"], d / "histograms_after.png",
+                                          "(optimised)", pseudo_data(final_spec, after["histograms"])),
     }
     if impacts:
         paths["impacts"] = plots.impact_ranking(np_impacts(after["workspace"]), spec.poi["name"], d / "impacts.png")

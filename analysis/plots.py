@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from jacana.facility.atomic import atomic_path  # noqa: E402
 from jacana.stages.spec import NOMINAL, AnalysisSpec  # noqa: E402
 
-AXIS_LABELS = {"ht": r"$H_T$ [GeV]", "m_bjj": r"$m_{bjj}$ [GeV]"}
+AXIS_LABELS = {"ht": r"$H_T$ [GeV]", "m_bjj": r"$m_{bjj}$ [GeV]", "nn": "NN output"}
 
 
 def _save(fig, path: Path) -> Path:
@@ -44,7 +44,9 @@ def parameter_trajectories(history: Sequence[Mapping], spec: AnalysisSpec, path:
     """Each tunable parameter against the step, with its bounds and the AGC starting point."""
     plt.style.use(mplhep.style.CMS)
     names = list(spec.parameters)
-    fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.4 * len(names)), sharex=True)
+    edge_keys = [k for k in (history[0]["params"] if history else {}) if k.startswith("edges_")]
+    rows = len(names) + len(edge_keys)
+    fig, axes = plt.subplots(rows, 1, figsize=(8, 2.4 * rows), sharex=True)
     axes = np.atleast_1d(axes)
     steps = [h["step"] for h in history]
     for ax, name in zip(axes, names):
@@ -52,6 +54,10 @@ def parameter_trajectories(history: Sequence[Mapping], spec: AnalysisSpec, path:
         ax.plot(steps, [h["params"][name] for h in history], color="#832db6")
         ax.axhline(p.value, ls=":", color="gray", label="start")
         ax.set_ylabel(f"{name}\n[{p.unit}]" if p.unit else name, fontsize=12)
+        ax.tick_params(labelsize=11)
+    for ax, key in zip(axes[len(names):], edge_keys):  # one line per bin edge: bins narrowing or widening
+        ax.plot(steps, np.asarray([h["params"][key] for h in history]), color="#3f90da", lw=1)
+        ax.set_ylabel(f"{key}\n(bin edges)", fontsize=12)
         ax.tick_params(labelsize=11)
     axes[-1].set_xlabel("step")
     return _save(fig, path)
