@@ -49,7 +49,8 @@ def cmd_evaluate(args) -> int:
 
     spec = _spec_from_args(args)
     if args.params:
-        spec = spec.with_params(load_params_file(args.params))
+        values, overrides = load_params_file(args.params)
+        spec = spec.with_overrides(overrides).with_params(values)
     fileset = _fileset_from_args(args, "validate")
     evaluation = hard_evaluation(spec, fileset, progress=not args.quiet, on_bad_file=args.on_bad_file)
     paths = write_evaluation(args.out, evaluation, extra={"fileset": fileset.source, "config": spec.source})
@@ -78,7 +79,11 @@ def cmd_optimize(args) -> int:
                                              progress=not args.quiet))
         validation = load_fileset(args.validation_fileset or default_fileset(
             "validate", events=args.events or DEFAULT_EVENTS, progress=not args.quiet))
-    settings = OptimizeSettings(steps=args.steps, objective=args.objective)
+    settings = OptimizeSettings(steps=args.steps, objective=args.objective, binning=args.binning, nn=args.nn)
+    if getattr(args, "starts", 1) > 1:  # an ensemble of starts (analysis/multistart.py)
+        from jacana.analysis.multistart import cli_multistart
+
+        return cli_multistart(args, spec, train, validation, settings)
     result = run_optimize(spec, train, validation, args.out, settings, resume=args.resume,
                           progress=not args.quiet, on_bad_file=args.on_bad_file, plots=not args.no_plots,
                           workers=args.workers, scheduler=args.scheduler, profile=args.profile)
@@ -88,13 +93,61 @@ def cmd_optimize(args) -> int:
     print(f"jacana optimize: {result['objective']} over {len(result['history'])} steps ({result['stopped']}),"
           f" {result['seconds']:.0f} s")
     print("  parameters: " + ", ".join(f"{k} {result['initial_params'][k]:.4g} -> {v_:.4g}"
-                                       for k, v_ in result["final_params"].items()))
+                                       for k, v_ in result["final_params"].items() if not isinstance(v_, list)))
+    for k, v_ in result["final_params"].items():
+        if isinstance(v_, list):
+            print(f"  {k}: " + " ".join(f"{e:.4g}" for e in v_))
     print(f"  relaxed objective at the end {result['final_objective']['relaxed']:.5g},"
           f" hard limit {result['final_objective']['hard_limit']:.5g} (same events)")
     print(f"  held-out hard analysis (pyhf): expected sigma_ttbar_norm {b:.4f} -> {a:.4f}"
           f" (ratio {a / b:.3f})")
     print(f"jacana: results in {out} (result.json, params.json, workspace.json, histograms.json,"
           f" checkpoint.json); plots in {out / 'plots'}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from jacana.facility.bench import format_table, run_bench
+
+    result = run_bench(args.events, workers=args.workers, scheduler=args.scheduler, device=args.device,
+                       repeats=args.repeats, out=args.out, data_dir=args.data_dir, progress=not args.quiet)
+    print(format_table(result))
+    if args.out:
+        print(f"jacana: benchmark written to {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_scan(args) -> int:
+    from jacana.analysis.scan import format_summary, parse_axes, run_scan
+
+    spec = _spec_from_args(args)
+    axes = parse_axes(args.params, spec)  # bad names / ranges fail before any data is generated or read
+    fileset = _fileset_from_args(args, "validate")
+    result = run_scan(spec, fileset, axes, args.out, gradient_result=args.gradient_result, hold=args.hold,
+                      progress=not args.quiet, plots=not args.no_plots, on_bad_file=args.on_bad_file)
+    print(f"jacana scan: hard expected sigma_mu of {spec.name} on {fileset.source}")
+    print(format_summary(result))
+    print(f"jacana: results in {Path(args.out).resolve()} (scan.json" + ("" if args.no_plots else ", plots/scan.png")
+          + ")")
+    return 0
+
+
+def cmd_baselines(args) -> int:
+    from jacana.analysis.baselines import run_baselines, train_and_validation
+    from jacana.analysis.scan import parse_axes
+
+    spec = _spec_from_args(args)
+    if "grid" in args.method:
+        parse_axes(args.grid, spec)  # fail early on a bad grid
+    train, validation = train_and_validation(args.fileset, args.validation_fileset, args.events,
+                                             progress=not args.quiet)
+    out = run_baselines(spec, train, validation, args.out, methods=args.method, budget=args.budget, seed=args.seed,
+                        names=args.params, grid=args.grid, gradient_result=args.gradient_result, scan=args.scan,
+                        trace_heldout=args.trace_heldout, progress=not args.quiet, plots=not args.no_plots,
+                        on_bad_file=args.on_bad_file)
+    print(f"jacana baselines: {', '.join(args.method)} on {train.source}; held-out: {validation.source}")
+    print(out["markdown"])
+    print(f"jacana: results in {Path(args.out).resolve()} (comparison.md, comparison.json, baselines.json)")
     return 0
 
 
@@ -124,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=60, help="optimisation steps (default 60)")
     p.add_argument("--objective", choices=("sigma_mu", "z0", "cls", "upper_limit"), default="sigma_mu",
                    help="what to optimise (default: the expected uncertainty on ttbar_norm)")
+    p.add_argument("--binning", action="store_true",
+                   help="optimise the interior bin edges of every region too (gradient by VJP: 2 passes a step)")
+    p.add_argument("--nn", action="store_true",
+                   help="replace HT in 4j1b by a small neural network (jet and lepton features) trained in place")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.json")
     p.add_argument("--workers", type=int, default=None,
@@ -133,7 +190,64 @@ def build_parser() -> argparse.ArgumentParser:
                                      " or a YAML path (see docs/facility.md)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--starts", type=int, default=1,
+                   help="run K optimisations from spread starting points (start 0: the config's) into OUT/start_<k>/"
+                        " and report their spread in OUT/multistart.json (parallel with --workers/--scheduler)")
+    p.add_argument("--start-spread", type=float, default=0.25,
+                   help="with --starts: each start lies within this fraction of each parameter's bound range of"
+                        " the config's value (default 0.25; 1 = anywhere inside the bounds)")
+    p.add_argument("--start-seed", type=int, default=0, help="with --starts: seed of the Latin hypercube of starts")
     p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("bench", help="measure every performance figure against its baseline (see docs/bench.md)")
+    p.add_argument("--events", type=int, default=1_000_000, help="synthetic AGC events (default 1,000,000)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=None,
+                       help="also benchmark a local dask cluster of N worker processes (figure 6)")
+    where.add_argument("--scheduler", help="also benchmark the workers of this dask scheduler (figure 6; they must"
+                                           " see --data-dir)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where JAX runs (default cpu)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported (default 3)")
+    p.add_argument("--out", help="also write the rows and all measurements to this JSON file")
+    p.add_argument("--data-dir", help="generate (or reuse) the events under this folder (default: a temporary one)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("scan", help="grid scan of the hard analysis' expected sigma_mu over one or two parameters")
+    _add_analysis_options(p)
+    p.add_argument("--params", nargs="+", required=True, metavar="NAME=LO:HI:N",
+                   help="one or two scanned parameters, e.g. jet_pt_min=25:45:9 btag_min=0.5:0.9:9")
+    p.add_argument("--gradient-result",
+                   help="a jacana optimize result.json (or its folder): mark and evaluate its optimum")
+    p.add_argument("--hold", choices=("config", "gradient"), default="config",
+                   help="value of the parameters not scanned: the config's (default) or the gradient optimum's")
+    p.add_argument("--out", required=True, help="output folder (a scan.json there is resumed)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("baselines", help="gradient-free optimisers (random, CMA-ES, grid) of the hard analysis and"
+                                         " the comparison table with a gradient run")
+    _add_analysis_options(p)
+    p.add_argument("--validation-fileset", help="held-out fileset (default: the embedded validation samples, or"
+                                                " every other file of --fileset)")
+    p.add_argument("--method", nargs="+", choices=("random", "cmaes", "grid"), default=["random", "cmaes"],
+                   help="methods to run (default: random cmaes)")
+    p.add_argument("--budget", type=int, default=60,
+                   help="full passes over the training events per method (default 60)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--params", nargs="+", default=None, metavar="NAME",
+                   help="parameters random search and CMA-ES tune (default: the four cuts the gradient tunes)")
+    p.add_argument("--grid", nargs="+", default=["jet_pt_min=25:45:9", "btag_min=0.5:0.9:9"], metavar="NAME=LO:HI:N",
+                   help="the grid of --method grid (default jet_pt_min=25:45:9 btag_min=0.5:0.9:9)")
+    p.add_argument("--gradient-result", help="a jacana optimize result.json: add its row (passes counted the same way)")
+    p.add_argument("--scan", help="a finished jacana scan (scan.json): add the held-out grid as a reference row")
+    p.add_argument("--trace-heldout", action="store_true",
+                   help="also evaluate every improvement on the held-out events (reporting only, not counted)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_baselines)
 
     from jacana.protocol.cli import register as register_serve_stage
 
