@@ -83,7 +83,8 @@ def build_channels(spec: AnalysisSpec, hists: Histograms, xp=np) -> list[dict]:
         samples = []
         for sample in spec.samples:
             h = hists[region][sample]
-            nominal = h[NOMINAL]["sumw"]
+            # negative-weight MC events can leave a sparse bin below zero: a Poisson rate must not be
+            nominal = xp.maximum(h[NOMINAL]["sumw"], 0.0)
             modifiers: list[dict] = []
             if sample == poi["sample"]:
                 modifiers.append({"name": poi["name"], "type": "normfactor", "data": None})
@@ -92,7 +93,8 @@ def build_channels(spec: AnalysisSpec, hists: Histograms, xp=np) -> list[dict]:
                     modifiers.append({"name": s.key, "type": "normsys",
                                       "data": {"hi": float(s.options["up"]), "lo": float(s.options["down"])}})
             for name, up, down in shape_systematics(spec, sample):
-                norm, shape = norm_plus_shape(nominal, h[up]["sumw"], None if down is None else h[down]["sumw"], xp)
+                norm, shape = norm_plus_shape(nominal, xp.maximum(h[up]["sumw"], 0.0),
+                                              None if down is None else xp.maximum(h[down]["sumw"], 0.0), xp)
                 modifiers.append({"name": name, "type": "normsys", "data": norm})
                 modifiers.append({"name": name, "type": "histosys", "data": shape})
             modifiers.append({"name": f"staterror_{region}", "type": "staterror",

@@ -1,0 +1,383 @@
+"""``jacana baselines``: gradient-free optimisers of the hard analysis, with the gradient's budget accounting.
+
+What people use today to tune cuts (a grid, random search, an evolutionary strategy) runs here
+on the *same* objective the gradient optimiser is judged on: the conventional hard analysis
+with pyhf's expected uncertainty on the POI (:class:`~jacana.analysis.hardobjective.HardObjective`),
+optimised on the training events, the best point then checked on the held-out events.
+
+Budget accounting, shared with ``jacana optimize``: a *full pass* is one pass over the training
+events. A hard evaluation is one pass; a gradient step is one pass (Jacobian mode returns
+yields and their Jacobian together), and every extra evaluation the gradient run makes on its
+training events (the objective template, the hard-limit checks every ``hard_every`` steps, the
+relaxed and hard objectives at the end) is one more (:func:`gradient_passes`). Held-out
+evaluations are reporting, not optimisation: they are counted apart, for every method alike.
+
+Methods
+    ``random``: the AGC point, then uniform samples over the parameter bounds (seeded).
+    ``cmaes``: CMA-ES (the ``cma`` package) in bound-normalised coordinates, starting at the AGC
+    point; a last generation that does not fit in the budget is evaluated without updating.
+    ``grid``: a grid over one or two parameters (the others at the AGC point).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jacana.analysis.hardobjective import HardObjective, check_names
+from jacana.facility.atomic import atomic_path, write_json
+from jacana.facility.hardrun import DEFAULT_CHUNK_SIZE, ColumnStore
+from jacana.stages.errors import ConfigError
+from jacana.stages.fileset import Fileset
+from jacana.stages.spec import AnalysisSpec
+
+METHODS = ("random", "cmaes", "grid")
+DEFAULT_BUDGET = 60
+DEFAULT_GRID = ("jet_pt_min=25:45:9", "btag_min=0.5:0.9:9")
+#: ``within 1 %``: the tolerance for "reached the best" in the comparison table
+REACH_TOLERANCE = 0.01
+
+
+def default_names(spec: AnalysisSpec) -> list[str]:
+    """The parameters the gradient optimiser tunes (the cut thresholds) that ``spec`` has."""
+    from jacana.stages.analysis import PARAM_NAMES
+
+    return [n for n in PARAM_NAMES if n in spec.parameters]
+
+
+class _Run:
+    """Book-keeping of one method: every evaluation, the best so far, held-out checks of improvements."""
+
+    def __init__(self, method: str, objective: HardObjective, budget: int, heldout: HardObjective | None,
+                 trace_heldout: bool, progress: bool):
+        self.method, self.objective, self.budget = method, objective, budget
+        self.heldout, self.trace_heldout = heldout, trace_heldout
+        self.start = objective.passes
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self.best_so_far: list[tuple[int, float]] = []
+        self.heldout_trace: list[dict] = []
+        self.heldout_evaluations = 0
+        self.heldout_error: str | None = None  # e.g. pyhf's NaN where a small sample has negative yields
+        self.t0 = time.perf_counter()
+        self.bar = tqdm(total=budget, desc=method, unit="pass", disable=not progress)
+
+    @property
+    def used(self) -> int:
+        return self.objective.passes - self.start
+
+    @property
+    def left(self) -> int:
+        return self.budget - self.used
+
+    def __call__(self, point: Mapping[str, float]) -> float:
+        entry = self.objective.evaluate(point)
+        self.bar.update(0 if entry.get("cached") else 1)
+        entry = {"pass": self.used, **{k: entry[k] for k in ("params", "sigma_mu") if k in entry},
+                 **({"error": entry["error"]} if "error" in entry else {})}
+        self.history.append(entry)
+        s = entry["sigma_mu"]
+        if s is not None and (self.best is None or s < self.best["sigma_mu"]):
+            self.best = entry
+            self.best_so_far.append((self.used, s))
+            if self.trace_heldout and self.heldout is not None:
+                self.heldout_trace.append({"pass": self.used, "heldout_sigma_mu": self._heldout(entry["params"])})
+            self.bar.set_postfix_str(f"best sigma_mu={s:.5g}")
+        return math.inf if s is None else s
+
+    def _heldout(self, params: Mapping[str, float]) -> float | None:
+        self.heldout_evaluations += 1
+        entry = self.heldout.evaluate(params)
+        if entry.get("error"):
+            self.heldout_error = entry["error"]
+        return entry["sigma_mu"]
+
+    def finish(self, **extra) -> dict:
+        self.bar.close()
+        if self.best is None:
+            raise ConfigError(f"{self.method}: no evaluated point gave a finite sigma_mu")
+        held = None
+        if self.heldout is not None:
+            traced = [t for t in self.heldout_trace if t["pass"] == self.best["pass"]]
+            held = traced[-1]["heldout_sigma_mu"] if traced else self._heldout(self.best["params"])
+        return {"method": self.method, "passes": self.used, "budget": self.budget,
+                "events_per_pass": self.objective.n_events, "params": self.best["params"],
+                "train_sigma_mu": self.best["sigma_mu"], "best_at_pass": self.best["pass"],
+                "heldout_sigma_mu": held, "heldout_evaluations": self.heldout_evaluations,
+                **({"heldout_error": self.heldout_error} if held is None and self.heldout_error else {}),
+                "best_so_far": self.best_so_far, "heldout_trace": self.heldout_trace, "history": self.history,
+                "seconds": time.perf_counter() - self.t0, **extra}
+
+
+def _bounds(spec: AnalysisSpec, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.array([spec.parameters[n].lower for n in names]), np.array([spec.parameters[n].upper for n in names]))
+
+
+def random_search(objective: HardObjective, budget: int, names: Sequence[str] | None = None, seed: int = 0,
+                  heldout: HardObjective | None = None, trace_heldout: bool = False, progress: bool = False) -> dict:
+    """The AGC point, then points drawn uniformly over the bounds of ``names`` (reproducible with ``seed``)."""
+    spec = objective.spec
+    names = list(names or default_names(spec))
+    check_names(spec, names)
+    if budget < 1:
+        raise ConfigError(f"budget must be >= 1 full pass, got {budget}")
+    lo, hi = _bounds(spec, names)
+    rng = np.random.default_rng(seed)
+    run = _Run("random", objective, budget, heldout, trace_heldout, progress)
+    run({n: spec.parameters[n].value for n in names})
+    while run.left > 0:
+        x = lo + rng.random(len(names)) * (hi - lo)
+        run(dict(zip(names, map(float, x))))
+    return run.finish(seed=seed, names=names)
+
+
+def cma_es(objective: HardObjective, budget: int, names: Sequence[str] | None = None, seed: int = 0,
+           sigma0: float = 0.2, popsize: int | None = None, heldout: HardObjective | None = None,
+           trace_heldout: bool = False, progress: bool = False) -> dict:
+    """CMA-ES on the bound-normalised parameters (each in [0, 1]), from the AGC point, step ``sigma0``."""
+    import cma
+
+    spec = objective.spec
+    names = list(names or default_names(spec))
+    check_names(spec, names)
+    if budget < 1:
+        raise ConfigError(f"budget must be >= 1 full pass, got {budget}")
+    lo, hi = _bounds(spec, names)
+    x0 = (np.array([spec.parameters[n].value for n in names]) - lo) / (hi - lo)
+    opts = {"bounds": [0.0, 1.0], "seed": int(seed) + 1,  # cma: seed 0 means "from the clock"
+            "verbose": -9, "maxfevals": budget, "tolx": 1e-6, "tolfun": 1e-9}
+    if popsize:
+        opts["popsize"] = int(popsize)
+    es = cma.CMAEvolutionStrategy(np.clip(x0, 1e-9, 1 - 1e-9).tolist(), sigma0, opts)
+    run = _Run("cmaes", objective, budget, heldout, trace_heldout, progress)
+    worst = 1.0
+
+    def f(u) -> float:
+        nonlocal worst
+        x = lo + np.clip(np.asarray(u, dtype=float), 0.0, 1.0) * (hi - lo)
+        value = run(dict(zip(names, map(float, x))))
+        if math.isfinite(value):
+            worst = max(worst, value)
+            return value
+        return 10.0 * worst  # a failed point is worse than any computed one
+
+    generations = 0
+    stop: dict = {}
+    while run.left > 0:
+        xs = es.ask()
+        if len(xs) > run.left:  # the budget ends inside this generation: spend it, update nothing
+            for u in xs[:run.left]:
+                f(u)
+            stop = {"budget": budget}
+            break
+        es.tell(xs, [f(u) for u in xs])
+        generations += 1
+        stop = dict(es.stop())
+        if stop:
+            break
+    return run.finish(seed=seed, names=names, sigma0=sigma0, popsize=es.popsize, generations=generations,
+                      stopped=stop or {"budget": budget})
+
+
+def grid_search(objective: HardObjective, axes: Sequence, heldout: HardObjective | None = None,
+                trace_heldout: bool = False, progress: bool = False) -> dict:
+    """Every point of a grid (:class:`jacana.analysis.scan.Axis`), the other parameters at the config's values."""
+    from jacana.analysis.scan import grid_points
+
+    points = grid_points(axes)
+    run = _Run("grid", objective, len(points), heldout, trace_heldout, progress)
+    for _, values in points:
+        run(values)
+    return run.finish(grid=[a.to_dict() for a in axes])
+
+
+def gradient_passes(result: Mapping) -> dict:
+    """Full passes over the training events a ``jacana optimize`` result used (see the module docstring)."""
+    if isinstance(result.get("passes"), Mapping) and "train" in result["passes"]:
+        return dict(result["passes"])
+    history = result.get("history", [])
+    steps = len(history)
+    settings = result.get("settings") or {}
+    # Jacobian mode (the cuts): yields and Jacobian in one pass; VJP mode (bin edges, NN): yields, then the VJP
+    per_step = 2 if settings.get("binning") or settings.get("nn") else 1
+    hard = sum(1 for h in history if h.get("hard_objective") is not None)
+    extra = 1 + 2  # the objective's template yields; relaxed and hard objectives at the end
+    return {"train": per_step * steps + hard + extra, "steps": steps, "passes_per_step": per_step,
+            "hard_evaluations": hard, "other": extra}
+
+
+def gradient_row(path: str | Path, heldout: HardObjective | None = None, spec: AnalysisSpec | None = None) -> dict:
+    """The comparison row of a gradient run (its result.json); re-evaluated on ``heldout`` when given."""
+    from jacana.analysis.scan import load_gradient_result
+
+    g = load_gradient_result(path)
+    result = g["result"]
+    passes = gradient_passes(result)
+    params = {k: v for k, v in g["params"].items() if spec is None or k in spec.parameters}
+    extra = {**g["extra"], **{k: v for k, v in g["params"].items() if k not in params}}
+    own = (result.get("validation", {}).get("after", {}).get("expected", {}) or {}).get("sigma_mu")
+    held = (heldout.evaluate(params, extra or None, overrides=g["overrides"] or None)["sigma_mu"]
+            if heldout is not None else own)
+    hist = result.get("history", [])
+    trace, best, used = [], math.inf, 1  # passes: template, then per step 1 or 2 (+1 with a hard check)
+    for h in hist:
+        used += passes.get("passes_per_step", 1)
+        if h.get("hard_objective") is not None:
+            used += 1
+            if h["hard_objective"] < best:
+                best = h["hard_objective"]
+                trace.append((used, best))
+    final_hard = (result.get("final_objective") or {}).get("hard_limit")
+    if final_hard is not None and final_hard < best:
+        trace.append((passes["train"], final_hard))
+    return {"method": "gradient (jacana)", "passes": passes["train"], "passes_detail": passes,
+            "events_per_pass": (result.get("events") or {}).get("train"), "params": params,
+            "train_sigma_mu": final_hard, "heldout_sigma_mu": held, "heldout_sigma_mu_own_validation": own,
+            "best_so_far": trace, "seconds": result.get("seconds"), "source": g["path"],
+            "objective": result.get("objective")}
+
+
+def scan_row(path: str | Path) -> dict:
+    """A row for a finished ``jacana scan`` (scan.json): selected on the held-out events themselves."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "scan.json"
+    if not path.is_file():
+        raise ConfigError(f"scan result {str(path)!r} does not exist")
+    scan = json.loads(path.read_text())
+    if not scan.get("complete"):
+        raise ConfigError(f"scan {str(path)!r} is not complete; finish it first (jacana scan resumes)")
+    names = " x ".join(f"{a['name']}[{a['n']}]" for a in scan["parameters"])
+    return {"method": f"grid scan {names} (held-out, optimistic)", "passes": len(scan["points"]),
+            "events_per_pass": scan["events"], "params": scan["best"]["params"], "train_sigma_mu": None,
+            "heldout_sigma_mu": scan["best"]["sigma_mu"], "source": str(path),
+            "note": "chosen on the held-out events themselves: an optimistic reference, not a fair competitor"}
+
+
+def _fmt(x, spec="{:.5f}") -> str:
+    return "-" if x is None else spec.format(x)
+
+
+def comparison_table(rows: Sequence[Mapping], agc_heldout: float | None = None) -> tuple[list[dict], str]:
+    """(rows without histories, markdown table): method, passes, held-out sigma_mu and how it compares."""
+    held = [r["heldout_sigma_mu"] for r in rows if r.get("heldout_sigma_mu") is not None]
+    best_held = min(held) if held else None
+    trained = [r for r in rows if r.get("best_so_far")]
+    best_train = min((r["train_sigma_mu"] for r in trained if r.get("train_sigma_mu") is not None), default=None)
+    out = []
+    for r in rows:
+        row = {k: v for k, v in r.items() if k not in ("history", "best_so_far", "heldout_trace")}
+        if agc_heldout and r.get("heldout_sigma_mu") is not None:
+            row["heldout_over_agc"] = r["heldout_sigma_mu"] / agc_heldout
+        if best_held and r.get("heldout_sigma_mu") is not None:
+            row["heldout_over_best"] = r["heldout_sigma_mu"] / best_held
+        if best_train is not None and r.get("best_so_far"):
+            reach = [p for p, s in r["best_so_far"] if s <= best_train * (1 + REACH_TOLERANCE)]
+            row["passes_to_reach_best_train"] = reach[0] if reach else None
+        out.append(row)
+    lines = [("| method | full passes | events / pass | best training sigma_mu | passes to within 1 % of the best"
+             " training sigma_mu | held-out sigma_mu | vs AGC | vs best held-out | parameters |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in out:
+        params = ", ".join(f"{k} {v:.4g}" for k, v in (r.get("params") or {}).items())
+        ev = r.get("events_per_pass")
+        lines.append(
+            f"| {r['method']} | {r['passes']} | {'-' if ev is None else f'{ev:,}'} | {_fmt(r.get('train_sigma_mu'))}"
+            f" | {_fmt(r.get('passes_to_reach_best_train'), '{}')} | {_fmt(r.get('heldout_sigma_mu'))}"
+            f" | {_fmt(r.get('heldout_over_agc'), '{:.3f}')} | {_fmt(r.get('heldout_over_best'), '{:.3f}')}"
+            f" | {params} |")
+    if agc_heldout is not None:
+        lines.append(f"\nAGC cuts (no optimisation): held-out sigma_mu {agc_heldout:.5f}.")
+    return out, "\n".join(lines) + "\n"
+
+
+def train_and_validation(fileset: str | None, validation_fileset: str | None, events: int | None,
+                         progress: bool = True) -> tuple[Fileset, Fileset]:
+    """The training and held-out filesets, chosen as ``jacana optimize`` chooses them."""
+    from jacana.facility.datasets import DEFAULT_EVENTS, DEFAULT_TRAIN_EVENTS, default_fileset
+    from jacana.stages.fileset import load_fileset
+
+    if fileset:
+        train = load_fileset(fileset)
+        if validation_fileset:
+            return train, load_fileset(validation_fileset)
+        return train.split_alternate()
+    train = load_fileset(default_fileset("optimize", events=events or DEFAULT_TRAIN_EVENTS, progress=progress))
+    validation = load_fileset(validation_fileset or default_fileset("validate", events=events or DEFAULT_EVENTS,
+                                                                    progress=progress))
+    return train, validation
+
+
+def run_baselines(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_dir: str | Path,
+                  methods: Sequence[str] = ("random", "cmaes"), budget: int = DEFAULT_BUDGET, seed: int = 0,
+                  names: Sequence[str] | None = None, grid: Sequence[str] = DEFAULT_GRID,
+                  gradient_result: str | Path | None = None, scan: str | Path | None = None,
+                  trace_heldout: bool = False, progress: bool = True, plots: bool = True,
+                  chunk_size: int = DEFAULT_CHUNK_SIZE, on_bad_file: str = "fail",
+                  on_method: Callable[[dict], None] | None = None) -> dict:
+    """Run ``methods`` on ``train``, check each best point on ``validation``, write the comparison.
+
+    Writes ``baselines.json`` (every evaluation of every method, rewritten after each method),
+    ``comparison.json`` and ``comparison.md`` (the table) and ``plots/convergence.png``.
+    """
+    from jacana.analysis.scan import parse_axes
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"methods must be some of {', '.join(METHODS)}, got {list(methods)}")
+    if budget < 1:
+        raise ConfigError(f"budget must be >= 1 full pass, got {budget}")
+    axes = parse_axes(list(grid), spec) if "grid" in methods else None
+    if names is not None:
+        check_names(spec, list(names))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    store = ColumnStore(spec)  # training columns, read once, shared by every method (each counts its own passes)
+    heldout = HardObjective(spec, validation, chunk_size=chunk_size, on_bad_file=on_bad_file)
+    agc = heldout.evaluate(spec.param_values())["sigma_mu"]
+    rows: list[dict] = []
+    doc = {"budget": budget, "seed": seed, "train_fileset": train.source, "validation_fileset": validation.source,
+           "validation_events": heldout.n_events, "agc": {"params": spec.param_values(), "heldout_sigma_mu": agc},
+           "methods": rows}
+
+    def objective() -> HardObjective:
+        return HardObjective(spec, train, chunk_size=chunk_size, on_bad_file=on_bad_file, store=store)
+
+    for method in methods:
+        common = {"heldout": heldout, "trace_heldout": trace_heldout, "progress": progress}
+        if method == "random":
+            row = random_search(objective(), budget, names, seed=seed, **common)
+        elif method == "cmaes":
+            row = cma_es(objective(), budget, names, seed=seed, **common)
+        else:
+            row = grid_search(objective(), axes, **common)
+        rows.append(row)
+        write_json(out / "baselines.json", doc)
+        if on_method is not None:
+            on_method(row)
+    rows = list(rows)  # baselines.json keeps the methods run here; the table adds the references
+    if gradient_result:
+        rows.append(gradient_row(gradient_result, heldout=heldout, spec=spec))
+    if scan:
+        rows.append(scan_row(scan))
+    table_rows, markdown = comparison_table(rows, agc)
+    doc["seconds"] = time.perf_counter() - t0
+    comparison = {"rows": table_rows, "agc_heldout_sigma_mu": agc, "validation_fileset": validation.source,
+                  "validation_events": heldout.n_events, "train_fileset": train.source,
+                  "reach_tolerance": REACH_TOLERANCE}
+    if plots:
+        from jacana.analysis.trustplots import baseline_convergence
+
+        comparison["plot"] = str(baseline_convergence(rows, out / "plots" / "convergence.png"))
+    write_json(out / "baselines.json", doc)
+    write_json(out / "comparison.json", comparison)
+    with atomic_path(out / "comparison.md") as tmp:
+        tmp.write_text(markdown)
+    return {"rows": table_rows, "markdown": markdown, "agc_heldout_sigma_mu": agc, "doc": doc}

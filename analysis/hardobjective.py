@@ -1,0 +1,150 @@
+"""The hard analysis as an objective: expected sigma_mu at a parameter point, columns read once.
+
+:class:`HardObjective` is what the scan (:mod:`jacana.analysis.scan`) and the gradient-free
+baselines (:mod:`jacana.analysis.baselines`) evaluate: the conventional hard-cut analysis
+(:func:`jacana.facility.hardrun.hard_histograms`), the pyhf workspace, and pyhf's own numpy
+inference for the expected (Asimov) uncertainty on the POI, exactly as
+:func:`jacana.analysis.evaluate.hard_evaluation` computes ``result["expected"]["sigma_mu"]``
+(the fit to the pseudo-data, which the figure of merit does not need, is skipped).
+
+Every evaluation is one *full pass* over the events (the budget unit shared with the gradient
+optimiser); the columns stay in a :class:`~jacana.facility.hardrun.ColumnStore`, so only the
+first pass reads files. A point evaluated before is answered from memory without a pass.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from jacana.facility.hardrun import DEFAULT_CHUNK_SIZE, ColumnStore, InputReport, analysis_chunks, hard_histograms
+from jacana.stages.errors import ConfigError, JacanaError
+from jacana.stages.fileset import Fileset
+from jacana.stages.spec import AnalysisSpec
+
+
+def expected_sigma_mu(workspace: Mapping) -> float:
+    """pyhf's expected (Asimov, POI = 1) uncertainty on the POI: the ``expected.sigma_mu`` of
+    :func:`jacana.stages.inference.evaluate_workspace`, computed the same way, without the observed fit."""
+    from jacana.stages.inference import _fit, asimov_data, model_and_data, numpy_backend
+
+    with numpy_backend():
+        model, _ = model_and_data(workspace)
+        idx = model.config.poi_index
+        point = np.asarray(model.config.suggested_init(), dtype=np.float64)
+        point[idx] = 1.0
+        _, unc = _fit(asimov_data(model, 1.0), model, best=point)
+        return float(unc[idx])
+
+
+def check_names(spec: AnalysisSpec, names: Sequence[str]) -> None:
+    """Every name is a tunable parameter of ``spec`` (an error names the closest one otherwise)."""
+    for name in names:
+        if name not in spec.parameters:
+            close = difflib.get_close_matches(name, list(spec.parameters), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown parameter {name!r}{hint}; tunable parameters: {', '.join(spec.parameters)}")
+
+
+def check_point(spec: AnalysisSpec, values: Mapping[str, float]) -> dict[str, float]:
+    """The full parameter point (``spec``'s values, updated by ``values``), every value inside its bounds."""
+    check_names(spec, list(values))
+    point = spec.param_values()
+    for name, value in values.items():
+        p = spec.parameters[name]
+        value = float(value)
+        if not math.isfinite(value) or not p.lower <= value <= p.upper:
+            raise ConfigError(f"parameter {name!r} = {value:g} is outside its bounds [{p.lower:g}, {p.upper:g}]")
+        point[name] = value
+    return point
+
+
+def _key(point: Mapping[str, float], extra: Mapping | None = None, overrides: Sequence[str] | None = None) -> tuple:
+    key = tuple(sorted((k, round(float(v), 12)) for k, v in point.items()))
+    if extra or overrides:
+        from jacana.facility.atomic import _jsonable
+
+        key += (json.dumps(_jsonable(dict(extra or {})), sort_keys=True), tuple(overrides or ()))
+    return key
+
+
+def split_params(spec: AnalysisSpec, values: Mapping) -> tuple[dict[str, float], dict]:
+    """(named scalar cuts, everything else ``spec.with_params`` takes: ``edges_<region>``, ``nn``)."""
+    scalars = {k: float(v) for k, v in values.items() if k in spec.parameters}
+    return scalars, {k: v for k, v in values.items() if k not in spec.parameters}
+
+
+class HardObjective:
+    """Hard-analysis expected sigma_mu on one fileset, as a function of the tunable parameters.
+
+    >>> obj = HardObjective(spec, fileset)                  # doctest: +SKIP
+    >>> obj({"jet_pt_min": 35.0}), obj.passes               # doctest: +SKIP
+    (0.0931..., 1)
+    """
+
+    def __init__(self, spec: AnalysisSpec, fileset: Fileset, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 on_bad_file: str = "fail", store: ColumnStore | None = None):
+        self.spec = spec
+        self.fileset = fileset
+        self.chunk_size = chunk_size
+        self.chunks = analysis_chunks(spec, fileset, chunk_size)
+        self.n_events = sum(c.n_events for c in self.chunks)
+        self.store = store if store is not None and store.compatible(spec) else ColumnStore(spec)
+        self.report = InputReport(on_bad_file)
+        self.passes = 0
+        self.seconds = 0.0
+        self._cache: dict[tuple, dict] = {}
+
+    def evaluate(self, values: Mapping[str, float], extra: Mapping | None = None,
+                 overrides: Sequence[str] | None = None) -> dict:
+        """``{"params", "sigma_mu", "seconds", "pass"}`` at ``values`` (``sigma_mu`` None and ``error`` set
+        where pyhf cannot compute it, e.g. a cut that empties a region).
+
+        ``extra``: other settings :meth:`AnalysisSpec.with_params` takes (bin edges ``edges_<region>``,
+        network weights ``nn``) and ``overrides``: config overrides applied first (e.g. a region's
+        observable set to the network), both e.g. those of a gradient optimum.
+        """
+        point = check_point(self.spec, values)
+        key = _key(point, extra, overrides)
+        if key in self._cache:
+            return dict(self._cache[key], cached=True)
+        t0 = time.perf_counter()
+        spec = self.spec.with_overrides(list(overrides)) if overrides else self.spec
+        spec = spec.with_params({**point, **(extra or {})})
+        hists = hard_histograms(spec, self.chunks, store=self.store, report=self.report)
+        self.passes += 1
+        from jacana.stages.workspace import build_workspace
+
+        entry = {"params": point, "sigma_mu": None, "pass": self.passes}
+        try:
+            sigma = expected_sigma_mu(build_workspace(spec, hists))
+            if math.isfinite(sigma) and sigma > 0:
+                entry["sigma_mu"] = sigma
+            else:
+                entry["error"] = f"pyhf gave sigma_mu = {sigma}"
+        except (JacanaError, ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+        entry["seconds"] = time.perf_counter() - t0
+        self.seconds += entry["seconds"]
+        self._cache[key] = entry
+        return dict(entry)
+
+    def __call__(self, values: Mapping[str, float]) -> float:
+        """sigma_mu at ``values``; ``inf`` where it cannot be computed (an optimiser moves away)."""
+        sigma = self.evaluate(values)["sigma_mu"]
+        return math.inf if sigma is None else sigma
+
+    def seed(self, entries: Sequence[Mapping]) -> int:
+        """Reuse earlier evaluations (e.g. a partial ``scan.json``): they cost no pass. Returns how many."""
+        n = 0
+        for e in entries:
+            if "params" in e and "sigma_mu" in e:
+                self._cache[_key(e["params"])] = {k: e[k] for k in ("params", "sigma_mu", "seconds", "error", "pass")
+                                                  if k in e}
+                n += 1
+        return n

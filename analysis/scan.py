@@ -1,0 +1,286 @@
+"""``jacana scan``: the landscape of the real (hard-cut) analysis over one or two parameters.
+
+Each grid point is the conventional hard analysis on held-out events (by default the embedded
+validation samples) with pyhf's expected uncertainty on the POI, the number
+:func:`jacana.analysis.evaluate.hard_evaluation` reports as ``expected.sigma_mu``. The columns
+are read once (:class:`~jacana.analysis.hardobjective.HardObjective`); every further point is
+one pass over the cached events. ``scan.json`` is rewritten atomically after every point, and a
+scan into the same folder reuses the points already there (same config, fileset and fixed
+parameters), so an interrupted scan resumes and a refined grid only computes what is new.
+
+The landscape plot (``plots/scan.png``: a curve, or a heat map for two parameters) marks the
+AGC point (the config's values) and, with ``--gradient-result``, the gradient optimum; both are
+also evaluated on the same events so their sigma_mu is comparable to the grid's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jacana.analysis.hardobjective import HardObjective, check_names
+from jacana.facility.atomic import write_json
+from jacana.facility.hardrun import DEFAULT_CHUNK_SIZE
+from jacana.stages.errors import ConfigError
+from jacana.stages.fileset import Fileset
+from jacana.stages.spec import AnalysisSpec
+
+SCAN_VERSION = 1
+MAX_AXES = 2
+#: points per axis when ``name=lo:hi`` gives none: 9 x 9 = 81 hard passes over the 1M held-out events
+#: took 24 min on a loaded 2-core machine (17 s a point; see docs/trust.md)
+DEFAULT_POINTS = 9
+#: grid points within this fraction of the best are listed as near-optimal (``near_best``)
+NEAR_BEST = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    """One scanned parameter: ``n`` evenly spaced values from ``lo`` to ``hi`` (both included)."""
+
+    name: str
+    lo: float
+    hi: float
+    n: int
+
+    @property
+    def values(self) -> list[float]:
+        return [float(v) for v in np.linspace(self.lo, self.hi, self.n)]
+
+    @property
+    def step(self) -> float:
+        return (self.hi - self.lo) / (self.n - 1) if self.n > 1 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "lo": self.lo, "hi": self.hi, "n": self.n, "values": self.values}
+
+
+def parse_axis(text: str, spec: AnalysisSpec) -> Axis:
+    """``name=lo:hi:n`` (or ``name=lo:hi``: :data:`DEFAULT_POINTS` points) -> :class:`Axis`; errors name the
+    parameter and its bounds."""
+    if "=" not in text:
+        raise ConfigError(f"scan parameter {text!r} must look like name=lo:hi:n (e.g. jet_pt_min=25:45:9)")
+    name, rng = (s.strip() for s in text.split("=", 1))
+    check_names(spec, [name])
+    p = spec.parameters[name]
+    bounds = f"[{p.lower:g}, {p.upper:g}]"
+    parts = rng.split(":")
+    if len(parts) == 2:
+        parts.append(str(DEFAULT_POINTS))
+    if len(parts) != 3:
+        raise ConfigError(f"scan parameter {name!r}: range {rng!r} must be lo:hi:n or lo:hi (its bounds are {bounds})")
+    try:
+        lo, hi = float(parts[0]), float(parts[1])
+        n = int(parts[2])
+    except ValueError:
+        raise ConfigError(f"scan parameter {name!r}: range {rng!r} must be lo:hi:n with numbers lo, hi and an"
+                          f" integer n (its bounds are {bounds})") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ConfigError(f"scan parameter {name!r}: lo and hi must be finite, got {rng!r}")
+    if n < 1:
+        raise ConfigError(f"scan parameter {name!r}: n must be >= 1, got {n}")
+    if lo > hi:
+        raise ConfigError(f"scan parameter {name!r}: lo {lo:g} is above hi {hi:g}")
+    if n == 1 and lo != hi:
+        raise ConfigError(f"scan parameter {name!r}: n = 1 needs lo == hi, got {lo:g}:{hi:g}")
+    if n > 1 and lo == hi:
+        raise ConfigError(f"scan parameter {name!r}: lo == hi ({lo:g}) needs n = 1")
+    if lo < p.lower or hi > p.upper:
+        raise ConfigError(f"scan parameter {name!r}: range {lo:g}:{hi:g} leaves its bounds {bounds}"
+                          f" (change the range, or the bounds with --set parameters.{name}.bounds=[lo,hi])")
+    return Axis(name, lo, hi, n)
+
+
+def parse_axes(texts: Sequence[str], spec: AnalysisSpec) -> list[Axis]:
+    if not texts:
+        raise ConfigError("give one or two scan parameters, e.g. --params jet_pt_min=25:45:9 btag_min=0.5:0.9:9")
+    axes = [parse_axis(t, spec) for t in texts]
+    names = [a.name for a in axes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"scan parameters must differ, got {names}")
+    if len(axes) > MAX_AXES:
+        raise ConfigError(f"a scan has one or two parameters, got {len(axes)}: {names}")
+    return axes
+
+
+def _context(spec: AnalysisSpec, fileset: Fileset, n_events: int, fixed: Mapping[str, float]) -> dict:
+    """What must match for stored points to be reused (the config without parameter values)."""
+    raw = spec.to_dict()
+    for p in raw.get("parameters", {}).values():
+        p.pop("value", None)
+    return {"config": raw, "fileset": fileset.source, "events": n_events, "fixed_params": dict(fixed)}
+
+
+def _read_json(path: Path, what: str):
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not valid JSON: {exc}") from None
+
+
+def load_gradient_result(path: str | Path) -> dict:
+    """The optimum of a ``jacana optimize`` run (its result.json, or the folder holding it).
+
+    ``params``: the named cuts; ``extra``: what else it optimised (bin edges ``edges_<region>``,
+    network weights ``nn``; these come from the ``params.json`` beside it when there is one);
+    ``overrides``: config overrides the optimum needs (e.g. a region's observable set to the network).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "result.json"
+    raw = _read_json(path, "gradient result")
+    params = (raw.get("final_params") or raw.get("params")) if isinstance(raw, dict) else None
+    if not isinstance(params, dict):
+        raise ConfigError(f"gradient result {str(path)!r} has no final_params (a jacana optimize result.json)")
+    overrides: list[str] = []
+    beside = path.parent / "params.json"
+    if path.name != "params.json" and beside.is_file():  # the complete optimum (with the network weights)
+        full = _read_json(beside, "params file")
+        if isinstance(full, dict) and isinstance(full.get("params"), dict):
+            params = {**params, **full["params"]}
+            overrides = [str(o) for o in full.get("overrides", [])]
+    scalars = {k: float(v) for k, v in params.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    extra = {k: v for k, v in params.items() if k not in scalars}  # bin edges, network weights
+    return {"params": scalars, "extra": extra, "overrides": overrides, "path": str(path), "result": raw}
+
+
+def grid_points(axes: Sequence[Axis]) -> list[tuple[tuple[int, ...], dict[str, float]]]:
+    """Every (index tuple, {name: value}) of the grid, the last axis fastest."""
+    return [(idx, {a.name: a.values[i] for a, i in zip(axes, idx)})
+            for idx in itertools.product(*(range(a.n) for a in axes))]
+
+
+def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir: str | Path,
+             gradient_result: str | Path | None = None, hold: str = "config", progress: bool = True,
+             plots: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE, on_bad_file: str = "fail",
+             objective: HardObjective | None = None) -> dict:
+    """Scan the hard expected sigma_mu over ``axes`` on ``fileset``; writes ``scan.json`` (and the plot).
+
+    ``hold``: the value of the parameters not scanned: ``"config"`` (the config's, i.e. the AGC
+    point) or ``"gradient"`` (the gradient optimum's, which needs ``gradient_result``).
+    """
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    axes = list(axes)
+    if hold not in ("config", "gradient"):
+        raise ConfigError(f"hold must be 'config' or 'gradient', got {hold!r}")
+    gradient = load_gradient_result(gradient_result) if gradient_result else None
+    if gradient is not None:  # named cuts this config tunes; bin edges / network weights apply as they are
+        gradient["extra"].update({k: v for k, v in gradient["params"].items() if k not in spec.parameters})
+        gradient["params"] = {k: v for k, v in gradient["params"].items() if k in spec.parameters}
+    if hold == "gradient" and gradient is None:
+        raise ConfigError("holding the other parameters at the gradient optimum needs a gradient result")
+    agc = spec.param_values()
+    scanned = [a.name for a in axes]
+    fixed = {k: v for k, v in agc.items() if k not in scanned}
+    if hold == "gradient":
+        fixed.update({k: v for k, v in gradient["params"].items() if k in fixed})
+    obj = objective or HardObjective(spec, fileset, chunk_size=chunk_size, on_bad_file=on_bad_file)
+    context = _context(spec, fileset, obj.n_events, fixed)
+    path = out / "scan.json"
+    reused = 0
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = None
+        if isinstance(old, dict) and old.get("version") == SCAN_VERSION and old.get("context") == context:
+            reused = obj.seed([p for p in old.get("points", []) if p.get("sigma_mu") is not None or "error" in p])
+            reused += obj.seed([e for e in (old.get("agc"), old.get("gradient")) if e and not e.get("also_set")])
+        elif progress:
+            print(f"jacana scan: {path} was made with another config, fileset or fixed parameters; starting afresh")
+
+    grid = grid_points(axes)
+    points: list[dict] = []
+    result = {"version": SCAN_VERSION, "parameters": [a.to_dict() for a in axes], "fixed_params": fixed,
+              "hold": hold, "context": context, "fileset": fileset.source, "events": obj.n_events,
+              "points": points, "complete": False}
+
+    def save() -> None:
+        result["passes"] = obj.passes
+        result["seconds"] = time.perf_counter() - t_start
+        write_json(path, result)
+
+    bar = tqdm(grid, desc="hard scan", unit="point", disable=not progress)
+    best = math.inf
+    for idx, values in bar:
+        entry = obj.evaluate({**fixed, **values})
+        entry = {"index": list(idx), **{k: v for k, v in entry.items() if k != "cached"}}
+        points.append(entry)
+        if entry["sigma_mu"] is not None:
+            best = min(best, entry["sigma_mu"])
+        save()
+        bar.set_postfix_str(" ".join(f"{k}={v:.4g}" for k, v in values.items())
+                            + (f" sigma_mu={entry['sigma_mu']:.5g}" if entry["sigma_mu"] else " failed")
+                            + f" best={best:.5g}")
+    bar.close()
+
+    shape = [a.n for a in axes]
+    values_grid = np.full(shape, np.nan)
+    for p in points:
+        if p["sigma_mu"] is not None:
+            values_grid[tuple(p["index"])] = p["sigma_mu"]
+    result["sigma_mu"] = values_grid.tolist()
+    ok = [p for p in points if p["sigma_mu"] is not None]
+    if not ok:
+        save()
+        raise ConfigError(f"no grid point gave a finite sigma_mu (first error: {points[0].get('error')})")
+    grid_best = min(ok, key=lambda p: p["sigma_mu"])
+    result["best"] = {"index": grid_best["index"], "params": grid_best["params"], "sigma_mu": grid_best["sigma_mu"]}
+    # the feasible region a physicist fine-tunes in: every grid point within NEAR_BEST of the best
+    result["near_best"] = {"tolerance": NEAR_BEST, "points": [
+        {"params": {a.name: p["params"][a.name] for a in axes}, "sigma_mu": p["sigma_mu"]}
+        for p in sorted(ok, key=lambda p: p["sigma_mu"]) if p["sigma_mu"] <= grid_best["sigma_mu"] * (1 + NEAR_BEST)]}
+    result["agc"] = obj.evaluate(agc)
+    result["agc"].pop("cached", None)
+    if gradient is not None:
+        g = obj.evaluate(gradient["params"], gradient["extra"] or None, overrides=gradient["overrides"] or None)
+        g.pop("cached", None)
+        g["source"] = gradient["path"]
+        if gradient["extra"] or gradient["overrides"]:
+            g["also_set"] = sorted(gradient["extra"]) + list(gradient["overrides"])
+        steps = {a.name: abs(gradient["params"][a.name] - grid_best["params"][a.name]) / a.step
+                 for a in axes if a.step > 0 and a.name in gradient["params"]}
+        g["grid_steps_from_best"] = steps
+        g["within_one_grid_step"] = all(s <= 1.0 + 1e-9 for s in steps.values())
+        g["over_grid_best"] = g["sigma_mu"] / grid_best["sigma_mu"] if g["sigma_mu"] else None
+        others = {k: v for k, v in gradient["params"].items() if k not in scanned and abs(v - fixed.get(k, v)) > 1e-12}
+        g["other_params_differ_from_grid"] = others
+        result["gradient"] = g
+    result["reused_points"] = reused
+    result["complete"] = True
+    if plots:
+        from jacana.analysis.trustplots import scan_landscape
+
+        result["plot"] = str(scan_landscape(result, spec, out / "plots" / "scan.png"))
+    save()
+    return result
+
+
+def format_summary(result: Mapping) -> str:
+    names = [a["name"] for a in result["parameters"]]
+    best = result["best"]
+    lines = [(f"  {len(result['points'])} points over {' x '.join(names)} on {result['events']:,} events,"
+             f" {result['passes']} passes ({result.get('reused_points', 0)} reused), {result['seconds']:.0f} s"),
+             "  grid best: sigma_mu = {:.5f} at {}".format(
+                 best["sigma_mu"], ", ".join(f"{k} {best['params'][k]:.4g}" for k in names))]
+    agc = result["agc"]
+    if agc.get("sigma_mu"):
+        lines.append(f"  AGC point: sigma_mu = {agc['sigma_mu']:.5f}")
+    g = result.get("gradient")
+    if g and g.get("sigma_mu"):
+        lines.append(f"  gradient optimum: sigma_mu = {g['sigma_mu']:.5f} ({g['over_grid_best']:.4f} x grid best),"
+                     f" grid steps from the best point: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in g["grid_steps_from_best"].items()))
+    return "\n".join(lines)

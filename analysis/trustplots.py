@@ -1,0 +1,143 @@
+"""Plots for trusting an optimum (PNG, mplhep CMS style): the hard-scan landscape, the
+multi-start spread, and the convergence of the gradient-free baselines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mplhep  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jacana.analysis.plots import _save  # noqa: E402
+from jacana.stages.spec import AnalysisSpec  # noqa: E402
+
+
+def _label(spec: AnalysisSpec, name: str) -> str:
+    unit = spec.parameters[name].unit if name in spec.parameters else ""
+    return f"{name} [{unit}]" if unit else name
+
+
+def _markers(result: Mapping):
+    """(label, params, sigma_mu, style) of the AGC point and the gradient optimum."""
+    out = []
+    agc = result.get("agc")
+    if agc:
+        out.append(("AGC", agc["params"], agc.get("sigma_mu"), {"marker": "*", "color": "white", "ms": 20, "mec": "k"}))
+    g = result.get("gradient")
+    if g:
+        # its other cuts (or bin edges, network) may differ from the grid's: then it is a projection
+        moved = g.get("other_params_differ_from_grid") or g.get("also_set")
+        out.append(("gradient optimum" + (" (other cuts differ)" if moved else ""), g["params"], g.get("sigma_mu"),
+                    {"marker": "D", "color": "#e42536", "ms": 11, "mec": "k"}))
+    return out
+
+
+def scan_landscape(result: Mapping, spec: AnalysisSpec, path: Path) -> Path:
+    """The hard expected sigma_mu over the scanned grid: a curve (1D) or a heat map (2D)."""
+    plt.style.use(mplhep.style.CMS)
+    axes = result["parameters"]
+    sigma = np.asarray(result["sigma_mu"], dtype=float)
+    best = result["best"]
+    held = ", ".join(f"{k} {v:.3g}" for k, v in result.get("fixed_params", {}).items())
+    if len(axes) == 1:
+        a = axes[0]
+        fig, ax = plt.subplots(figsize=(8.5, 6))
+        ax.plot(a["values"], sigma, "o-", color="#3f90da", label="hard scan (held-out)")
+        ax.plot(best["params"][a["name"]], best["sigma_mu"], "o", color="#3f90da", ms=14, mfc="none", mew=2,
+                label="grid best")
+        for label, params, s, style in _markers(result):
+            if s is not None:
+                ax.plot(params[a["name"]], s, ls="none", label=f"{label} ({s:.4f})", **style)
+            ax.axvline(params[a["name"]], color=style["color"] if style["color"] != "white" else "gray", ls=":")
+        ax.set_xlabel(_label(spec, a["name"]))
+        ax.set_ylabel(r"expected $\sigma_\mu$ (pyhf)")
+        ax.legend(fontsize=12)
+    else:
+        a, b = axes
+        fig, ax = plt.subplots(figsize=(9.5, 7.5))
+        xs, ys = np.asarray(a["values"]), np.asarray(b["values"])
+
+        def edges(v):
+            if len(v) == 1:
+                return np.array([v[0] - 0.5, v[0] + 0.5])
+            mid = 0.5 * (v[1:] + v[:-1])
+            return np.concatenate([[2 * v[0] - mid[0]], mid, [2 * v[-1] - mid[-1]]])
+
+        mesh = ax.pcolormesh(edges(xs), edges(ys), np.ma.masked_invalid(sigma.T), cmap="viridis_r", shading="flat")
+        fig.colorbar(mesh, ax=ax, label=r"expected $\sigma_\mu$ (pyhf)")
+        if np.isfinite(sigma).sum() >= 4 and min(sigma.shape) >= 2:
+            lo = np.nanmin(sigma)
+            levels = [lo * f for f in (1.01, 1.03, 1.1)]
+            cs = ax.contour(xs, ys, sigma.T, levels=levels, colors="white", linewidths=1)
+            ax.clabel(cs, fmt={lv: f"+{round(100 * (lv / lo - 1))}%" for lv in levels}, fontsize=10)
+        ax.plot(best["params"][a["name"]], best["params"][b["name"]], "o", ms=16, mfc="none", mec="white", mew=2.5,
+                label=f"grid best ({best['sigma_mu']:.4f})")
+        for label, params, s, style in _markers(result):
+            ax.plot(params[a["name"]], params[b["name"]], ls="none",
+                    label=f"{label}" + (f" ({s:.4f})" if s is not None else ""), **style)
+        ax.set_xlabel(_label(spec, a["name"]))
+        ax.set_ylabel(_label(spec, b["name"]))
+        ax.legend(fontsize=11, loc="best", framealpha=0.8)
+    if held:
+        ax.set_title(f"held: {held}", fontsize=11)
+    return _save(fig, path)
+
+
+def multistart_spread(starts: Sequence[Mapping], spec: AnalysisSpec, path: Path) -> Path:
+    """Each start's initial -> final parameters (one panel per parameter) and its held-out sigma_mu."""
+    plt.style.use(mplhep.style.CMS)
+    ok = [s for s in starts if s.get("final_params")]
+    names = [n for n in spec.parameters if all(n in s["final_params"] for s in ok)] if ok else list(spec.parameters)
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.6 * (len(names) + 1), 0.55 * max(len(starts), 4) + 2.5),
+                             sharey=True)
+    axes = np.atleast_1d(axes)
+    ys = np.arange(len(starts))
+    for ax, name in zip(axes, names):
+        p = spec.parameters[name]
+        for y, s in zip(ys, starts):
+            x0 = s["initial_params"][name]
+            if s.get("final_params"):
+                x1 = s["final_params"][name]
+                ax.annotate("", xy=(x1, y), xytext=(x0, y), arrowprops={"arrowstyle": "->", "color": "#832db6"})
+                ax.plot(x1, y, "o", color="#832db6")
+            ax.plot(x0, y, "o", mfc="none", color="gray")
+        ax.axvline(p.value, color="gray", ls=":")
+        ax.set_xlim(p.lower, p.upper)
+        ax.set_xlabel(_label(spec, name), fontsize=12)
+        ax.tick_params(labelsize=10)
+    ax = axes[-1]
+    for y, s in zip(ys, starts):
+        before, after = s.get("heldout_sigma_mu_initial"), s.get("heldout_sigma_mu")
+        if before is not None:
+            ax.plot(before, y, "o", mfc="none", color="gray", label="start" if y == 0 else None)
+        if after is not None:
+            ax.plot(after, y, "o", color="#e42536", label="final" if y == 0 else None)
+    ax.set_xlabel(r"held-out $\sigma_\mu$", fontsize=12)
+    ax.tick_params(labelsize=10)
+    ax.legend(fontsize=10)
+    axes[0].set_yticks(ys, [f"start {s['start']}" for s in starts], fontsize=10)
+    return _save(fig, path)
+
+
+def baseline_convergence(rows: Sequence[Mapping], path: Path, reference: float | None = None) -> Path:
+    """Best training-event sigma_mu so far against full passes, one line per method."""
+    plt.style.use(mplhep.style.CMS)
+    fig, ax = plt.subplots(figsize=(8.5, 6))
+    for row in rows:
+        trace = row.get("best_so_far") or []
+        if trace:
+            xs, ys = [t[0] for t in trace], [t[1] for t in trace]
+            if row.get("passes") and row["passes"] > xs[-1]:  # flat to the end of its budget
+                xs, ys = xs + [row["passes"]], ys + [ys[-1]]
+            ax.step(xs, ys, where="post", label=f"{row['method']} ({row.get('passes', xs[-1])} passes)")
+    if reference is not None:
+        ax.axhline(reference, color="gray", ls=":", label="reference")
+    ax.set_xlabel("full passes over the training events")
+    ax.set_ylabel(r"best hard $\sigma_\mu$ so far (training events)")
+    ax.legend(fontsize=12)
+    return _save(fig, path)
