@@ -89,8 +89,12 @@ def _start_cluster(workers: int, timeout: float = 60.0):
 
 
 def bench_dask(fileset: str | Path, workers: int = 2, repeats: int = 3, chunk_size: int = 100_000,
-               in_process: bool = True, separate_scheduler: bool = True) -> dict:
-    """Figures of the dask executor vs in-process (see the module docstring); returns a dict."""
+               in_process: bool = True, separate_scheduler: bool = True, scheduler: str | None = None) -> dict:
+    """Figures of the dask executor vs in-process (see the module docstring); returns a dict.
+
+    With ``scheduler`` (an address), the workers of that existing cluster are used (they must
+    see the fileset's files); ``workers`` is then ignored and ``out["workers"]`` counts them.
+    """
     from jacana.facility.jaxsetup import configure_jax
 
     configure_jax()
@@ -137,7 +141,15 @@ def bench_dask(fileset: str | Path, workers: int = 2, repeats: int = 3, chunk_si
 
     t = time.perf_counter()
     procs, client = [], None
-    if separate_scheduler:  # scheduler and workers in their own processes, as on a facility
+    if scheduler is not None:  # an existing cluster: its workers, left running
+        from .profiles import connect_scheduler
+
+        client = connect_scheduler(scheduler)
+        info = client.scheduler_info(n_workers=-1)["workers"]
+        out["workers"] = len(info)
+        out["worker_threads"] = sum(int(w.get("nthreads", 1)) for w in info.values())
+        dx = DaskExecutor(spec, chunks, client=client)
+    elif separate_scheduler:  # scheduler and workers in their own processes, as on a facility
         client, procs = _start_cluster(workers)
         dx = DaskExecutor(spec, chunks, client=client)
     else:
@@ -194,9 +206,10 @@ def main(argv=None) -> None:
     ap.add_argument("--chunk-size", type=int, default=100_000)
     ap.add_argument("--no-in-process", action="store_true")
     ap.add_argument("--local-cluster", action="store_true", help="scheduler in this process (LocalCluster)")
+    ap.add_argument("--scheduler", help="use the workers of this existing dask scheduler")
     a = ap.parse_args(argv)
     print(json.dumps(bench_dask(a.fileset, a.workers, a.repeats, a.chunk_size, not a.no_in_process,
-                                not a.local_cluster), indent=1))
+                                not a.local_cluster, a.scheduler), indent=1))
 
 
 if __name__ == "__main__":

@@ -22,14 +22,17 @@ measured:
   fresh subprocess (target >= 10).
 
 Run ``python -m jacana.facility.bench_stages [fileset.json]``; :func:`run_benchmark` returns the dict.
-Timings are the minimum over ``repeats`` runs after a warm-up run; ``cpu_seconds_*`` are the
-process CPU times of the same runs (less sensitive to other load on a shared machine).
+Timings are the minimum (or, with ``stat="median"``, the median) over ``repeats`` runs after a
+warm-up run; ``cpu_seconds_*`` are the process CPU times of the same runs (less sensitive to other
+load on a shared machine). ``jacana bench`` (:mod:`jacana.facility.bench`) builds its table from
+these figures.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -42,7 +45,7 @@ import os, resource, sys, time, json
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_enable_x64", True)
-which, n, bins = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+which, n, bins, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 x = jnp.asarray(np.random.default_rng(0).normal(300.0, 120.0, n))
 edges = jnp.linspace(50.0, 550.0, bins + 1)
 if which == "relaxed":
@@ -54,25 +57,35 @@ else:
 compiled = f.lower(x).compile()
 temp = compiled.memory_analysis().temp_size_in_bytes
 jax.block_until_ready(x)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_kb():  # this process's own high-water mark (ru_maxrss also counts the parent's, from fork)
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(l.split()[1]) for l in fh if l.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kb()
 out = compiled(x); jax.block_until_ready(out)
-t0 = time.perf_counter(); out = compiled(x); jax.block_until_ready(out); dt = time.perf_counter() - t0
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+times = []
+for _ in range(repeats):
+    t0 = time.perf_counter(); out = compiled(x); jax.block_until_ready(out); times.append(time.perf_counter() - t0)
+after = peak_kb()
+dt = sorted(times)[len(times) // 2]
 print(json.dumps({"temp_bytes": int(temp), "rss_growth_bytes": int(after - before) * 1024, "seconds": dt,
                   "sum": float(jnp.sum(out))}))
 """
 
 
-def _hist_probe(which: str, n: int, bins: int) -> dict:
+def _hist_probe(which: str, n: int, bins: int, repeats: int) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-c", _HIST_SNIPPET, which, str(n), str(bins)], capture_output=True,
-                         text=True, env=env, check=True)
+    res = subprocess.run([sys.executable, "-c", _HIST_SNIPPET, which, str(n), str(bins), str(repeats)],
+                         capture_output=True, text=True, env=env, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def histogram_benchmark(n: int = 1_000_000, bins: int = 25) -> dict:
-    """Peak memory and time of relaxed.ops.hist vs :func:`soft_histogram` (fresh subprocesses)."""
-    ours, theirs = _hist_probe("jacana", n, bins), _hist_probe("relaxed", n, bins)
+def histogram_benchmark(n: int = 1_000_000, bins: int = 25, repeats: int = 1) -> dict:
+    """Peak memory and time (median of ``repeats`` calls) of relaxed.ops.hist vs :func:`soft_histogram`
+    (each in a fresh subprocess, on CPU)."""
+    ours, theirs = _hist_probe("jacana", n, bins, repeats), _hist_probe("relaxed", n, bins, repeats)
     assert abs(ours["sum"] - theirs["sum"]) <= 1e-6 * abs(theirs["sum"]), (ours, theirs)
     return {
         "hist_events": n, "hist_bins": bins,
@@ -84,14 +97,19 @@ def histogram_benchmark(n: int = 1_000_000, bins: int = 25) -> dict:
     }
 
 
-def _timed(fn, repeats: int) -> tuple[float, float]:
-    """(best wall seconds, best process CPU seconds) over ``repeats`` runs."""
-    best, best_cpu = float("inf"), float("inf")
-    for _ in range(repeats):
+def _timed(fn, repeats: int, stat: str = "min") -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) over ``repeats`` runs: the best (``stat="min"``) or the median."""
+    walls, cpus = [], []
+    for _ in range(max(1, repeats)):
         t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
-    return best, best_cpu
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    if stat == "median":
+        return statistics.median(walls), statistics.median(cpus)
+    if stat != "min":
+        raise ValueError(f"stat must be 'min' or 'median', got {stat!r}")
+    return min(walls), min(cpus)
 
 
 def _compile_times(executor, params, relax) -> dict:
@@ -119,11 +137,11 @@ def _compile_times(executor, params, relax) -> dict:
             if shape in seen:
                 continue
             seen.add(shape)
-            y, t = twice(lambda: soft_yields(params, relax, part, config))
+            y, t = twice(lambda part=part: soft_yields(params, relax, part, config))
             out["forward"].append(t)
-            out["jacobian"].append(twice(lambda: _yields_and_jacobian_one(params, relax, part, config))[1])
+            out["jacobian"].append(twice(lambda part=part: _yields_and_jacobian_one(params, relax, part, config))[1])
             cot = jax.tree.map(lambda a: a * 0 + 1.0, y)
-            out["vjp"].append(twice(lambda: _yields_vjp_one(params, relax, part, config, cot))[1])
+            out["vjp"].append(twice(lambda part=part, cot=cot: _yields_vjp_one(params, relax, part, config, cot))[1])
     res = {"call_shapes": len(seen)}
     for mode, times in out.items():
         res[f"compile_seconds_{mode}"] = float(sum(times))
@@ -148,16 +166,25 @@ def _jacobian_deviation(jac32: dict, jac64: dict) -> float:
 
 def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, repeats: int = 2,
                   dtype: str = "float64", reference_repeats: int = 1, histogram: bool = True,
-                  compare_float32: bool = False, chunk_size: int = 200_000) -> dict:
-    """Measure the stages on a synthetic dataset of ``events`` events (generated if ``fileset`` is None)."""
+                  compare_float32: bool = False, chunk_size: int = 200_000, *, stat: str = "min",
+                  details: bool = True, interleave: bool = False, reference_histograms: dict | None = None) -> dict:
+    """Measure the stages on a synthetic dataset of ``events`` events (generated if ``fileset`` is None).
+
+    ``stat`` picks the minimum or the median of the repeated runs; ``details=False`` skips the
+    compile times, the VJP and the per-bucket split (``jacana bench`` needs none of them).
+    ``interleave=True`` times the reference, the forward pass and the Jacobian in turn within each
+    of ``repeats`` rounds (so that a figure and its baselines see the same load on a shared
+    machine; the awkward columns then stay in memory beside the dense batches). If
+    ``reference_histograms`` is a dict, it receives the conventional analysis' hard histograms
+    (``{region: {sample: {variation: ...}}}``, as :func:`~jacana.facility.hardrun.hard_histograms`).
+    """
     import jax
 
     from jacana.facility.executor import CALL_EVENTS, InProcessExecutor
+    from jacana.facility.hardrun import ColumnStore, hard_histograms
 
     from jacana.stages.analysis import default_params, default_relax
-    from jacana.stages.columns import read_chunk
     from jacana.stages.fileset import load_fileset
-    from jacana.stages.reference import fill_histograms
     from jacana.stages.spec import load_spec
 
     if fileset is None:
@@ -169,17 +196,22 @@ def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, re
     chunks = [c for s in spec.samples for v in spec.file_variations(s) if fs.has(s, v)
               for c in fs.chunks(s, v, chunk_size=chunk_size)]
 
+    store = ColumnStore(spec)  # the conventional analysis' own reader, every chunk read once here
     t0 = time.perf_counter()
-    columns = [read_chunk(c, spec) for c in chunks]
+    n_events = sum(len(store.get(c)) for c in chunks)
     t_read = time.perf_counter() - t0
-    n_events = sum(len(c) for c in columns)
+    last: list = []
 
-    def reference():
-        for col in columns:
-            fill_histograms(col, spec)
+    def reference():  # awkward + hist over the in-memory columns (no reading)
+        last[:] = [hard_histograms(spec, chunks, store)]
 
-    t_reference, c_reference = _timed(reference, reference_repeats)
-    columns.clear()  # free the awkward columns before the dense batches are built
+    if not interleave:
+        t_reference, c_reference = _timed(reference, reference_repeats, stat)
+        store = None  # free the awkward columns before the dense batches are built
+    else:
+        reference()  # warm-up
+    if reference_histograms is not None:
+        reference_histograms.update(last[0])
 
     t0 = time.perf_counter()
     executor = InProcessExecutor(spec, chunks, dtype=np.dtype(dtype))
@@ -198,27 +230,43 @@ def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, re
         jax.block_until_ready(out)
         return out
 
-    compile_info = _compile_times(executor, params, relax)
-    ylds = forward()
-    cotangents = {k: jax.tree.map(lambda a: a * 0 + 1.0, y) for k, y in ylds.items()}
-
-    def vjp():
-        jax.block_until_ready(executor.yields_vjp(params, relax, cotangents))
-
-    t_forward, c_forward = _timed(forward, repeats)
-    t_jacobian, c_jacobian = _timed(jacobian, repeats)
-    t_vjp, c_vjp = _timed(vjp, repeats)
+    compile_info = _compile_times(executor, params, relax) if details else {}
+    ylds = forward()  # warm-up (compiles, or loads from the persistent cache, every call shape)
+    jacobian()
+    if interleave:
+        runs: dict = {"reference": [], "forward": [], "jacobian": []}
+        for _ in range(max(1, repeats)):
+            for name, fn in (("reference", reference), ("forward", forward), ("jacobian", jacobian)):
+                runs[name].append(_timed(fn, 1))
+        pick = statistics.median if stat == "median" else min
+        (t_reference, c_reference), (t_forward, c_forward), (t_jacobian, c_jacobian) = (
+            (pick(w for w, _ in runs[k]), pick(c for _, c in runs[k])) for k in ("reference", "forward", "jacobian"))
+        store = None
+    else:
+        t_forward, c_forward = _timed(forward, repeats, stat)
+        t_jacobian, c_jacobian = _timed(jacobian, repeats, stat)
 
     per_bucket: dict = {}
-    from jacana.stages.jacobian import yields_and_jacobian
-    from jacana.stages.analysis import chunk_yields
-    by_bucket: dict = {}
-    for p in parts:
-        by_bucket.setdefault(p.n_jets, []).append(p)
-    for k, ps in sorted(by_bucket.items()):
-        tf, _ = _timed(lambda: jax.block_until_ready(chunk_yields(params, relax, ps, executor.config)), 1)
-        tj, _ = _timed(lambda: jax.block_until_ready(yields_and_jacobian(params, relax, ps, executor.config)), 1)
-        per_bucket[str(k)] = {"calls": len(ps), "forward": tf, "jacobian": tj}
+    vjp_figures: dict = {}
+    if details:
+        cotangents = {k: jax.tree.map(lambda a: a * 0 + 1.0, y) for k, y in ylds.items()}
+
+        def vjp():
+            jax.block_until_ready(executor.yields_vjp(params, relax, cotangents))
+
+        t_vjp, c_vjp = _timed(vjp, repeats, stat)
+        vjp_figures = {"seconds_vjp": t_vjp, "cpu_seconds_vjp": c_vjp, "vjp_over_forward": t_vjp / t_forward}
+        from jacana.stages.analysis import chunk_yields
+        from jacana.stages.jacobian import yields_and_jacobian
+
+        by_bucket: dict = {}
+        for p in parts:
+            by_bucket.setdefault(p.n_jets, []).append(p)
+        for k, ps in sorted(by_bucket.items()):
+            tf, _ = _timed(lambda ps=ps: jax.block_until_ready(chunk_yields(params, relax, ps, executor.config)), 1)
+            tj, _ = _timed(lambda ps=ps: jax.block_until_ready(yields_and_jacobian(params, relax, ps, executor.config)),
+                           1)
+            per_bucket[str(k)] = {"calls": len(ps), "forward": tf, "jacobian": tj}
 
     out = {
         "events": n_events, "events_in_calls": sum(p.n_padded for p in parts),
@@ -227,24 +275,24 @@ def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, re
         "cpu_count": os.cpu_count(),
         "seconds_read": t_read, "seconds_load_executor": t_load,
         "seconds_reference": t_reference, "seconds_forward": t_forward,
-        "seconds_jacobian": t_jacobian, "seconds_vjp": t_vjp,
+        "seconds_jacobian": t_jacobian,
         "cpu_seconds_reference": c_reference, "cpu_seconds_forward": c_forward,
-        "cpu_seconds_jacobian": c_jacobian, "cpu_seconds_vjp": c_vjp,
+        "cpu_seconds_jacobian": c_jacobian,
         "jacobian_over_forward": t_jacobian / t_forward,
-        "vjp_over_forward": t_vjp / t_forward,
+        **vjp_figures,
         "jacobian_over_reference": t_jacobian / t_reference,
         "forward_over_reference": t_forward / t_reference,
         "khz_forward": n_events / t_forward / 1e3, "khz_jacobian": n_events / t_jacobian / 1e3,
         "khz_reference": n_events / t_reference / 1e3,
         **compile_info,
-        "per_bucket": per_bucket,
+        **({"per_bucket": per_bucket} if details else {}),
     }
     if compare_float32 and dtype == "float64":
         _, jac64 = jacobian()
         ex32 = InProcessExecutor(spec, chunks, dtype=np.float32)
         _, jac32 = ex32.yields_and_jacobian(params, relax)
         jax.block_until_ready(jac32)
-        t32, c32 = _timed(lambda: jax.block_until_ready(ex32.yields_and_jacobian(params, relax)), repeats)
+        t32, c32 = _timed(lambda: jax.block_until_ready(ex32.yields_and_jacobian(params, relax)), repeats, stat)
         out.update({"seconds_jacobian_float32": t32, "cpu_seconds_jacobian_float32": c32,
                     "float32_jacobian_max_relative_deviation": _jacobian_deviation(jac32, jac64)})
         ex32.close()
