@@ -86,21 +86,21 @@ import jax
 # 64-bit floats for all likelihood work (see "Precision" in the module docstring).
 jax.config.update("jax_enable_x64", True)
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pyhf  # noqa: E402
-from pyhf.tensor import manager as _pyhf_manager  # noqa: E402
-from pyhf.tensor.manager import get_backend  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
+import pyhf
+from pyhf.tensor import manager as _pyhf_manager
+from pyhf.tensor.manager import get_backend
 
-from .errors import ModelStructureError  # noqa: E402
+from .errors import ModelStructureError
 
 __all__ = [
-    "TracedModel",
-    "BoundModel",
-    "pyhf_jax_backend",
-    "YIELD_FIELDS",
-    "DEFAULT_YIELD_FLOOR",
     "DEFAULT_STAT_FLOOR",
+    "DEFAULT_YIELD_FLOOR",
+    "YIELD_FIELDS",
+    "BoundModel",
+    "TracedModel",
+    "pyhf_jax_backend",
 ]
 
 #: Yield-dependent fields of each modifier type (the rest carry none).
@@ -224,7 +224,7 @@ class TracedModel:
         modifier_settings: dict | None = None,
         yield_floor: float = DEFAULT_YIELD_FLOOR,
         stat_floor: float = DEFAULT_STAT_FLOOR,
-    ) -> "TracedModel":
+    ) -> TracedModel:
         """Build from a pyhf workspace spec (``measurement``: name, default the first).
 
         ``poi_name`` overrides the measurement's POI; ``modifier_settings`` is
@@ -248,7 +248,7 @@ class TracedModel:
         yield_floor: float = DEFAULT_YIELD_FLOOR,
         stat_floor: float = DEFAULT_STAT_FLOOR,
         **model_kwargs,
-    ) -> "TracedModel":
+    ) -> TracedModel:
         """Build from a ``pyhf.Model`` spec (``{"channels": [...], "parameters": [...]}``)."""
         model = pyhf.Model(dict(model_spec), poi_name=poi_name, **model_kwargs)
         return cls(model, yield_floor=yield_floor, stat_floor=stat_floor)
@@ -574,9 +574,9 @@ class TracedModel:
         info = self._staterror[m]
         bins = info["bins"]
         if xp is np:
-            nom = lambda c, s: np.asarray(y[c][s]["data"], dtype=float)  # noqa: E731
+            nom = lambda c, s: np.asarray(y[c][s]["data"], dtype=float)
         else:
-            nom = lambda c, s: self._sample_nom(y, c, s)  # noqa: E731
+            nom = lambda c, s: self._sample_nom(y, c, s)
 
         def glob(vecs):
             return xp.concatenate(
@@ -701,7 +701,7 @@ class TracedModel:
         shadow.constraint_model = cons
         return shadow
 
-    def bind(self, yields) -> "BoundModel":
+    def bind(self, yields) -> BoundModel:
         """Install ``yields`` once; return a :class:`BoundModel` evaluating pyhf on them.
 
         Use it to evaluate many parameter points on the same yields (fits,
@@ -861,14 +861,16 @@ class BoundModel:
     def expected_actualdata(self, pars):
         return self.expected_data(pars, include_auxdata=False)
 
-    def constraint_nll(self, pars):
-        """Minus the log of the constraint terms at ``pars`` for this model's auxdata."""
+    def constraint_nll(self, pars, auxdata=None):
+        """Minus the log of the constraint terms at ``pars`` for ``auxdata`` (default:
+        this model's auxdata, i.e. the auxiliary part of its Asimov data)."""
         cons = self.pyhf_model.constraint_model
         if not cons.has_pdf():
             return jnp.zeros(())
         with pyhf_jax_backend():
             pars = jnp.asarray(pars, dtype=jnp.float64)
-            return -cons.logpdf(self.auxdata, pars)
+            aux = self.auxdata if auxdata is None else jnp.asarray(auxdata, dtype=jnp.float64)
+            return -cons.logpdf(aux, pars)
 
     def asimov_data(self, poi_value=1.0):
         main = self.expected_actualdata(self.traced.poi_pars(poi_value))

@@ -20,8 +20,9 @@ sensitivity):
     return_expected=True)`` expected value.
 ``upper_limit(model, yields, cl=0.95)``
     Median expected upper limit on the POI: the root of
-    ``CLs_exp(mu) = 1 - cl``, found with optimistix's Newton solver and
-    differentiated implicitly (``ImplicitAdjoint``).
+    ``CLs_exp(mu) = 1 - cl``, found by Newton's method on the POI (each
+    conditional fit warm-started from the previous one) and differentiated
+    implicitly.
 
 Convention: **lower is better** for the optimiser. :data:`OBJECTIVES` maps a
 name to the physics value; :func:`loss` returns the function to *minimise*
@@ -30,12 +31,19 @@ name to the physics value; :func:`loss` returns the function to *minimise*
 Fits and gradients
 ------------------
 Profiled fits (``z0``, ``cls``, ``upper_limit``) minimise the NLL over the free
-nuisance parameters with optimistix BFGS, in coordinates whitened by the
-Fisher matrix at the nominal point (so BFGS starts from an accurate curvature
-model and converges in a handful of steps). Bounds are respected by
-evaluating the NLL at the parameters clipped into their bounds plus a
-quadratic penalty outside: inside the box this is exactly the NLL, and a
-bound-active optimum lands on the bound. Fixed parameters stay at their init.
+nuisance parameters with a projected Gauss-Newton method (:func:`_minimise_bounded`):
+each step takes the exact gradient and the Gauss-Newton matrix
+``J^T diag(n/lam^2) J + hess(constraints)`` (``J``: the forward-mode Jacobian of
+the expected counts, its per-bin columns compressed into shared tangents, see
+:func:`_jacobian_coloring`), holds parameters on a bound whose gradient points
+outwards, projects the step into the box and backtracks it until the NLL
+decreases. Started at the Asimov generating point it converges in 5-10 steps on
+the models tested (to a Newton decrement of ``FitSettings.fit_tol``), switching
+to exact-Hessian Newton steps if Gauss-Newton converges slowly. Fixed
+parameters stay at their init. The fits and the root finder are plain
+``jax.lax`` loops (no jaxopt; no optimistix either: its unconstrained BFGS,
+with bounds as penalties, took hundreds of steps on the bound-active fits of
+the AGC model and needed about 15 times longer).
 
 The gradient of a profiled quantity uses the envelope theorem: for
 ``g(y) = min_theta NLL(theta, y)``, ``dg/dy = dNLL/dy`` at
@@ -48,44 +56,48 @@ the solver). Consequence: only *first* derivatives of ``z0``/``cls`` are
 exact (Hessians with respect to yields are not). The same argument gives the
 derivative with respect to the tested POI value, which the upper-limit root
 finder needs; the root itself is differentiated by the implicit function
-theorem (optimistix ``ImplicitAdjoint``).
+theorem (see :func:`upper_limit`).
 """
 
 from __future__ import annotations
 
+import weakref
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.stats as jstats
 import numpy as np
-import optimistix as optx
 import scipy.stats
 
 from .likelihood import TracedModel, pyhf_jax_backend
 
 __all__ = [
-    "sigma_mu",
-    "z0",
-    "cls",
-    "upper_limit",
     "OBJECTIVES",
     "SENSE",
-    "loss",
+    "FitSettings",
+    "cls",
     "fisher",
+    "loss",
     "profile_nll",
     "q0_asimov",
     "qmu_tilde_asimov",
-    "FitSettings",
+    "sigma_mu",
+    "upper_limit",
+    "z0",
 ]
 
 
 class FitSettings:
     """Tolerances of the profiled fits and of the upper-limit root finder."""
 
-    fit_rtol = 1e-10
-    fit_atol = 1e-10
-    fit_max_steps = 256
+    #: a fit stops once the Newton decrement ``g^T H^-1 g`` (about twice the NLL
+    #: distance to the minimum) is below this, after taking that step
+    fit_tol = 1e-12
+    fit_max_steps = 50
+    #: Gauss-Newton steps that shrink the decrement by less than this factor (once it is
+    #: below 1) switch the fit to exact-Hessian Newton steps
+    slow_ratio = 0.1
     root_rtol = 1e-10
     root_atol = 1e-10
     root_max_steps = 64
@@ -160,20 +172,176 @@ def sigma_mu(model: TracedModel, yields, poi_value=1.0):
 
 
 # ----------------------------------------------------------------------------- fits
-def _whitening(bound_sg, poi_value, idx):
-    """Whitening matrix ``W = L^-T`` (``H = L L^T``: nuisance block of the Fisher
-    matrix at Asimov(POI=poi_value)) and the penalty curvature ``diag(H)``; constants."""
-    H = jax.lax.stop_gradient(_asimov_fisher(bound_sg, poi_value, idx))
-    n = H.shape[0]
-    d = jnp.sqrt(jnp.clip(jnp.diag(H), 1e-12))
-    Hn = H / d[:, None] / d[None, :] + 1e-10 * jnp.eye(n)  # unit diagonal, then factor
-    L = jnp.linalg.cholesky(Hn)
-    W = jax.scipy.linalg.solve_triangular(L, jnp.eye(n), lower=True, trans="T") / d[:, None]
-    return W, jnp.diag(H)
+def _direction(H, g, free):
+    """Newton direction ``-H_ff^-1 g_f`` on the free set (zero on the active set), by a
+    Cholesky factorisation of the diagonally rescaled reduced matrix; also whether it
+    is usable (finite and a descent direction)."""
+    n = g.shape[0]
+    Hr = jnp.where(free[:, None] & free[None, :], H, jnp.eye(n))
+    gr = jnp.where(free, g, 0.0)
+    dg = jnp.diag(Hr)
+    s = jnp.where(dg > 0, jnp.sqrt(jnp.where(dg > 0, dg, 1.0)), 1.0)
+    L = jnp.linalg.cholesky(Hr / s[:, None] / s[None, :] + 1e-12 * jnp.eye(n))
+    d = -jax.scipy.linalg.cho_solve((L, True), gr / s) / s
+    dec = -jnp.dot(gr, d)
+    ok = jnp.all(jnp.isfinite(d)) & (dec >= 0)
+    return d, dec, ok
 
 
-def _fit_nuisances(model, bound_sg, data_sg, poi_value, whitening):
-    """Minimise the NLL over the free nuisances at fixed POI (no gradient flows)."""
+_COLORINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _jacobian_coloring(model: TracedModel, idx: np.ndarray):
+    """Column groups of ``d lam / d pars[idx]`` that touch disjoint bins (host-side, cached).
+
+    Per-bin parameters (staterror, shapesys, shapefactor) each move one bin, so the
+    columns of a whole modifier -- of all of them, across channels -- can share one
+    forward-mode tangent: the Jacobian then costs a dozen tangents instead of one per
+    parameter. The sparsity pattern is read off exact Jacobians at two random points
+    (random positive yields, random parameters; an accidental zero there is a
+    probability-zero event) and the compressed Jacobian is checked against the full
+    one at a third point; if anything disagrees, no compression. Returns ``(seed,
+    color, pattern)``: tangents ``seed`` (nfree x ncolors), each column's tangent
+    ``color`` and the nonzero ``pattern`` (nbins x nfree), or None.
+    """
+    key = tuple(int(i) for i in idx)
+    cached = _COLORINGS.setdefault(model, {})
+    if key in cached:
+        return cached[key]
+    rng = np.random.default_rng(20240917)
+    lo, hi = model.bounds[:, 0], model.bounds[:, 1]
+
+    def jacobians(y):
+        pars = np.clip(model.init + rng.uniform(-0.4, 0.4, model.npars), lo, hi)
+        with jax.ensure_compile_time_eval(), pyhf_jax_backend():
+            bound = model.bind(y)
+
+            def lam(q):
+                return bound.expected_actualdata(jnp.asarray(pars).at[idx].set(q))
+
+            return lam, np.asarray(jax.jacfwd(lam)(jnp.asarray(pars[idx]))), pars[idx]
+
+    def random_yields():
+        return jax.tree_util.tree_map(
+            lambda a: np.asarray(a) * rng.uniform(0.5, 1.5, np.shape(a)) + 0.1,
+            model.yields_template(),
+        )
+
+    pattern = np.zeros((model.nmaindata, len(idx)), dtype=bool)
+    for _ in range(2):
+        pattern |= jacobians(random_yields())[1] != 0
+    color = np.full(len(idx), -1)
+    rows = []  # the bins each color touches
+    for j in range(len(idx)):
+        for c, used in enumerate(rows):
+            if not np.any(used & pattern[:, j]):
+                color[j], rows[c] = c, used | pattern[:, j]
+                break
+        else:
+            color[j] = len(rows)
+            rows.append(pattern[:, j].copy())
+    seed = np.zeros((len(idx), len(rows)))
+    seed[np.arange(len(idx)), color] = 1.0
+    result = (seed, color, pattern)
+    lam, J, q = jacobians(random_yields())
+    with jax.ensure_compile_time_eval(), pyhf_jax_backend():
+        Jc = np.asarray(jax.vmap(lambda v: jax.jvp(lam, (jnp.asarray(q),), (v,))[1], 1, 1)(seed))
+    if len(rows) >= len(idx) or not np.allclose(np.where(pattern, Jc[:, color], 0.0), J,
+                                                rtol=1e-10, atol=0.0):
+        result = None
+    cached[key] = result
+    return result
+
+
+def _minimise_bounded(nll, lam, cons, n_main, q0, lo, hi, coloring=None):
+    """Minimise ``nll(q)`` in the box ``[lo, hi]`` from ``q0``: projected Gauss-Newton/Newton.
+
+    ``lam(q)`` are the expected main-data counts: ``nll`` is their Poisson NLL
+    against ``n_main`` plus ``cons(q)``, the constraint terms. Each step builds, from
+    one forward-mode Jacobian ``J`` of ``lam`` (compressed by ``coloring``, see
+    :func:`_jacobian_coloring`), the exact gradient ``J^T (1 - n/lam) + grad cons`` and the
+    Gauss-Newton matrix ``J^T diag(n/lam^2) J + hess cons`` -- the exact Hessian
+    without the term ``sum_b (1 - n_b/lam_b) hess lam_b`` -- and takes a Newton step on
+    the free set: parameters on a bound whose gradient points out of the box are held
+    there (projected Newton, Bertsekas 1982), the step is projected into the box and
+    backtracked until the NLL decreases (Armijo). Gauss-Newton converges linearly, at
+    a rate set by the neglected term; should the decrement, once below 1 (the local
+    regime), fall by less than a factor ``FitSettings.slow_ratio`` per step, the
+    remaining steps use the exact Hessian of ``nll`` (quadratic convergence, a few
+    times the cost of a step). Stops when the Newton decrement ``g^T H^-1 g`` (about
+    twice the distance to the minimum) drops below ``FitSettings.fit_tol``, or is
+    predicted to at the rate of the last step, after taking that last step. The
+    matrix only steers the steps; the fixed point is the (projected) stationary point
+    of the gradient, which is exact because ``J`` is (a compression is verified against
+    the full Jacobian when it is set up) and ``lam``/``cons`` are pyhf's own terms of
+    ``nll``.
+    """
+    n = n_main
+    eps = float(np.finfo(np.float64).eps)
+    cons_grad = jax.grad(cons)
+
+    if coloring is None:
+        def jacobian(q):
+            """``(J, lam(q))``."""
+            return jax.jacfwd(lambda q: (lam(q), lam(q)), has_aux=True)(q)
+    else:
+        seed, color, pattern = coloring
+
+        def jacobian(q):
+            lm, Jc = jax.vmap(lambda v: jax.jvp(lam, (q,), (v,)), 1, (None, 1))(jnp.asarray(seed))
+            return jnp.where(jnp.asarray(pattern), Jc[:, color], 0.0), lm
+
+    def body(state):
+        k, q, f, dec_prev, exact, _ = state
+        J, lm = jacobian(q)
+        Hc, gc = jax.jacfwd(lambda q: (cons_grad(q), cons_grad(q)), has_aux=True)(q)
+        safe = jnp.where(lm > 0, lm, 1.0)
+        # pyhf's Poisson term: -n log(lam) + lam (+ const), so d/dlam = 1 - n/lam
+        g = J.T @ jnp.where(lm > 0, 1.0 - n / safe, 1.0) + gc
+        Hgn = (J.T * jnp.where(lm > 0, n / safe**2, 0.0)) @ J + Hc
+        free = ~(((q <= lo) & (g > 0)) | ((q >= hi) & (g < 0)))
+        d_gn, dec_gn, _ = _direction(Hgn, g, free)
+        exact = exact | ((dec_gn < 1.0) & (dec_gn > FitSettings.slow_ratio * dec_prev))
+
+        def exact_direction():
+            d_ex, dec_ex, ok = _direction(jax.hessian(nll)(q), g, free)
+            return jnp.where(ok, d_ex, d_gn), jnp.where(ok, dec_ex, dec_gn)
+
+        d, dec = jax.lax.cond(exact, exact_direction, lambda: (d_gn, dec_gn))
+
+        def trial(t):
+            qt = jnp.clip(q + t * d, lo, hi)
+            ft = nll(qt)
+            return qt, ft, ft <= f - 1e-4 * t * dec + 8 * eps * jnp.abs(f)
+
+        def ls_cond(c):
+            return (~c[-1]) & (c[0] > 1e-6)
+
+        def ls_body(c):
+            t = 0.5 * c[0]
+            return (t, *trial(t))
+
+        _, qn, fn, ok = jax.lax.while_loop(ls_cond, ls_body, (1.0, *trial(1.0)))
+        # converged: the decrement is below tolerance, or will be after this step at
+        # the rate of the last one (local regime only)
+        tol = FitSettings.fit_tol
+        predicted = (k > 0) & (dec_gn < 1e-4) & (dec_gn * dec_gn < tol * dec_prev)
+        done = (dec_gn < tol) | predicted | ~ok
+        return (k + 1, jnp.where(ok, qn, q), jnp.where(ok, fn, f), dec_gn, exact, done)
+
+    def cond(state):
+        return (~state[-1]) & (state[0] < FitSettings.fit_max_steps)
+
+    init = (0, q0, nll(q0), jnp.inf, jnp.asarray(False), jnp.asarray(False))
+    return jax.lax.while_loop(cond, body, init)[1]
+
+
+def _fit_nuisances(model, bound_sg, data_sg, poi_value, q_start=None):
+    """Minimise the NLL over the free nuisances at fixed POI (no gradient flows).
+
+    Starts from the suggested init (the Asimov generating point), or from
+    ``q_start`` (free nuisances, e.g. a neighbouring fit); see :func:`_minimise_bounded`.
+    """
     sg = jax.lax.stop_gradient
     idx = _indices(model, include_poi=False)
     mu = sg(jnp.asarray(poi_value, dtype=jnp.float64))
@@ -182,50 +350,45 @@ def _fit_nuisances(model, bound_sg, data_sg, poi_value, whitening):
         return base
     lo = jnp.asarray(model.bounds[idx, 0])
     hi = jnp.asarray(model.bounds[idx, 1])
-    q_start = jnp.asarray(model.init[idx])
-    W, curv = (sg(w) for w in whitening)
+    q0 = jnp.asarray(model.init[idx]) if q_start is None else sg(jnp.asarray(q_start))
+    q0 = jnp.clip(q0, lo, hi)
+    nmain = model.nmaindata
 
-    def objective(z, _):
-        q = q_start + W @ z
-        qc = jnp.clip(q, lo, hi)
-        penalty = 0.5 * jnp.sum(curv * (q - qc) ** 2)
-        return bound_sg.nll(base.at[idx].set(qc), data_sg) + penalty
+    def pars(q):
+        return base.at[idx].set(q)
 
-    sol = optx.minimise(
-        objective,
-        optx.BFGS(rtol=FitSettings.fit_rtol, atol=FitSettings.fit_atol),
-        jnp.zeros(len(idx)),
-        None,
-        max_steps=FitSettings.fit_max_steps,
-        throw=False,
+    q_hat = _minimise_bounded(
+        lambda q: bound_sg.nll(pars(q), data_sg),
+        lambda q: bound_sg.expected_actualdata(pars(q)),
+        lambda q: bound_sg.constraint_nll(pars(q), data_sg[nmain:]),
+        data_sg[:nmain],
+        q0,
+        lo,
+        hi,
+        _jacobian_coloring(model, idx),
     )
-    q_hat = jnp.clip(q_start + W @ sol.value, lo, hi)
-    return sg(base.at[idx].set(q_hat))
+    return sg(pars(q_hat))
 
 
-def profile_nll(model: TracedModel, data, yields, poi_value, whitening_poi=None):
+def profile_nll(model: TracedModel, data, yields, poi_value, init=None):
     """Conditional fit at POI=``poi_value``: returns ``(nll_min, pars_hat)``.
 
     ``pars_hat`` is a constant (stop-gradient); ``nll_min`` is re-evaluated at
     it, so its gradient with respect to ``data``, ``yields`` and ``poi_value``
-    is exact by the envelope theorem (see module docstring). The fit runs in
-    coordinates whitened by the Hessian at init with POI=``whitening_poi``
-    (default ``poi_value``).
+    is exact by the envelope theorem (see module docstring). ``init``: the
+    full parameter vector to start the fit from (default: the suggested init).
     """
     with pyhf_jax_backend():
         sg = jax.lax.stop_gradient
         bound = model.bind(yields)
         bound_sg = model.bind(sg(yields))
-        return _profile(model, bound, bound_sg, data, poi_value, whitening_poi)
+        q_start = None if init is None else jnp.asarray(init)[_indices(model, False)]
+        return _profile(model, bound, bound_sg, data, poi_value, q_start)
 
 
-def _profile(model, bound, bound_sg, data, poi_value, whitening_poi=None, whitening=None):
+def _profile(model, bound, bound_sg, data, poi_value, q_start=None):
     sg = jax.lax.stop_gradient
-    data_sg = sg(data)
-    if whitening is None:
-        wp = poi_value if whitening_poi is None else whitening_poi
-        whitening = _whitening(bound_sg, sg(wp), _indices(model, False))
-    pars_hat = _fit_nuisances(model, bound_sg, data_sg, poi_value, whitening)
+    pars_hat = _fit_nuisances(model, bound_sg, sg(data), poi_value, q_start)
     pars_hat = pars_hat.at[model.poi_index].set(poi_value)  # differentiable POI
     return bound.nll(pars_hat, data), pars_hat
 
@@ -243,7 +406,7 @@ def q0_asimov(model: TracedModel, yields):
         bound_sg = model.bind(sg(yields))
         data = bound.asimov_data(1.0)
         nll_hat = bound.nll(model.poi_pars(1.0), data)
-        nll_0, _ = _profile(model, bound, bound_sg, data, 0.0, whitening_poi=1.0)
+        nll_0, _ = _profile(model, bound, bound_sg, data, 0.0)
         return jnp.maximum(2.0 * (nll_0 - nll_hat), 0.0)
 
 
@@ -253,14 +416,14 @@ def z0(model: TracedModel, yields):
     return _safe_sqrt(q0_asimov(model, yields))
 
 
-def _qmu_tilde_asimov(model, yields, mu, whitening=None):
+def _qmu_tilde_asimov(model, yields, mu):
     """qtilde_mu on background-only Asimov data (mu_hat = 0 is the Asimov point)."""
     sg = jax.lax.stop_gradient
     bound = model.bind(yields)
     bound_sg = model.bind(sg(yields))
     data = bound.asimov_data(0.0)
     nll_hat = bound.nll(model.poi_pars(0.0), data)
-    nll_mu, _ = _profile(model, bound, bound_sg, data, mu, whitening_poi=0.0, whitening=whitening)
+    nll_mu, _ = _profile(model, bound, bound_sg, data, mu)
     return jnp.maximum(2.0 * (nll_mu - nll_hat), 0.0)
 
 
@@ -283,39 +446,76 @@ def cls(model: TracedModel, yields, poi_value=1.0):
     return 2.0 * jstats.norm.cdf(-_safe_sqrt(qA))
 
 
+def _poi_response(H, idx_all, poi_index):
+    """``dq/dmu = -H_qq^-1 H_q,mu``: the first-order shift of the conditional fit's
+    nuisances per unit of POI, from the NLL Hessian ``H`` in parameters ``idx_all``."""
+    k = int(np.flatnonzero(idx_all == poi_index)[0])
+    rest = np.delete(np.arange(len(idx_all)), k)
+    free = jnp.ones(len(rest), dtype=bool)
+    dq, _, ok = _direction(H[np.ix_(rest, rest)], H[rest, k], free)
+    return jax.lax.stop_gradient(jnp.where(ok, dq, 0.0))
+
+
 @partial(jax.jit, static_argnums=(0, 2))
 def upper_limit(model: TracedModel, yields, cl: float = 0.95):
     """Median expected upper limit on the POI at confidence level ``cl`` (CLs method).
 
-    Solves ``CLs_exp(mu) = 1 - cl``, i.e. ``sqrt(q_A(mu)) = Phi^-1(1 - (1-cl)/2)``,
-    by Newton's method on ``sign(mu) sqrt(q_A(|mu|))`` started at the Wald
-    estimate ``target * sigma_mu(POI=0)``; differentiated implicitly.
+    Solves ``CLs_exp(mu) = 1 - cl``, i.e. ``F(mu) = sqrt(q_A(mu)) - target = 0`` with
+    ``target = Phi^-1(1 - (1-cl)/2)``, by Newton's method on ``mu`` started at the
+    Wald estimate ``target * sigma_mu(POI=0)``. ``F'(mu) = (d NLL/d mu) / sqrt(q_A)``
+    at the conditional fit (envelope theorem), and each conditional fit starts from
+    the previous one moved along the first-order response ``dq/dmu`` of the
+    nuisances (from the Fisher matrix at the Asimov point), a few Gauss-Newton steps
+    from its optimum. The root is differentiated by the implicit function theorem,
+    ``d mu*/d y = -(dF/dy) / F'(mu*)``, with ``dF/dy`` by the envelope theorem at the
+    last fit: the returned value is the last Newton iterate ``mu_k - F(mu_k)/F'(mu_k)``
+    and its gradient is that of ``- F(mu_k; y) / F'(mu_k)`` with ``F'`` held constant.
     """
     level = 1.0 - cl
     target = float(-scipy.stats.norm.ppf(level / 2.0))
     sg = jax.lax.stop_gradient
     with pyhf_jax_backend():
+        bound = model.bind(yields)
         bound_sg = model.bind(sg(yields))
+        data = bound.asimov_data(0.0)
+        data_sg = sg(data)
+        nll_hat = bound.nll(model.poi_pars(0.0), data)
+        nll_hat_sg = sg(nll_hat)
         idx_all = _indices(model, include_poi=True)
-        H = _asimov_fisher(bound_sg, 0.0, idx_all)
-        mu_start = target * _sigma_from_hessian(H, idx_all, model.poi_index)
-        whitening = _whitening(bound_sg, 0.0, _indices(model, include_poi=False))
+        idx = _indices(model, include_poi=False)
+        poi = model.poi_index
+        H = sg(_asimov_fisher(bound_sg, 0.0, idx_all))
+        mu_start = target * _sigma_from_hessian(H, idx_all, poi)
+        dq_dmu = _poi_response(H, idx_all, poi)
+        mu_hi = float(model.bounds[poi, 1])
+        lo, hi = model.bounds[idx, 0], model.bounds[idx, 1]
 
-        def fn(mu, args):
-            yields_, wh = args
-            q = _qmu_tilde_asimov(model, yields_, jnp.abs(mu), wh)
-            return jnp.sign(mu) * _safe_sqrt(q) - target
+        def f_and_slope(mu, pars):
+            """F(mu) and F'(mu) at the conditional fit ``pars`` (constants)."""
+            nll_mu, dnll = jax.value_and_grad(lambda m: bound_sg.nll(pars.at[poi].set(m), data_sg))(mu)
+            r = _safe_sqrt(2.0 * (nll_mu - nll_hat_sg))
+            return r - target, dnll / r
 
-        sol = optx.root_find(
-            fn,
-            optx.Newton(rtol=FitSettings.root_rtol, atol=FitSettings.root_atol),
-            sg(mu_start),
-            (yields, tuple(sg(w) for w in whitening)),
-            max_steps=FitSettings.root_max_steps,
-            adjoint=optx.ImplicitAdjoint(),
-            throw=False,
-        )
-        return sol.value
+        def body(state):
+            i, mu, mu_prev, q_prev, _, _ = state
+            q0 = jnp.clip(q_prev + (mu - mu_prev) * dq_dmu, lo, hi)
+            pars = _fit_nuisances(model, bound_sg, data_sg, mu, q0)
+            F, slope = f_and_slope(mu, pars)
+            mu_new = jnp.clip(mu - F / slope, 0.1 * mu, mu_hi)
+            done = jnp.abs(mu_new - mu) <= FitSettings.root_atol + FitSettings.root_rtol * jnp.abs(mu)
+            done = done | ~jnp.isfinite(mu_new)
+            return (i + 1, jnp.where(jnp.isfinite(mu_new), mu_new, mu), mu, pars[idx], slope, done)
+
+        def cond(state):
+            return (~state[-1]) & (state[0] < FitSettings.root_max_steps)
+
+        q_init = jnp.asarray(model.init[idx])
+        state = (0, sg(mu_start), jnp.zeros(()), q_init, jnp.ones(()), jnp.asarray(False))
+        _, _, mu_k, q_k, slope_k, _ = jax.lax.while_loop(cond, body, state)
+        # implicit differentiation at the last fit (mu_k, q_k); value: the next Newton iterate
+        pars_k = model.poi_pars(mu_k).at[idx].set(q_k)
+        F = _safe_sqrt(jnp.maximum(2.0 * (bound.nll(pars_k, data) - nll_hat), 0.0)) - target
+        return mu_k - F / slope_k
 
 
 OBJECTIVES = {

@@ -9,11 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pyhf
 import pytest
-
 from jacana.stages.errors import JacanaError, ModelStructureError
 from jacana.stages.likelihood import TracedModel, pyhf_jax_backend
 
-TOL = dict(rtol=1e-10, atol=1e-10)
+TOL = {"rtol": 1e-10, "atol": 1e-10}
 
 
 def random_workspace(seed=0, nbins=(3, 2), with_lumi=True):
@@ -25,7 +24,7 @@ def random_workspace(seed=0, nbins=(3, 2), with_lumi=True):
     for ci, nb in enumerate(nbins):
         c = f"ch{ci}"
 
-        def arr(lo, hi):
+        def arr(lo, hi, nb=nb):
             return rng.uniform(lo, hi, nb).round(6).tolist()
 
         sig = {
@@ -145,6 +144,20 @@ def test_template_parity(ws, tm):
             **TOL,
         )
     assert pyhf.tensorlib.name == "numpy"
+
+
+def test_constraint_nll_for_other_auxdata(ws, tm):
+    """BoundModel.constraint_nll: pyhf's constraint term, for its own or for given auxdata."""
+    m = numpy_model(ws)
+    y = perturb(tm, 5)
+    m5 = numpy_model(tm.workspace(y))
+    pars = random_pars(m, 4)
+    aux = np.asarray(m5.config.auxdata) * np.random.default_rng(4).uniform(0.9, 1.1, m5.config.nauxdata)
+    bound = tm.bind(y)
+    np.testing.assert_allclose(
+        bound.constraint_nll(pars), -np.sum(m5.constraint_logpdf(np.asarray(m5.config.auxdata), pars)), **TOL
+    )
+    np.testing.assert_allclose(bound.constraint_nll(pars, aux), -np.sum(m5.constraint_logpdf(aux, pars)), **TOL)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -317,9 +330,8 @@ def test_backend_is_restored(tm):
     with pyhf_jax_backend():
         assert pyhf.tensorlib.name == "jax" and pyhf.default_backend.name == "jax"
     assert pyhf.tensorlib.name == "numpy" and pyhf.default_backend.name == "numpy"
-    with pytest.raises(RuntimeError):
-        with pyhf_jax_backend():
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), pyhf_jax_backend():
+        raise RuntimeError("boom")
     assert pyhf.tensorlib.name == "numpy"
     pyhf.set_backend("numpy")
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pyhf
 import pytest
-
 from jacana.stages import objectives as O
+from jacana.stages.bench_likelihood import agc_like_workspace
 from jacana.stages.likelihood import TracedModel
 
 
@@ -43,53 +43,6 @@ def small_workspace(interpolation=True):
         "observations": [{"name": c["name"], "data": [50.0] * len(c["samples"][0]["data"])} for c in channels],
         "measurements": [{"name": "m", "config": {"poi": "mu", "parameters": [
             {"name": "lumi", "auxdata": [1.0], "sigmas": [0.025], "bounds": [[0.8, 1.2]], "inits": [1.0]}]}}],
-        "version": "1.0.0",
-    }
-
-
-def agc_like_workspace(seed=1):
-    """AGC-like: 2 regions x 5 samples x 11 bins; normsys/histosys (NormPlusShape, shared
-    names), staterror, POI ttbar_norm in [0, 10]."""
-    rng = np.random.default_rng(seed)
-    x = np.linspace(130, 530, 11)
-    shapes = {
-        "ttbar": lambda r: 900 * r * np.exp(-((x - 250) / 120) ** 2),
-        "single_top_s_chan": lambda r: 8 * r * np.exp(-x / 300),
-        "single_top_t_chan": lambda r: 60 * r * np.exp(-x / 250),
-        "single_top_tW": lambda r: 40 * r * np.exp(-((x - 220) / 150) ** 2),
-        "wjets": lambda r: 300 * np.exp(-x / 150) / r,
-    }
-    channels = []
-    for region, r in (("4j1b", 1.0), ("4j2b", 0.6)):
-        samples = []
-        for name, f in shapes.items():
-            nom = f(r) * rng.uniform(0.9, 1.1, 11)
-            mods = [{"name": "Luminosity", "type": "normsys", "data": {"hi": 1.03, "lo": 0.97}},
-                    {"name": f"staterror_{region}", "type": "staterror",
-                     "data": (np.sqrt(nom) * rng.uniform(0.3, 0.6, 11)).tolist()}]
-            for sys in ("Jet_energy_scale", "Jet_energy_res", "b_tag_NP_1", "b_tag_NP_2"):
-                up = nom * rng.uniform(1.0, 1.08, 11)
-                dn = 2 * nom - up
-                mods.append({"name": sys, "type": "normsys",
-                             "data": {"hi": float(up.sum() / nom.sum()), "lo": float(dn.sum() / nom.sum())}})
-                mods.append({"name": sys, "type": "histosys",
-                             "data": {"hi_data": (up * nom.sum() / up.sum()).tolist(),
-                                      "lo_data": (dn * nom.sum() / dn.sum()).tolist()}})
-            if name == "ttbar":
-                mods.append({"name": "ttbar_norm", "type": "normfactor", "data": None})
-                for sys in ("ME_variation", "PS_variation"):
-                    up = nom * rng.uniform(0.95, 1.06, 11)
-                    mods.append({"name": sys, "type": "histosys",
-                                 "data": {"hi_data": up.tolist(), "lo_data": (2 * nom - up).tolist()}})
-            if name == "wjets":
-                mods.append({"name": "W+jets_norm", "type": "normsys", "data": {"hi": 1.025, "lo": 0.975}})
-            samples.append({"name": name, "data": nom.tolist(), "modifiers": mods})
-        channels.append({"name": region, "samples": samples})
-    return {
-        "channels": channels,
-        "observations": [{"name": c["name"], "data": [100.0] * 11} for c in channels],
-        "measurements": [{"name": "ttbar", "config": {"poi": "ttbar_norm", "parameters": [
-            {"name": "ttbar_norm", "bounds": [[0, 10]]}]}}],
         "version": "1.0.0",
     }
 
@@ -138,7 +91,7 @@ def small():
 
 
 def test_sigma_mu_is_the_profiled_fisher_uncertainty(small):
-    spec, tm, y, vg, res = small
+    spec, tm, y, _, res = small
     value = float(res["sigma_mu"][0])
     m = _numpy_model(spec)
     asimov = np.asarray(tm.asimov_data(y, 1.0))
@@ -179,7 +132,7 @@ def test_sigma_mu_matches_minuit_without_interpolation():
 
 
 def test_z0_cls_and_upper_limit_match_pyhf_infer(small):
-    spec, tm, y, vg, res = small
+    spec, tm, y, _, res = small
     m = _numpy_model(spec)
     init, bounds, fixed = (m.config.suggested_init(), m.config.suggested_bounds(), m.config.suggested_fixed())
     asimov1 = np.asarray(tm.asimov_data(y, 1.0))
@@ -202,11 +155,11 @@ def test_objective_gradients_match_finite_differences(small):
     """<grad, v> vs central differences along a random direction touching every yield,
     plus single leaves; the gradients of z0/cls/upper_limit come from the envelope
     theorem and implicit differentiation, the differences from full re-fits."""
-    spec, tm, y, vg, res = small
+    _, tm, y, vg, res = small
     rng = np.random.default_rng(0)
     v = jax.tree_util.tree_map(lambda a: rng.normal(size=np.shape(a)) * np.abs(a), y)
+    h = 1e-4
     for name, f in vg.items():
-        h = 1e-4
         fp = f(jax.tree_util.tree_map(lambda a, d: a + h * d, y, v))[0]
         fm = f(jax.tree_util.tree_map(lambda a, d: a - h * d, y, v))[0]
         fd = (fp - fm) / (2 * h)
@@ -216,7 +169,7 @@ def test_objective_gradients_match_finite_differences(small):
         for leaf in jax.tree_util.tree_leaves(g):
             assert np.all(np.isfinite(leaf)), name
     # one direction against pyhf's own numpy inference on rebuilt models
-    m_of = lambda yy: _numpy_model(tm.workspace(yy))  # noqa: E731
+    m_of = lambda yy: _numpy_model(tm.workspace(yy))
     h = 1e-3
 
     def pyhf_z0(yy):
@@ -232,7 +185,7 @@ def test_objective_gradients_match_finite_differences(small):
 
 
 def test_losses_lower_is_better(small):
-    spec, tm, y, vg, res = small
+    _, _, y, vg, res = small
     assert O.SENSE == {"sigma_mu": 1.0, "z0": -1.0, "cls": 1.0, "upper_limit": 1.0}
     # more signal -> better sensitivity -> every loss decreases
     y2 = jax.tree_util.tree_map(lambda a: a, y)
@@ -245,6 +198,9 @@ def test_losses_lower_is_better(small):
 
 
 def test_agc_like_model():
+    """The benchmark's AGC-like model (stages.bench_likelihood): sigma_mu against the exact
+    Hessian and finite differences; z0 against pyhf in a regime where the background-only
+    fit pushes eight nuisances onto their bounds (the projected steps of the fit)."""
     spec = agc_like_workspace()
     tm = TracedModel.from_workspace(spec)
     assert tm.poi_name == "ttbar_norm" and tuple(tm.bounds[tm.poi_index]) == (0.0, 10.0)
@@ -263,3 +219,47 @@ def test_agc_like_model():
           - vg(jax.tree_util.tree_map(lambda a, d: a - h * d, y, v))[0]) / (2 * h)
     ad = sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(v)))
     assert ad == pytest.approx(float(fd), rel=1e-5)
+    # z0: the conditional fit at POI=0 has nuisances on their bounds
+    _, pars0 = jax.jit(lambda yy: O.profile_nll(tm, asimov, yy, 0.0))(y)
+    lo, hi = tm.bounds[:, 0], tm.bounds[:, 1]
+    assert np.sum(np.isclose(pars0, lo) | np.isclose(pars0, hi)) >= 4
+    init, bounds, fixed = (m.config.suggested_init(), m.config.suggested_bounds(), m.config.suggested_fixed())
+    q0 = pyhf.infer.test_statistics.q0(0.0, asimov, m, init, bounds, fixed)
+    assert float(O.z0(tm, y)) == pytest.approx(np.sqrt(q0), rel=1e-6)
+
+
+def test_jacobian_coloring():
+    """The compressed forward-mode Jacobian of the fits: per-bin parameters share tangents,
+    and the decompressed Jacobian is the full one."""
+    spec = small_workspace()
+    tm = TracedModel.from_workspace(spec)
+    idx = O._indices(tm, include_poi=False)
+    seed, color, pattern = O._jacobian_coloring(tm, idx)
+    assert seed.shape == (len(idx), color.max() + 1) and seed.shape[1] < len(idx)
+    for c in range(seed.shape[1]):  # columns sharing a tangent touch disjoint bins
+        assert np.all(pattern[:, color == c].sum(axis=1) <= 1)
+    y = jax.tree_util.tree_map(lambda a: a * 1.1, tm.yields_template())
+    pars = jnp.asarray(tm.init) + 0.07
+    bound = tm.bind(y)
+
+    def lam(q):
+        return bound.expected_actualdata(pars.at[idx].set(q))
+
+    q = pars[idx]
+    J = jax.jacfwd(lam)(q)
+    Jc = jax.vmap(lambda v: jax.jvp(lam, (q,), (v,))[1], 1, 1)(jnp.asarray(seed))
+    np.testing.assert_allclose(np.where(pattern, Jc[:, color], 0.0), J, rtol=1e-13, atol=0)
+
+
+def test_exact_hessian_steps(monkeypatch):
+    """The fit's exact-Hessian steps (taken when Gauss-Newton converges slowly) reach the
+    same optimum; forced here on every step in the local regime."""
+    spec = small_workspace()
+    tm = TracedModel.from_workspace(spec)  # a fresh model: compiled anew with these settings
+    monkeypatch.setattr(O.FitSettings, "slow_ratio", 0.0)
+    y = tm.yields_template()
+    m = _numpy_model(spec)
+    init, bounds, fixed = (m.config.suggested_init(), m.config.suggested_bounds(), m.config.suggested_fixed())
+    asimov1 = np.asarray(tm.asimov_data(y, 1.0))
+    q0 = pyhf.infer.test_statistics.q0(0.0, asimov1, m, init, bounds, fixed)
+    assert float(O.z0(tm, y)) == pytest.approx(np.sqrt(q0), rel=1e-6)
