@@ -39,7 +39,7 @@ import awkward as ak
 import jax
 import numpy as np
 
-from .columns import Columns
+from .columns import Columns, flat_counts
 from .reference import event_weight as event_weights  # one definition of the event weight for both modes
 from .spec import NOMINAL, AnalysisSpec
 
@@ -146,52 +146,108 @@ class ChunkBatches:
         return sum(p.n_padded for p in self.parts)
 
 
-def _pad(arr: ak.Array, width: int, fill, dtype) -> np.ndarray:
-    padded = ak.fill_none(ak.pad_none(arr, width, axis=1, clip=True), fill)
-    out = ak.to_numpy(padded).astype(dtype, copy=False)
-    return out.reshape(len(arr), width)
+class _Jagged:
+    """A one-level jagged column as flat numpy ``content`` and per-event ``counts``.
+
+    Densifying with numpy scatters (one pass over the objects per field) instead of awkward's
+    ``pad_none``/``fill_none``/``to_numpy`` per field and bucket: the first pass is dominated by
+    this step, and the values are copied unchanged (bit-exact).
+    """
+
+    __slots__ = ("content", "counts", "starts")
+
+    def __init__(self, content: np.ndarray, counts: np.ndarray):
+        self.content = content
+        self.counts = counts
+        self.starts = np.cumsum(counts) - counts
+
+    @classmethod
+    def of(cls, arr: ak.Array) -> "_Jagged":
+        return cls(*flat_counts(arr))
+
+    def like(self, content: np.ndarray) -> "_Jagged":
+        """Same structure, other values."""
+        out = _Jagged.__new__(_Jagged)
+        out.content, out.counts, out.starts = content, self.counts, self.starts
+        return out
+
+    def select(self, keep: np.ndarray) -> "_Jagged":
+        """Objects where the flat boolean ``keep`` is True (order kept)."""
+        cs = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+        return _Jagged(self.content[keep], cs[self.starts + self.counts] - cs[self.starts])
+
+    def event_and_slot(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per object: its event index and its position within the event."""
+        event = np.repeat(np.arange(len(self.counts)), self.counts)
+        return event, np.arange(len(self.content)) - self.starts[event]
 
 
-def kinematic_jet_pt(columns: Columns, spec: AnalysisSpec) -> dict[str, ak.Array]:
-    """Jet pT of each kinematic variation (nominal files: nominal, JES, JER; others: nominal only)."""
-    out = {NOMINAL: columns["jet_pt"]}
+class _Scatter:
+    """Where the objects of one structure go in the dense [rows, width] array of one bucket."""
+
+    __slots__ = ("target", "source", "shape")
+
+    def __init__(self, event: np.ndarray, slot: np.ndarray, row_of_event: np.ndarray, n_rows: int, width: int):
+        row = row_of_event[event]
+        ok = (row >= 0) & (slot < width)
+        self.source = np.flatnonzero(ok)
+        self.target = row[ok] * width + slot[ok]
+        self.shape = (n_rows, width)
+
+    def dense(self, content: np.ndarray, fill=0, dtype=np.float64) -> np.ndarray:
+        out = np.full(self.shape[0] * self.shape[1], fill, dtype=dtype)
+        out[self.target] = content[self.source]
+        return out.reshape(self.shape)
+
+
+def _kinematic_jet_pt(columns: Columns, spec: AnalysisSpec, jet_pt: np.ndarray) -> dict[str, np.ndarray]:
+    """Flat jet pT of each kinematic variation (nominal files: nominal, JES, JER; others: nominal only),
+    with the conventional analysis's arithmetic (``Jet_pt * factor``, elementwise)."""
+    out = {NOMINAL: jet_pt}
     if columns.chunk.variation != NOMINAL:
         return out
     for s in spec.systematics:
         if s.kind == "jet_pt_scale":
-            out[s.options["variation"]] = columns["jet_pt"] * float(s.options["factor"])
+            out[s.options["variation"]] = jet_pt * float(s.options["factor"])
         elif s.kind == "jet_pt_smear":
-            out[s.options["variation"]] = columns["jet_pt"] * columns.jer_factor
+            out[s.options["variation"]] = jet_pt * flat_counts(columns.jer_factor)[0]
     return {k: out[k] for k in ([NOMINAL] + [k for k in spec.kinematic_variations() if k in out and k != NOMINAL])}
 
 
 def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilter: bool = False) -> ChunkBatches:
     """Dense, bucketed event batches of one chunk (see the module docstring)."""
     c = spec.cuts
-    e_ok = ((abs(columns["electron_eta"]) < c["electron_eta_max"])
-            & (columns["electron_id"] == c["electron_id_value"])
-            & (columns["electron_sip3d"] < c["electron_sip3d_max"]))
-    m_ok = ((abs(columns["muon_eta"]) < c["muon_eta_max"])
-            & (columns["muon_id"] != 0)
-            & (columns["muon_sip3d"] < c["muon_sip3d_max"])
-            & (columns["muon_iso"] < c["muon_iso_max"]))
-    j_ok = columns["jet_id"] == c["jet_id_value"]
-    electrons = columns["electron_pt"][e_ok]
-    muons = columns["muon_pt"][m_ok]
-    leptons = ak.concatenate([electrons, muons], axis=1)
-    is_muon = ak.concatenate([ak.zeros_like(electrons, dtype=bool), ak.ones_like(muons, dtype=bool)], axis=1)
-    kin = {k: v[j_ok] for k, v in kinematic_jet_pt(columns, spec).items()}
-    jets = {name: columns[f"jet_{name}"][j_ok] for name in ("eta", "phi", "mass", "btag")}
+    col = {name: _Jagged.of(columns[name]) for name in (
+        "electron_pt", "electron_eta", "electron_id", "electron_sip3d",
+        "muon_pt", "muon_eta", "muon_id", "muon_sip3d", "muon_iso",
+        "jet_pt", "jet_eta", "jet_phi", "jet_mass", "jet_btag", "jet_id")}
+    e, m, j = col["electron_eta"], col["muon_eta"], col["jet_id"]
+    e_ok = ((np.abs(e.content) < c["electron_eta_max"])
+            & (col["electron_id"].content == c["electron_id_value"])
+            & (col["electron_sip3d"].content < c["electron_sip3d_max"]))
+    m_ok = ((np.abs(m.content) < c["muon_eta_max"])
+            & (col["muon_id"].content != 0)
+            & (col["muon_sip3d"].content < c["muon_sip3d_max"])
+            & (col["muon_iso"].content < c["muon_iso_max"]))
+    j_ok = j.content == c["jet_id_value"]
+    electrons = col["electron_pt"].select(e_ok)
+    muons = col["muon_pt"].select(m_ok)
+    jets = col["jet_eta"].select(j_ok)
+    kin = _kinematic_jet_pt(columns, spec, col["jet_pt"].content)
+    kin = {k: v[j_ok] for k, v in kin.items()}
+    jet_fields = {"eta": jets.content, **{name: col[f"jet_{name}"].content[j_ok] for name in ("phi", "mass", "btag")}}
     weight = event_weights(columns, spec)
 
-    n_e = ak.to_numpy(ak.num(electrons, axis=1))
-    n_m = ak.to_numpy(ak.num(muons, axis=1))
-    n_j = ak.to_numpy(ak.num(jets["eta"], axis=1))
+    n_e, n_m, n_j = electrons.counts, muons.counts, jets.counts
     keep = np.ones(len(columns), dtype=bool)
     if prefilter:
         keep &= (n_e + n_m >= int(c["n_leptons"])) & (n_j >= int(c["min_jets"]))
     buckets = np.array([jet_bucket(int(n)) for n in range(int(n_j.max(initial=0)) + 1)], dtype=np.int64)
     bucket_of = buckets[n_j] if len(n_j) else np.zeros(0, dtype=np.int64)
+    e_event, e_slot = electrons.event_and_slot()
+    m_event, m_slot = muons.event_and_slot()
+    m_slot = m_slot + n_e[m_event]  # muons follow the electrons of their event
+    j_event, j_slot = jets.event_and_slot()
 
     parts = []
     nominal_file = columns.chunk.variation == NOMINAL
@@ -199,21 +255,23 @@ def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilt
         sel = np.nonzero(keep & (bucket_of == k))[0]
         n = len(sel)
         n_pad, block = padded_events(n, block_size_for(k))
-
-        def dense(arr, width, fill=0.0, dt=dtype):
-            out = np.full((n_pad, width), fill, dtype=dt)
-            out[:n] = _pad(arr[sel], width, fill, dt)
-            return out
+        row_of_event = np.full(len(columns), -1, dtype=np.int64)
+        row_of_event[sel] = np.arange(n)
 
         nl = n_e[sel] + n_m[sel]
         width = 1 << int(max(nl.max(initial=0), 2) - 1).bit_length()  # 2, 4, 8, ... (few shapes)
-        l_pt = dense(leptons, width)
-        l_mu = dense(is_muon, width, False, bool)
+        to_e = _Scatter(e_event, e_slot, row_of_event, n_pad, width)
+        to_m = _Scatter(m_event, m_slot, row_of_event, n_pad, width)
+        l_pt = to_e.dense(electrons.content, 0.0, dtype)
+        l_pt.flat[to_m.target] = muons.content[to_m.source]
+        l_mu = np.zeros((n_pad, width), dtype=bool)
+        l_mu.flat[to_m.target] = True
         l_mask = np.arange(width)[None, :] < np.concatenate([nl, np.zeros(n_pad - n, np.int64)])[:, None]
         nj = np.concatenate([n_j[sel], np.zeros(n_pad - n, np.int64)])
         j_mask = np.arange(k)[None, :] < nj[:, None]
-        jet_pt = np.stack([dense(v, k) for v in kin.values()], axis=1)
-        eta, phi = dense(jets["eta"], k), dense(jets["phi"], k)
+        to_j = _Scatter(j_event, j_slot, row_of_event, n_pad, k)
+        jet_pt = np.stack([to_j.dense(v, 0.0, dtype) for v in kin.values()], axis=1)
+        eta, phi = to_j.dense(jet_fields["eta"], 0.0, dtype), to_j.dense(jet_fields["phi"], 0.0, dtype)
         w = np.zeros(n_pad, dtype=dtype)
         w[:n] = weight[sel]
         ev = np.zeros(n_pad, dtype=bool)
@@ -221,7 +279,8 @@ def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilt
         parts.append(EventBatch(
             lepton_pt=l_pt, lepton_mask=l_mask, lepton_is_muon=l_mu,
             jet_pt=jet_pt, jet_eta=eta, jet_cos_phi=np.cos(phi), jet_sin_phi=np.sin(phi),
-            jet_sinh_eta=np.sinh(eta), jet_mass=dense(jets["mass"], k), jet_btag=dense(jets["btag"], k), jet_mask=j_mask,
+            jet_sinh_eta=np.sinh(eta), jet_mass=to_j.dense(jet_fields["mass"], 0.0, dtype),
+            jet_btag=to_j.dense(jet_fields["btag"], 0.0, dtype), jet_mask=j_mask,
             weight=w, event_mask=ev, kinematic=tuple(kin), weight_variations=nominal_file, block_size=block))
     return ChunkBatches(sample=columns.chunk.sample, variation=columns.chunk.variation,
                         n_events=len(columns), parts=tuple(parts))

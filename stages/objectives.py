@@ -20,9 +20,8 @@ sensitivity):
     return_expected=True)`` expected value.
 ``upper_limit(model, yields, cl=0.95)``
     Median expected upper limit on the POI: the root of
-    ``CLs_exp(mu) = 1 - cl``, found by Newton's method on the POI (each
-    conditional fit warm-started from the previous one) and differentiated
-    implicitly.
+    ``CLs_exp(mu) = 1 - cl``, found by optimistix's Newton root finder on the
+    POI and differentiated implicitly (``optimistix.ImplicitAdjoint``).
 
 Convention: **lower is better** for the optimiser. :data:`OBJECTIVES` maps a
 name to the physics value; :func:`loss` returns the function to *minimise*
@@ -41,9 +40,11 @@ decreases. Started at the Asimov generating point it converges in 5-10 steps on
 the models tested (to a Newton decrement of ``FitSettings.fit_tol``), switching
 to exact-Hessian Newton steps if Gauss-Newton converges slowly. Fixed
 parameters stay at their init. The fits and the root finder are plain
-``jax.lax`` loops (no jaxopt; no optimistix either: its unconstrained BFGS,
-with bounds as penalties, took hundreds of steps on the bound-active fits of
-the AGC model and needed about 15 times longer).
+``jax.lax`` loops: optimistix has no bound-constrained minimiser, and its
+unconstrained BFGS with bounds as penalties took hundreds of steps on the
+bound-active fits of the AGC model and about 15 times longer. The upper
+limit's root is found and differentiated by optimistix (Newton,
+``ImplicitAdjoint``). No jaxopt.
 
 The gradient of a profiled quantity uses the envelope theorem: for
 ``g(y) = min_theta NLL(theta, y)``, ``dg/dy = dNLL/dy`` at
@@ -461,61 +462,45 @@ def upper_limit(model: TracedModel, yields, cl: float = 0.95):
     """Median expected upper limit on the POI at confidence level ``cl`` (CLs method).
 
     Solves ``CLs_exp(mu) = 1 - cl``, i.e. ``F(mu) = sqrt(q_A(mu)) - target = 0`` with
-    ``target = Phi^-1(1 - (1-cl)/2)``, by Newton's method on ``mu`` started at the
-    Wald estimate ``target * sigma_mu(POI=0)``. ``F'(mu) = (d NLL/d mu) / sqrt(q_A)``
-    at the conditional fit (envelope theorem), and each conditional fit starts from
-    the previous one moved along the first-order response ``dq/dmu`` of the
-    nuisances (from the Fisher matrix at the Asimov point), a few Gauss-Newton steps
-    from its optimum. The root is differentiated by the implicit function theorem,
-    ``d mu*/d y = -(dF/dy) / F'(mu*)``, with ``dF/dy`` by the envelope theorem at the
-    last fit: the returned value is the last Newton iterate ``mu_k - F(mu_k)/F'(mu_k)``
-    and its gradient is that of ``- F(mu_k; y) / F'(mu_k)`` with ``F'`` held constant.
+    ``target = Phi^-1(1 - (1-cl)/2)``, with optimistix's Newton root finder started at
+    the Wald estimate ``target * sigma_mu(POI=0)``, and differentiates the root with
+    optimistix's :class:`~optimistix.ImplicitAdjoint` (implicit function theorem,
+    ``d mu*/d y = -(dF/dy) / F'(mu*)``). Inside ``F`` the conditional fit at ``mu`` is a
+    constant and ``F`` is re-evaluated at it, so ``F'(mu)`` and ``dF/dy`` are the
+    envelope-theorem derivatives of the profiled ``q_A``. Each conditional fit starts
+    from the Asimov point moved along the first-order response ``dq/dmu`` of the
+    nuisances (from the Fisher matrix there), a few Gauss-Newton steps from its optimum.
     """
+    import optimistix as optx
+
     level = 1.0 - cl
     target = float(-scipy.stats.norm.ppf(level / 2.0))
     sg = jax.lax.stop_gradient
+    idx_all = _indices(model, include_poi=True)
+    idx = _indices(model, include_poi=False)
+    poi = model.poi_index
+    lo, hi = jnp.asarray(model.bounds[idx, 0]), jnp.asarray(model.bounds[idx, 1])
+    q_init = jnp.asarray(model.init[idx])
     with pyhf_jax_backend():
-        bound = model.bind(yields)
-        bound_sg = model.bind(sg(yields))
-        data = bound.asimov_data(0.0)
-        data_sg = sg(data)
-        nll_hat = bound.nll(model.poi_pars(0.0), data)
-        nll_hat_sg = sg(nll_hat)
-        idx_all = _indices(model, include_poi=True)
-        idx = _indices(model, include_poi=False)
-        poi = model.poi_index
-        H = sg(_asimov_fisher(bound_sg, 0.0, idx_all))
-        mu_start = target * _sigma_from_hessian(H, idx_all, poi)
-        dq_dmu = _poi_response(H, idx_all, poi)
-        mu_hi = float(model.bounds[poi, 1])
-        lo, hi = model.bounds[idx, 0], model.bounds[idx, 1]
+        H = sg(_asimov_fisher(model.bind(sg(yields)), 0.0, idx_all))
+    mu_start = sg(target * _sigma_from_hessian(H, idx_all, poi))
+    dq_dmu = _poi_response(H, idx_all, poi)
 
-        def f_and_slope(mu, pars):
-            """F(mu) and F'(mu) at the conditional fit ``pars`` (constants)."""
-            nll_mu, dnll = jax.value_and_grad(lambda m: bound_sg.nll(pars.at[poi].set(m), data_sg))(mu)
-            r = _safe_sqrt(2.0 * (nll_mu - nll_hat_sg))
-            return r - target, dnll / r
+    def F(mu, y):
+        # traced again by optimistix's adjoint when differentiated: enter the backend here
+        with pyhf_jax_backend():
+            bound, bound_sg = model.bind(y), model.bind(sg(y))
+            data = bound.asimov_data(0.0)
+            nll_hat = bound.nll(model.poi_pars(0.0), data)
+            pars = _fit_nuisances(model, bound_sg, sg(data), sg(mu), jnp.clip(q_init + sg(mu) * dq_dmu, lo, hi))
+            nll_mu = bound.nll(pars.at[poi].set(mu), data)
+            return _safe_sqrt(jnp.maximum(2.0 * (nll_mu - nll_hat), 0.0)) - target
 
-        def body(state):
-            i, mu, mu_prev, q_prev, _, _ = state
-            q0 = jnp.clip(q_prev + (mu - mu_prev) * dq_dmu, lo, hi)
-            pars = _fit_nuisances(model, bound_sg, data_sg, mu, q0)
-            F, slope = f_and_slope(mu, pars)
-            mu_new = jnp.clip(mu - F / slope, 0.1 * mu, mu_hi)
-            done = jnp.abs(mu_new - mu) <= FitSettings.root_atol + FitSettings.root_rtol * jnp.abs(mu)
-            done = done | ~jnp.isfinite(mu_new)
-            return (i + 1, jnp.where(jnp.isfinite(mu_new), mu_new, mu), mu, pars[idx], slope, done)
-
-        def cond(state):
-            return (~state[-1]) & (state[0] < FitSettings.root_max_steps)
-
-        q_init = jnp.asarray(model.init[idx])
-        state = (0, sg(mu_start), jnp.zeros(()), q_init, jnp.ones(()), jnp.asarray(False))
-        _, _, mu_k, q_k, slope_k, _ = jax.lax.while_loop(cond, body, state)
-        # implicit differentiation at the last fit (mu_k, q_k); value: the next Newton iterate
-        pars_k = model.poi_pars(mu_k).at[idx].set(q_k)
-        F = _safe_sqrt(jnp.maximum(2.0 * (bound.nll(pars_k, data) - nll_hat), 0.0)) - target
-        return mu_k - F / slope_k
+    solver = optx.Newton(rtol=FitSettings.root_rtol, atol=FitSettings.root_atol)
+    sol = optx.root_find(F, solver, mu_start, args=yields, max_steps=FitSettings.root_max_steps,
+                         adjoint=optx.ImplicitAdjoint(), throw=False)
+    # a failed root find is NaN (the optimiser refuses non-finite steps) rather than a silent wrong limit
+    return jnp.where(sol.result == optx.RESULTS.successful, sol.value, jnp.nan)
 
 
 OBJECTIVES = {
