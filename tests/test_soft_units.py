@@ -246,3 +246,36 @@ def test_soft_mbjj_custom_derivatives_match_plain_autodiff():
     np.testing.assert_allclose(g[0][jnp.arange(n), jnp.arange(n), 1], fd_pt, rtol=1e-5, atol=1e-6)
     fd_t = (f(kin[0], tau[3] + h) - f(kin[0], tau[3] - h)) / (2 * h)
     np.testing.assert_allclose(g[1], fd_t, rtol=1e-5, atol=1e-6)
+
+
+# -- densifying jagged columns ----------------------------------------------------------------------
+
+def test_flat_counts_matches_awkward_on_every_layout():
+    from jacana.stages.columns import flat_counts
+
+    base = ak.Array([[1.5, 2.5], [], [3.5, 4.5, 5.5], [6.5]])
+    cases = {
+        "list-offset": base,
+        "sliced (offsets not from 0)": base[1:],
+        "jagged boolean mask": base[base > 2.0],
+        "fancy-indexed events": base[np.array([3, 0, 2])],
+        "empty": base[:0],
+    }
+    for name, arr in cases.items():
+        flat, counts = flat_counts(arr)
+        np.testing.assert_array_equal(flat, ak.to_numpy(ak.flatten(arr)), err_msg=name)
+        np.testing.assert_array_equal(counts, ak.to_numpy(ak.num(arr)), err_msg=name)
+        assert counts.dtype == np.int64, name
+
+
+def test_jagged_densify_keeps_file_order_and_fills_padding():
+    from jacana.stages.batch import _Jagged, _Scatter
+
+    arr = _Jagged.of(ak.Array([[1.0, 2.0, 3.0], [], [4.0], [5.0, 6.0, 7.0, 8.0, 9.0]]))
+    kept = arr.select(arr.content != 2.0)  # drops one object, later ones move up
+    np.testing.assert_array_equal(kept.counts, [2, 0, 1, 5])
+    event, slot = kept.event_and_slot()
+    np.testing.assert_array_equal(slot, [0, 1, 0, 0, 1, 2, 3, 4])
+    rows = np.array([1, -1, 0, 2])  # events 0, 2, 3 go to rows 1, 0, 2 of a 4-row bucket of width 4
+    dense = _Scatter(event, slot, rows, 4, 4).dense(kept.content, fill=-1.0)
+    np.testing.assert_array_equal(dense, [[4, -1, -1, -1], [1, 3, -1, -1], [5, 6, 7, 8], [-1, -1, -1, -1]])
