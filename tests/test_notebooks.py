@@ -9,7 +9,10 @@ import pytest
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
+# the facility notebook starts a dask cluster and compiles every shape again in its workers:
+# over a minute and a half on 2 cores, so it runs with the slow tests
+@pytest.mark.parametrize("name", [pytest.param(p.name, marks=[pytest.mark.slow] if p.name == "facility.ipynb" else [])
+                                  for p in sorted(NOTEBOOKS.glob("*.ipynb"))])
 def test_notebook_executes(name, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from jacana.analysis.cli import main
-from jacana.analysis.optimize import OptimizationError, Optimizer, OptimizeSettings
+from jacana.analysis.optimize import OptimizationError, Optimizer, OptimizeSettings, params_summary
 from jacana.facility.executor import InProcessExecutor
 from jacana.facility.hardrun import analysis_chunks
+from jacana.stages.errors import ConfigError
 from jacana.stages.fileset import load_fileset
 from jacana.stages.spec import load_spec
 
@@ -171,6 +172,7 @@ def optimized_binning_nn(tiny_filesets, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # compiles the forward and VJP programs of every shape: about 2-3 minutes on 2 cores
 def test_binning_and_nn_are_optimised_and_evaluate_reproduces_them(optimized_binning_nn, tiny_filesets, tmp_path):
     from jacana.stages.nn import init_weights
 
@@ -195,3 +197,61 @@ def test_binning_and_nn_are_optimised_and_evaluate_reproduces_them(optimized_bin
     again = json.loads((tmp_path / "result.json").read_text())
     assert again["expected"]["sigma_mu"] == pytest.approx(result["validation"]["after"]["expected"]["sigma_mu"],
                                                           rel=1e-9)
+
+
+def test_free_moves_only_the_named_cuts_and_resume_keeps_the_selection(tiny_filesets, tmp_path, capsys):
+    train, validate = tiny_filesets
+    out = tmp_path / "free"
+    args = ["optimize", "--fileset", str(train), "--validation-fileset", str(validate), "--hard-every", "0",
+            "--no-plots", "--quiet", "--out", str(out)]
+    assert main(args + ["--steps", "3", "--free", "btag_min", "jet_pt_min"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["free_params"] == ["jet_pt_min", "btag_min"]  # the config's order, whatever the order given
+    assert result["settings"]["free"] == ["jet_pt_min", "btag_min"]
+    start = load_spec().param_values()
+    for entry in result["history"]:  # frozen cuts never move, not even by a rounding error
+        assert entry["params"]["lepton_pt_min"] == start["lepton_pt_min"]
+        assert entry["params"]["jet_eta_max"] == start["jet_eta_max"]
+    final = result["final_params"]
+    assert final["lepton_pt_min"] == start["lepton_pt_min"] and final["jet_eta_max"] == start["jet_eta_max"]
+    assert final["jet_pt_min"] != start["jet_pt_min"] and final["btag_min"] != start["btag_min"]
+    assert result["validation"]["after"]["params"] == pytest.approx(final)
+    # --resume with another selection of free cuts is refused; with the same one it continues
+    capsys.readouterr()
+    assert main(args + ["--steps", "4", "--free", "jet_pt_min", "--resume"]) == 2
+    assert "different settings (free)" in capsys.readouterr().err
+    assert main(args + ["--steps", "4", "--free", "jet_pt_min", "btag_min", "--resume"]) == 0
+    resumed = json.loads((out / "result.json").read_text())
+    assert [h["step"] for h in resumed["history"]] == [0, 1, 2, 3]
+    assert resumed["final_params"]["lepton_pt_min"] == start["lepton_pt_min"]
+
+
+def test_free_refuses_unknown_names_before_reading_any_data(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["optimize", "--fileset", str(tmp_path / "missing.json"), "--free", "jet_pt", "btag_min",
+                 "btag_minimum", "--out", str(out), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "'jet_pt' (did you mean 'jet_pt_min'?)" in err and "'btag_minimum'" in err
+    assert "missing.json" not in err and not out.exists()  # refused before the fileset is read
+    with pytest.raises(ConfigError, match="at least one"):
+        OptimizeSettings(free=()).validate()
+    spec = load_spec()
+    with pytest.raises(ConfigError, match="unknown parameter in free: 'eta'"):
+        Optimizer(spec, None, OptimizeSettings(free=("eta",)), tmp_path, progress=False)
+
+
+def test_keep_best_ends_at_the_best_hard_limit_check(tiny_filesets, tmp_path):
+    spec = load_spec()
+    train, _ = tiny_filesets
+    executor = InProcessExecutor(spec, analysis_chunks(spec, load_fileset(train)))
+    opt = Optimizer(spec, executor, OptimizeSettings(steps=4, hard_every=1), tmp_path, progress=False)
+    outcome = opt.run(spec.param_values())
+    checks = [(h["hard_objective"], h["step"]) for h in outcome["history"]]
+    assert all(v is not None for v, _ in checks)
+    sel = outcome["selected"]
+    best = min(checks + [(sel["last_point_hard_objective"], len(checks))])
+    assert sel["hard_objective"] == best[0] and sel["step"] == best[1]
+    assert opt.objective.physical(opt.hard_loss(outcome["params"])) == pytest.approx(best[0], rel=1e-12)
+    if sel["point"] != "last":
+        assert params_summary(outcome["params"]) == pytest.approx(outcome["history"][sel["step"]]["params"])
