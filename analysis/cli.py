@@ -62,12 +62,25 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _step_fraction(text: str) -> float | None:
+    if text == "config":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] or 'config', got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] or 'config', got {text!r}")
+    return value
+
+
 def cmd_optimize(args) -> int:
-    from jacana.analysis.optimize import OptimizeSettings, run_optimize
+    from jacana.analysis.optimize import OptimizeSettings, free_params, run_optimize
     from jacana.facility.datasets import DEFAULT_EVENTS, DEFAULT_TRAIN_EVENTS, default_fileset
     from jacana.stages.fileset import load_fileset
 
     spec = _spec_from_args(args)
+    free = free_params(spec, args.free) if args.free is not None else None  # bad names fail before any data
     if args.fileset:
         train = load_fileset(args.fileset)
         if args.validation_fileset:
@@ -79,7 +92,9 @@ def cmd_optimize(args) -> int:
                                              progress=not args.quiet))
         validation = load_fileset(args.validation_fileset or default_fileset(
             "validate", events=args.events or DEFAULT_EVENTS, progress=not args.quiet))
-    settings = OptimizeSettings(steps=args.steps, objective=args.objective, binning=args.binning, nn=args.nn)
+    settings = OptimizeSettings(steps=args.steps, objective=args.objective, binning=args.binning, nn=args.nn,
+                                free=free, step_fraction=args.step_fraction, step_schedule=args.step_schedule,
+                                hard_every=args.hard_every, keep_best=not args.last_point)
     if getattr(args, "starts", 1) > 1:  # an ensemble of starts (analysis/multistart.py)
         from jacana.analysis.multistart import cli_multistart
 
@@ -97,6 +112,12 @@ def cmd_optimize(args) -> int:
     for k, v_ in result["final_params"].items():
         if isinstance(v_, list):
             print(f"  {k}: " + " ".join(f"{e:.4g}" for e in v_))
+    if result.get("free_params") and len(result["free_params"]) < len(result["initial_params"]):
+        print("  free: " + ", ".join(result["free_params"]) + " (the other cuts stay at their start values)")
+    sel = result.get("selected")
+    if sel and sel["point"] != "last":
+        print(f"  kept the best hard-limit check on the training events: step {sel['step']}"
+              f" ({sel['hard_objective']:.5g})")
     print(f"  relaxed objective at the end {result['final_objective']['relaxed']:.5g},"
           f" hard limit {result['final_objective']['hard_limit']:.5g} (same events)")
     print(f"  held-out hard analysis (pyhf): expected sigma_ttbar_norm {b:.4f} -> {a:.4f}"
@@ -174,13 +195,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-fileset",
                    help="held-out fileset for the hard validation (default: the embedded validation samples,"
                         " or every other file of --fileset)")
-    p.add_argument("--steps", type=int, default=60, help="optimisation steps (default 60)")
+    p.add_argument("--steps", type=int, default=40, help="optimisation steps (default 40)")
     p.add_argument("--objective", choices=("sigma_mu", "z0", "cls", "upper_limit"), default="sigma_mu",
                    help="what to optimise (default: the expected uncertainty on ttbar_norm)")
     p.add_argument("--binning", action="store_true",
                    help="optimise the interior bin edges of every region too (gradient by VJP: 2 passes a step)")
     p.add_argument("--nn", action="store_true",
                    help="replace HT in 4j1b by a small neural network (jet and lepton features) trained in place")
+    p.add_argument("--free", nargs="+", default=None, metavar="NAME",
+                   help="optimise only these cut parameters (e.g. --free jet_pt_min btag_min); the others stay at"
+                        " the config's values (default: all cuts)")
+    p.add_argument("--step-fraction", type=_step_fraction, default=0.025, metavar="F|config",
+                   help="Adam step of each cut as a fraction of its bound range (default 0.025); 'config': each"
+                        " parameter's learning_rate from the config")
+    p.add_argument("--step-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="cosine (default): the step decays to 0.1 x its start by the last step; constant: it stays")
+    p.add_argument("--hard-every", type=int, default=5,
+                   help="evaluate the hard-limit objective on the training events every N steps and at the last"
+                        " (each is one more pass; default 5; 0: never)")
+    p.add_argument("--last-point", action="store_true",
+                   help="end at the last point, not at the best hard-limit check on the training events")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.json")
     p.add_argument("--workers", type=int, default=None,

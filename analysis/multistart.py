@@ -16,7 +16,6 @@ parameters and of the held-out sigma_mu; ``OUT/plots/multistart.png`` plots them
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -89,7 +88,7 @@ def _reusable(out: Path, point: Mapping, settings) -> dict | None:
         return None
     same_start = all(math.isclose(float(result.get("initial_params", {}).get(k, math.nan)), float(v), rel_tol=1e-12,
                                   abs_tol=1e-12) for k, v in point.items())
-    return result if same_start and result.get("settings") == dataclasses.asdict(settings) else None
+    return result if same_start and result.get("settings") == settings.to_json() else None
 
 
 def run_start(k: int, spec_dict: Mapping, point: Mapping, train: Fileset, validation: Fileset, out: str,
@@ -165,6 +164,8 @@ def run_multistart(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if names is None and settings.free is not None:  # only the free cuts are spread; the others stay
+        names = list(settings.free)
     points = start_points(spec, starts, seed=seed, spread=spread_fraction, names=names)
     parallel = any(x is not None for x in (client, scheduler, profile)) or bool(workers)
     run_opts = {"resume": resume, "on_bad_file": on_bad_file, "plots": plots, "impacts": impacts,
@@ -172,7 +173,7 @@ def run_multistart(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_
     options = {"run": run_opts, "source": spec.source}
     spec_dict = spec.to_dict()
     doc = {"starts": starts, "seed": seed, "spread": spread_fraction, "parallel": parallel,
-           "settings": dataclasses.asdict(settings), "start_points": points, "runs": []}
+           "settings": settings.to_json(), "start_points": points, "runs": []}
     dirs = [str(out / f"start_{k}") for k in range(starts)]
     if parallel:
         dask_client, closers = _dask_client(client, workers, scheduler, profile)

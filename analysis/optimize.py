@@ -49,12 +49,12 @@ class OptimizationError(JacanaError, RuntimeError):
 class OptimizeSettings:
     """How the optimisation runs (everything that must match for ``--resume``)."""
 
-    steps: int = 60
+    steps: int = 40
     objective: str = "sigma_mu"
     relax_start: float = 1.0  # relaxation scale at step 0 (1 = the config's temperatures)
     relax_end: float = 0.1  # scale reached at the end of annealing
     anneal_fraction: float = 0.75  # fraction of the steps over which the relaxation anneals
-    hard_every: int = 10  # evaluate the hard-limit objective every this many steps
+    hard_every: int = 5  # evaluate the hard-limit objective every this many steps (and at the last)
     patience: int = 20  # early stopping: steps after annealing without improvement
     min_improvement: float = 1e-4  # relative improvement that counts
     diverge_factor: float = 10.0  # loss above this multiple of the first step's stops the run
@@ -66,6 +66,11 @@ class OptimizeSettings:
     nn_region: str = "4j1b"
     nn_step: float = 0.02  # Adam step of a network weight
     nn_bins: int = 10  # bins of the NN observable over (0, 1)
+    free: tuple[str, ...] | None = None  # the cuts optimised (None: all); the others stay at their start values
+    step_fraction: float | None = 0.025  # Adam step of a cut as a fraction of its bound range (None: its learning_rate)
+    step_schedule: str = "cosine"  # "cosine": the step decays to step_end x its start by the last step; or "constant"
+    step_end: float = 0.1  # with the cosine schedule: the last step's size over the first's
+    keep_best: bool = True  # end at the best hard-limit point (training events) among the checks and the last point
 
     @property
     def mode(self) -> str:
@@ -77,6 +82,13 @@ class OptimizeSettings:
         t = min(step, n) / n
         return float(self.relax_start * (self.relax_end / self.relax_start) ** t)
 
+    def step_multiplier(self, count):
+        """The factor on every parameter's step at update ``count`` (0-based; traced by optax)."""
+        if self.step_schedule == "constant":
+            return jnp.ones_like(count, dtype=jnp.float64)
+        t = jnp.minimum(count, max(1, self.steps - 1)) / max(1, self.steps - 1)
+        return self.step_end + (1.0 - self.step_end) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+
     def validate(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
@@ -86,6 +98,24 @@ class OptimizeSettings:
             raise ConfigError(f"anneal_fraction must be in (0, 1], got {self.anneal_fraction}")
         if self.nn_bins < 2:
             raise ConfigError(f"nn_bins must be >= 2, got {self.nn_bins}")
+        if self.hard_every < 0:
+            raise ConfigError(f"hard_every must be >= 0 (0: no hard-limit checks), got {self.hard_every}")
+        if self.step_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"step_schedule must be 'constant' or 'cosine', got {self.step_schedule!r}")
+        if not 0 < self.step_end <= 1:
+            raise ConfigError(f"step_end must be in (0, 1], got {self.step_end}")
+        if self.step_fraction is not None and not 0 < self.step_fraction <= 1:
+            raise ConfigError(f"step_fraction must be in (0, 1] (of each cut's bound range), got {self.step_fraction}")
+        if self.free is not None and not self.free:
+            raise ConfigError("free must name at least one cut parameter (or be None: all of them)")
+
+    def free_cuts(self, spec: AnalysisSpec) -> tuple[str, ...]:
+        """The cut parameters that move (checked against ``spec``; every cut when ``free`` is None)."""
+        return tuple(spec.parameters) if self.free is None else free_params(spec, self.free)
+
+    def to_json(self) -> dict:
+        """The settings as they read back from JSON (tuples as lists): what checkpoints and results compare."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def analysis_spec(self, spec: AnalysisSpec) -> AnalysisSpec:
         """The spec that is optimised: with ``nn``, ``nn_region``'s observable becomes the network."""
@@ -95,6 +125,28 @@ class OptimizeSettings:
         if self.nn_region not in spec.regions:
             raise ConfigError(f"nn_region {self.nn_region!r} is not one of the regions {sorted(spec.regions)}")
         return spec.with_overrides(nn_overrides(self.nn_region, self.nn_bins))
+
+
+def free_params(spec: AnalysisSpec, names) -> tuple[str, ...]:
+    """``names`` as the canonical tuple of cut parameters to optimise (in the config's order).
+
+    Unknown names are an error naming every one of them (with the closest known name) and the
+    cuts that can be optimised; an empty selection is an error too.
+    """
+    import difflib
+
+    names = [str(n) for n in names]
+    if not names:
+        raise ConfigError("--free needs at least one cut parameter; tunable: " + ", ".join(spec.parameters))
+    unknown = [n for n in dict.fromkeys(names) if n not in spec.parameters]
+    if unknown:
+        hints = []
+        for n in unknown:
+            close = difflib.get_close_matches(n, list(spec.parameters), n=1)
+            hints.append(f"{n!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"unknown parameter{'s' if len(unknown) > 1 else ''} in free: {', '.join(hints)};"
+                          f" the cut parameters are {', '.join(spec.parameters)}")
+    return tuple(n for n in spec.parameters if n in set(names))
 
 
 def nn_overrides(region: str, bins: int) -> list[str]:
@@ -134,7 +186,8 @@ def params_from_json(raw: Mapping) -> dict:
 
 def _rate(name: str, spec: AnalysisSpec, settings: OptimizeSettings) -> float:
     if name in spec.parameters:
-        return spec.parameters[name].learning_rate
+        p = spec.parameters[name]
+        return p.learning_rate if settings.step_fraction is None else settings.step_fraction * (p.upper - p.lower)
     if name.startswith("edges_"):
         edges = spec.regions[name[len("edges_"):]].edges
         return settings.edge_step * float(edges[-1] - edges[0])
@@ -142,12 +195,16 @@ def _rate(name: str, spec: AnalysisSpec, settings: OptimizeSettings) -> float:
 
 
 def _optimizer(spec: AnalysisSpec, settings: OptimizeSettings) -> optax.GradientTransformation:
-    """Adam normalises each gradient; the step in physical units is the parameter's learning rate."""
+    """Adam normalises each gradient; the step in physical units is the parameter's learning rate
+    (zero for a cut that is not free), times the step schedule."""
+    frozen = set(spec.parameters) - set(settings.free_cuts(spec))
 
     def update(updates, state, params=None):
-        return {k: jax.tree.map(lambda u, r=_rate(k, spec, settings): -r * u, v) for k, v in updates.items()}, state
+        return {k: jax.tree.map(lambda u, r=0.0 if k in frozen else _rate(k, spec, settings): -r * u, v)
+                for k, v in updates.items()}, state
 
-    return optax.chain(optax.scale_by_adam(), optax.GradientTransformation(lambda p: optax.EmptyState(), update))
+    return optax.chain(optax.scale_by_adam(), optax.scale_by_schedule(settings.step_multiplier),
+                       optax.GradientTransformation(lambda p: optax.EmptyState(), update))
 
 
 def _project_edges(edges: np.ndarray, initial: np.ndarray, min_fraction: float) -> np.ndarray:
@@ -195,6 +252,8 @@ class Optimizer:
         self.spec, self.executor, self.settings = spec, executor, settings
         self.out = Path(out_dir)
         self.progress = progress
+        self.free = settings.free_cuts(spec)  # unknown names fail here, before any pass
+        self.frozen = tuple(k for k in spec.parameters if k not in self.free)
         self.tx = _optimizer(spec, settings)
         self._value_and_grad: Callable | None = None
         self.objective: Sensitivity | None = None
@@ -252,11 +311,13 @@ class Optimizer:
             opt_state = self.tx.init(_as_jax(params))
             history: list[dict] = []
             start, best, stale, first_loss = 0, math.inf, 0, None
+            best_point = None
         else:
             params, history = params_from_json(state["params"]), state["history"]
             opt_state = jax.tree.unflatten(jax.tree.structure(self.tx.init(_as_jax(params))),
                                            [jnp.asarray(x) for x in state["opt_state"]])
             start, best, stale, first_loss = state["step"] + 1, state["best"], state["stale"], state["first_loss"]
+            best_point = state.get("best_point")
         stopped = "steps"
         bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc=f"optimize {s.objective}",
                    disable=not self.progress, unit="step")
@@ -277,7 +338,10 @@ class Optimizer:
                      "loss": value, "grad": params_summary(grad), "relax_scale": scale,
                      "seconds": time.perf_counter() - t0, "hard_objective": None}
             if s.hard_every and (step % s.hard_every == 0 or step == s.steps - 1):
-                entry["hard_objective"] = self.objective.physical(self.hard_loss(params))
+                hard = self.hard_loss(params)
+                entry["hard_objective"] = self.objective.physical(hard)
+                if math.isfinite(hard) and (best_point is None or hard < best_point["loss"]):
+                    best_point = {"step": step, "loss": hard, "params": params_to_json(params)}
             history.append(entry)
             annealed = step >= int(round(s.anneal_fraction * s.steps))
             if annealed:
@@ -285,10 +349,11 @@ class Optimizer:
                     best, stale = value, 0
                 else:
                     stale += 1
-            updates, opt_state = self.tx.update(_as_jax(grad), opt_state)
+            moving = {k: (np.zeros_like(g) if k in self.frozen else g) for k, g in grad.items()}
+            updates, opt_state = self.tx.update(_as_jax(moving), opt_state)
             params = _project(jax.tree.map(lambda p, u: np.asarray(p) + np.asarray(u), params,
                                            jax.tree.map(np.asarray, updates)), self.spec, s)
-            self._save_checkpoint(step, params, opt_state, history, best, stale, first_loss)
+            self._save_checkpoint(step, params, opt_state, history, best, stale, first_loss, best_point)
             bar.set_postfix_str(f"{s.objective}={entry['objective']:.5g} " + " ".join(
                 f"{k}={params[k]:.3g}" for k in PARAM_NAMES if k in params))
             if on_step is not None:
@@ -297,15 +362,27 @@ class Optimizer:
                 stopped = "early_stopping"
                 break
         bar.close()
-        return {"params": params, "history": history, "stopped": stopped}
+        outcome = {"params": params, "history": history, "stopped": stopped, "hard_loss": None}
+        if s.keep_best:  # the last point's hard-limit check, then the best of all checks (training events)
+            last = self.hard_loss(params)
+            outcome["hard_loss"] = last
+            chosen = {"step": len(history), "loss": last, "point": "last"}
+            if best_point is not None and (not math.isfinite(last) or best_point["loss"] < last):
+                outcome["params"] = _project(params_from_json(best_point["params"]), self.spec, s)
+                outcome["hard_loss"] = best_point["loss"]
+                chosen = {"step": best_point["step"], "loss": best_point["loss"], "point": "hard-limit check"}
+            chosen["hard_objective"] = self.objective.physical(chosen["loss"])
+            chosen["last_point_hard_objective"] = self.objective.physical(last)
+            outcome["selected"] = chosen
+        return outcome
 
     # -- checkpoints ----------------------------------------------------------------------
-    def _save_checkpoint(self, step, params, opt_state, history, best, stale, first_loss) -> None:
+    def _save_checkpoint(self, step, params, opt_state, history, best, stale, first_loss, best_point=None) -> None:
         write_json(self.out / CHECKPOINT, {
             "version": CHECKPOINT_VERSION, "step": step, "params": params_to_json(params),
             "opt_state": [np.asarray(x).tolist() for x in jax.tree.leaves(opt_state)],
             "history": history, "best": best if math.isfinite(best) else None, "stale": stale,
-            "first_loss": first_loss, "settings": dataclasses.asdict(self.settings),
+            "first_loss": first_loss, "best_point": best_point, "settings": self.settings.to_json(),
             "spec": self.spec.to_dict(),
         }, indent=None)
 
@@ -320,7 +397,7 @@ class Optimizer:
         if state.get("version") != CHECKPOINT_VERSION:
             raise OptimizationError(f"checkpoint {path} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
         saved = dict(state["settings"])
-        current = dataclasses.asdict(self.settings)
+        current = self.settings.to_json()
         differ = [k for k in current if k != "steps" and saved.get(k) != current[k]]
         if differ or state["spec"] != self.spec.to_dict():
             what = ", ".join(differ) or "the analysis config"
@@ -366,7 +443,8 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
         final = outcome["params"]
         relax_end = default_relax(spec, settings.relax_scale(settings.steps))
         relaxed_end = opt.objective.physical(opt.loss(final, relax_end))
-        hard_end = opt.objective.physical(opt.hard_loss(final))
+        hard_end = opt.objective.physical(outcome["hard_loss"] if outcome["hard_loss"] is not None
+                                          else opt.hard_loss(final))
     finally:
         executor.close()
     final_spec = spec.with_params(final)
@@ -377,12 +455,14 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
         "initial_params": params_summary(initial),
         "final_params": params_summary(final),
         "stopped": outcome["stopped"],
+        "free_params": list(opt.free),
+        **({"selected": outcome["selected"]} if "selected" in outcome else {}),
         "history": outcome["history"],
         "final_objective": {"relaxed": relaxed_end, "hard_limit": hard_end,
                             "relaxed_over_hard": relaxed_end / hard_end if hard_end else None},
         "validation": {"before": before["result"], "after": after["result"],
                        "sigma_mu_ratio_after_over_before": a / b},
-        "settings": dataclasses.asdict(settings),
+        "settings": settings.to_json(),
         "events": {"train": executor.n_events, "validation_fileset": validation.source,
                    "train_fileset": train.source},
         "inputs": {"train": train_report.to_dict(), "validation": val_report.to_dict()},
