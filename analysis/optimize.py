@@ -314,8 +314,9 @@ class Optimizer:
             best_point = None
         else:
             params, history = params_from_json(state["params"]), state["history"]
-            opt_state = jax.tree.unflatten(jax.tree.structure(self.tx.init(_as_jax(params))),
-                                           [jnp.asarray(x) for x in state["opt_state"]])
+            fresh = self.tx.init(_as_jax(params))  # restored leaves keep its dtypes (int32 counts): bit-exact resume
+            opt_state = jax.tree.unflatten(jax.tree.structure(fresh), [
+                jnp.asarray(x, dtype=jnp.asarray(f).dtype) for x, f in zip(state["opt_state"], jax.tree.leaves(fresh))])
             start, best, stale, first_loss = state["step"] + 1, state["best"], state["stale"], state["first_loss"]
             best_point = state.get("best_point")
         stopped = "steps"

@@ -64,13 +64,64 @@ def _fit(data, model, best=None) -> tuple[np.ndarray, np.ndarray]:
     best = np.asarray(best, dtype=np.float64)
     free = ~np.asarray(model.config.suggested_fixed(), dtype=bool)
     hess = nll_hessian(model, data, best)[np.ix_(free, free)]
+    return best, _uncertainties(hess, free, len(best), "the NLL Hessian at the best fit")
+
+
+def _uncertainties(hess: np.ndarray, free: np.ndarray, n: int, what: str) -> np.ndarray:
+    """sqrt(diag(hess^-1)) on the free parameters (0 on fixed ones); an error, never a silent 0,
+    where ``hess`` is singular or not positive definite."""
     try:
         cov = np.linalg.inv(hess)
     except np.linalg.LinAlgError:
-        raise FitError("the NLL Hessian at the best fit is singular: a parameter has no effect") from None
-    unc = np.zeros_like(best)
-    unc[free] = np.sqrt(np.clip(np.diag(cov), 0.0, None))
-    return best, unc
+        raise FitError(f"{what} is singular: a parameter has no effect") from None
+    var = np.diag(cov)
+    if not np.all(np.isfinite(var)) or np.any(var <= 0):
+        lowest = float(np.linalg.eigvalsh(0.5 * (hess + hess.T))[0])
+        raise FitError(f"{what} is not positive definite (lowest eigenvalue {lowest:.3g})")
+    unc = np.zeros(n)
+    unc[free] = np.sqrt(var)
+    return unc
+
+
+def asimov_information(model, pars, step: float = 1e-5) -> np.ndarray:
+    """The NLL Hessian on the Asimov data generated at ``pars``, as the Fisher information.
+
+    There every main bin has ``n = lambda``, so the Poisson part is exactly
+    ``J^T diag(1/lambda) J`` (``J = d lambda / d pars`` by central differences of pyhf's numpy
+    ``expected_actualdata``; bins with ``lambda = 0`` carry no information) and the constraint
+    part is the finite-difference Hessian of pyhf's ``constraint_logpdf``. Positive semi-definite
+    by construction, unlike second differences of the full NLL, whose rounding can make it
+    indefinite on models with sparse templates. The same quantity as the traced
+    :func:`jacana.stages.objectives.fisher`.
+    """
+    pars = np.asarray(pars, dtype=np.float64)
+    h = step * np.maximum(1.0, np.abs(pars))
+    lam0 = np.asarray(model.expected_actualdata(pars), dtype=np.float64)
+    jac = np.empty((len(lam0), len(pars)))
+    for i in range(len(pars)):
+        up, down = pars.copy(), pars.copy()
+        up[i] += h[i]
+        down[i] -= h[i]
+        jac[:, i] = (np.asarray(model.expected_actualdata(up)) - np.asarray(model.expected_actualdata(down))) / (2 * h[i])
+    inv = np.divide(1.0, lam0, out=np.zeros_like(lam0), where=lam0 > 0)
+    aux = np.asarray(model.config.auxdata, dtype=np.float64)
+    nll_c = lambda p: -float(np.asarray(model.constraint_logpdf(aux, p)).reshape(-1)[0])  # noqa: E731
+    hc = np.zeros((len(pars), len(pars)))
+    f0 = nll_c(pars)
+    hc_step = 1e-4 * np.maximum(1.0, np.abs(pars))
+    for i in range(len(pars)):  # constraint terms are per parameter: the Hessian is diagonal
+        up, down = pars.copy(), pars.copy()
+        up[i] += hc_step[i]
+        down[i] -= hc_step[i]
+        hc[i, i] = (nll_c(up) - 2 * f0 + nll_c(down)) / hc_step[i] ** 2
+    return (jac.T * inv) @ jac + hc
+
+
+def asimov_uncertainties(model, pars) -> np.ndarray:
+    """Expected uncertainties of every parameter on the Asimov data generated at ``pars``."""
+    free = ~np.asarray(model.config.suggested_fixed(), dtype=bool)
+    info = asimov_information(model, pars)[np.ix_(free, free)]
+    return _uncertainties(info, free, len(pars), "the Asimov Fisher information")
 
 
 def nll_hessian(model, data, pars, step: float = 1e-4) -> np.ndarray:
@@ -114,7 +165,7 @@ def evaluate_workspace(workspace_spec: Mapping[str, Any], significance: bool = F
         # The maximum of the Asimov likelihood is the point that generated it: no fit to fail.
         asimov_point = np.asarray(model.config.suggested_init(), dtype=np.float64)
         asimov_point[idx] = 1.0
-        _, asimov_unc = _fit(asimov, model, best=asimov_point)
+        asimov_unc = asimov_uncertainties(model, asimov_point)
         out = {"expected": {"sigma_mu": float(asimov_unc[idx])}}
         try:
             best, unc = _fit(data, model)
@@ -149,7 +200,7 @@ def impacts(workspace_spec: Mapping[str, Any], include_staterror: bool = False) 
         data = asimov_data(model, 1.0)
         point = np.asarray(model.config.suggested_init(), dtype=np.float64)
         point[model.config.poi_index] = 1.0
-        best, unc = _fit(data, model, best=point)
+        best, unc = point, asimov_uncertainties(model, point)
         poi_idx = model.config.poi_index
         out = []
         for name in model.config.par_order:

@@ -98,3 +98,28 @@ def test_negative_weight_bins_give_a_valid_model():
     assert sample["data"][4] == 0.0
     result = evaluate_workspace(ws)
     assert np.isfinite(result["expected"]["sigma_mu"]) and result["expected"]["sigma_mu"] > 0
+
+
+def test_a_bin_empty_in_every_sample_keeps_a_positive_expected_uncertainty():
+    """After tight cuts a bin can be empty in every template; the expected uncertainty must stay the
+    Fisher information of the other bins (second differences of the full NLL went indefinite there
+    and were reported as sigma_mu = 0)."""
+    spec = load_spec()
+    hists = random_histograms(spec, seed=5)
+    for by_var in hists["4j1b"].values():
+        for var in by_var.values():
+            var["sumw"][0] = 0.0
+            var["sumw2"][0] = 0.0
+    result = evaluate_workspace(build_workspace(spec, hists))
+    full = evaluate_workspace(build_workspace(spec, random_histograms(spec, seed=5)))
+    assert 0 < result["expected"]["sigma_mu"]
+    assert result["expected"]["sigma_mu"] >= full["expected"]["sigma_mu"] * (1 - 1e-9)  # less information
+
+
+def test_an_indefinite_hessian_is_an_error_not_a_zero_uncertainty():
+    from jacana.stages.inference import FitError, _uncertainties
+
+    free = np.array([True, True])
+    with pytest.raises(FitError, match="not positive definite"):
+        _uncertainties(np.array([[1.0, 2.0], [2.0, 1.0]]), free, 2, "test Hessian")
+    assert _uncertainties(np.diag([4.0, 0.25]), free, 2, "test Hessian") == pytest.approx([0.5, 2.0])
