@@ -57,6 +57,7 @@ TARGETS = {
     "hist_memory_ratio": 10.0,
     "stream_memory_ratio": 1.2,
     "dask_efficiency": 0.7,
+    "dask_scaleout_efficiency": 0.8,  # N workers vs one: speed-up >= 0.8 N (the issue's 1.6 for 2 workers)
     "dask_overhead_fraction": 0.2,
     "dask_bytes_over_message": 1.5,
     "likelihood_over_pyhf": 1.0,
@@ -250,20 +251,24 @@ def first_pass(spec, chunks, repeats: int = 3, dtype=np.float64) -> dict:
     from .executor import InProcessExecutor
 
     branches = spec.needed_branches()
-    plain, first = [], []
+    plain, first, plain_cpu, first_cpu = [], [], [], []
     for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for c in chunks:
             plain_read_task(c.path, spec.tree, branches, c.entry_start, c.entry_stop)
         plain.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        plain_cpu.append(time.process_time() - c0)
+        t0, c0 = time.perf_counter(), time.process_time()
         ex = InProcessExecutor(spec, chunks, dtype=dtype)
         jax.block_until_ready([[p.weight for p in parts] for parts in ex.batches.values()])
         first.append(time.perf_counter() - t0)
+        first_cpu.append(time.process_time() - c0)
         ex.close()
     return {"first_pass_s": statistics.median(first), "plain_read_s": statistics.median(plain),
             "first_pass_runs_s": first, "plain_read_runs_s": plain,
-            "ratio": statistics.median(first) / statistics.median(plain)}
+            "ratio": statistics.median(first) / statistics.median(plain),
+            # the first pass reads ahead on threads while it densifies: its CPU time says what it costs
+            "cpu_ratio": statistics.median(first_cpu) / statistics.median(plain_cpu)}
 
 
 # -- 7: the likelihood ---------------------------------------------------------------------------
@@ -414,7 +419,8 @@ def _dask_rows(d: dict | None, cores: int, remote: bool) -> list[dict]:
     if d is None:
         why = "give --workers N (a local dask cluster) or --scheduler ADDRESS to measure it"
         return [_skipped("6a", names[0], f"speed-up >= {TARGETS['dask_efficiency']:g} x cores ratio", "s", why),
-                _skipped("6b", names[1], overhead_target, "s", why), _skipped("6c", names[2], bytes_target, "B", why)]
+                _skipped("6b", names[1], overhead_target, "s", why), _skipped("6c", names[2], bytes_target, "B", why),
+                _skipped("6d", "dask scale-out, N workers vs one", "speed-up >= 0.8 N", "s", why)]
     threads = d.get("worker_threads", d["workers"])
     # linear scale-out: N worker threads do what N of the in-process run's cores do
     expected = (threads if remote else min(threads, cores)) / cores
@@ -423,7 +429,7 @@ def _dask_rows(d: dict | None, cores: int, remote: bool) -> list[dict]:
     frac = d["step_overhead_s"] / d["dask_step_s"]
     b = d["driver_bytes_per_step"]
     b_ratio = None if b is None else b / d["message_bytes"]
-    return [
+    rows = [
         _row("6a", names[0], d["dask_step_s"], d["in_process_step_s"], t_ratio,
              f"<= {bound:.2f}x (speed-up >= {TARGETS['dask_efficiency']:g} x {expected:.2g})", t_ratio <= bound, "s",
              f"{d['workers']} workers ({threads} threads) vs in-process on {cores} cores; first pass on the workers"
@@ -437,6 +443,17 @@ def _dask_rows(d: dict | None, cores: int, remote: bool) -> list[dict]:
              "TCP bytes received by this process per step vs the one response message"
              + (" (not measurable here: needs Linux TCP_INFO)" if b is None else "")),
     ]
+    scale_target = TARGETS["dask_scaleout_efficiency"] * d["workers"]
+    if "speedup_over_one_worker" in d:
+        sp = d["speedup_over_one_worker"]
+        rows.append(_row("6d", f"dask scale-out, {d['workers']} workers vs one", d["dask_step_s"], d["one_worker_step_s"],
+                         sp, f"speed-up >= {scale_target:.2g}", sp >= scale_target, "s",
+                         "ratio = one worker's step time / N workers' (each worker single-threaded and pinned to its own core);"
+                         " in-process JAX already uses every core, which is why 6a compares with it differently"))
+    else:
+        rows.append(_skipped("6d", "dask scale-out, N workers vs one", f"speed-up >= {scale_target:.2g}", "s",
+                             "skipped: needs a local cluster of --workers N > 1"))
+    return rows
 
 
 def _likelihood_rows(lk: dict) -> list[dict]:
@@ -461,8 +478,9 @@ def _first_pass_row(fp: dict, spec) -> dict:
     return _row("8", "first pass (read + densify) vs plain uproot read", fp["first_pass_s"], fp["plain_read_s"],
                 fp["ratio"], f"<= {TARGETS['first_pass_over_plain_read']:g}x",
                 fp["ratio"] <= TARGETS["first_pass_over_plain_read"], "s",
-                f"in-process executor (read, checks, densify, regroup, to the device) vs uproot arrays of the same"
-                f" {len(spec.needed_branches())} branches and entries")
+                f"in-process executor (read, checks, densify, regroup, to the device; the next chunks read on"
+                f" threads meanwhile) vs uproot arrays of the same {len(spec.needed_branches())} branches and entries;"
+                f" CPU time ratio {fp.get('cpu_ratio', float('nan')):.3g}")
 
 
 def run_bench(events: int = 1_000_000, workers: int | None = None, scheduler: str | None = None,

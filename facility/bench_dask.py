@@ -5,7 +5,8 @@
 Reports, each measured in the same run:
 
 * steady-state step time (forward-mode yields + Jacobians, after one warm-up step) in-process
-  and with ``workers`` local dask workers, and the speed-up;
+  and with ``workers`` local dask workers, and the speed-up; and with one worker, for the
+  scale-out speed-up of ``workers`` workers over one;
 * per-task overhead: the round trip of a no-op task (submit -> result) on the same cluster, and
   the step's wall time minus its slowest shard's compute time;
 * bytes per step received by the driver (all its TCP sockets, ``TCP_INFO``) vs the size of
@@ -62,9 +63,19 @@ def plain_read_task(path: str, tree: str, branches: list, start: int, stop: int)
     return sum(int(a.layout.nbytes) for a in arrays.values())
 
 
+#: Runs ``python -m ...`` confined to one core: ``python -c _PINNED CORE -m module args...`` (no fork
+#: of this multithreaded process with a ``preexec_fn``: the affinity is set in the new interpreter).
+_PINNED = ("import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])});"
+           " os.execv(sys.executable, [sys.executable] + sys.argv[2:])")
+
+
 def _start_cluster(workers: int, timeout: float = 60.0):
     """A dask scheduler and ``workers`` single-threaded worker processes as subprocesses (so the
-    driver's sockets carry only the driver's traffic); returns (client, processes)."""
+    driver's sockets carry only the driver's traffic); returns (client, processes).
+
+    Each worker is pinned to its own core (round robin) where the OS allows it: XLA would
+    otherwise spread every worker's step over all cores, so one worker would already use the
+    whole machine and adding workers could show no scale-out at all."""
     import subprocess
     import sys
     import tempfile
@@ -75,9 +86,12 @@ def _start_cluster(workers: int, timeout: float = 60.0):
     sched_file = os.path.join(d, "scheduler.json")
     procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--scheduler-file", sched_file,
                                "--port", "0", "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", sched_file,
-                                   "--nworkers", str(workers), "--nthreads", "1", "--no-dashboard"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    for i in range(workers):
+        pin = [sys.executable, "-c", _PINNED, str(cores[i % len(cores)])] if cores else [sys.executable]
+        procs.append(subprocess.Popen(pin + ["-m", "distributed.cli.dask_worker", "--scheduler-file", sched_file,
+                                             "--nworkers", "1", "--nthreads", "1", "--no-dashboard"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     t0 = time.time()
     while not os.path.exists(sched_file):
         if time.time() - t0 > timeout:
@@ -89,11 +103,14 @@ def _start_cluster(workers: int, timeout: float = 60.0):
 
 
 def bench_dask(fileset: str | Path, workers: int = 2, repeats: int = 3, chunk_size: int = 100_000,
-               in_process: bool = True, separate_scheduler: bool = True, scheduler: str | None = None) -> dict:
+               in_process: bool = True, separate_scheduler: bool = True, scheduler: str | None = None,
+               scaling: bool = True) -> dict:
     """Figures of the dask executor vs in-process (see the module docstring); returns a dict.
 
     With ``scheduler`` (an address), the workers of that existing cluster are used (they must
     see the fileset's files); ``workers`` is then ignored and ``out["workers"]`` counts them.
+    ``scaling`` (local clusters of ``workers`` > 1): also the step on a one-worker cluster, and
+    ``speedup_over_one_worker``.
     """
     from jacana.facility.jaxsetup import configure_jax
 
@@ -138,6 +155,25 @@ def bench_dask(fileset: str | Path, workers: int = 2, repeats: int = 3, chunk_si
         out["in_process_step_cpu_s"] = statistics.median(cpu)
         out["in_process_steps_s"] = times
         ex.close()
+
+    if scaling and scheduler is None and workers > 1:
+        # scale-out: the same cluster with one worker. In-process JAX already spreads a step over the
+        # cores (XLA's own threads), so "N workers vs in-process" on one machine is about 1 by design;
+        # N workers vs one worker, each single-threaded, is what adding workers buys.
+        client1, procs1 = _start_cluster(1)
+        try:
+            dx1 = DaskExecutor(spec, chunks, client=client1)
+            try:
+                out["one_worker_warmup_s"], times, _ = steps(dx1)
+                out["one_worker_step_s"] = statistics.median(times)
+            finally:
+                dx1.close()
+        finally:
+            client1.close()
+            for p in procs1:
+                p.terminate()
+            for p in procs1:
+                p.wait(timeout=30)
 
     t = time.perf_counter()
     procs, client = [], None
@@ -191,6 +227,8 @@ def bench_dask(fileset: str | Path, workers: int = 2, repeats: int = 3, chunk_si
             p.wait(timeout=30)
     if in_process:
         out["speedup_step"] = out["in_process_step_s"] / out["dask_step_s"]
+    if "one_worker_step_s" in out:
+        out["speedup_over_one_worker"] = out["one_worker_step_s"] / out["dask_step_s"]
     out["first_pass_over_plain_read"] = out["dask_read_pass_s"] / out["plain_uproot_read_s"]
     out["first_pass_over_plain_read_on_workers"] = out["dask_read_pass_s"] / out["plain_uproot_read_on_workers_s"]
     if out["driver_bytes_per_step"] is not None:

@@ -21,7 +21,7 @@ from jacana.stages.analysis import SoftConfig, add_yields, chunk_yields, soft_co
 import dataclasses
 
 from jacana.stages.batch import ChunkBatches, EventBatch, block_size_for, make_batches, to_device
-from jacana.stages.columns import read_chunk
+from jacana.stages.columns import read_ahead, read_chunk
 from jacana.stages.errors import FilesetError, InputFileError
 from jacana.stages.fileset import Chunk
 from jacana.stages.jacobian import yields_and_jacobian, yields_vjp
@@ -102,11 +102,13 @@ class InProcessExecutor:
         self.batches: dict[str, list[EventBatch]] = {}
         self.n_events = 0
         parts: dict[str, list[EventBatch]] = {}
-        for chunk in tqdm(list(chunks), desc="reading", unit="chunk", disable=not progress):
+        chunks = list(chunks)
+        reads = read_ahead(chunks, spec)  # the next chunk is read while this one is densified
+        for chunk, future in tqdm(reads, total=len(chunks), desc="reading", unit="chunk", disable=not progress):
             if self.report.should_skip(chunk):
                 continue
             try:
-                columns = read_chunk(chunk, spec)
+                columns = future.result()
             except InputFileError as exc:
                 self.report.file_failed(chunk, exc)
                 continue

@@ -8,10 +8,14 @@ function of (file, entry, jet index) so every chunking of a file gives the same 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
+import itertools
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import awkward as ak
 import numpy as np
@@ -144,6 +148,34 @@ def read_chunk(chunk: Chunk, spec: AnalysisSpec) -> Columns:
         raise InputFileError(chunk.path, f"cannot read entries {chunk.entry_start}-{chunk.entry_stop}"
                              f" ({type(exc).__name__}: {exc}); the file may be truncated or corrupt") from None
     return columns_from_arrays(chunk, spec, raw)
+
+
+def read_ahead(chunks: Iterable[Chunk], spec: AnalysisSpec, depth: int = 2,
+               reader: Callable[[Chunk, AnalysisSpec], "Columns"] | None = None) -> Iterator[tuple[Chunk, Future]]:
+    """``(chunk, future of its Columns)`` in order, the next ``depth`` chunks read on background threads.
+
+    The caller densifies one chunk while the next ones are read (zlib decompression and numpy
+    release the GIL), so a first pass costs about the read alone rather than read + densify. At
+    most ``depth + 1`` chunks' columns are held at once. ``future.result()`` raises the chunk's
+    :class:`InputFileError`; a caller that skips a chunk simply drops its future.
+
+    >>> for chunk, columns in read_ahead(chunks, spec):   # doctest: +SKIP
+    ...     batches = make_batches(columns.result(), spec)
+    """
+    reader = reader or read_chunk
+    chunks = iter(chunks)
+    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="jacana-read") as pool:
+        pending = collections.deque((c, pool.submit(reader, c, spec)) for c in itertools.islice(chunks, depth + 1))
+        try:
+            while pending:
+                chunk, future = pending.popleft()
+                nxt = next(chunks, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(reader, nxt, spec)))
+                yield chunk, future
+        finally:  # a consumer that stops early (an error) does not wait for reads nobody wants
+            for _, future in pending:
+                future.cancel()
 
 
 def columns_from_arrays(chunk: Chunk, spec: AnalysisSpec, raw) -> Columns:

@@ -13,7 +13,7 @@ from jacana.facility.bench import format_table, run_bench, use_device
 from jacana.facility.profiles import FacilityError
 
 _find_spec = importlib.util.find_spec
-FIGURES = ["1", "2", "3", "4", "5", "6a", "6b", "6c", "7a", "7b", "8"]
+FIGURES = ["1", "2", "3", "4", "5", "6a", "6b", "6c", "6d", "7a", "7b", "8"]
 
 
 def _canned(monkeypatch, stages_calls: list):
@@ -46,7 +46,8 @@ def _canned(monkeypatch, stages_calls: list):
     monkeypatch.setattr(bench_dask, "bench_dask", lambda fileset, **kw: {
         "workers": 2, "dask_step_s": 1.0, "in_process_step_s": 2.0, "dask_read_pass_s": 1.0,
         "plain_uproot_read_on_workers_s": 0.5, "step_overhead_s": 0.1, "noop_task_round_trip_s": 0.002,
-        "driver_bytes_per_step": 12_000, "message_bytes": 10_000})
+        "driver_bytes_per_step": 12_000, "message_bytes": 10_000, "one_worker_step_s": 1.5,
+        "speedup_over_one_worker": 1.5})
 
 
 def test_bench_rows_verdicts_json_and_table(tmp_path, monkeypatch):
@@ -59,18 +60,19 @@ def test_bench_rows_verdicts_json_and_table(tmp_path, monkeypatch):
     assert list(rows) == FIGURES
     met = {k: r["met"] for k, r in rows.items()}
     # 2/1 = 2x <= 3; 2/4 <= 1; 10k events x variations / 0.05 CPU s; 500x less; 1.5x > 1.2x; 1/2 s on 2 workers;
-    # 0.1 of the step; 1.2x the message; 2/900 but 2 ms > 1 ms; 2/900 and < 5 ms (values that differ are
+    # 0.1 of the step; 1.2x the message; 1.5/1 < 0.8 x 2 workers; 2/900 but 2 ms > 1 ms; 2/900 and < 5 ms (values that differ are
     # flagged, not judged); 3x > 1.5x
     assert met == {"1": True, "2": True, "3": True, "4": True, "5": False, "6a": True, "6b": True, "6c": True,
-                   "7a": False, "7b": True, "8": False}, met
+                   "6d": False, "7a": False, "7b": True, "8": False}, met
     assert rows["7a"]["target"] == "<= 1x, < 1 ms"
     assert "differ" in rows["7b"]["note"] and "differ" not in rows["7a"]["note"]
     assert rows["3"]["value"] == pytest.approx(result["setup"]["events_x_variations"] / 0.05 / 1e6)
     assert rows["4"]["ratio"] == 500.0 and rows["5"]["ratio"] == 1.5
+    assert rows["6d"]["ratio"] == 1.5 and rows["6d"]["target"] == "speed-up >= 1.6"
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     assert not list(tmp_path.glob(".b.json.*"))  # written atomically: no temporary left behind
     table = format_table(result)
-    assert "NOT MET" in table and "8 of 11 targets met" in table
+    assert "NOT MET" in table and "8 of 12 targets met" in table
     for r in result["rows"]:
         assert r["name"] in table and r["note"] in table
 
@@ -81,7 +83,7 @@ def test_bench_skips_what_is_not_there(tmp_path, monkeypatch):
     result = run_bench(10_000, repeats=1, data_dir=tmp_path, progress=False)
     rows = {r["id"]: r for r in result["rows"]}
     assert rows["4"]["met"] is None and rows["4"]["note"] == "skipped: relaxed not installed (pip install -e '.[test]')"
-    for k in ("6a", "6b", "6c"):
+    for k in ("6a", "6b", "6c", "6d"):
         assert rows[k]["met"] is None and "--workers N" in rows[k]["note"] and rows[k]["value"] is None
     assert "skipped" in format_table(result)
 

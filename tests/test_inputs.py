@@ -179,3 +179,39 @@ def test_unknown_policy_is_a_config_error():
         InputReport("ignore")
     with pytest.raises(ConfigError):
         hard_histograms(SPEC, [], report=InputReport("retry"))
+
+
+def test_read_ahead_keeps_order_bounds_work_in_flight_and_hands_each_error_to_its_chunk():
+    import threading
+    import time as _time
+
+    from jacana.stages.columns import read_ahead
+    from jacana.stages.errors import InputFileError
+
+    chunks = [Chunk("ttbar", "nominal", f"/no/file_{i}.root", 0, 10, 10) for i in range(7)]
+    started, lock = [], threading.Lock()
+
+    def reader(chunk, spec):
+        with lock:
+            started.append(chunk.path)
+        _time.sleep(0.01)
+        if chunk.path.endswith("_3.root"):
+            raise InputFileError(chunk.path, "corrupt")
+        return chunk.path
+
+    seen = []
+    for k, (chunk, future) in enumerate(read_ahead(chunks, SPEC, depth=2, reader=reader)):
+        assert len(started) <= k + 3  # never more than depth + 1 chunks ahead of the consumer
+        if chunk.path.endswith("_3.root"):
+            with pytest.raises(InputFileError, match="file_3.root.*corrupt"):
+                future.result()
+        else:
+            assert future.result() == chunk.path
+        seen.append(chunk.path)
+    assert seen == [c.path for c in chunks]
+
+    # a consumer that stops early leaves no read running
+    gen = read_ahead(chunks, SPEC, depth=2, reader=reader)
+    next(gen)
+    gen.close()
+    assert len(started) <= 7 + 3
