@@ -98,17 +98,22 @@ def _open_tree(path: str, tree: str):
     if "://" not in path and not Path(path).exists():
         raise InputFileError(path, "file does not exist")
     try:
-        f = uproot.open(path)
+        # No array cache: a chunk's arrays are read once, and uproot's default 100 MB cache per open
+        # file kept a second copy of them alive (file <-> tree cycles wait for a full GC), which made
+        # a streamed pass's memory grow with the number of chunks.
+        f = uproot.open(path, array_cache=None)
     except Exception as exc:  # uproot raises many types for damaged files
         raise InputFileError(path, f"cannot open as a ROOT file ({type(exc).__name__}: {exc})") from None
     try:
         t = f[tree]
     except Exception:
         names = sorted({k.split(";")[0] for k in f.keys()})
+        f.close()
         close = difflib.get_close_matches(tree, names, n=3)
         hint = f"; closest: {', '.join(close)}" if close else f"; it has: {', '.join(names[:10]) or 'nothing'}"
         raise InputFileError(path, f"no tree {tree!r}{hint}") from None
     if not isinstance(t, uproot.TTree):
+        f.close()
         raise InputFileError(path, f"{tree!r} is a {type(t).__name__}, not a TTree")
     return t
 
@@ -137,6 +142,13 @@ def _check_type(path: str, logical: str, branch: str, array: ak.Array) -> ak.Arr
 def read_chunk(chunk: Chunk, spec: AnalysisSpec) -> Columns:
     """Read only the branches ``spec`` needs for the entries of ``chunk``."""
     tree = _open_tree(chunk.path, spec.tree)
+    try:
+        return _read_tree(tree, chunk, spec)
+    finally:
+        tree.file.close()  # the file handle now, not when a cycle collection gets to it
+
+
+def _read_tree(tree, chunk: Chunk, spec: AnalysisSpec) -> Columns:
     _check_branches(tree, chunk.path, spec)
     if chunk.entry_stop > tree.num_entries:
         raise InputFileError(chunk.path, f"needs entries up to {chunk.entry_stop} but the tree has {tree.num_entries}"
