@@ -93,6 +93,10 @@ def multistart_spread(starts: Sequence[Mapping], spec: AnalysisSpec, path: Path)
     plt.style.use(mplhep.style.CMS)
     ok = [s for s in starts if s.get("final_params")]
     names = [n for n in spec.parameters if all(n in s["final_params"] for s in ok)] if ok else list(spec.parameters)
+    # a cut no start moves or starts elsewhere (held fixed, e.g. not in --free) gets no panel
+    moved = [n for n in names if len({s["initial_params"][n] for s in starts}
+                                     | {s["final_params"][n] for s in ok}) > 1]
+    names = moved or names
     fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.6 * (len(names) + 1), 0.55 * max(len(starts), 4) + 2.5),
                              sharey=True)
     axes = np.atleast_1d(axes)

@@ -46,25 +46,29 @@ def asimov_data(model, poi_value: float = 1.0) -> np.ndarray:
     return np.asarray(model.expected_data(pars), dtype=np.float64)
 
 
-def _fit(data, model, best=None) -> tuple[np.ndarray, np.ndarray]:
-    """Best fit (pyhf, numpy, scipy) and uncertainties from the NLL's Hessian at the minimum.
+def _fit(data, model) -> tuple[np.ndarray, np.ndarray, str]:
+    """Best fit (pyhf, numpy, scipy) and uncertainties: ``(best, uncertainties, method)``.
 
-    ``best``: a known minimum (Asimov data's is the point that generated it), fitted otherwise.
-
-    The Hessian is taken by central finite differences of pyhf's own numpy ``logpdf``, not
-    by MINUIT's HESSE: on the AGC model HESSE's adaptive steps gave POI uncertainties off
-    by factors of 2 to 100 depending on the starting point, while the finite-difference
-    Hessian agrees with the exact (autodiff) Fisher information to < 0.1 %.
+    The uncertainties come from the NLL's Hessian at the minimum (``method`` "hessian"), taken
+    by central finite differences of pyhf's own numpy ``logpdf``, not by MINUIT's HESSE: on the
+    AGC model HESSE's adaptive steps gave POI uncertainties off by factors of 2 to 100 depending
+    on the starting point, while the finite-difference Hessian agrees with the exact (autodiff)
+    Fisher information to < 0.1 %. Where that Hessian is not positive definite (a parameter at
+    its bound, sparse templates), they come from the expected (Fisher) information at the best
+    fit instead (``method`` "fisher", :func:`asimov_information`), which is positive definite by
+    construction; the fitted values are kept either way.
     """
-    if best is None:
-        try:
-            best = np.asarray(pyhf.infer.mle.fit(data, model), dtype=np.float64)
-        except pyhf.exceptions.FailedMinimization as exc:
-            raise FitError(f"pyhf's maximum-likelihood fit did not converge: {exc.result.message}") from None
-    best = np.asarray(best, dtype=np.float64)
+    try:
+        best = np.asarray(pyhf.infer.mle.fit(data, model), dtype=np.float64)
+    except pyhf.exceptions.FailedMinimization as exc:
+        raise FitError(f"pyhf's maximum-likelihood fit did not converge: {exc.result.message}") from None
     free = ~np.asarray(model.config.suggested_fixed(), dtype=bool)
     hess = nll_hessian(model, data, best)[np.ix_(free, free)]
-    return best, _uncertainties(hess, free, len(best), "the NLL Hessian at the best fit")
+    try:
+        return best, _uncertainties(hess, free, len(best), "the NLL Hessian at the best fit"), "hessian"
+    except FitError:
+        info = asimov_information(model, best)[np.ix_(free, free)]
+        return best, _uncertainties(info, free, len(best), "the Fisher information at the best fit"), "fisher"
 
 
 def _uncertainties(hess: np.ndarray, free: np.ndarray, n: int, what: str) -> np.ndarray:
@@ -84,7 +88,7 @@ def _uncertainties(hess: np.ndarray, free: np.ndarray, n: int, what: str) -> np.
 
 
 def asimov_information(model, pars, step: float = 1e-5) -> np.ndarray:
-    """The NLL Hessian on the Asimov data generated at ``pars``, as the Fisher information.
+    """The expected (Fisher) information at ``pars``: the NLL Hessian on the Asimov data generated there.
 
     There every main bin has ``n = lambda``, so the Poisson part is exactly
     ``J^T diag(1/lambda) J`` (``J = d lambda / d pars`` by central differences of pyhf's numpy
@@ -168,8 +172,9 @@ def evaluate_workspace(workspace_spec: Mapping[str, Any], significance: bool = F
         asimov_unc = asimov_uncertainties(model, asimov_point)
         out = {"expected": {"sigma_mu": float(asimov_unc[idx])}}
         try:
-            best, unc = _fit(data, model)
-            out[poi] = {"value": float(best[idx]), "uncertainty": float(unc[idx]), "converged": True}
+            best, unc, method = _fit(data, model)
+            out[poi] = {"value": float(best[idx]), "uncertainty": float(unc[idx]), "converged": True,
+                        "uncertainty_from": method}
         except FitError as exc:  # keep the expected figures: they are what optimisation is judged on
             out[poi] = {"value": None, "uncertainty": None, "converged": False, "error": str(exc)}
         if significance:

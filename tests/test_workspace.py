@@ -123,3 +123,20 @@ def test_an_indefinite_hessian_is_an_error_not_a_zero_uncertainty():
     with pytest.raises(FitError, match="not positive definite"):
         _uncertainties(np.array([[1.0, 2.0], [2.0, 1.0]]), free, 2, "test Hessian")
     assert _uncertainties(np.diag([4.0, 0.25]), free, 2, "test Hessian") == pytest.approx([0.5, 2.0])
+
+
+def test_observed_fit_keeps_its_value_when_the_hessian_is_indefinite(monkeypatch):
+    """A non-positive-definite finite-difference Hessian (a parameter at its bound) must not throw
+    the fitted value away: the uncertainties then come from the Fisher information, and say so."""
+    from jacana.stages import inference
+
+    spec = load_spec()
+    ws = build_workspace(spec, random_histograms(spec))
+    good = evaluate_workspace(ws)
+    assert good["ttbar_norm"]["uncertainty_from"] == "hessian"
+    monkeypatch.setattr(inference, "nll_hessian", lambda model, data, pars: -np.eye(len(pars)))
+    result = evaluate_workspace(ws)
+    assert result["ttbar_norm"]["converged"] is True
+    assert result["ttbar_norm"]["value"] == pytest.approx(good["ttbar_norm"]["value"], rel=1e-9)
+    assert result["ttbar_norm"]["uncertainty_from"] == "fisher"
+    assert result["ttbar_norm"]["uncertainty"] == pytest.approx(good["ttbar_norm"]["uncertainty"], rel=0.2)
