@@ -31,14 +31,11 @@ from jacana.stages.spec import AnalysisSpec
 def expected_sigma_mu(workspace: Mapping) -> float:
     """pyhf's expected (Asimov, POI = 1) uncertainty on the POI: the ``expected.sigma_mu`` of
     :func:`jacana.stages.inference.evaluate_workspace`, computed the same way, without the observed fit."""
-    from jacana.stages.inference import asimov_uncertainties, model_and_data, numpy_backend
+    from jacana.stages.inference import asimov_point, asimov_uncertainties, model_and_data, numpy_backend
 
     with numpy_backend():
         model, _ = model_and_data(workspace)
-        idx = model.config.poi_index
-        point = np.asarray(model.config.suggested_init(), dtype=np.float64)
-        point[idx] = 1.0
-        return float(asimov_uncertainties(model, point)[idx])
+        return float(asimov_uncertainties(model, asimov_point(model, 1.0))[model.config.poi_index])
 
 
 def check_names(spec: AnalysisSpec, names: Sequence[str]) -> None:

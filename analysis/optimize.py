@@ -253,7 +253,6 @@ class Optimizer:
         self.out = Path(out_dir)
         self.progress = progress
         self.free = settings.free_cuts(spec)  # unknown names fail here, before any pass
-        self.frozen = tuple(k for k in spec.parameters if k not in self.free)
         self.tx = _optimizer(spec, settings)
         self._value_and_grad: Callable | None = None
         self.objective: Sensitivity | None = None
@@ -350,8 +349,7 @@ class Optimizer:
                     best, stale = value, 0
                 else:
                     stale += 1
-            moving = {k: (np.zeros_like(g) if k in self.frozen else g) for k, g in grad.items()}
-            updates, opt_state = self.tx.update(_as_jax(moving), opt_state)
+            updates, opt_state = self.tx.update(_as_jax(grad), opt_state)  # a cut not free has a zero step
             params = _project(jax.tree.map(lambda p, u: np.asarray(p) + np.asarray(u), params,
                                            jax.tree.map(np.asarray, updates)), self.spec, s)
             self._save_checkpoint(step, params, opt_state, history, best, stale, first_loss, best_point)

@@ -102,6 +102,14 @@ def _start_cluster(workers: int, timeout: float = 60.0):
     return client, procs
 
 
+def _stop(procs) -> None:
+    """Stop the processes this benchmark started (by their id), then wait for them."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(timeout=30)
+
+
 def bench_dask(fileset: str | Path, workers: int = 2, repeats: int = 3, chunk_size: int = 100_000,
                in_process: bool = True, separate_scheduler: bool = True, scheduler: str | None = None,
                scaling: bool = True) -> dict:
@@ -170,10 +178,7 @@ def bench_dask(fileset: str | Path, workers: int = 2, repeats: int = 3, chunk_si
                 dx1.close()
         finally:
             client1.close()
-            for p in procs1:
-                p.terminate()
-            for p in procs1:
-                p.wait(timeout=30)
+            _stop(procs1)
 
     t = time.perf_counter()
     procs, client = [], None
@@ -221,10 +226,7 @@ def bench_dask(fileset: str | Path, workers: int = 2, repeats: int = 3, chunk_si
         dx.close()
         if client is not None:
             client.close()
-        for p in procs:  # the processes this benchmark started, by their id
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+        _stop(procs)
     if in_process:
         out["speedup_step"] = out["in_process_step_s"] / out["dask_step_s"]
     if "one_worker_step_s" in out:

@@ -168,7 +168,7 @@ def read_ahead(chunks: Iterable[Chunk], spec: AnalysisSpec, depth: int = 2,
 
     The caller densifies one chunk while the next ones are read (zlib decompression and numpy
     release the GIL), so a first pass costs about the read alone rather than read + densify. At
-    most ``depth + 1`` chunks' columns are held at once. ``future.result()`` raises the chunk's
+    most ``depth + 1`` chunks' columns are held at once (the caller's and ``depth`` in reading). ``future.result()`` raises the chunk's
     :class:`InputFileError`; a caller that skips a chunk simply drops its future.
 
     >>> for chunk, columns in read_ahead(chunks, spec):   # doctest: +SKIP
@@ -177,7 +177,7 @@ def read_ahead(chunks: Iterable[Chunk], spec: AnalysisSpec, depth: int = 2,
     reader = reader or read_chunk
     chunks = iter(chunks)
     with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="jacana-read") as pool:
-        pending = collections.deque((c, pool.submit(reader, c, spec)) for c in itertools.islice(chunks, depth + 1))
+        pending = collections.deque((c, pool.submit(reader, c, spec)) for c in itertools.islice(chunks, depth))
         try:
             while pending:
                 chunk, future = pending.popleft()

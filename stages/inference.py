@@ -39,11 +39,17 @@ def model_and_data(workspace_spec: Mapping[str, Any]):
     return model, ws.data(model)
 
 
-def asimov_data(model, poi_value: float = 1.0) -> np.ndarray:
-    """Expected data (with auxdata) at POI = ``poi_value`` and nuisances at their initial values."""
+def asimov_point(model, poi_value: float = 1.0) -> np.ndarray:
+    """POI = ``poi_value`` and nuisances at their initial values: the point Asimov data is generated at
+    (and so the maximum of its likelihood: no fit to fail)."""
     pars = np.asarray(model.config.suggested_init(), dtype=np.float64)
     pars[model.config.poi_index] = poi_value
-    return np.asarray(model.expected_data(pars), dtype=np.float64)
+    return pars
+
+
+def asimov_data(model, poi_value: float = 1.0) -> np.ndarray:
+    """Expected data (with auxdata) at :func:`asimov_point`."""
+    return np.asarray(model.expected_data(asimov_point(model, poi_value)), dtype=np.float64)
 
 
 def _fit(data, model) -> tuple[np.ndarray, np.ndarray, str]:
@@ -110,14 +116,8 @@ def asimov_information(model, pars, step: float = 1e-5) -> np.ndarray:
     inv = np.divide(1.0, lam0, out=np.zeros_like(lam0), where=lam0 > 0)
     aux = np.asarray(model.config.auxdata, dtype=np.float64)
     nll_c = lambda p: -float(np.asarray(model.constraint_logpdf(aux, p)).reshape(-1)[0])  # noqa: E731
-    hc = np.zeros((len(pars), len(pars)))
-    f0 = nll_c(pars)
-    hc_step = 1e-4 * np.maximum(1.0, np.abs(pars))
-    for i in range(len(pars)):  # constraint terms are per parameter: the Hessian is diagonal
-        up, down = pars.copy(), pars.copy()
-        up[i] += hc_step[i]
-        down[i] -= hc_step[i]
-        hc[i, i] = (nll_c(up) - 2 * f0 + nll_c(down)) / hc_step[i] ** 2
+    # constraint terms are per parameter: their Hessian is diagonal
+    hc = np.diag(_second_differences(nll_c, pars, 1e-4 * np.maximum(1.0, np.abs(pars)))[0])
     return (jac.T * inv) @ jac + hc
 
 
@@ -128,21 +128,26 @@ def asimov_uncertainties(model, pars) -> np.ndarray:
     return _uncertainties(info, free, len(pars), "the Asimov Fisher information")
 
 
+def _second_differences(f, pars: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, float]:
+    """Central second differences ``d^2 f / d pars_i^2`` (steps ``h``) and ``f(pars)``."""
+    f0 = f(pars)
+    out = np.empty(len(pars))
+    for i in range(len(pars)):
+        up, down = pars.copy(), pars.copy()
+        up[i] += h[i]
+        down[i] -= h[i]
+        out[i] = (f(up) - 2 * f0 + f(down)) / h[i] ** 2
+    return out, f0
+
+
 def nll_hessian(model, data, pars, step: float = 1e-4) -> np.ndarray:
     """Central finite-difference Hessian of ``-logpdf`` (pyhf numpy) at ``pars``."""
     pars = np.asarray(pars, dtype=np.float64)
     n = len(pars)
     nll = lambda p: -float(np.asarray(model.logpdf(p, data)).reshape(-1)[0])  # noqa: E731
     h = step * np.maximum(1.0, np.abs(pars))
-    f0 = nll(pars)
     hess = np.empty((n, n))
-    shifted = {}
-    for i in range(n):
-        for sign in (1, -1):
-            p = pars.copy()
-            p[i] += sign * h[i]
-            shifted[i, sign] = nll(p)
-        hess[i, i] = (shifted[i, 1] - 2 * f0 + shifted[i, -1]) / h[i] ** 2
+    hess[np.diag_indices(n)] = _second_differences(nll, pars, h)[0]
     for i in range(n):
         for j in range(i + 1, n):
             vals = []
@@ -165,11 +170,7 @@ def evaluate_workspace(workspace_spec: Mapping[str, Any], significance: bool = F
         model, data = model_and_data(workspace_spec)
         poi = model.config.poi_name
         idx = model.config.poi_index
-        asimov = asimov_data(model, 1.0)
-        # The maximum of the Asimov likelihood is the point that generated it: no fit to fail.
-        asimov_point = np.asarray(model.config.suggested_init(), dtype=np.float64)
-        asimov_point[idx] = 1.0
-        asimov_unc = asimov_uncertainties(model, asimov_point)
+        asimov_unc = asimov_uncertainties(model, asimov_point(model, 1.0))
         out = {"expected": {"sigma_mu": float(asimov_unc[idx])}}
         try:
             best, unc, method = _fit(data, model)
@@ -179,7 +180,7 @@ def evaluate_workspace(workspace_spec: Mapping[str, Any], significance: bool = F
             out[poi] = {"value": None, "uncertainty": None, "converged": False, "error": str(exc)}
         if significance:
             try:
-                p0 = float(np.asarray(pyhf.infer.hypotest(0.0, asimov, model, test_stat="q0")))
+                p0 = float(np.asarray(pyhf.infer.hypotest(0.0, asimov_data(model, 1.0), model, test_stat="q0")))
                 out["expected"]["z0"] = float(-_norm_ppf(p0)) if p0 > 0 else math.inf
             except pyhf.exceptions.FailedMinimization as exc:
                 out["expected"]["z0"] = None
@@ -203,9 +204,8 @@ def impacts(workspace_spec: Mapping[str, Any], include_staterror: bool = False) 
     with numpy_backend():
         model, _ = model_and_data(workspace_spec)
         data = asimov_data(model, 1.0)
-        point = np.asarray(model.config.suggested_init(), dtype=np.float64)
-        point[model.config.poi_index] = 1.0
-        best, unc = point, asimov_uncertainties(model, point)
+        best = asimov_point(model, 1.0)
+        unc = asimov_uncertainties(model, best)
         poi_idx = model.config.poi_index
         out = []
         for name in model.config.par_order:
