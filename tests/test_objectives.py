@@ -251,15 +251,50 @@ def test_jacobian_coloring():
     np.testing.assert_allclose(np.where(pattern, Jc[:, color], 0.0), J, rtol=1e-13, atol=0)
 
 
-def test_exact_hessian_steps(monkeypatch):
-    """The fit's exact-Hessian steps (taken when Gauss-Newton converges slowly) reach the
-    same optimum; forced here on every step in the local regime."""
+def test_gauss_newton_steps_reach_the_same_fit(monkeypatch):
+    """A warm-started fit takes Gauss-Newton steps (never switching to exact ones here)
+    and reaches pyhf's conditional fit, as the cold exact-Newton fit does."""
     spec = small_workspace()
     tm = TracedModel.from_workspace(spec)  # a fresh model: compiled anew with these settings
-    monkeypatch.setattr(O.FitSettings, "slow_ratio", 0.0)
+    monkeypatch.setattr(O.FitSettings, "slow_ratio", np.inf)
     y = tm.yields_template()
     m = _numpy_model(spec)
     init, bounds, fixed = (m.config.suggested_init(), m.config.suggested_bounds(), m.config.suggested_fixed())
     asimov1 = np.asarray(tm.asimov_data(y, 1.0))
-    q0 = pyhf.infer.test_statistics.q0(0.0, asimov1, m, init, bounds, fixed)
-    assert float(O.z0(tm, y)) == pytest.approx(np.sqrt(q0), rel=1e-6)
+    _, twice_nll = pyhf.infer.mle.fixed_poi_fit(0.0, asimov1, m, init, bounds, fixed, return_fitted_val=True)
+    start = np.asarray(init, dtype=float) + 0.05  # a warm start: not the generating point
+    start[m.config.poi_index] = 0.0
+    for warm in (None, start):
+        nll, pars = jax.jit(lambda y, s: O.profile_nll(tm, tm.asimov_data(y, 1.0), y, 0.0, init=s))(y, warm) \
+            if warm is not None else O.profile_nll(tm, tm.asimov_data(y, 1.0), y, 0.0)
+        assert float(nll) == pytest.approx(float(twice_nll) / 2.0, abs=1e-6)  # pyhf: twice the NLL
+
+
+@pytest.mark.parametrize("workspace, n_local", [(agc_like_workspace, 22), (small_workspace, 0)])
+def test_exact_hessian_from_global_columns(workspace, n_local):
+    """The fits' exact Hessian -- forward-over-reverse columns along the global parameters,
+    the Gauss-Newton block among the linear per-bin ones -- equals jax.hessian of pyhf's NLL.
+    Where per-bin parameters multiply each other (staterror and shapesys on one sample) no
+    parameter counts as local."""
+    tm = TracedModel.from_workspace(workspace())
+    idx = O._indices(tm, include_poi=False)
+    seed, color, pattern = O._jacobian_coloring(tm, idx)
+    local = O._linear_local_parameters(tm, idx, pattern)
+    assert local.sum() == n_local
+    rng = np.random.default_rng(3)
+    y = jax.tree_util.tree_map(lambda a: a * rng.uniform(0.8, 1.2, np.shape(a)), tm.yields_template())
+    bound = tm.bind(y)
+    data = bound.asimov_data(1.0) * 1.3
+    nm = tm.nmaindata
+    base = tm.poi_pars(0.0)
+    q = jnp.asarray(np.clip(tm.init[idx] + rng.uniform(-0.3, 0.3, len(idx)), 0.05, None))
+
+    def nll(q):
+        return bound.nll(base.at[idx].set(q), data)
+
+    lam = bound.expected_actualdata(base.at[idx].set(q))
+    J = jax.jacfwd(lambda q: bound.expected_actualdata(base.at[idx].set(q)))(q)
+    hc = jnp.diag(jax.hessian(lambda q: bound.constraint_nll(base.at[idx].set(q), data[nm:]))(q))
+    Hgn = (J.T * (data[:nm] / lam**2)) @ J + jnp.diag(hc)
+    H = O._exact_hessian(nll, len(idx), local)(q, Hgn)
+    np.testing.assert_allclose(H, jax.hessian(nll)(q), rtol=1e-9, atol=1e-9 * float(jnp.max(jnp.abs(H))))
