@@ -37,7 +37,6 @@ machine).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 import uuid
@@ -47,221 +46,23 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from jacana.protocol.message import Message, decode, encode, params_digest
-from jacana.protocol.pipeline import reduce_partials
 from jacana.protocol.provenance import Provenance, merge
 from jacana.stages.errors import FilesetError, InputFileError
 from jacana.stages.fileset import Chunk
-from jacana.stages.spec import NOMINAL, AnalysisSpec
+from jacana.stages.spec import AnalysisSpec
 
-from .executor import CALL_EVENTS, InProcessExecutor, rebatch
+from .executor import CALL_EVENTS, InProcessExecutor
 from .hardrun import InputReport
 from .profiles import FacilityError, connect, connect_scheduler, load_profile, plugin_for
 
-STAGE = "jacana.soft_yields"
-KINDS = ("apply", "jacobian", "vjp")
 #: Balance tolerance of the planner: a unit stays on the worker holding its events when that
 #: shard's load is within this fraction of the mean shard load of the lightest shard.
 LOCALITY_SLACK = 0.05
 
-# =========================================================================================
-# Worker side: module-level functions (dask pickles a reference to them, never a closure).
-# =========================================================================================
-_SPEC_CACHE: dict[str, tuple] = {}
-
-
-def _spec_and_config(spec_dict: Mapping):
-    """(AnalysisSpec, SoftConfig) of a config dict, built once per worker process."""
-    from jacana.stages.analysis import soft_config
-
-    token = json.dumps(spec_dict, sort_keys=True, default=str)
-    if token not in _SPEC_CACHE:
-        spec = AnalysisSpec(spec_dict)
-        _SPEC_CACHE[token] = (spec, soft_config(spec))
-    return _SPEC_CACHE[token]
-
-
-@dataclasses.dataclass
-class ChunkLoad:
-    """The dense (numpy) batches of one chunk, or why it could not be read. Lives on a worker."""
-
-    index: int
-    chunk: Chunk
-    parts: tuple
-    nonfinite: dict
-    error: str | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(np.asarray(getattr(p, f.name)).nbytes) for p in self.parts
-                   for f in dataclasses.fields(p) if not f.metadata.get("static"))
-
-
-def load_chunk_task(index: int, chunk: Mapping, spec_dict: Mapping, dtype: str = "float64") -> ChunkLoad:
-    """Read chunk ``index`` (a plain dict of :class:`Chunk` fields) and densify it.
-
-    A file that cannot be read is not raised here: the driver applies its bad-file policy.
-    """
-    from jacana.stages.batch import make_batches
-    from jacana.stages.columns import read_chunk
-
-    spec, _ = _spec_and_config(spec_dict)
-    c = Chunk(**chunk)
-    try:
-        columns = read_chunk(c, spec)
-    except InputFileError as exc:
-        return ChunkLoad(index, c, (), {}, error=str(exc))
-    batches = make_batches(columns, spec, dtype=np.dtype(dtype), prefilter=True)
-    return ChunkLoad(index, c, tuple(batches.parts), dict(columns.nonfinite))
-
-
-def chunk_summary_task(load: ChunkLoad) -> dict:
-    """What the planner needs of a loaded chunk: events per jet bucket, errors, masked values."""
-    return {"index": load.index, "error": load.error, "nonfinite": load.nonfinite,
-            "parts": [[p.n_jets, int(np.asarray(p.event_mask).sum()), len(p.kinematic)] for p in load.parts],
-            "nbytes": load.nbytes}
-
-
-@dataclasses.dataclass
-class WorkerShard:
-    """A shard's fixed-shape calls per (sample, file variation), on the worker's JAX device."""
-
-    index: int
-    n_shards: int
-    config: Any
-    batches: dict
-    provenance: tuple
-    ledger_events: np.ndarray  # [n_chunks] events counted per chunk
-    ledger_parts: np.ndarray  # [n_chunks] jet-bucket parts counted per chunk
-    nbytes: int = 0
-
-
-def build_shard_task(index: int, n_shards: int, spec_dict: Mapping, units: Sequence, owned: Sequence[Mapping],
-                     n_chunks: int, *loads: ChunkLoad) -> WorkerShard:
-    """Regroup the ``units`` ([key, n_jets]) of the given chunk loads into calls kept on this worker."""
-    from jacana.stages.batch import to_device
-    from jacana.stages.sensitivity import yields_key
-
-    _, config = _spec_and_config(spec_dict)
-    wanted = {(k, int(n)) for k, n in units}
-    groups: dict[str, list] = {}
-    events = np.zeros(n_chunks, np.int64)
-    parts = np.zeros(n_chunks, np.int64)
-    for load in sorted(loads, key=lambda ld: ld.index):  # chunk order: the in-process concatenation order
-        key = yields_key(load.chunk.sample, load.chunk.variation)
-        for p in load.parts:
-            if (key, p.n_jets) in wanted:
-                groups.setdefault(key, []).append(p)
-                events[load.index] += int(np.asarray(p.event_mask).sum())
-                parts[load.index] += 1
-    batches = {key: to_device(rebatch(group)) for key, group in groups.items()}
-    nbytes = sum(int(a.nbytes) for calls in batches.values() for b in calls for a in _arrays(b))
-    prov = tuple(Provenance(**p) for p in owned)
-    return WorkerShard(index, n_shards, config, batches, prov, events, parts, nbytes)
-
-
-def _arrays(batch) -> list:
-    return [getattr(batch, f.name) for f in dataclasses.fields(batch) if not f.metadata.get("static")]
-
-
-def _key_of(i: int) -> str:
-    return f"y{i}"
-
-
-def _zeros_like_yields(config, variation: str, edges: Mapping) -> dict:
-    nv = len(config.variations(variation == NOMINAL))
-    return {r.name: {"sumw": np.zeros((nv, len(edges[r.name]) - 1)), "sumw2": np.zeros((nv, len(edges[r.name]) - 1))}
-            for r in config.regions}
-
-
-def step_task(shard: WorkerShard, request: bytes) -> bytes:
-    """Answer one request message with the shard's yields and Jacobians (or VJP) as one message."""
-    import jax.numpy as jnp
-
-    from jacana.stages.analysis import add_yields, chunk_yields, region_edges
-    from jacana.stages.jacobian import yields_and_jacobian, yields_vjp
-    from jacana.stages.sensitivity import yields_key
-
-    t0, c0 = time.perf_counter(), time.process_time()
-    req = decode(request)
-    if req.kind not in KINDS or req.role != "request":
-        raise FacilityError(f"step_task cannot answer a {req.role} of kind {req.kind!r}")
-    pnames = list(req.param_names)
-    params = {n: jnp.asarray(req.tensors[n]) for n in pnames}
-    if params_digest({n: req.tensors[n] for n in pnames}) != req.params_digest:
-        raise FacilityError("request parameters do not match their digest")
-    relax = {n[len("relax."):]: jnp.asarray(v) for n, v in req.tensors.items() if n.startswith("relax.")}
-    keys = [tuple(k) for k in req.meta["keys"]]
-    config = shard.config
-    edges = {k: np.asarray(v) for k, v in region_edges(params, config).items()}
-    out: dict[str, np.ndarray] = {}
-    grad = None
-    for i, (sample, variation) in enumerate(keys):
-        parts = shard.batches.get(yields_key(sample, variation))
-        jac = None
-        if not parts:
-            ylds = _zeros_like_yields(config, variation, edges)
-        elif req.kind == "apply":
-            ylds = chunk_yields(params, relax, parts, config)
-        elif req.kind == "jacobian":
-            ylds, jac = yields_and_jacobian(params, relax, parts, config)
-        else:
-            ct = {r.name: {kind: jnp.asarray(req.tensors[f"cotangent:{_key_of(i)}.{r.name}.{kind}"])
-                           for kind in ("sumw", "sumw2")} for r in config.regions}
-            ylds, g = yields_vjp(params, relax, parts, config, ct)
-            grad = add_yields(grad, g)
-        for r in config.regions:
-            for kind in ("sumw", "sumw2"):
-                name = f"{_key_of(i)}.{r.name}.{kind}"
-                y = np.asarray(ylds[r.name][kind], np.float64)
-                out[name] = y
-                if req.kind == "jacobian":
-                    if jac is None:
-                        cols = [np.zeros(y.shape + (int(np.size(req.tensors[p])),)) for p in pnames]
-                    else:
-                        cols = [np.asarray(jac[r.name][kind][p], np.float64).reshape(y.shape + (-1,)) for p in pnames]
-                    out[f"jacobian:{name}"] = np.concatenate(cols, axis=-1)
-    if req.kind == "vjp":
-        for p in pnames:
-            out[f"cotangent:{p}"] = (np.zeros(np.shape(req.tensors[p])) if grad is None
-                                     else np.asarray(grad[p], np.float64).reshape(np.shape(req.tensors[p])))
-    out["ledger.events"] = shard.ledger_events
-    out["ledger.parts"] = shard.ledger_parts
-    for name, value in (("timing.wall", time.perf_counter() - t0), ("timing.cpu", time.process_time() - c0)):
-        out[name] = np.zeros(shard.n_shards)
-        out[name][shard.index] = value
-    resp = Message(req.kind, out, role="response", stage=STAGE, step=req.step, params_digest=req.params_digest,
-                   wrt=req.wrt, provenance=shard.provenance, meta={"keys": req.meta["keys"]})
-    return encode(resp)
-
-
-def sum_messages_task(*blobs: bytes) -> bytes:
-    """Sum partial response messages (provenance checked: no chunk twice, no overlap)."""
-    return encode(reduce_partials([decode(b) for b in blobs]))
-
-
-async def _wait_all(futures) -> None:
-    from distributed.client import _wait
-
-    await _wait(futures)
-
-
-def noop_task(x=None):
-    """A task that does nothing (to measure the per-task overhead of a cluster)."""
-    return x
-
-
-def _register_sizeof() -> None:
-    """Tell dask how big worker-resident objects are (so it never thinks moving them is free)."""
-    try:
-        from dask.sizeof import sizeof
-    except ImportError:  # pragma: no cover
-        return
-    sizeof.register(WorkerShard)(lambda s: int(s.nbytes) + 1024)
-    sizeof.register(ChunkLoad)(lambda ld: ld.nbytes + 1024)
-
-
-_register_sizeof()
-
+# Worker side: the tasks live in :mod:`jacana.facility.worker_tasks` (no JAX at import, for the scheduler)
+from .worker_tasks import (KINDS, STAGE, ChunkLoad, WorkerShard, _key_of, _spec_and_config, _wait_all,  # noqa: E402,F401
+                           build_shard_task, chunk_summary_task, load_chunk_task, noop_task, step_task,
+                           sum_messages_task)
 
 # =========================================================================================
 # Driver side

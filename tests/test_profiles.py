@@ -118,3 +118,36 @@ def test_plugin_checks_versions_and_device(monkeypatch):
     assert JacanaWorkerPlugin(threads=1).environment()["OMP_NUM_THREADS"] == "1"
     with pytest.raises(FacilityError, match="device must be"):
         JacanaWorkerPlugin(device="tpu")
+
+
+_MMAP_PROBE = """
+import ctypes, numpy as np
+from jacana.facility.plugin import raise_mmap_threshold
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+
+def mmapped_after_allocating():
+    before = libc.mallinfo2().hblks
+    arrays = [np.ones(2**17) for _ in range(8)]  # 1 MiB each, as a chunk's column arrays
+    return libc.mallinfo2().hblks - before
+
+print(mmapped_after_allocating(), raise_mmap_threshold(), mmapped_after_allocating())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+def test_worker_arrays_come_from_the_heap_not_fresh_mmaps():
+    """Under dask's MALLOC_TRIM_THRESHOLD_ glibc mmaps every array above 128 KiB; the worker
+    plugin's raise_mmap_threshold makes such arrays heap allocations again."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", _MMAP_PROBE], env=env, capture_output=True, text=True, check=True)
+    before, accepted, after = out.stdout.split()
+    assert (int(before), accepted, int(after)) == (8, "True", 0)
