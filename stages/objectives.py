@@ -216,15 +216,17 @@ def _jacobian_coloring(model: TracedModel, idx: np.ndarray):
     rng = np.random.default_rng(20240917)
     lo, hi = model.bounds[:, 0], model.bounds[:, 1]
 
-    def jacobians(y):
-        pars = np.clip(model.init + rng.uniform(-0.4, 0.4, model.npars), lo, hi)
-        with jax.ensure_compile_time_eval(), pyhf_jax_backend():
-            bound = model.bind(y)
+    def lam_of(y, pars):
+        bound = model.bind(y)
+        return lambda q: bound.expected_actualdata(pars.at[idx].set(q))
 
-            def lam(q):
-                return bound.expected_actualdata(jnp.asarray(pars).at[idx].set(q))
+    # compiled: pyhf's graph evaluated op by op takes several times longer than compiling it
+    full_jacobian = jax.jit(lambda y, pars: jax.jacfwd(lam_of(y, pars))(pars[idx]))
+    compressed_jacobian = jax.jit(lambda y, pars, seed: jax.vmap(
+        lambda v: jax.jvp(lam_of(y, pars), (pars[idx],), (v,))[1], 1, 1)(seed))
 
-            return lam, np.asarray(jax.jacfwd(lam)(jnp.asarray(pars[idx]))), pars[idx]
+    def random_pars():
+        return np.clip(model.init + rng.uniform(-0.4, 0.4, model.npars), lo, hi)
 
     def random_yields():
         return jax.tree_util.tree_map(
@@ -233,8 +235,9 @@ def _jacobian_coloring(model: TracedModel, idx: np.ndarray):
         )
 
     pattern = np.zeros((model.nmaindata, len(idx)), dtype=bool)
-    for _ in range(2):
-        pattern |= jacobians(random_yields())[1] != 0
+    with jax.ensure_compile_time_eval(), pyhf_jax_backend():
+        for _ in range(2):
+            pattern |= np.asarray(full_jacobian(random_yields(), random_pars())) != 0
     color = np.full(len(idx), -1)
     rows = []  # the bins each color touches
     for j in range(len(idx)):
@@ -248,9 +251,10 @@ def _jacobian_coloring(model: TracedModel, idx: np.ndarray):
     seed = np.zeros((len(idx), len(rows)))
     seed[np.arange(len(idx)), color] = 1.0
     result = (seed, color, pattern)
-    lam, J, q = jacobians(random_yields())
+    y, pars = random_yields(), random_pars()
     with jax.ensure_compile_time_eval(), pyhf_jax_backend():
-        Jc = np.asarray(jax.vmap(lambda v: jax.jvp(lam, (jnp.asarray(q),), (v,))[1], 1, 1)(seed))
+        J = np.asarray(full_jacobian(y, pars))
+        Jc = np.asarray(compressed_jacobian(y, pars, seed))
     if len(rows) >= len(idx) or not np.allclose(np.where(pattern, Jc[:, color], 0.0), J,
                                                 rtol=1e-10, atol=0.0):
         result = None
