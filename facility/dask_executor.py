@@ -60,9 +60,15 @@ from .profiles import FacilityError, connect, connect_scheduler, load_profile, p
 LOCALITY_SLACK = 0.05
 
 # Worker side: the tasks live in :mod:`jacana.facility.worker_tasks` (no JAX at import, for the scheduler)
-from .worker_tasks import (KINDS, STAGE, ChunkLoad, WorkerShard, _key_of, _spec_and_config, _wait_all,  # noqa: E402,F401
+from .worker_tasks import (KINDS, STAGE, ChunkLoad, WorkerShard, _key_of, _spec_and_config,  # noqa: E402,F401
                            build_shard_task, chunk_summary_task, load_chunk_task, noop_task, step_task,
                            sum_messages_task)
+
+
+async def _wait_all(futures) -> None:
+    from distributed.client import _wait
+
+    await _wait(futures)
 
 # =========================================================================================
 # Driver side

@@ -71,8 +71,10 @@ def raise_mmap_threshold(nbytes: int = MMAP_THRESHOLD_MAX) -> bool:
     import ctypes
     import ctypes.util
 
+    if platform.system() != "Linux":
+        return False
     name = ctypes.util.find_library("c")
-    if not name or not platform.system() == "Linux":
+    if not name:
         return False
     try:
         libc = ctypes.CDLL(name)

@@ -207,12 +207,6 @@ def sum_messages_task(*blobs: bytes) -> bytes:
     return encode(reduce_partials([decode(b) for b in blobs]))
 
 
-async def _wait_all(futures) -> None:
-    from distributed.client import _wait
-
-    await _wait(futures)
-
-
 def noop_task(x=None):
     """A task that does nothing (to measure the per-task overhead of a cluster)."""
     return x

@@ -193,6 +193,21 @@ def _direction(H, g, free):
     return d, dec, ok
 
 
+def _random_point(model: TracedModel, rng: np.random.Generator):
+    """Random positive yields and random parameters inside the bounds, for set-up checks
+    of structure (an accidental zero derivative there is a probability-zero event)."""
+    yields = jax.tree_util.tree_map(lambda a: np.asarray(a) * rng.uniform(0.5, 1.5, np.shape(a)) + 0.1,
+                                    model.yields_template())
+    pars = np.clip(model.init + rng.uniform(-0.4, 0.4, model.npars), model.bounds[:, 0], model.bounds[:, 1])
+    return yields, pars
+
+
+def _lam_at(model: TracedModel, idx: np.ndarray, yields, pars):
+    """``q -> `` the expected main-data counts with ``pars[idx] = q`` (traced yields/pars)."""
+    bound = model.bind(yields)
+    return lambda q: bound.expected_actualdata(pars.at[idx].set(q))
+
+
 _COLORINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -214,30 +229,15 @@ def _jacobian_coloring(model: TracedModel, idx: np.ndarray):
     if key in cached:
         return cached[key]
     rng = np.random.default_rng(20240917)
-    lo, hi = model.bounds[:, 0], model.bounds[:, 1]
-
-    def lam_of(y, pars):
-        bound = model.bind(y)
-        return lambda q: bound.expected_actualdata(pars.at[idx].set(q))
-
     # compiled: pyhf's graph evaluated op by op takes several times longer than compiling it
-    full_jacobian = jax.jit(lambda y, pars: jax.jacfwd(lam_of(y, pars))(pars[idx]))
+    full_jacobian = jax.jit(lambda y, pars: jax.jacfwd(_lam_at(model, idx, y, pars))(pars[idx]))
     compressed_jacobian = jax.jit(lambda y, pars, seed: jax.vmap(
-        lambda v: jax.jvp(lam_of(y, pars), (pars[idx],), (v,))[1], 1, 1)(seed))
-
-    def random_pars():
-        return np.clip(model.init + rng.uniform(-0.4, 0.4, model.npars), lo, hi)
-
-    def random_yields():
-        return jax.tree_util.tree_map(
-            lambda a: np.asarray(a) * rng.uniform(0.5, 1.5, np.shape(a)) + 0.1,
-            model.yields_template(),
-        )
+        lambda v: jax.jvp(_lam_at(model, idx, y, pars), (pars[idx],), (v,))[1], 1, 1)(seed))
 
     pattern = np.zeros((model.nmaindata, len(idx)), dtype=bool)
     with jax.ensure_compile_time_eval(), pyhf_jax_backend():
         for _ in range(2):
-            pattern |= np.asarray(full_jacobian(random_yields(), random_pars())) != 0
+            pattern |= np.asarray(full_jacobian(*_random_point(model, rng))) != 0
     color = np.full(len(idx), -1)
     rows = []  # the bins each color touches
     for j in range(len(idx)):
@@ -251,7 +251,7 @@ def _jacobian_coloring(model: TracedModel, idx: np.ndarray):
     seed = np.zeros((len(idx), len(rows)))
     seed[np.arange(len(idx)), color] = 1.0
     result = (seed, color, pattern)
-    y, pars = random_yields(), random_pars()
+    y, pars = _random_point(model, rng)
     with jax.ensure_compile_time_eval(), pyhf_jax_backend():
         J = np.asarray(full_jacobian(y, pars))
         Jc = np.asarray(compressed_jacobian(y, pars, seed))
@@ -282,12 +282,9 @@ def _linear_local_parameters(model: TracedModel, idx: np.ndarray, pattern: np.nd
         return cached[key]
     local = pattern.sum(axis=0) == 1
     rng = np.random.default_rng(20261201)
-    lo, hi = model.bounds[:, 0], model.bounds[:, 1]
     if local.any():
         for _ in range(2):
-            y = jax.tree_util.tree_map(lambda a: np.asarray(a) * rng.uniform(0.5, 1.5, np.shape(a)) + 0.1,
-                                       model.yields_template())
-            pars = np.clip(model.init + rng.uniform(-0.4, 0.4, model.npars), lo, hi)
+            y, pars = _random_point(model, rng)
             c = rng.normal(size=model.nmaindata)
             v = np.where(local, rng.normal(size=len(idx)), 0.0)
             with jax.ensure_compile_time_eval(), pyhf_jax_backend():
@@ -305,12 +302,8 @@ def _curvature_product(model: TracedModel, idx: np.ndarray):
 
     @jax.jit
     def product(y, pars, c, v):
-        bound = model.bind(y)
-
-        def phi(q):
-            return jnp.dot(c, bound.expected_actualdata(pars.at[idx].set(q)))
-
-        return jax.jvp(jax.grad(phi), (pars[idx],), (v,))[1]
+        lam = _lam_at(model, idx, y, pars)
+        return jax.jvp(jax.grad(lambda q: jnp.dot(c, lam(q))), (pars[idx],), (v,))[1]
 
     return product
 

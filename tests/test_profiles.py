@@ -140,7 +140,16 @@ print(mmapped_after_allocating(), raise_mmap_threshold(), mmapped_after_allocati
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+def _has_mallinfo2() -> bool:
+    import ctypes
+
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")  # glibc >= 2.33
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _has_mallinfo2(), reason="glibc malloc tuning")
 def test_worker_arrays_come_from_the_heap_not_fresh_mmaps():
     """Under dask's MALLOC_TRIM_THRESHOLD_ glibc mmaps every array above 128 KiB; the worker
     plugin's raise_mmap_threshold makes such arrays heap allocations again."""
