@@ -343,12 +343,12 @@ def likelihood_figures(spec, hists: dict, objectives=("sigma_mu", "z0"), repeats
 
 # -- the orchestrator ----------------------------------------------------------------------------
 def _fileset(events: int, data_dir, stack: contextlib.ExitStack) -> Path:
-    from .synthetic import generate
+    from .synthetic import GENERATOR_VERSION, generate
 
     if data_dir is None:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="jacana-bench-")))
     else:
-        folder = Path(data_dir) / f"agc_seed1_events{events}"
+        folder = Path(data_dir) / f"agc_v{GENERATOR_VERSION}_seed1_events{events}"
         if (folder / "fileset.json").is_file():
             return folder / "fileset.json"
     return generate(folder, events=events, seed=1, progress=False)

@@ -24,12 +24,12 @@ def cache_dir() -> Path:
 
 def default_fileset(role: str = "optimize", events: int = DEFAULT_EVENTS, progress: bool = True) -> Path:
     """Path of the synthetic fileset for ``role`` ("optimize" or "validate"), generated if absent."""
-    from .synthetic import generate
+    from .synthetic import GENERATOR_VERSION, generate
 
     if role not in SEEDS:
         raise ValueError(f"role must be one of {sorted(SEEDS)}, got {role!r}")
     seed = SEEDS[role]
-    out = cache_dir() / "synthetic" / f"agc_seed{seed}_events{events}"
+    out = cache_dir() / "synthetic" / f"agc_v{GENERATOR_VERSION}_seed{seed}_events{events}"
     fileset = out / "fileset.json"
     if not fileset.is_file():
         if progress:

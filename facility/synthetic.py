@@ -17,11 +17,17 @@ selection (lepton ID/isolation/sip3d, jet pT/eta/jetId, b-tagging, the b-jet-jet
 Sample split of ``events`` (``SAMPLE_FRACTIONS``; remainder of the integer split goes to ttbar nominal)
     ttbar nominal 30 %; ttbar scaleup, scaledown, ME_var, PS_var 6 % each; W+jets 30 %;
     single top t-channel 8 %, tW 5 %, s-channel 3 %.
-Each (process, variation) is written as ``ceil(n / 50_000)`` files clipped to 2..6 (or
-``files_per_sample``), named ``{process}__{variation}__{i}.root``. Every pair gets at least one event,
-so a tiny ``events`` is rounded up (``generator.json`` records the total actually written). Files and
-JSONs are written to ``*.tmp`` names in ``out_dir`` and renamed (``os.replace``); ``fileset.json`` last.
-Cost: 1,000,000 events take about 12 s on one core and 120 MB (uproot's default ZLIB level 1).
+W+jets is generated ``OVERSAMPLE`` (20) times its share and skimmed (``SKIMS``: >= 4 central tight
+jets and an electron or muon above 25 GeV; about 4 % pass), so its files hold ~0.25 x ``events`` and
+each of its events weighs 1/20 of an unskimmed one in the >= 4-jet regions; every other sample is
+written whole. ``nevts_total`` (the weight's denominator) counts *generated* events; a file's
+``nevts`` counts its entries. Each (process, variation) is written as ``ceil(n / 50_000)`` files
+(n generated) clipped to 2..6 (or ``files_per_sample``), named ``{process}__{variation}__{i}.root``.
+Every pair gets at least one generated event, so a tiny ``events`` is rounded up; ``generator.json``
+records the events generated and written. Files and JSONs are written to ``*.tmp`` names in
+``out_dir`` and renamed (``os.replace``); ``fileset.json`` last.
+Cost: 1,000,000 events take about 30 s on one core (W+jets' 6 M generated events are two thirds
+of it) and 110 MB (uproot's default ZLIB level 1).
 
 Event content (branch names and types as in CMS NanoAOD; counters ``nJet``/``nElectron``/``nMuon``
 are written by uproot as ``int32`` where NanoAOD has ``uint32``)
@@ -118,7 +124,7 @@ import pathlib
 
 import numpy as np
 
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.1.0"
 
 # ---------------------------------------------------------------------------------------------
 # samples
@@ -142,6 +148,48 @@ NEG_WEIGHT_FRACTION = {"ttbar": 0.015, "single_top_s_chan": 0.13, "single_top_t_
 # magnitudes are arbitrary (analyses use only the sign); ttbar's is the real file's value
 GENWEIGHT_MAGNITUDE = {"ttbar": 225892.45, "single_top_s_chan": 3.294, "single_top_t_chan": 1.0,
                        "single_top_tW": 1.0, "wjets": 225892.45}
+
+
+@dataclasses.dataclass(frozen=True)
+class Skim:
+    """A production skim: which generated events are written (the others cannot be selected).
+
+    An event is kept when it has at least ``min_jets`` stored jets (pT >= 15 GeV) with
+    ``|eta| < jet_eta_max`` and ``jetId == jet_id``, and at least ``min_leptons`` electrons or muons
+    with ``pT >= lepton_pt_min`` inside the tracker (``|eta| < 2.5`` electrons, ``2.4`` muons).
+    Lossless for every analysis that needs that much: the AGC selection with ``lepton_pt_min >= 25``,
+    ``jet_eta_max <= 2.4``, tight jets and at least four of them, whatever its jet-pT cut and
+    whichever jet-pT variation (a jet the analysis could select is stored, pT >= 15 GeV).
+    """
+
+    min_jets: int = 4
+    jet_eta_max: float = 2.4
+    jet_id: int = 6
+    min_leptons: int = 1
+    lepton_pt_min: float = 25.0
+
+    def keep(self, jets, electrons, muons) -> np.ndarray:
+        """Per event: passes the skim (arguments are ``(counts, fields)`` as ``_detector`` returns them)."""
+        (jc, j), (ec, e), (mc, m) = jets, electrons, muons
+        n_jets = _per_event(jc, (np.abs(j["eta"]) < self.jet_eta_max) & (j["jetId"] == self.jet_id))
+        n_lep = (_per_event(ec, (e["pt"] >= self.lepton_pt_min) & (np.abs(e["eta"]) < 2.5))
+                 + _per_event(mc, (m["pt"] >= self.lepton_pt_min) & (np.abs(m["eta"]) < 2.4)))
+        return (n_jets >= self.min_jets) & (n_lep >= self.min_leptons)
+
+
+def _per_event(counts, mask):
+    """Number of True entries of a flat per-object mask in each event (objects grouped by event)."""
+    return np.bincount(np.repeat(np.arange(len(counts)), counts), weights=mask, minlength=len(counts))
+
+
+#: W+jets is generated ``OVERSAMPLE`` times its share of ``events`` and skimmed (``SKIMS``): in the
+#: AGC regions (>= 4 jets) inclusive W+jets is a few MC events of very large weight (one event was
+#: ~170 expected events in 4j2b at 1M events), which made every hard-cut landscape a step function
+#: of a handful of events. Skimmed, its files hold about as many events as before (~4 % pass) and
+#: each weighs 1/OVERSAMPLE as much; the weight's denominator ``nevts_total`` counts the generated
+#: events, as for any skimmed or filtered production.
+OVERSAMPLE = {"wjets": 20}
+SKIMS = {"wjets": Skim()}
 
 EVENTS_PER_FILE = 50_000
 MIN_FILES, MAX_FILES = 2, 6
@@ -537,8 +585,12 @@ def _sorted_collection(ev, pt, keep, fields, n):
     return counts, {k: np.asarray(v)[keep][order].astype(_DTYPES[k]) for k, v in fields.items()}
 
 
-def _make_chunk(seed, process, variation, file_index, chunk_index, first_event, n):
-    """Columns of one chunk of n events (a dict ready for uproot's TTree writer)."""
+def _make_chunk(seed, process, variation, file_index, chunk_index, first_event, n, skim=True):
+    """Columns of the events of one chunk of n generated ones (a dict for uproot's TTree writer).
+
+    With ``skim`` (and a skim for ``process``), only the events that pass ``SKIMS[process]`` are
+    returned; they are the very same events (same random stream) as without it.
+    """
     import awkward as ak
 
     ss = np.random.SeedSequence([seed, PROCESS_INDEX[process], VARIATION_INDEX[variation], file_index, chunk_index])
@@ -556,17 +608,20 @@ def _make_chunk(seed, process, variation, file_index, chunk_index, first_event, 
     }
     for name, (counts, cols) in (("Jet", jets), ("Electron", ele), ("Muon", mu)):
         out[name] = ak.zip({k: ak.unflatten(v, counts) for k, v in cols.items()})
+    if skim and process in SKIMS:
+        keep = SKIMS[process].keep(jets, ele, mu)
+        out = {k: v[keep] for k, v in out.items()}
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 def _split(events, files_per_sample):
-    """(process, variation) -> list of per-file event counts."""
+    """(process, variation) -> list of per-file counts of generated events (before any skim)."""
     counts = {(p, v): int(math.floor(events * f)) for p, v, f in SAMPLES}
     counts[("ttbar", "nominal")] += events - sum(counts.values())
     out = {}
     for key, n in counts.items():
-        n = max(n, 1)
+        n = max(n, 1) * OVERSAMPLE.get(key[0], 1)
         nf = files_per_sample or min(max(math.ceil(n / EVENTS_PER_FILE), MIN_FILES), MAX_FILES)
         nf = max(1, min(nf, n))
         base, rem = divmod(n, nf)
@@ -574,10 +629,12 @@ def _split(events, files_per_sample):
     return out
 
 
-def _write_file(path: pathlib.Path, seed, process, variation, file_index, first_event, n):
+def _write_file(path: pathlib.Path, seed, process, variation, file_index, first_event, n) -> int:
+    """Generate n events into ``path`` (atomically); returns the number written (after the skim)."""
     import uproot
 
     tmp = path.with_name(path.name + ".tmp")
+    written = 0
     try:
         with uproot.recreate(tmp) as f:
             tree = None
@@ -587,11 +644,14 @@ def _write_file(path: pathlib.Path, seed, process, variation, file_index, first_
                 if tree is None:
                     tree = f.mktree("Events", {k: (v.type if hasattr(v, "layout") else v.dtype)
                                                for k, v in data.items()}, title="Events")
-                tree.extend(data)
+                if len(data["event"]):
+                    tree.extend(data)
+                    written += len(data["event"])
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+    return written
 
 
 def _write_json(path: pathlib.Path, obj):
@@ -627,8 +687,8 @@ def generate(out_dir, events: int = 1_000_000, seed: int = 1, files_per_sample: 
             files, first = [], 1
             for i, n in enumerate(per_file):
                 name = f"{process}__{variation}__{i}.root"
-                _write_file(out / name, seed, process, variation, i, first, n)
-                files.append({"path": name, "nevts": n})
+                written = _write_file(out / name, seed, process, variation, i, first, n)
+                files.append({"path": name, "nevts": written})
                 first += n
                 bar.update(1)
             fileset.setdefault(process, {})[variation] = {"files": files, "nevts_total": sum(per_file)}
@@ -636,8 +696,11 @@ def generate(out_dir, events: int = 1_000_000, seed: int = 1, files_per_sample: 
         "generator": "jacana.facility.synthetic",
         "version": GENERATOR_VERSION,
         "seed": seed,
-        "events": sum(sum(v) for v in split.values()),
+        "events": sum(f["nevts"] for vs in fileset.values() for b in vs.values() for f in b["files"]),
+        "events_generated": sum(sum(v) for v in split.values()),
         "events_requested": events,
+        "oversample": OVERSAMPLE,
+        "skims": {p: dataclasses.asdict(k) for p, k in SKIMS.items()},
         "files_per_sample": files_per_sample,
         "sample_fractions": {f"{p}/{v}": f for p, v, f in SAMPLES},
         "negative_weight_fraction": NEG_WEIGHT_FRACTION,

@@ -54,14 +54,20 @@ def test_fileset_shape_and_counts(gen):
     assert gen.name == "fileset.json"
     fs = json.loads(gen.read_text())
     assert {p: set(v) for p, v in fs.items()} == VARIATIONS
-    total = 0
+    total = generated = 0
     for process, variations in fs.items():
         for variation, block in variations.items():
             assert set(block) == {"files", "nevts_total"}
             assert 2 <= len(block["files"]) <= 6
-            assert block["nevts_total"] == sum(f["nevts"] for f in block["files"])
-            expected = int(EVENTS * synthetic.SAMPLE_FRACTIONS[(process, variation)])
-            assert abs(block["nevts_total"] - expected) <= len(synthetic.SAMPLES)
+            oversample = synthetic.OVERSAMPLE.get(process, 1)
+            expected = int(EVENTS * synthetic.SAMPLE_FRACTIONS[(process, variation)]) * oversample
+            assert abs(block["nevts_total"] - expected) <= len(synthetic.SAMPLES) * oversample
+            written = sum(f["nevts"] for f in block["files"])
+            if process in synthetic.SKIMS:  # nevts_total counts generated events, the files the kept ones
+                assert 0.01 * block["nevts_total"] < written < 0.1 * block["nevts_total"]
+            else:
+                assert block["nevts_total"] == written
+            generated += block["nevts_total"]
             events = []
             for f in block["files"]:
                 assert set(f) == {"path", "nevts"} and not Path(f["path"]).is_absolute()
@@ -70,10 +76,10 @@ def test_fileset_shape_and_counts(gen):
                 events.append(tree["event"].array(library="np"))
             events = np.concatenate(events)
             assert len(np.unique(events)) == len(events)  # unique within a (process, variation)
-            total += block["nevts_total"]
-    assert total == EVENTS
+            total += written
     meta = json.loads((gen.parent / "generator.json").read_text())
-    assert meta["seed"] == 3 and meta["events"] == EVENTS and meta["version"] == synthetic.GENERATOR_VERSION
+    assert meta["seed"] == 3 and meta["version"] == synthetic.GENERATOR_VERSION
+    assert meta["events"] == total and meta["events_generated"] == generated and meta["events_requested"] == EVENTS
     # readable by the pipeline's own fileset loader
     from jacana.stages.fileset import load_fileset
     loaded = load_fileset(gen)
@@ -105,7 +111,12 @@ def test_deterministic_for_a_seed(tmp_path):
     a = generate(tmp_path / "a", events=2_000, seed=5, progress=False)
     b = generate(tmp_path / "b", events=2_000, seed=5, progress=False)
     c = generate(tmp_path / "c", events=2_000, seed=6, progress=False)
-    assert a.read_text() == b.read_text() == c.read_text()
+    assert a.read_text() == b.read_text()
+    # another seed generates as many events; only the skimmed W+jets files keep another number
+    fa, fc = json.loads(a.read_text()), json.loads(c.read_text())
+    assert {p: {v: b["nevts_total"] for v, b in vs.items()} for p, vs in fa.items()} == \
+        {p: {v: b["nevts_total"] for v, b in vs.items()} for p, vs in fc.items()}
+    assert fa["wjets"] != fc["wjets"] and {p: fa[p] for p in fa if p != "wjets"} == {p: fc[p] for p in fc if p != "wjets"}
     fs = json.loads(a.read_text())
     for process, variations in fs.items():
         for variation, block in variations.items():
@@ -165,22 +176,24 @@ def test_btag_by_flavour(gen):
     assert 0.8 < eff_b < 0.97 and 0.03 < mistag < 0.15
 
 
-def test_ttbar_has_more_jets_and_btags_than_wjets(gen):
-    stats = {}
-    for process in ("ttbar", "wjets"):
-        jet = _collection(_load(gen, process), "Jet")
-        good = jet[(jet.pt > 30) & (abs(jet.eta) < 2.4) & (jet.jetId == 6)]
-        stats[process] = (float(ak.mean(ak.num(good))), float(ak.mean(ak.sum(good.btagCSVV2 > 0.5, axis=1))))
-    assert stats["ttbar"][0] > 2.5 * stats["wjets"][0]
-    assert stats["ttbar"][1] > 5 * stats["wjets"][1]
-    assert stats["ttbar"][1] > 1.0
+def _generated(fileset: Path, process: str, variation: str = "nominal") -> int:
+    return json.loads(fileset.read_text())[process][variation]["nevts_total"]
+
+
+def test_ttbar_has_more_btags_than_wjets(gen):
+    btags = {}
+    for process in ("ttbar", "wjets"):  # per selected event (one lepton, >= 4 jets), which the skim keeps
+        base, nb, _ = _agc_selection(_load(gen, process))
+        btags[process] = float(ak.mean(nb[base]))
+    assert btags["ttbar"] > 3 * btags["wjets"]
+    assert btags["ttbar"] > 1.0
 
 
 def test_agc_selection_prefers_ttbar(gen):
     rate = {}
-    for process in VARIATIONS:
+    for process in VARIATIONS:  # per generated event
         base, nb, _ = _agc_selection(_load(gen, process))
-        rate[process] = float(ak.mean(base & (nb >= 1)))
+        rate[process] = float(ak.sum(base & (nb >= 1))) / _generated(gen, process)
     assert 0.03 < rate["ttbar"] < 0.2
     assert rate["ttbar"] > 20 * rate["wjets"]
     for single_top in ("single_top_s_chan", "single_top_t_chan", "single_top_tW"):
@@ -228,3 +241,37 @@ def test_rejects_bad_arguments(tmp_path):
         generate(tmp_path, events=1000, files_per_sample=0, progress=False)
     fs = generate(tmp_path / "one", events=1000, files_per_sample=1, progress=False)
     assert all(len(v["files"]) == 1 for vs in json.loads(fs.read_text()).values() for v in vs.values())
+
+
+def test_wjets_skim_keeps_exactly_the_events_that_pass_it():
+    """The skim drops events, never changes one: a skimmed chunk is the unskimmed chunk, filtered."""
+    full = synthetic._make_chunk(4, "wjets", "nominal", 0, 0, 1, 20_000, skim=False)
+    kept = synthetic._make_chunk(4, "wjets", "nominal", 0, 0, 1, 20_000)
+    jet, el, mu = full["Jet"], full["Electron"], full["Muon"]
+    n_jets = ak.sum((abs(jet.eta) < 2.4) & (jet.jetId == 6), axis=1)
+    n_lep = ak.sum((el.pt >= 25) & (abs(el.eta) < 2.5), axis=1) + ak.sum((mu.pt >= 25) & (abs(mu.eta) < 2.4), axis=1)
+    mask = ak.to_numpy((n_jets >= 4) & (n_lep >= 1))
+    assert 0.02 < mask.mean() < 0.08
+    assert set(kept) == set(full)
+    for k in full:
+        assert ak.array_equal(kept[k], full[k][mask]), k
+    # an event the AGC selection takes at the loosest bounds is never skimmed away
+    loose_jets = (jet.pt > 20) & (abs(jet.eta) < 2.4) & (jet.jetId == 6)
+    loose = ak.to_numpy((ak.sum(loose_jets, axis=1) >= 4)
+                        & (ak.sum((el.pt > 25) & (abs(el.eta) < 2.1), axis=1)
+                           + ak.sum((mu.pt > 25) & (abs(mu.eta) < 2.1), axis=1) >= 1))
+    assert loose.sum() > 20 and np.all(mask[loose])
+
+
+def test_default_config_stays_inside_the_wjets_skim():
+    """Lowering a bound below the skim (e.g. lepton_pt_min < 25) would silently lose W+jets events."""
+    from jacana.stages.spec import load_spec
+
+    spec = load_spec()
+    skim = synthetic.SKIMS["wjets"]
+    bounds = {name: p["bounds"] for name, p in spec.raw["parameters"].items()}
+    assert bounds["lepton_pt_min"][0] >= skim.lepton_pt_min
+    assert bounds["jet_eta_max"][1] <= skim.jet_eta_max
+    assert spec.cuts["jet_id_value"] == skim.jet_id and spec.cuts["min_jets"] >= skim.min_jets
+    assert spec.cuts["n_leptons"] >= skim.min_leptons
+    assert spec.cuts["electron_eta_max"] <= 2.5 and spec.cuts["muon_eta_max"] <= 2.4
