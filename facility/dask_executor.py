@@ -61,8 +61,8 @@ LOCALITY_SLACK = 0.05
 
 # Worker side: the tasks live in :mod:`jacana.facility.worker_tasks` (no JAX at import, for the scheduler)
 from .worker_tasks import (KINDS, STAGE, ChunkLoad, WorkerShard, _key_of, _spec_and_config,  # noqa: E402,F401
-                           build_shard_task, chunk_summary_task, load_chunk_task, noop_task, step_task,
-                           sum_messages_task)
+                           build_shard_task, chunk_summary_task, load_chunk_task, noop_task, select_parts_task,
+                           step_task, sum_messages_task)
 
 
 async def _wait_all(futures) -> None:
@@ -115,6 +115,32 @@ def plan_shards(summaries: Sequence[Mapping], keys_of: Sequence[str], where: Seq
         best = max(s["parts"], key=lambda p: p[1], default=None) if s["error"] is None else None
         owner.append(assign[(keys_of[s["index"]], best[0])] if best else s["index"] % n_shards)
     return per_shard, owner, load
+
+
+def place_chunks(chunks: Sequence[Chunk], keys_of: Sequence[str], workers: Sequence[str]) -> list[str]:
+    """The worker to read each chunk on, before anything is read: balanced, keys kept together.
+
+    The shards are planned per (sample, file variation, jet bucket) unit after reading, and a
+    unit whose events were read on several workers is moved to one of them (a transfer of
+    densified arrays, slow on small machines). So each key (largest first) goes whole to the
+    least-loaded worker when that keeps it within ``LOCALITY_SLACK`` of an even share of the
+    events; a key too big for that is spread chunk by chunk (largest first, least-loaded worker).
+    """
+    cost = [c.n_events for c in chunks]
+    per_key: dict[str, list[int]] = {}
+    for i, k in enumerate(keys_of):
+        per_key.setdefault(k, []).append(i)
+    limit = sum(cost) / max(len(workers), 1) * (1 + LOCALITY_SLACK)
+    load = [0] * len(workers)
+    out: list[str] = [workers[0]] * len(chunks)
+    for k in sorted(per_key, key=lambda k: (-sum(cost[i] for i in per_key[k]), k)):
+        best = min(range(len(workers)), key=lambda w: (load[w], w))
+        whole = load[best] + sum(cost[i] for i in per_key[k]) <= limit
+        for i in sorted(per_key[k], key=lambda i: (-cost[i], i)):
+            w = best if whole else min(range(len(workers)), key=lambda w: (load[w], w))
+            load[w] += cost[i]
+            out[i] = workers[w]
+    return out
 
 
 class DaskExecutor:
@@ -188,9 +214,12 @@ class DaskExecutor:
         keys_of = [yields_key(c.sample, c.variation) for c in chunks]
         todo = [i for i, c in enumerate(chunks) if not self.report.should_skip(c)]
         t0 = time.perf_counter()
+        placed = place_chunks([chunks[i] for i in todo], [keys_of[i] for i in todo], self.workers)
+        # allow_other_workers: a lost worker's chunks are read elsewhere
         loads = {i: self.client.submit(load_chunk_task, i, dataclasses.asdict(chunks[i]), spec_dict,
-                                       np.dtype(dtype).name, pure=False, key=f"jacana-load-{self._token}-{i}")
-                 for i in todo}
+                                       np.dtype(dtype).name, pure=False, key=f"jacana-load-{self._token}-{i}",
+                                       workers=[w], allow_other_workers=True)
+                 for i, w in zip(todo, placed)}
         summaries_f = {i: self.client.submit(chunk_summary_task, f, pure=False, key=f"jacana-summary-{self._token}-{i}")
                        for i, f in loads.items()}
         for _ in tqdm(as_completed(list(summaries_f.values()), loop=self.client.loop), total=len(summaries_f), desc="reading", unit="chunk",
@@ -243,8 +272,13 @@ class DaskExecutor:
             needed = [j for j, s in enumerate(ok_summaries)
                       if any((keys_of[ok[j]], p[0]) in unit_set for p in s["parts"])]
             owned = [dataclasses.asdict(self.expected[j]) for j in range(len(ok)) if owner_of[j] == si]
+            # a chunk read on another worker sends only the parts this shard needs
+            deps = [ok_loads[j] if where[ok[j]] == shard_worker[si] else self.client.submit(
+                        select_parts_task, ok_loads[j], units, pure=False, key=f"jacana-select-{self._token}-{si}-{j}",
+                        workers=[where[ok[j]]] if where[ok[j]] else None, allow_other_workers=True)
+                    for j in needed]
             shards.append(self.client.submit(
-                build_shard_task, si, n_shards, spec_dict, units, owned, len(ok), *[ok_loads[j] for j in needed],
+                build_shard_task, si, n_shards, spec_dict, units, owned, len(ok), *deps,
                 pure=False, key=f"jacana-shard-{self._token}-{si}", workers=[shard_worker[si]],
                 allow_other_workers=True, resources=self.resources or None))
         self.client.sync(_wait_all, shards)

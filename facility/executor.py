@@ -38,12 +38,15 @@ CALL_EVENTS = 4096
 LEPTON_WIDTH = 4
 
 
-def _pad_axis(a: np.ndarray, axis: int, size: int, fill) -> np.ndarray:
-    if a.shape[axis] == size:
-        return a
-    pad = [(0, 0)] * a.ndim
-    pad[axis] = (0, size - a.shape[axis])
-    return np.pad(a, pad, constant_values=fill)
+def _aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
+    """Zeros whose data starts on an ``align``-byte boundary: JAX's CPU client then uses the
+    numpy buffer as the device buffer (no copy); numpy's own 16-byte alignment makes it copy
+    about three arrays in four."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def rebatch(parts: Iterable[EventBatch], lepton_width: int = LEPTON_WIDTH,
@@ -63,22 +66,31 @@ def rebatch(parts: Iterable[EventBatch], lepton_width: int = LEPTON_WIDTH,
         block = min(block_size_for(n_jets), call_events)
         width = max([lepton_width] + [m.lepton_pt.shape[1] for m in members])
         width = 1 << (width - 1).bit_length()
+        # each field written once into its zero-padded [n_calls * call, ...] array (padding is 0/False);
+        # a call's slice starts at a multiple of call x row bytes, so it keeps the 64-byte alignment
+        masks = [np.asarray(m.event_mask) for m in members]
+        counts = [int(k.sum()) for k in masks]
+        rows = [slice(None, c) if k[:c].all() else k for k, c in zip(masks, counts)]  # real events first
+        call = call_events
+        n_calls = max(1, -(-sum(counts) // call))
         fields = {}
         for f in dataclasses.fields(EventBatch):
             if f.metadata.get("static"):
                 continue
-            arrays = []
-            for m in members:
-                a = np.asarray(getattr(m, f.name))[np.asarray(m.event_mask)]
+            first = np.asarray(getattr(members[0], f.name))
+            shape = [n_calls * call, *first.shape[1:]]
+            if f.name.startswith("lepton_"):
+                shape[1] = width
+            dense = _aligned_zeros(shape, first.dtype)
+            at = 0
+            for m, r, c in zip(members, rows, counts):
+                a = np.asarray(getattr(m, f.name))[r]
                 if f.name.startswith("lepton_"):
-                    a = _pad_axis(a, 1, width, False if a.dtype == bool else 0)
-                arrays.append(a)
-            fields[f.name] = np.concatenate(arrays)
-        n = len(fields["weight"])
-        call = call_events
-        n_calls = max(1, -(-n // call))
-        for name, a in fields.items():
-            fields[name] = _pad_axis(a, 0, n_calls * call, False if a.dtype == bool else 0)
+                    dense[at:at + c, :a.shape[1]] = a
+                else:
+                    dense[at:at + c] = a
+                at += c
+            fields[f.name] = dense
         for i in range(n_calls):
             sl = slice(i * call, (i + 1) * call)
             out.append(EventBatch(**{k: v[sl] for k, v in fields.items()}, kinematic=kinematic,

@@ -83,6 +83,16 @@ def chunk_summary_task(load: ChunkLoad) -> dict:
             "nbytes": load.nbytes}
 
 
+def select_parts_task(load: ChunkLoad, units: Sequence) -> ChunkLoad:
+    """The parts of ``load`` that belong to ``units`` ([key, n_jets]): what another worker's shard
+    needs of this chunk, so that only those arrays travel (no copy on this worker)."""
+    from jacana.stages.sensitivity import yields_key
+
+    key = yields_key(load.chunk.sample, load.chunk.variation)
+    wanted = {(k, int(n)) for k, n in units}
+    return dataclasses.replace(load, parts=tuple(p for p in load.parts if (key, p.n_jets) in wanted))
+
+
 @dataclasses.dataclass
 class WorkerShard:
     """A shard's fixed-shape calls per (sample, file variation), on the worker's JAX device."""

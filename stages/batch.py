@@ -288,6 +288,7 @@ def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilt
 
 def to_device(batches: ChunkBatches | Sequence[EventBatch]):
     """The same batches with their arrays moved to the default JAX device (kept there for reuse)."""
+    # one device_put of the whole tree: per-array calls cost ~0.2 ms each (1,700 arrays at 1M events)
     if isinstance(batches, ChunkBatches):
-        return dataclasses.replace(batches, parts=tuple(jax.device_put(p) for p in batches.parts))
-    return [jax.device_put(p) for p in batches]
+        return dataclasses.replace(batches, parts=tuple(jax.device_put(tuple(batches.parts))))
+    return list(jax.device_put(tuple(batches)))

@@ -18,8 +18,8 @@ import pytest
 
 pytest.importorskip("distributed")
 
-from jacana.facility.dask_executor import (DaskExecutor, FacilityError, make_executor, plan_shards, step_task,
-                                           sum_messages_task)
+from jacana.facility.dask_executor import (DaskExecutor, FacilityError, make_executor, place_chunks, plan_shards,
+                                           step_task, sum_messages_task)
 from jacana.facility.executor import InProcessExecutor, contract_all
 from jacana.facility.hardrun import analysis_chunks
 from jacana.protocol.errors import ProvenanceError
@@ -166,6 +166,38 @@ def test_plan_balances_units_and_keeps_them_whole():
     assert sorted(units) == sorted({(k, n) for k in set(keys) for n in (4, 6, 12)})  # each unit exactly once
     assert max(load) / min(load) < 1.5
     assert all(0 <= o < 2 for o in owner)
+
+
+def test_chunks_of_a_key_are_read_on_one_worker_where_the_balance_allows():
+    from jacana.stages.fileset import Chunk
+
+    sizes = {"ttbar/nominal": [100] * 6, "wjets/nominal": [100] * 5, "st/nominal": [100, 100], "tt/up": [150, 150]}
+    chunks, keys = [], []
+    for k, ns in sizes.items():
+        for i, n in enumerate(ns):
+            chunks.append(Chunk(k.split("/")[0], k.split("/")[1], f"{k}/{i}.root", 0, n, 1000))
+            keys.append(k)
+    placed = place_chunks(chunks, keys, ["w0", "w1"])
+    homes = {k: {w for kk, w in zip(keys, placed) if kk == k} for k in sizes}
+    assert all(len(h) == 1 for h in homes.values()), homes  # 1600 events split 800/800 without splitting a key
+    load = {w: sum(c.n_events for c, x in zip(chunks, placed) if x == w) for w in ("w0", "w1")}
+    assert load["w0"] == load["w1"] == 800
+    # a key larger than an even share is split; the balance holds
+    placed = place_chunks(chunks[:6], keys[:6], ["w0", "w1", "w2"])
+    assert sorted(placed.count(w) for w in ("w0", "w1", "w2")) == [2, 2, 2]
+
+
+def test_select_parts_keeps_only_the_wanted_units():
+    from types import SimpleNamespace
+
+    from jacana.facility.worker_tasks import ChunkLoad, select_parts_task
+    from jacana.stages.fileset import Chunk
+
+    parts = tuple(SimpleNamespace(n_jets=n) for n in (4, 5, 6))
+    load = ChunkLoad(3, Chunk("ttbar", "nominal", "x.root", 0, 10, 10), parts, {})
+    picked = select_parts_task(load, [["ttbar/nominal", 5], ["ttbar/nominal", 6], ["wjets/nominal", 4]])
+    assert [p.n_jets for p in picked.parts] == [5, 6] and picked.index == 3 and picked.chunk == load.chunk
+    assert select_parts_task(load, [["wjets/nominal", 4]]).parts == ()
 
 
 def test_step_task_refuses_a_tampered_request(setup):

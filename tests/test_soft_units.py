@@ -279,3 +279,40 @@ def test_jagged_densify_keeps_file_order_and_fills_padding():
     rows = np.array([1, -1, 0, 2])  # events 0, 2, 3 go to rows 1, 0, 2 of a 4-row bucket of width 4
     dense = _Scatter(event, slot, rows, 4, 4).dense(kept.content, fill=-1.0)
     np.testing.assert_array_equal(dense, [[4, -1, -1, -1], [1, 3, -1, -1], [5, 6, 7, 8], [-1, -1, -1, -1]])
+
+
+def test_rebatch_regroups_real_events_into_aligned_zero_padded_calls():
+    """Fixed-shape calls hold every real event once, in order, padded with zero-weight events;
+    each array starts on a 64-byte boundary, so moving it to JAX's CPU device copies nothing."""
+    import dataclasses
+
+    from jacana.facility.executor import rebatch
+    from jacana.stages.batch import EventBatch, to_device
+
+    rng = np.random.default_rng(3)
+
+    def part(n, n_pad, width):
+        mask = np.arange(n_pad) < n
+        f = {fl.name: None for fl in dataclasses.fields(EventBatch) if not fl.metadata.get("static")}
+        f.update(lepton_pt=rng.random((n_pad, width)), lepton_mask=rng.random((n_pad, width)) < 0.5,
+                 lepton_is_muon=rng.random((n_pad, width)) < 0.5, jet_pt=rng.random((n_pad, 1, 4)),
+                 jet_mask=np.ones((n_pad, 4), bool), weight=np.where(mask, rng.random(n_pad), 0.0), event_mask=mask)
+        for name in ("jet_eta", "jet_cos_phi", "jet_sin_phi", "jet_sinh_eta", "jet_mass", "jet_btag"):
+            f[name] = rng.random((n_pad, 4))
+        return EventBatch(**f, kinematic=("nominal",), weight_variations=False, block_size=64)
+
+    parts = [part(100, 128, 2), part(70, 128, 8)]
+    calls = rebatch(parts, call_events=64)
+    assert len(calls) == 3 and all(c.weight.shape == (64,) and c.lepton_pt.shape == (64, 8) for c in calls)
+    w = np.concatenate([c.weight for c in calls])
+    np.testing.assert_array_equal(w[:170], np.concatenate([parts[0].weight[:100], parts[1].weight[:70]]))
+    assert not w[170:].any() and np.concatenate([c.event_mask for c in calls]).sum() == 170
+    lpt = np.concatenate([c.lepton_pt for c in calls])
+    np.testing.assert_array_equal(lpt[:100, :2], parts[0].lepton_pt[:100])
+    assert not lpt[:100, 2:].any()  # widened lepton slots are empty
+    np.testing.assert_array_equal(lpt[100:170], parts[1].lepton_pt[:70])
+    on_device = to_device(calls)
+    for c, d in zip(calls, on_device):
+        assert c.jet_eta.ctypes.data % 64 == 0
+        if jax.default_backend() == "cpu":
+            assert d.jet_eta.unsafe_buffer_pointer() == c.jet_eta.ctypes.data  # aliased, not copied
