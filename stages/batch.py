@@ -176,6 +176,10 @@ class _Jagged:
         cs = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
         return _Jagged(self.content[keep], cs[self.starts + self.counts] - cs[self.starts])
 
+    def take(self, events: np.ndarray) -> "_Jagged":
+        """The events where the boolean ``events`` is True, with their objects (order kept)."""
+        return _Jagged(self.content[np.repeat(events, self.counts)], self.counts[events])
+
     def event_and_slot(self) -> tuple[np.ndarray, np.ndarray]:
         """Per object: its event index and its position within the event."""
         event = np.repeat(np.arange(len(self.counts)), self.counts)
@@ -242,6 +246,16 @@ def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilt
     keep = np.ones(len(columns), dtype=bool)
     if prefilter:
         keep &= (n_e + n_m >= int(c["n_leptons"])) & (n_j >= int(c["min_jets"]))
+        if not keep.all():  # drop the other events' objects now: everything below is per object
+            electrons, muons = electrons.take(keep), muons.take(keep)
+            on_jets = np.repeat(keep, n_j)
+            jets = jets.take(keep)
+            kin = {k: v[on_jets] for k, v in kin.items()}
+            jet_fields = {"eta": jets.content, **{k: v[on_jets] for k, v in jet_fields.items() if k != "eta"}}
+            weight = weight[keep]
+            n_e, n_m, n_j = electrons.counts, muons.counts, jets.counts
+            keep = np.ones(len(weight), dtype=bool)
+    n_kept = len(weight)
     buckets = np.array([jet_bucket(int(n)) for n in range(int(n_j.max(initial=0)) + 1)], dtype=np.int64)
     bucket_of = buckets[n_j] if len(n_j) else np.zeros(0, dtype=np.int64)
     e_event, e_slot = electrons.event_and_slot()
@@ -255,7 +269,7 @@ def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilt
         sel = np.nonzero(keep & (bucket_of == k))[0]
         n = len(sel)
         n_pad, block = padded_events(n, block_size_for(k))
-        row_of_event = np.full(len(columns), -1, dtype=np.int64)
+        row_of_event = np.full(n_kept, -1, dtype=np.int64)
         row_of_event[sel] = np.arange(n)
 
         nl = n_e[sel] + n_m[sel]
