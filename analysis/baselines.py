@@ -39,7 +39,7 @@ from jacana.stages.spec import AnalysisSpec
 
 METHODS = ("random", "cmaes", "grid")
 DEFAULT_BUDGET = 60
-DEFAULT_GRID = ("jet_pt_min=25:45:9", "btag_min=0.5:0.9:9")
+DEFAULT_GRID = ("jet_pt_min=20:40:9", "btag_min=0.3:0.7:9")
 #: ``within 1 %``: the tolerance for "reached the best" in the comparison table
 REACH_TOLERANCE = 0.01
 

@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scan", help="grid scan of the hard analysis' expected sigma_mu over one or two parameters")
     _add_analysis_options(p)
     p.add_argument("--params", nargs="+", required=True, metavar="NAME=LO:HI:N",
-                   help="one or two scanned parameters, e.g. jet_pt_min=25:45:9 btag_min=0.5:0.9:9")
+                   help="one or two scanned parameters, e.g. jet_pt_min=20:40:9 btag_min=0.3:0.7:9")
     p.add_argument("--gradient-result",
                    help="a jacana optimize result.json (or its folder): mark and evaluate its optimum")
     p.add_argument("--hold", choices=("config", "gradient"), default="config",
@@ -272,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--params", nargs="+", default=None, metavar="NAME",
                    help="parameters random search and CMA-ES tune (default: the four cuts the gradient tunes)")
-    p.add_argument("--grid", nargs="+", default=["jet_pt_min=25:45:9", "btag_min=0.5:0.9:9"], metavar="NAME=LO:HI:N",
-                   help="the grid of --method grid (default jet_pt_min=25:45:9 btag_min=0.5:0.9:9)")
+    p.add_argument("--grid", nargs="+", default=["jet_pt_min=20:40:9", "btag_min=0.3:0.7:9"], metavar="NAME=LO:HI:N",
+                   help="the grid of --method grid (default jet_pt_min=20:40:9 btag_min=0.3:0.7:9)")
     p.add_argument("--gradient-result", help="a jacana optimize result.json: add its row (passes counted the same way)")
     p.add_argument("--scan", help="a finished jacana scan (scan.json): add the held-out grid as a reference row")
     p.add_argument("--trace-heldout", action="store_true",

@@ -67,7 +67,7 @@ def parse_axis(text: str, spec: AnalysisSpec) -> Axis:
     """``name=lo:hi:n`` (or ``name=lo:hi``: :data:`DEFAULT_POINTS` points) -> :class:`Axis`; errors name the
     parameter and its bounds."""
     if "=" not in text:
-        raise ConfigError(f"scan parameter {text!r} must look like name=lo:hi:n (e.g. jet_pt_min=25:45:9)")
+        raise ConfigError(f"scan parameter {text!r} must look like name=lo:hi:n (e.g. jet_pt_min=20:40:9)")
     name, rng = (s.strip() for s in text.split("=", 1))
     check_names(spec, [name])
     p = spec.parameters[name]
@@ -101,7 +101,7 @@ def parse_axis(text: str, spec: AnalysisSpec) -> Axis:
 
 def parse_axes(texts: Sequence[str], spec: AnalysisSpec) -> list[Axis]:
     if not texts:
-        raise ConfigError("give one or two scan parameters, e.g. --params jet_pt_min=25:45:9 btag_min=0.5:0.9:9")
+        raise ConfigError("give one or two scan parameters, e.g. --params jet_pt_min=20:40:9 btag_min=0.3:0.7:9")
     axes = [parse_axis(t, spec) for t in texts]
     names = [a.name for a in axes]
     if len(set(names)) != len(names):

@@ -434,7 +434,9 @@ def _dask_rows(d: dict | None, cores: int, remote: bool) -> list[dict]:
         _row("6a", names[0], d["dask_step_s"], d["in_process_step_s"], t_ratio,
              f"<= {bound:.2f}x (speed-up >= {TARGETS['dask_efficiency']:g} x {expected:.2g})", t_ratio <= bound, "s",
              f"{d['workers']} workers ({threads} threads) vs in-process on {cores} cores; first pass on the workers"
-             f" {d['dask_read_pass_s']:.2f} s vs plain read there {d['plain_uproot_read_on_workers_s']:.2f} s"),
+             f" {d['dask_read_pass_s']:.2f} s vs plain read there {d['plain_uproot_read_on_workers_s']:.2f} s"
+             + (f" (as fresh workers' first task: {d['plain_uproot_read_on_fresh_workers_s']:.2f} s)"
+                if "plain_uproot_read_on_fresh_workers_s" in d else "")),
         _row("6b", names[1], d["step_overhead_s"], d["dask_step_s"], frac, overhead_target,
              frac <= TARGETS["dask_overhead_fraction"], "s",
              f"step wall time minus its slowest shard's; a no-op task's round trip"

@@ -12,7 +12,8 @@ Reports, each measured in the same run:
 * bytes per step received by the driver (all its TCP sockets, ``TCP_INFO``) vs the size of
   the one response message;
 * the first (reading) pass: uproot read + densify + regroup on the workers, vs a plain uproot
-  read of the same branches and entries in this process and on the same workers.
+  read of the same branches and entries in this process, on the same workers after the steps
+  (warm), and as the first task of fresh workers of another cluster (cold, like the first pass).
 """
 
 from __future__ import annotations
@@ -227,6 +228,23 @@ def bench_dask(fileset: str | Path, workers: int = 2, repeats: int = 3, chunk_si
         if client is not None:
             client.close()
         _stop(procs)
+    if scheduler is None and separate_scheduler:
+        # the same plain read as the first thing fresh workers do (after jacana's worker plugin, as
+        # the executor's first pass): both then pay the workers' first contact with the files
+        client, procs = _start_cluster(workers)
+        try:
+            from .plugin import JacanaWorkerPlugin
+
+            client.register_plugin(JacanaWorkerPlugin(), name="jacana")
+            t0 = time.perf_counter()
+            client.gather([client.submit(plain_read_task, c.path, spec.tree, branches, c.entry_start, c.entry_stop,
+                                         pure=False) for c in chunks])
+            out["plain_uproot_read_on_fresh_workers_s"] = time.perf_counter() - t0
+        finally:
+            client.close()
+            _stop(procs)
+        out["first_pass_over_plain_read_on_fresh_workers"] = (out["dask_read_pass_s"]
+                                                              / out["plain_uproot_read_on_fresh_workers_s"])
     if in_process:
         out["speedup_step"] = out["in_process_step_s"] / out["dask_step_s"]
     if "one_worker_step_s" in out:
