@@ -36,6 +36,14 @@ def _fileset_from_args(args, role: str):
     return load_fileset(path)
 
 
+def _warn_skims(spec, *filesets) -> None:
+    """Say so when the config can select events the synthetic samples' skim never wrote."""
+    from jacana.facility.synthetic import skim_conflicts
+
+    for line in dict.fromkeys(x for f in filesets for x in skim_conflicts(spec, f)):
+        print(f"jacana: WARNING: {line}; results for such cuts miss those events", file=sys.stderr)
+
+
 def cmd_generate(args) -> int:
     from jacana.facility.synthetic import generate
 
@@ -52,6 +60,7 @@ def cmd_evaluate(args) -> int:
         values, overrides = load_params_file(args.params)
         spec = spec.with_overrides(overrides).with_params(values)
     fileset = _fileset_from_args(args, "validate")
+    _warn_skims(spec, fileset)
     evaluation = hard_evaluation(spec, fileset, progress=not args.quiet, on_bad_file=args.on_bad_file)
     paths = write_evaluation(args.out, evaluation, extra={"fileset": fileset.source, "config": spec.source})
     print(f"jacana evaluate: {spec.name} on {fileset.source}")
@@ -92,6 +101,7 @@ def cmd_optimize(args) -> int:
                                              progress=not args.quiet))
         validation = load_fileset(args.validation_fileset or default_fileset(
             "validate", events=args.events or DEFAULT_EVENTS, progress=not args.quiet))
+    _warn_skims(spec, train, validation)
     settings = OptimizeSettings(steps=args.steps, objective=args.objective, binning=args.binning, nn=args.nn,
                                 free=free, step_fraction=args.step_fraction, step_schedule=args.step_schedule,
                                 hard_every=args.hard_every, keep_best=not args.last_point)
@@ -144,6 +154,7 @@ def cmd_scan(args) -> int:
     spec = _spec_from_args(args)
     axes = parse_axes(args.params, spec)  # bad names / ranges fail before any data is generated or read
     fileset = _fileset_from_args(args, "validate")
+    _warn_skims(spec, fileset)
     result = run_scan(spec, fileset, axes, args.out, gradient_result=args.gradient_result, hold=args.hold,
                       progress=not args.quiet, plots=not args.no_plots, on_bad_file=args.on_bad_file)
     print(f"jacana scan: hard expected sigma_mu of {spec.name} on {fileset.source}")
@@ -162,6 +173,7 @@ def cmd_baselines(args) -> int:
         parse_axes(args.grid, spec)  # fail early on a bad grid
     train, validation = train_and_validation(args.fileset, args.validation_fileset, args.events,
                                              progress=not args.quiet)
+    _warn_skims(spec, train, validation)
     out = run_baselines(spec, train, validation, args.out, methods=args.method, budget=args.budget, seed=args.seed,
                         names=args.params, grid=args.grid, gradient_result=args.gradient_result, scan=args.scan,
                         trace_heldout=args.trace_heldout, progress=not args.quiet, plots=not args.no_plots,

@@ -21,7 +21,9 @@ W+jets is generated ``OVERSAMPLE`` (20) times its share and skimmed (``SKIMS``: 
 jets and an electron or muon above 25 GeV; about 4 % pass), so its files hold ~0.25 x ``events`` and
 each of its events weighs 1/20 of an unskimmed one in the >= 4-jet regions; every other sample is
 written whole. ``nevts_total`` (the weight's denominator) counts *generated* events; a file's
-``nevts`` counts its entries. Each (process, variation) is written as ``ceil(n / 50_000)`` files
+``nevts`` counts its entries. ``generator.json`` records the skim, and ``skim_conflicts(spec,
+fileset)`` names every cut a config can loosen beyond it (``jacana evaluate``, ``optimize``,
+``scan`` and ``baselines`` print those as warnings). Each (process, variation) is written as ``ceil(n / 50_000)`` files
 (n generated) clipped to 2..6 (or ``files_per_sample``), named ``{process}__{variation}__{i}.root``.
 Every pair gets at least one generated event, so a tiny ``events`` is rounded up; ``generator.json``
 records the events generated and written. Files and JSONs are written to ``*.tmp`` names in
@@ -710,3 +712,41 @@ def generate(out_dir, events: int = 1_000_000, seed: int = 1, files_per_sample: 
     path = out / "fileset.json"
     _write_json(path, fileset)
     return path
+
+
+def skim_conflicts(spec, fileset) -> list[str]:
+    """Why skimmed samples of this generator behind ``fileset`` cannot serve ``spec`` in full.
+
+    One line per cut that ``spec`` can loosen beyond a skim (a parameter's bounds or value, or a
+    fixed cut): the events it would then select were never written. Empty when the fileset's
+    folder has no ``generator.json`` of this generator (not synthetic, or generator 1.0).
+    """
+    entries = [files for variations in fileset.entries.values() for files, _ in variations.values() if files]
+    if not entries or "://" in entries[0][0].path:
+        return []
+    meta_path = pathlib.Path(entries[0][0].path).parent / "generator.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return []
+    if meta.get("generator") != "jacana.facility.synthetic" or not meta.get("skims"):
+        return []
+    params, cuts = spec.parameters, spec.cuts
+    out = []
+    for process, skim in meta["skims"].items():
+        where = f"{process} in {meta_path.parent} is skimmed ({meta_path.name})"
+        if "lepton_pt_min" in params and params["lepton_pt_min"].lower < skim["lepton_pt_min"]:
+            out.append(f"lepton_pt_min can go down to {params['lepton_pt_min'].lower:g} GeV, but {where} to leptons"
+                       f" above {skim['lepton_pt_min']:g} GeV")
+        if "jet_eta_max" in params and params["jet_eta_max"].upper > skim["jet_eta_max"]:
+            out.append(f"jet_eta_max can go up to {params['jet_eta_max'].upper:g}, but {where} to jets within"
+                       f" |eta| < {skim['jet_eta_max']:g}")
+        if int(cuts.get("jet_id_value", skim["jet_id"])) != skim["jet_id"]:
+            out.append(f"jet_id_value is {cuts['jet_id_value']}, but {where} to jets with jetId {skim['jet_id']}")
+        if int(cuts.get("min_jets", skim["min_jets"])) < skim["min_jets"]:
+            out.append(f"min_jets is {cuts['min_jets']}, but {where} to events with at least {skim['min_jets']} tight central jets")
+        if int(cuts.get("n_leptons", skim["min_leptons"])) < skim["min_leptons"]:
+            out.append(f"n_leptons is {cuts['n_leptons']}, but {where} to events with a lepton")
+        if float(cuts.get("electron_eta_max", 0)) > 2.5 or float(cuts.get("muon_eta_max", 0)) > 2.4:
+            out.append(f"the lepton |eta| cuts go beyond the tracker (2.5 e, 2.4 mu), as far as {where}")
+    return out

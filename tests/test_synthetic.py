@@ -275,3 +275,21 @@ def test_default_config_stays_inside_the_wjets_skim():
     assert spec.cuts["jet_id_value"] == skim.jet_id and spec.cuts["min_jets"] >= skim.min_jets
     assert spec.cuts["n_leptons"] >= skim.min_leptons
     assert spec.cuts["electron_eta_max"] <= 2.5 and spec.cuts["muon_eta_max"] <= 2.4
+
+
+def test_a_config_looser_than_the_skim_is_named(gen, tmp_path):
+    from jacana.stages.fileset import load_fileset
+    from jacana.stages.spec import load_spec
+
+    fileset = load_fileset(gen)
+    assert synthetic.skim_conflicts(load_spec(), fileset) == []
+    loose = load_spec(overrides={"parameters.lepton_pt_min.bounds": [20.0, 100.0], "cuts.min_jets": 3})
+    lines = synthetic.skim_conflicts(loose, fileset)
+    assert len(lines) == 2 and "lepton_pt_min can go down to 20 GeV" in lines[0] and "25 GeV" in lines[0]
+    assert "min_jets is 3" in lines[1] and "wjets" in lines[1]
+    # the train/held-out halves of a split fileset point at the same folder
+    assert synthetic.skim_conflicts(loose, fileset.split_alternate()[1]) == lines
+    # a fileset elsewhere (no generator.json beside its files) is not judged
+    other = tmp_path / "fileset.json"
+    other.write_text(json.dumps({"ttbar": {"nominal": {"files": [{"path": str(tmp_path / "x.root"), "nevts": 1}]}}}))
+    assert synthetic.skim_conflicts(loose, load_fileset(other)) == []
