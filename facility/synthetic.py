@@ -744,7 +744,8 @@ def skim_conflicts(spec, fileset) -> list[str]:
         if int(cuts.get("jet_id_value", skim["jet_id"])) != skim["jet_id"]:
             out.append(f"jet_id_value is {cuts['jet_id_value']}, but {where} to jets with jetId {skim['jet_id']}")
         if int(cuts.get("min_jets", skim["min_jets"])) < skim["min_jets"]:
-            out.append(f"min_jets is {cuts['min_jets']}, but {where} to events with at least {skim['min_jets']} tight central jets")
+            out.append(f"min_jets is {cuts['min_jets']}, but {where} to events with at least {skim['min_jets']}"
+                       " tight central jets")
         if int(cuts.get("n_leptons", skim["min_leptons"])) < skim["min_leptons"]:
             out.append(f"n_leptons is {cuts['n_leptons']}, but {where} to events with a lepton")
         if float(cuts.get("electron_eta_max", 0)) > 2.5 or float(cuts.get("muon_eta_max", 0)) > 2.4:
