@@ -64,6 +64,14 @@ def plain_read_task(path: str, tree: str, branches: list, start: int, stop: int)
     return sum(int(a.layout.nbytes) for a in arrays.values())
 
 
+def _plain_read_on_workers(client, spec, chunks, branches) -> float:
+    """Seconds for the cluster's workers to read every chunk with :func:`plain_read_task`."""
+    t0 = time.perf_counter()
+    client.gather([client.submit(plain_read_task, c.path, spec.tree, branches, c.entry_start, c.entry_stop,
+                                 pure=False) for c in chunks])
+    return time.perf_counter() - t0
+
+
 #: Runs ``python -m ...`` confined to one core: ``python -c _PINNED CORE -m module args...`` (no fork
 #: of this multithreaded process with a ``preexec_fn``: the affinity is set in the new interpreter).
 _PINNED = ("import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])});"
@@ -218,11 +226,7 @@ def bench_dask(fileset: str | Path, workers: int = 2, repeats: int = 3, chunk_si
             rt.append(time.perf_counter() - t0)
         out["noop_task_round_trip_s"] = statistics.median(rt)
         out["step_overhead_s"] = out["last_step"]["seconds"] - max(out["last_step"]["shard_wall"])
-        t0 = time.perf_counter()
-        futs = [client.submit(plain_read_task, c.path, spec.tree, branches, c.entry_start, c.entry_stop, pure=False)
-                for c in chunks]
-        client.gather(futs)
-        out["plain_uproot_read_on_workers_s"] = time.perf_counter() - t0
+        out["plain_uproot_read_on_workers_s"] = _plain_read_on_workers(client, spec, chunks, branches)
     finally:
         dx.close()
         if client is not None:
@@ -236,10 +240,7 @@ def bench_dask(fileset: str | Path, workers: int = 2, repeats: int = 3, chunk_si
             from .plugin import JacanaWorkerPlugin
 
             client.register_plugin(JacanaWorkerPlugin(), name="jacana")
-            t0 = time.perf_counter()
-            client.gather([client.submit(plain_read_task, c.path, spec.tree, branches, c.entry_start, c.entry_stop,
-                                         pure=False) for c in chunks])
-            out["plain_uproot_read_on_fresh_workers_s"] = time.perf_counter() - t0
+            out["plain_uproot_read_on_fresh_workers_s"] = _plain_read_on_workers(client, spec, chunks, branches)
         finally:
             client.close()
             _stop(procs)

@@ -158,7 +158,7 @@ class Skim:
 
     An event is kept when it has at least ``min_jets`` stored jets (pT >= 15 GeV) with
     ``|eta| < jet_eta_max`` and ``jetId == jet_id``, and at least ``min_leptons`` electrons or muons
-    with ``pT >= lepton_pt_min`` inside the tracker (``|eta| < 2.5`` electrons, ``2.4`` muons).
+    with ``pT >= lepton_pt_min`` inside the tracker (``|eta| < electron_eta_max`` / ``muon_eta_max``).
     Lossless for every analysis that needs that much: the AGC selection with ``lepton_pt_min >= 25``,
     ``jet_eta_max <= 2.4``, tight jets and at least four of them, whatever its jet-pT cut and
     whichever jet-pT variation (a jet the analysis could select is stored, pT >= 15 GeV).
@@ -169,13 +169,15 @@ class Skim:
     jet_id: int = 6
     min_leptons: int = 1
     lepton_pt_min: float = 25.0
+    electron_eta_max: float = 2.5  # the tracker
+    muon_eta_max: float = 2.4
 
     def keep(self, jets, electrons, muons) -> np.ndarray:
         """Per event: passes the skim (arguments are ``(counts, fields)`` as ``_detector`` returns them)."""
         (jc, j), (ec, e), (mc, m) = jets, electrons, muons
         n_jets = _per_event(jc, (np.abs(j["eta"]) < self.jet_eta_max) & (j["jetId"] == self.jet_id))
-        n_lep = (_per_event(ec, (e["pt"] >= self.lepton_pt_min) & (np.abs(e["eta"]) < 2.5))
-                 + _per_event(mc, (m["pt"] >= self.lepton_pt_min) & (np.abs(m["eta"]) < 2.4)))
+        n_lep = (_per_event(ec, (e["pt"] >= self.lepton_pt_min) & (np.abs(e["eta"]) < self.electron_eta_max))
+                 + _per_event(mc, (m["pt"] >= self.lepton_pt_min) & (np.abs(m["eta"]) < self.muon_eta_max)))
         return (n_jets >= self.min_jets) & (n_lep >= self.min_leptons)
 
 
@@ -748,6 +750,8 @@ def skim_conflicts(spec, fileset) -> list[str]:
                        " tight central jets")
         if int(cuts.get("n_leptons", skim["min_leptons"])) < skim["min_leptons"]:
             out.append(f"n_leptons is {cuts['n_leptons']}, but {where} to events with a lepton")
-        if float(cuts.get("electron_eta_max", 0)) > 2.5 or float(cuts.get("muon_eta_max", 0)) > 2.4:
-            out.append(f"the lepton |eta| cuts go beyond the tracker (2.5 e, 2.4 mu), as far as {where}")
+        if (float(cuts.get("electron_eta_max", 0)) > skim["electron_eta_max"]
+                or float(cuts.get("muon_eta_max", 0)) > skim["muon_eta_max"]):
+            out.append(f"the lepton |eta| cuts go beyond {skim['electron_eta_max']:g} (e) or"
+                       f" {skim['muon_eta_max']:g} (mu), but {where} to leptons within those")
     return out

@@ -83,14 +83,23 @@ def chunk_summary_task(load: ChunkLoad) -> dict:
             "nbytes": load.nbytes}
 
 
-def select_parts_task(load: ChunkLoad, units: Sequence) -> ChunkLoad:
-    """The parts of ``load`` that belong to ``units`` ([key, n_jets]): what another worker's shard
-    needs of this chunk, so that only those arrays travel (no copy on this worker)."""
+def _unit_set(units: Sequence) -> set:
+    """``units`` ([key, n_jets], as they cross from the driver) as a set of tuples."""
+    return {(k, int(n)) for k, n in units}
+
+
+def _parts_in(load: ChunkLoad, wanted: set) -> tuple[str, tuple]:
+    """(the chunk's key, its parts whose (key, jet bucket) unit is in ``wanted``)."""
     from jacana.stages.sensitivity import yields_key
 
     key = yields_key(load.chunk.sample, load.chunk.variation)
-    wanted = {(k, int(n)) for k, n in units}
-    return dataclasses.replace(load, parts=tuple(p for p in load.parts if (key, p.n_jets) in wanted))
+    return key, tuple(p for p in load.parts if (key, p.n_jets) in wanted)
+
+
+def select_parts_task(load: ChunkLoad, units: Sequence) -> ChunkLoad:
+    """The parts of ``load`` that belong to ``units`` ([key, n_jets]): what another worker's shard
+    needs of this chunk, so that only those arrays travel (no copy on this worker)."""
+    return dataclasses.replace(load, parts=_parts_in(load, _unit_set(units))[1])
 
 
 @dataclasses.dataclass
@@ -111,22 +120,20 @@ def build_shard_task(index: int, n_shards: int, spec_dict: Mapping, units: Seque
                      n_chunks: int, *loads: ChunkLoad) -> WorkerShard:
     """Regroup the ``units`` ([key, n_jets]) of the given chunk loads into calls kept on this worker."""
     from jacana.stages.batch import to_device
-    from jacana.stages.sensitivity import yields_key
 
     from .executor import rebatch
 
     _, config = _spec_and_config(spec_dict)
-    wanted = {(k, int(n)) for k, n in units}
+    wanted = _unit_set(units)
     groups: dict[str, list] = {}
     events = np.zeros(n_chunks, np.int64)
     parts = np.zeros(n_chunks, np.int64)
     for load in sorted(loads, key=lambda ld: ld.index):  # chunk order: the in-process concatenation order
-        key = yields_key(load.chunk.sample, load.chunk.variation)
-        for p in load.parts:
-            if (key, p.n_jets) in wanted:
-                groups.setdefault(key, []).append(p)
-                events[load.index] += int(np.asarray(p.event_mask).sum())
-                parts[load.index] += 1
+        key, mine = _parts_in(load, wanted)
+        for p in mine:
+            groups.setdefault(key, []).append(p)
+            events[load.index] += int(np.asarray(p.event_mask).sum())
+            parts[load.index] += 1
     batches = {key: to_device(rebatch(group)) for key, group in groups.items()}
     nbytes = sum(int(a.nbytes) for calls in batches.values() for b in calls for a in _arrays(b))
     prov = tuple(Provenance(**p) for p in owned)

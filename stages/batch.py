@@ -176,9 +176,11 @@ class _Jagged:
         cs = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
         return _Jagged(self.content[keep], cs[self.starts + self.counts] - cs[self.starts])
 
-    def take(self, events: np.ndarray) -> "_Jagged":
-        """The events where the boolean ``events`` is True, with their objects (order kept)."""
-        return _Jagged(self.content[np.repeat(events, self.counts)], self.counts[events])
+    def take(self, events: np.ndarray, objects: np.ndarray | None = None) -> "_Jagged":
+        """The events where the boolean ``events`` is True, with their objects (order kept);
+        ``objects``: the same selection per object, if the caller has it already."""
+        objects = np.repeat(events, self.counts) if objects is None else objects
+        return _Jagged(self.content[objects], self.counts[events])
 
     def event_and_slot(self) -> tuple[np.ndarray, np.ndarray]:
         """Per object: its event index and its position within the event."""
@@ -249,7 +251,7 @@ def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilt
         if not keep.all():  # drop the other events' objects now: everything below is per object
             electrons, muons = electrons.take(keep), muons.take(keep)
             on_jets = np.repeat(keep, n_j)
-            jets = jets.take(keep)
+            jets = jets.take(keep, on_jets)
             kin = {k: v[on_jets] for k, v in kin.items()}
             jet_fields = {"eta": jets.content, **{k: v[on_jets] for k, v in jet_fields.items() if k != "eta"}}
             weight = weight[keep]
