@@ -156,7 +156,8 @@ def cmd_scan(args) -> int:
     fileset = _fileset_from_args(args, "validate")
     _warn_skims(spec, fileset)
     result = run_scan(spec, fileset, axes, args.out, gradient_result=args.gradient_result, hold=args.hold,
-                      progress=not args.quiet, plots=not args.no_plots, on_bad_file=args.on_bad_file)
+                      progress=not args.quiet, plots=not args.no_plots, on_bad_file=args.on_bad_file,
+                      bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
     print(f"jacana scan: hard expected sigma_mu of {spec.name} on {fileset.source}")
     print(format_summary(result))
     print(f"jacana: results in {Path(args.out).resolve()} (scan.json" + ("" if args.no_plots else ", plots/scan.png")
@@ -267,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a jacana optimize result.json (or its folder): mark and evaluate its optimum")
     p.add_argument("--hold", choices=("config", "gradient"), default="config",
                    help="value of the parameters not scanned: the config's (default) or the gradient optimum's")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="B",
+                   help="also evaluate every point on B Poisson-bootstrap replicas of the events (same pass):"
+                        " the landscape's MC noise, and which points the best is not significantly better"
+                        " than (default 0: none; 30 is plenty)")
+    p.add_argument("--bootstrap-seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (a scan.json there is resumed)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")

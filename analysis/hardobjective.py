@@ -38,6 +38,27 @@ def expected_sigma_mu(workspace: Mapping) -> float:
         return float(asimov_uncertainties(model, asimov_point(model, 1.0))[model.config.poi_index])
 
 
+def _sigma_or_error(spec: AnalysisSpec, hists: Mapping) -> tuple[float | None, str | None]:
+    """(expected sigma_mu of the hard histograms, None), or (None, why pyhf could not give a finite one)."""
+    from jacana.stages.workspace import build_workspace
+
+    try:
+        sigma = expected_sigma_mu(build_workspace(spec, hists))
+    except (JacanaError, ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    if math.isfinite(sigma) and sigma > 0:
+        return sigma, None
+    return None, f"pyhf gave sigma_mu = {sigma}"
+
+
+def replica_histograms(hists: Mapping, r: int) -> dict:
+    """Replica ``r`` of :func:`~jacana.facility.hardrun.hard_histograms` made with replicas (rows of ``sumw``)."""
+    return {region: {sample: {var: {"edges": h["edges"], "sumw": h["sumw"][r], "sumw2": h["sumw2"][r]}
+                              for var, h in by_var.items()}
+                     for sample, by_var in by_sample.items()}
+            for region, by_sample in hists.items()}
+
+
 def check_names(spec: AnalysisSpec, names: Sequence[str]) -> None:
     """Every name is a tunable parameter of ``spec`` (an error names the closest one otherwise)."""
     for name in names:
@@ -84,8 +105,14 @@ class HardObjective:
     """
 
     def __init__(self, spec: AnalysisSpec, fileset: Fileset, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 on_bad_file: str = "fail", store: ColumnStore | None = None):
+                 on_bad_file: str = "fail", store: ColumnStore | None = None, bootstrap: int = 0,
+                 bootstrap_seed: int = 0):
+        if not 0 <= int(bootstrap) < 1024:
+            raise ConfigError(f"bootstrap replicas must be 0 (none) to 1023, got {bootstrap}")
         self.spec = spec
+        self.bootstrap = int(bootstrap)
+        self.bootstrap_seed = int(bootstrap_seed)
+        self._multipliers: dict[tuple, np.ndarray] = {}
         self.fileset = fileset
         self.chunk_size = chunk_size
         self.chunks = analysis_chunks(spec, fileset, chunk_size)
@@ -101,6 +128,9 @@ class HardObjective:
         """``{"params", "sigma_mu", "seconds", "pass"}`` at ``values`` (``sigma_mu`` None and ``error`` set
         where pyhf cannot compute it, e.g. a cut that empties a region).
 
+        With ``bootstrap`` replicas, also ``sigma_mu_replicas``: sigma_mu of each Poisson-bootstrap
+        replica of the events (the same replicas at every point; None where one fails), in the same pass.
+
         ``extra``: other settings :meth:`AnalysisSpec.with_params` takes (bin edges ``edges_<region>``,
         network weights ``nn``) and ``overrides``: config overrides applied first (e.g. a region's
         observable set to the network), both e.g. those of a gradient optimum.
@@ -112,23 +142,31 @@ class HardObjective:
         t0 = time.perf_counter()
         spec = self.spec.with_overrides(list(overrides)) if overrides else self.spec
         spec = spec.with_params({**point, **(extra or {})})
-        hists = hard_histograms(spec, self.chunks, store=self.store, report=self.report)
+        hists = hard_histograms(spec, self.chunks, store=self.store, report=self.report,
+                                replicas=self._replicas if self.bootstrap else None)
         self.passes += 1
-        from jacana.stages.workspace import build_workspace
-
         entry = {"params": point, "sigma_mu": None, "pass": self.passes}
-        try:
-            sigma = expected_sigma_mu(build_workspace(spec, hists))
-            if math.isfinite(sigma) and sigma > 0:
-                entry["sigma_mu"] = sigma
-            else:
-                entry["error"] = f"pyhf gave sigma_mu = {sigma}"
-        except (JacanaError, ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:
-            entry["error"] = f"{type(exc).__name__}: {exc}"
+        if self.bootstrap:
+            sigmas = [_sigma_or_error(spec, replica_histograms(hists, r))[0] for r in range(1, self.bootstrap + 1)]
+            entry["sigma_mu_replicas"] = sigmas
+            hists = replica_histograms(hists, 0)  # row 0: exactly the histograms without replicas
+        entry["sigma_mu"], error = _sigma_or_error(spec, hists)
+        if error:
+            entry["error"] = error
         entry["seconds"] = time.perf_counter() - t0
         self.seconds += entry["seconds"]
         self._cache[key] = entry
         return dict(entry)
+
+    def _replicas(self, chunk) -> np.ndarray:
+        """The bootstrap multipliers of ``chunk``'s events, drawn once and kept (uint8: 1 byte per event and replica)."""
+        from jacana.stages.columns import bootstrap_multipliers
+
+        key = (chunk.sample, chunk.variation) + chunk.key
+        if key not in self._multipliers:
+            self._multipliers[key] = bootstrap_multipliers(chunk.path, chunk.entry_start, chunk.n_events,
+                                                           self.bootstrap, self.bootstrap_seed)
+        return self._multipliers[key]
 
     def __call__(self, values: Mapping[str, float]) -> float:
         """sigma_mu at ``values``; ``inf`` where it cannot be computed (an optimiser moves away)."""
@@ -140,7 +178,11 @@ class HardObjective:
         n = 0
         for e in entries:
             if "params" in e and "sigma_mu" in e:
-                self._cache[_key(e["params"])] = {k: e[k] for k in ("params", "sigma_mu", "seconds", "error", "pass")
-                                                  if k in e}
+                replicas = e.get("sigma_mu_replicas")
+                if self.bootstrap and (e.get("sigma_mu") is not None
+                                       and (replicas is None or len(replicas) != self.bootstrap)):
+                    continue  # made without (these) replicas
+                self._cache[_key(e["params"])] = {k: e[k] for k in ("params", "sigma_mu", "sigma_mu_replicas",
+                                                                    "seconds", "error", "pass") if k in e}
                 n += 1
         return n

@@ -11,6 +11,13 @@ parameters), so an interrupted scan resumes and a refined grid only computes wha
 The landscape plot (``plots/scan.png``: a curve, or a heat map for two parameters) marks the
 AGC point (the config's values) and, with ``--gradient-result``, the gradient optimum; both are
 also evaluated on the same events so their sigma_mu is comparable to the grid's.
+
+With ``--bootstrap B`` every point is also evaluated on B Poisson-bootstrap replicas of the
+simulated events, in the same pass (:func:`~jacana.stages.columns.bootstrap_multipliers`: the same
+replicas at every point). The spread is the Monte Carlo statistical noise of the landscape; the
+*paired* difference of a point to the grid's best (replica by replica) says whether the best is
+really better or only luckier: points within ``NOISE_Z`` standard deviations of it are listed as
+``within_noise_of_best`` and outlined in the plot.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ MAX_AXES = 2
 DEFAULT_POINTS = 9
 #: grid points within this fraction of the best are listed as near-optimal (``near_best``)
 NEAR_BEST = 0.01
+#: a point is within the noise of the grid's best when its sigma_mu exceeds the best's by at most
+#: this many standard deviations of their paired bootstrap difference
+NOISE_Z = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,12 +121,35 @@ def parse_axes(texts: Sequence[str], spec: AnalysisSpec) -> list[Axis]:
     return axes
 
 
-def _context(spec: AnalysisSpec, fileset: Fileset, n_events: int, fixed: Mapping[str, float]) -> dict:
+def _context(spec: AnalysisSpec, fileset: Fileset, n_events: int, fixed: Mapping[str, float],
+             bootstrap: tuple[int, int] = (0, 0)) -> dict:
     """What must match for stored points to be reused (the config without parameter values)."""
     raw = spec.to_dict()
     for p in raw.get("parameters", {}).values():
         p.pop("value", None)
-    return {"config": raw, "fileset": fileset.source, "events": n_events, "fixed_params": dict(fixed)}
+    out = {"config": raw, "fileset": fileset.source, "events": n_events, "fixed_params": dict(fixed)}
+    if bootstrap[0]:
+        out["bootstrap"] = {"replicas": bootstrap[0], "seed": bootstrap[1]}
+    return out
+
+
+def paired_noise(entry: Mapping, best: Mapping, z: float = NOISE_Z) -> dict | None:
+    """Bootstrap noise of ``entry`` (a point with ``sigma_mu_replicas``) against the grid's ``best``.
+
+    ``sigma_mu_std``: the spread of the point's sigma_mu over the replicas; ``diff_std``: that of its
+    difference to the best, replica by replica (paired: most of the noise is common and cancels);
+    ``within_noise``: the point exceeds the best by at most ``z`` of those. None without replicas.
+    """
+    a, b = entry.get("sigma_mu_replicas"), best.get("sigma_mu_replicas")
+    if entry.get("sigma_mu") is None or not a or not b or len(a) != len(b):
+        return None
+    pairs = np.array([(x, y) for x, y in zip(a, b) if x is not None and y is not None], dtype=float)
+    if len(pairs) < 2:
+        return None
+    diff = entry["sigma_mu"] - best["sigma_mu"]
+    diff_std = float(np.std(pairs[:, 0] - pairs[:, 1], ddof=1))
+    return {"replicas": len(pairs), "sigma_mu_std": float(np.std(pairs[:, 0], ddof=1)), "diff_to_best": diff,
+            "diff_std": diff_std, "within_noise": bool(diff <= z * diff_std)}
 
 
 def _read_json(path: Path, what: str):
@@ -163,11 +196,12 @@ def grid_points(axes: Sequence[Axis]) -> list[tuple[tuple[int, ...], dict[str, f
 def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir: str | Path,
              gradient_result: str | Path | None = None, hold: str = "config", progress: bool = True,
              plots: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE, on_bad_file: str = "fail",
-             objective: HardObjective | None = None) -> dict:
+             objective: HardObjective | None = None, bootstrap: int = 0, bootstrap_seed: int = 0) -> dict:
     """Scan the hard expected sigma_mu over ``axes`` on ``fileset``; writes ``scan.json`` (and the plot).
 
     ``hold``: the value of the parameters not scanned: ``"config"`` (the config's, i.e. the AGC
     point) or ``"gradient"`` (the gradient optimum's, which needs ``gradient_result``).
+    ``bootstrap``: replicas for the landscape's Monte Carlo noise (see the module docstring).
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -186,8 +220,9 @@ def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir
     fixed = {k: v for k, v in agc.items() if k not in scanned}
     if hold == "gradient":
         fixed.update({k: v for k, v in gradient["params"].items() if k in fixed})
-    obj = objective or HardObjective(spec, fileset, chunk_size=chunk_size, on_bad_file=on_bad_file)
-    context = _context(spec, fileset, obj.n_events, fixed)
+    obj = objective or HardObjective(spec, fileset, chunk_size=chunk_size, on_bad_file=on_bad_file,
+                                     bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
+    context = _context(spec, fileset, obj.n_events, fixed, (obj.bootstrap, obj.bootstrap_seed))
     path = out / "scan.json"
     reused = 0
     if path.is_file():
@@ -244,6 +279,14 @@ def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir
         for p in sorted(ok, key=lambda p: p["sigma_mu"]) if p["sigma_mu"] <= grid_best["sigma_mu"] * (1 + NEAR_BEST)]}
     result["agc"] = obj.evaluate(agc)
     result["agc"].pop("cached", None)
+    if obj.bootstrap:
+        for p in points + [result["agc"]]:
+            p["bootstrap"] = paired_noise(p, grid_best)
+        result["within_noise_of_best"] = {"z": NOISE_Z, "replicas": obj.bootstrap, "seed": obj.bootstrap_seed,
+                                          "points": [{"params": {a.name: p["params"][a.name] for a in axes},
+                                                      "sigma_mu": p["sigma_mu"]}
+                                                     for p in sorted(ok, key=lambda p: p["sigma_mu"])
+                                                     if (p.get("bootstrap") or {}).get("within_noise")]}
     if gradient is not None:
         g = obj.evaluate(gradient["params"], gradient["extra"] or None, overrides=gradient["overrides"] or None)
         g.pop("cached", None)
@@ -257,6 +300,8 @@ def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir
         g["over_grid_best"] = g["sigma_mu"] / grid_best["sigma_mu"] if g["sigma_mu"] else None
         others = {k: v for k, v in gradient["params"].items() if k not in scanned and abs(v - fixed.get(k, v)) > 1e-12}
         g["other_params_differ_from_grid"] = others
+        if obj.bootstrap:
+            g["bootstrap"] = paired_noise(g, grid_best)
         result["gradient"] = g
     result["reused_points"] = reused
     result["complete"] = True
@@ -283,4 +328,19 @@ def format_summary(result: Mapping) -> str:
         lines.append(f"  gradient optimum: sigma_mu = {g['sigma_mu']:.5f} ({g['over_grid_best']:.4f} x grid best),"
                      f" grid steps from the best point: "
                      + ", ".join(f"{k} {v:.2f}" for k, v in g["grid_steps_from_best"].items()))
+    noise = result.get("within_noise_of_best")
+    if noise:
+        best_std = (result["points"][_point_at(result, best["index"])].get("bootstrap") or {}).get("sigma_mu_std")
+        lines.append(f"  bootstrap ({noise['replicas']} replicas): the grid best's sigma_mu varies by"
+                     f" {best_std:.5f} ({100 * best_std / best['sigma_mu']:.1f} %);"
+                     f" {len(noise['points'])} of {len(result['points'])} points are within {noise['z']:g}"
+                     " standard deviations of it (paired)")
+        gb = (g or {}).get("bootstrap")
+        if gb:
+            lines.append(f"  gradient optimum vs grid best: {gb['diff_to_best']:+.5f} +- {gb['diff_std']:.5f}"
+                         f" (paired): {'within' if gb['within_noise'] else 'NOT within'} the noise")
     return "\n".join(lines)
+
+
+def _point_at(result: Mapping, index: Sequence[int]) -> int:
+    return next(i for i, p in enumerate(result["points"]) if list(p["index"]) == list(index))

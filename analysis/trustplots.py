@@ -37,6 +37,18 @@ def _markers(result: Mapping):
     return out
 
 
+def _bootstrap_grid(result: Mapping, field: str) -> np.ndarray | None:
+    """A per-point bootstrap number of a scan (``sigma_mu_std``, ``within_noise``) on the grid's shape; NaN where none."""
+    if not result.get("within_noise_of_best"):
+        return None
+    out = np.full([a["n"] for a in result["parameters"]], np.nan)
+    for p in result["points"]:
+        value = (p.get("bootstrap") or {}).get(field)
+        if value is not None:
+            out[tuple(p["index"])] = float(value)
+    return out
+
+
 def scan_landscape(result: Mapping, spec: AnalysisSpec, path: Path) -> Path:
     """The hard expected sigma_mu over the scanned grid: a curve (1D) or a heat map (2D)."""
     plt.style.use(mplhep.style.CMS)
@@ -47,6 +59,10 @@ def scan_landscape(result: Mapping, spec: AnalysisSpec, path: Path) -> Path:
     if len(axes) == 1:
         a = axes[0]
         fig, ax = plt.subplots(figsize=(8.5, 6))
+        std = _bootstrap_grid(result, "sigma_mu_std")
+        if std is not None:
+            ax.fill_between(a["values"], sigma - std, sigma + std, color="#3f90da", alpha=0.25, lw=0,
+                            label=f"bootstrap spread ({result['within_noise_of_best']['replicas']} replicas)")
         ax.plot(a["values"], sigma, "o-", color="#3f90da", label="hard scan (held-out)")
         ax.plot(best["params"][a["name"]], best["sigma_mu"], "o", color="#3f90da", ms=14, mfc="none", mew=2,
                 label="grid best")
@@ -75,6 +91,11 @@ def scan_landscape(result: Mapping, spec: AnalysisSpec, path: Path) -> Path:
             levels = [lo * f for f in (1.01, 1.03, 1.1)]
             cs = ax.contour(xs, ys, sigma.T, levels=levels, colors="white", linewidths=1)
             ax.clabel(cs, fmt={lv: f"+{round(100 * (lv / lo - 1))}%" for lv in levels}, fontsize=10)
+        within = _bootstrap_grid(result, "within_noise")
+        if within is not None and np.nansum(within) > 0:
+            ix, iy = np.nonzero(within == 1)
+            ax.plot(xs[ix], ys[iy], "s", ms=7, mfc="none", mec="#ffa90e", mew=1.5, ls="none",
+                    label=f"within the MC noise of the best ({result['within_noise_of_best']['z']:g} sd, paired)")
         ax.plot(best["params"][a["name"]], best["params"][b["name"]], "o", ms=16, mfc="none", mec="white", mew=2.5,
                 label=f"grid best ({best['sigma_mu']:.4f})")
         for label, params, s, style in _markers(result):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from jacana.stages.columns import Columns, read_chunk
@@ -85,8 +86,13 @@ class InputReport:
 
 
 def hard_histograms(spec: AnalysisSpec, chunks: Iterable[Chunk], store: ColumnStore | None = None,
-                    progress: bool = False, report: InputReport | None = None) -> dict:
-    """Hard-mode histograms ``{region: {sample: {variation: {"edges", "sumw", "sumw2"}}}}``."""
+                    progress: bool = False, report: InputReport | None = None,
+                    replicas: Callable[[Chunk], np.ndarray] | None = None) -> dict:
+    """Hard-mode histograms ``{region: {sample: {variation: {"edges", "sumw", "sumw2"}}}}``.
+
+    ``replicas``: a chunk's [R, events] weight multipliers (e.g. a bootstrap's); ``sumw`` and
+    ``sumw2`` are then [R, bins], one row per replica (see :func:`~jacana.stages.reference.fill_histograms`).
+    """
     if store is None or not store.compatible(spec):
         store = ColumnStore(spec)
     report = report or InputReport()
@@ -101,7 +107,8 @@ def hard_histograms(spec: AnalysisSpec, chunks: Iterable[Chunk], store: ColumnSt
             report.file_failed(chunk, exc)
             continue
         report.columns_read(columns)
-        add_histograms(per_sample.setdefault(chunk.sample, {}), fill_histograms(columns, spec))
+        add_histograms(per_sample.setdefault(chunk.sample, {}),
+                       fill_histograms(columns, spec, None if replicas is None else replicas(chunk)))
     missing = [s for s in spec.samples if s not in per_sample]
     if missing:
         raise FilesetError(f"no readable file left for samples {missing}; skipped: "

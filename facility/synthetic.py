@@ -736,6 +736,8 @@ def skim_conflicts(spec, fileset) -> list[str]:
     params, cuts = spec.parameters, spec.cuts
     out = []
     for process, skim in meta["skims"].items():
+        # samples written before a limit was recorded in generator.json used the same value, then a literal
+        skim = {**dataclasses.asdict(Skim()), **skim}
         where = f"{process} in {meta_path.parent} is skimmed ({meta_path.name})"
         if "lepton_pt_min" in params and params["lepton_pt_min"].lower < skim["lepton_pt_min"]:
             out.append(f"lepton_pt_min can go down to {params['lepton_pt_min'].lower:g} GeV, but {where} to leptons"

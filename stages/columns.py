@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import difflib
 import itertools
+import math
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -75,6 +76,15 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def counter_uniform(path: str, entry: np.ndarray, index: np.ndarray, seed: int) -> np.ndarray:
+    """Uniform numbers in (0, 1), one per (entry, index), a pure function of (seed, file name, entry,
+    index < 1024): counter-based, so any chunking, worker or order of evaluation gives the same ones."""
+    key = (np.uint64(seed) << np.uint64(32)) ^ np.uint64(file_key(path))
+    counter = np.asarray(entry, dtype=np.uint64) * np.uint64(1024) + np.asarray(index, dtype=np.uint64)
+    bits = _splitmix64(_splitmix64(counter) ^ key)
+    return ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 2**53)
+
+
 def jer_factors(path: str, entry_start: int, counts: np.ndarray, sigma: float, seed: int) -> np.ndarray:
     """Per-jet N(1, sigma) smearing factors, flat, counter-based on (seed, file, entry, jet index).
 
@@ -87,11 +97,37 @@ def jer_factors(path: str, entry_start: int, counts: np.ndarray, sigma: float, s
         return np.zeros(0, dtype=np.float64)
     entry = np.repeat(np.arange(entry_start, entry_start + len(counts), dtype=np.uint64), counts)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    jet_index = (np.arange(n, dtype=np.int64) - np.repeat(offsets, counts)).astype(np.uint64)
-    key = (np.uint64(seed) << np.uint64(32)) ^ np.uint64(file_key(path))
-    bits = _splitmix64(_splitmix64(entry * np.uint64(1024) + jet_index) ^ key)
-    u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 2**53)
-    return 1.0 + sigma * ndtri(u)
+    jet_index = np.arange(n, dtype=np.int64) - np.repeat(offsets, counts)
+    return 1.0 + sigma * ndtri(counter_uniform(path, entry, jet_index, seed))
+
+
+#: Seed domain of the bootstrap multipliers (kept apart from the JER smearing's seeds).
+BOOTSTRAP_SALT = 0x5EED_B007
+#: Poisson(1) cumulative probabilities P(k <= 0..15): the multipliers' inverse CDF (P(k > 15) < 1e-13).
+_POISSON1_CDF = np.cumsum([math.exp(-1.0) / math.factorial(k) for k in range(16)])
+
+
+def bootstrap_multipliers(path: str, entry_start: int, n_events: int, replicas: int, seed: int = 0) -> np.ndarray:
+    """Per-event weight multipliers of a Poisson bootstrap, [replicas + 1, n_events] uint8.
+
+    Row 0 is all ones (the nominal); row r >= 1 draws Poisson(1) per event, a pure function of
+    (seed, file name, entry, r), so every chunking and every parameter point sees the same
+    replicas (differences between points are then paired). Replica r reweights each simulated
+    event by its row: the spread of a result over the replicas is its Monte Carlo statistical
+    uncertainty.
+
+    >>> bootstrap_multipliers("f.root", 0, 5, 2, seed=1).shape
+    (3, 5)
+    """
+    if not 1 <= replicas < 1024:
+        raise ValueError(f"bootstrap replicas must be 1..1023, got {replicas}")
+    entry = np.arange(entry_start, entry_start + n_events, dtype=np.uint64)
+    out = np.ones((replicas + 1, n_events), dtype=np.uint8)
+    salted = (int(seed) ^ BOOTSTRAP_SALT) & 0xFFFFFFFF
+    for r in range(1, replicas + 1):
+        u = counter_uniform(path, entry, np.full(n_events, r, dtype=np.uint64), salted)
+        out[r] = np.searchsorted(_POISSON1_CDF, u)
+    return out
 
 
 def _open_tree(path: str, tree: str):

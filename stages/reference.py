@@ -102,16 +102,25 @@ def _region_masks(spec: AnalysisSpec, base: np.ndarray, n_btag: np.ndarray) -> d
     return out
 
 
-def new_histogram(edges: np.ndarray) -> hist.Hist:
-    return hist.Hist(hist.axis.Variable(edges, name="observable"), storage=hist.storage.Weight())
+def new_histogram(edges: np.ndarray, replicas: int = 0) -> hist.Hist:
+    """A weighted histogram of the observable; with ``replicas``, a leading replica axis of that size."""
+    axes = [hist.axis.Variable(edges, name="observable")]
+    if replicas:
+        axes.insert(0, hist.axis.Integer(0, replicas, name="replica", underflow=False, overflow=False))
+    return hist.Hist(*axes, storage=hist.storage.Weight())
 
 
-def fill_histograms(columns: Columns, spec: AnalysisSpec) -> dict[str, dict[str, hist.Hist]]:
+def fill_histograms(columns: Columns, spec: AnalysisSpec, replicas: np.ndarray | None = None) -> dict[str, dict[str, hist.Hist]]:
     """Hard-mode histograms of one chunk: ``{region: {variation: hist.Hist}}``.
 
     Nominal files give every kinematic (JES, JER) and weight (b-tag) variation; an
     alternative-sample file (``ME_var``, ``scaleup``, ...) gives only its own nominal,
     stored under the file's variation name.
+
+    ``replicas`` ([R, events] weight multipliers, e.g. :func:`~jacana.stages.columns.bootstrap_multipliers`):
+    every histogram gets a leading replica axis; replica r holds each event as many times as row r says
+    (so ``sumw2`` is that of a sample with those copies; a row of ones gives exactly the histogram
+    without replicas).
     """
     chunk = columns.chunk
     weight = event_weight(columns, spec)
@@ -145,8 +154,17 @@ def fill_histograms(columns: Columns, spec: AnalysisSpec) -> dict[str, dict[str,
             m = masks[name]
             x = obs[region.observable][m]
             for var, w in weights.items():
-                h = new_histogram(region.edges)
-                h.fill(observable=x, weight=w[m])
+                if replicas is None:
+                    h = new_histogram(region.edges)
+                    h.fill(observable=x, weight=w[m])
+                else:
+                    # an event drawn k times is k entries of weight w (sumw2 gains k w^2, not (k w)^2);
+                    # replica-major, so each replica's bins add up in event order as without replicas
+                    k = replicas[:, m].astype(np.intp)
+                    copies = np.repeat(np.tile(np.arange(len(x)), len(k)), k.ravel())
+                    h = new_histogram(region.edges, len(k))
+                    h.fill(replica=np.repeat(np.arange(len(k)), k.sum(axis=1)), observable=x[copies],
+                           weight=w[m][copies])
                 out[name][var] = h
     return out
 
@@ -161,8 +179,9 @@ def add_histograms(total: dict, part: Mapping) -> dict:
 
 
 def to_arrays(h: hist.Hist) -> dict[str, np.ndarray]:
-    """``{"edges", "sumw", "sumw2"}`` of a weighted histogram (flow bins dropped)."""
+    """``{"edges", "sumw", "sumw2"}`` of a weighted histogram (flow bins dropped; ``sumw`` and
+    ``sumw2`` are [replicas, bins] where the histogram has a replica axis)."""
     view = h.view(flow=False)
-    return {"edges": np.asarray(h.axes[0].edges, dtype=np.float64),
+    return {"edges": np.asarray(h.axes["observable"].edges, dtype=np.float64),
             "sumw": np.asarray(view.value, dtype=np.float64),
             "sumw2": np.asarray(view.variance, dtype=np.float64)}

@@ -134,3 +134,95 @@ def test_gradient_result_takes_the_complete_optimum_from_params_json(tmp_path):
     assert set(g["extra"]) == {"edges_4j1b", "nn"} and g["overrides"] == ["regions.4j1b.observable=nn"]
     with pytest.raises(ConfigError, match="does not exist"):
         load_gradient_result(tmp_path / "nothing.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap: the landscape's Monte Carlo noise
+# --------------------------------------------------------------------------------------------
+def test_bootstrap_multipliers_are_poisson_one_and_independent_of_chunking():
+    from jacana.stages.columns import bootstrap_multipliers
+
+    whole = bootstrap_multipliers("ttbar__nominal__0.root", 1000, 200_000, 3, seed=4)
+    assert whole.shape == (4, 200_000) and whole.dtype == np.uint8 and (whole[0] == 1).all()
+    for row in whole[1:]:  # Poisson(1): mean 1, variance 1, P(0) = 1/e
+        assert row.mean() == pytest.approx(1.0, abs=0.01)
+        assert row.var() == pytest.approx(1.0, abs=0.02)
+        assert (row == 0).mean() == pytest.approx(np.exp(-1), abs=0.005)
+    assert not np.array_equal(whole[1], whole[2])  # replicas differ from each other
+    parts = [bootstrap_multipliers("ttbar__nominal__0.root", 1000 + a, b - a, 3, seed=4)
+             for a, b in ((0, 70_000), (70_000, 200_000))]
+    assert np.array_equal(np.concatenate(parts, axis=1), whole)  # any chunking: the same draws per event
+    assert not np.array_equal(bootstrap_multipliers("ttbar__nominal__0.root", 1000, 200_000, 3, seed=5)[1], whole[1])
+    assert not np.array_equal(bootstrap_multipliers("ttbar__nominal__1.root", 1000, 200_000, 3, seed=4)[1], whole[1])
+    with pytest.raises(ValueError, match="1..1023"):
+        bootstrap_multipliers("f.root", 0, 10, 0)
+
+
+def test_replica_histograms_count_each_copy_as_an_event(fileset):
+    """Row 0 (ones) is bit-identical to the plain fill; a replica equals filling each event k times."""
+    from jacana.stages.columns import read_chunk
+    from jacana.stages.reference import fill_histograms, to_arrays
+    from jacana.facility.hardrun import analysis_chunks
+
+    spec = load_spec()
+    chunk = next(c for c in analysis_chunks(spec, load_fileset(fileset), 10_000) if c.sample == "ttbar"
+                 and c.variation == "nominal")
+    columns = read_chunk(chunk, spec)
+    k = np.stack([np.ones(chunk.n_events, np.uint8), np.random.default_rng(1).poisson(1.0, chunk.n_events)]).astype(np.uint8)
+    plain = fill_histograms(columns, spec)
+    with_replicas = fill_histograms(columns, spec, k)
+    # the replica, built by hand: the chunk's columns with every event repeated k times
+    from jacana.stages.columns import Columns
+
+    idx = np.repeat(np.arange(chunk.n_events), k[1])
+    copied = Columns(chunk=chunk, arrays={n: a[idx] for n, a in columns.arrays.items()},
+                     jer_factor=columns.jer_factor[idx])
+    by_hand = fill_histograms(_with_events(copied, len(idx)), spec)
+    for region in plain:
+        for var in plain[region]:
+            a, r = to_arrays(plain[region][var]), to_arrays(with_replicas[region][var])
+            assert r["sumw"].shape == (2, len(a["edges"]) - 1)
+            assert np.array_equal(r["sumw"][0], a["sumw"]) and np.array_equal(r["sumw2"][0], a["sumw2"])
+            h = to_arrays(by_hand[region][var])
+            np.testing.assert_allclose(r["sumw"][1], h["sumw"], rtol=1e-12)
+            np.testing.assert_allclose(r["sumw2"][1], h["sumw2"], rtol=1e-12)  # k w^2, not (k w)^2
+    assert any(not np.allclose(to_arrays(with_replicas[r][v])["sumw"][1], to_arrays(plain[r][v])["sumw"])
+               for r in plain for v in plain[r])
+
+
+def _with_events(columns, n):
+    """``columns`` whose chunk claims ``n`` events (the hand-made replica's length)."""
+    import dataclasses
+
+    return dataclasses.replace(columns, chunk=dataclasses.replace(columns.chunk, entry_stop=columns.chunk.entry_start + n))
+
+
+def test_bootstrap_scan_is_the_plain_scan_plus_paired_noise(fileset, tmp_path, gradient_result):
+    spec = load_spec()
+    fs = load_fileset(fileset)
+    axes = parse_axes(["jet_pt_min=25:45:3"], spec)
+    plain = run_scan(spec, fs, axes, tmp_path / "plain", progress=False, plots=False)
+    boot = run_scan(spec, fs, axes, tmp_path / "boot", gradient_result=gradient_result, progress=False,
+                    bootstrap=12, bootstrap_seed=3)
+    # the replicas ride along: sigma_mu itself is unchanged, bit for bit, and it costs no extra pass
+    assert [p["sigma_mu"] for p in boot["points"]] == [p["sigma_mu"] for p in plain["points"]]
+    assert boot["passes"] == plain["passes"] + 1  # + the gradient point
+    best = next(p for p in boot["points"] if p["index"] == boot["best"]["index"])
+    assert best["bootstrap"]["diff_to_best"] == 0 and best["bootstrap"]["within_noise"]
+    noise = boot["within_noise_of_best"]
+    assert noise["replicas"] == 12 and boot["best"]["params"]["jet_pt_min"] in [
+        p["params"]["jet_pt_min"] for p in noise["points"]]
+    for p in boot["points"]:
+        b = p["bootstrap"]
+        assert len(p["sigma_mu_replicas"]) == 12 and b["sigma_mu_std"] > 0
+        assert b["within_noise"] == (b["diff_to_best"] <= 2.0 * b["diff_std"])
+        if p is not best:  # pairing: the common noise cancels in the difference
+            assert 0 < b["diff_std"] < np.hypot(b["sigma_mu_std"], best["bootstrap"]["sigma_mu_std"])
+    assert boot["gradient"]["bootstrap"]["replicas"] == 12
+    assert (tmp_path / "boot" / "plots" / "scan.png").stat().st_size > 10_000
+    # resume: every point is reused with its replicas; a plain scan's points are not (other context)
+    again = run_scan(spec, fs, axes, tmp_path / "boot", gradient_result=gradient_result, progress=False,
+                     plots=False, bootstrap=12, bootstrap_seed=3)
+    assert again["passes"] == 0 and again["within_noise_of_best"] == noise
+    other = run_scan(spec, fs, axes, tmp_path / "plain", progress=False, plots=False, bootstrap=12, bootstrap_seed=3)
+    assert other["passes"] == plain["passes"] and other["reused_points"] == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -289,6 +290,17 @@ def test_a_config_looser_than_the_skim_is_named(gen, tmp_path):
     assert "min_jets is 3" in lines[1] and "wjets" in lines[1]
     # the train/held-out halves of a split fileset point at the same folder
     assert synthetic.skim_conflicts(loose, fileset.split_alternate()[1]) == lines
+    # samples whose generator.json predates the recorded lepton |eta| limits (same limits, then literals)
+    old = tmp_path / "old"
+    old.mkdir()
+    meta = json.loads((gen.parent / "generator.json").read_text())
+    for skim in meta["skims"].values():
+        skim.pop("electron_eta_max"), skim.pop("muon_eta_max")
+    (old / "generator.json").write_text(json.dumps(meta))
+    moved = load_fileset(gen).entries
+    old_fileset = type(fileset)({s: {v: ((dataclasses.replace(files[0], path=str(old / "x.root")),), n)
+                                     for v, (files, n) in by_var.items()} for s, by_var in moved.items()})
+    assert synthetic.skim_conflicts(loose, old_fileset) == [line.replace(str(gen.parent), str(old)) for line in lines]
     # a fileset elsewhere (no generator.json beside its files) is not judged
     other = tmp_path / "fileset.json"
     other.write_text(json.dumps({"ttbar": {"nominal": {"files": [{"path": str(tmp_path / "x.root"), "nevts": 1}]}}}))
