@@ -32,7 +32,10 @@ def _markers(result: Mapping):
     if g:
         # its other cuts (or bin edges, network) may differ from the grid's: then it is a projection
         moved = g.get("other_params_differ_from_grid") or g.get("also_set")
-        out.append(("gradient optimum" + (" (other cuts differ)" if moved else ""), g["params"], g.get("sigma_mu"),
+        noise = g.get("bootstrap")
+        judged = "" if not noise else (", within the noise of the best" if noise["within_noise"]
+                                       else ", worse than the best beyond the noise")
+        out.append(("gradient optimum" + (" (other cuts differ)" if moved else "") + judged, g["params"], g.get("sigma_mu"),
                     {"marker": "D", "color": "#e42536", "ms": 11, "mec": "k"}))
     return out
 
