@@ -11,6 +11,9 @@ yields and their Jacobian together), and every extra evaluation the gradient run
 training events (the objective template, the hard-limit checks every ``hard_every`` steps, the
 relaxed and hard objectives at the end) is one more (:func:`gradient_passes`). Held-out
 evaluations are reporting, not optimisation: they are counted apart, for every method alike.
+With ``--scan`` of a ``jacana scan --bootstrap`` on the same held-out events, every method's
+held-out point is also evaluated on the scan's bootstrap replicas and compared with the grid's
+best replica by replica (``heldout_noise``: is it worse beyond the Monte Carlo noise?).
 
 Methods
     ``random``: the AGC point, then uniform samples over the parameter bounds (seeded).
@@ -212,8 +215,10 @@ def gradient_passes(result: Mapping) -> dict:
             "hard_evaluations": hard, "other": extra}
 
 
-def gradient_row(path: str | Path, heldout: HardObjective | None = None, spec: AnalysisSpec | None = None) -> dict:
-    """The comparison row of a gradient run (its result.json); re-evaluated on ``heldout`` when given."""
+def gradient_row(path: str | Path, heldout: HardObjective | None = None, spec: AnalysisSpec | None = None,
+                 grid_best: Mapping | None = None) -> dict:
+    """The comparison row of a gradient run (its result.json); re-evaluated on ``heldout`` when given
+    (and, with the held-out ``grid_best`` point of a bootstrap scan, judged against it: ``heldout_noise``)."""
     from jacana.analysis.scan import load_gradient_result
 
     g = load_gradient_result(path)
@@ -222,8 +227,9 @@ def gradient_row(path: str | Path, heldout: HardObjective | None = None, spec: A
     params = {k: v for k, v in g["params"].items() if spec is None or k in spec.parameters}
     extra = {**g["extra"], **{k: v for k, v in g["params"].items() if k not in params}}
     own = (result.get("validation", {}).get("after", {}).get("expected", {}) or {}).get("sigma_mu")
-    held = (heldout.evaluate(params, extra or None, overrides=g["overrides"] or None)["sigma_mu"]
-            if heldout is not None else own)
+    entry = (heldout.evaluate(params, extra or None, overrides=g["overrides"] or None)
+             if heldout is not None else {"sigma_mu": own})
+    held = entry["sigma_mu"]
     hist = result.get("history", [])
     trace, best, used = [], math.inf, 1  # passes: template, then per step 1 or 2 (+1 with a hard check)
     for h in hist:
@@ -240,11 +246,41 @@ def gradient_row(path: str | Path, heldout: HardObjective | None = None, spec: A
             "events_per_pass": (result.get("events") or {}).get("train"), "params": params,
             "train_sigma_mu": final_hard, "heldout_sigma_mu": held, "heldout_sigma_mu_own_validation": own,
             "best_so_far": trace, "seconds": result.get("seconds"), "source": g["path"],
-            "objective": result.get("objective")}
+            "objective": result.get("objective"), "heldout_noise": _noise(entry, grid_best)}
+
+
+def _noise(entry: Mapping, best: Mapping | None) -> dict | None:
+    from jacana.analysis.scan import paired_noise
+
+    return paired_noise(entry, best) if best is not None else None
+
+
+def scan_bootstrap(scan: str | Path | None, validation: Fileset) -> dict | None:
+    """``{"replicas", "seed", "best"}`` of a finished bootstrap scan on the same held-out events, so
+    each method's held-out point can be judged against the grid's best replica by replica; else None."""
+    if not scan:
+        return None
+    doc = _scan_doc(scan)
+    noise = doc.get("within_noise_of_best")
+    if not noise or doc.get("fileset") != validation.source:
+        return None
+    best = next(p for p in doc["points"] if list(p["index"]) == list(doc["best"]["index"]))
+    return {"replicas": int(noise["replicas"]), "seed": int(noise.get("seed", 0)), "best": best, "z": noise["z"]}
 
 
 def scan_row(path: str | Path) -> dict:
     """A row for a finished ``jacana scan`` (scan.json): selected on the held-out events themselves."""
+    scan = _scan_doc(path)
+    path = scan["_path"]
+    names = " x ".join(f"{a['name']}[{a['n']}]" for a in scan["parameters"])
+    return {"method": f"grid scan {names} (held-out, optimistic)", "passes": len(scan["points"]),
+            "events_per_pass": scan["events"], "params": scan["best"]["params"], "train_sigma_mu": None,
+            "heldout_sigma_mu": scan["best"]["sigma_mu"], "source": str(path),
+            "note": "chosen on the held-out events themselves: an optimistic reference, not a fair competitor"}
+
+
+def _scan_doc(path: str | Path) -> dict:
+    """A finished scan.json (or the folder holding it), with ``_path``."""
     path = Path(path)
     if path.is_dir():
         path = path / "scan.json"
@@ -253,11 +289,14 @@ def scan_row(path: str | Path) -> dict:
     scan = json.loads(path.read_text())
     if not scan.get("complete"):
         raise ConfigError(f"scan {str(path)!r} is not complete; finish it first (jacana scan resumes)")
-    names = " x ".join(f"{a['name']}[{a['n']}]" for a in scan["parameters"])
-    return {"method": f"grid scan {names} (held-out, optimistic)", "passes": len(scan["points"]),
-            "events_per_pass": scan["events"], "params": scan["best"]["params"], "train_sigma_mu": None,
-            "heldout_sigma_mu": scan["best"]["sigma_mu"], "source": str(path),
-            "note": "chosen on the held-out events themselves: an optimistic reference, not a fair competitor"}
+    return {**scan, "_path": str(path)}
+
+
+def _noise_cell(noise: Mapping | None) -> str:
+    if not noise:
+        return "-"
+    verdict = "within" if noise["within_noise"] else "**beyond**"
+    return f"{noise['diff_to_best']:+.5f} +- {noise['diff_std']:.5f} ({verdict})"
 
 
 def _fmt(x, spec="{:.5f}") -> str:
@@ -281,9 +320,12 @@ def comparison_table(rows: Sequence[Mapping], agc_heldout: float | None = None) 
             reach = [p for p, s in r["best_so_far"] if s <= best_train * (1 + REACH_TOLERANCE)]
             row["passes_to_reach_best_train"] = reach[0] if reach else None
         out.append(row)
+    noisy = any(r.get("heldout_noise") for r in out)
     lines = [("| method | full passes | events / pass | best training sigma_mu | passes to within 1 % of the best"
-             " training sigma_mu | held-out sigma_mu | vs AGC | vs best held-out | parameters |"),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             " training sigma_mu | held-out sigma_mu | vs AGC | vs best held-out |"
+              + (" minus the held-out grid's best (paired bootstrap; within its noise?) |" if noisy else "")
+              + " parameters |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if noisy else "") + "---|"]
     for r in out:
         params = ", ".join(f"{k} {v:.4g}" for k, v in (r.get("params") or {}).items())
         ev = r.get("events_per_pass")
@@ -291,7 +333,7 @@ def comparison_table(rows: Sequence[Mapping], agc_heldout: float | None = None) 
             f"| {r['method']} | {r['passes']} | {'-' if ev is None else f'{ev:,}'} | {_fmt(r.get('train_sigma_mu'))}"
             f" | {_fmt(r.get('passes_to_reach_best_train'), '{}')} | {_fmt(r.get('heldout_sigma_mu'))}"
             f" | {_fmt(r.get('heldout_over_agc'), '{:.3f}')} | {_fmt(r.get('heldout_over_best'), '{:.3f}')}"
-            f" | {params} |")
+            + (f" | {_noise_cell(r.get('heldout_noise'))}" if noisy else "") + f" | {params} |")
     if agc_heldout is not None:
         lines.append(f"\nAGC cuts (no optimisation): held-out sigma_mu {agc_heldout:.5f}.")
     return out, "\n".join(lines) + "\n"
@@ -340,7 +382,11 @@ def run_baselines(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_d
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     store = ColumnStore(spec)  # training columns, read once, shared by every method (each counts its own passes)
-    heldout = HardObjective(spec, validation, chunk_size=chunk_size, on_bad_file=on_bad_file)
+    ref = scan_bootstrap(scan, validation)  # a bootstrap scan: judge every held-out point on its replicas
+    heldout = HardObjective(spec, validation, chunk_size=chunk_size, on_bad_file=on_bad_file,
+                            bootstrap=ref["replicas"] if ref else 0, bootstrap_seed=ref["seed"] if ref else 0)
+    if ref:  # the scan's own evaluations cost no pass (its best and the AGC point come back from them)
+        heldout.seed([ref["best"]])
     agc = heldout.evaluate(spec.param_values())["sigma_mu"]
     rows: list[dict] = []
     doc = {"budget": budget, "seed": seed, "train_fileset": train.source, "validation_fileset": validation.source,
@@ -358,20 +404,23 @@ def run_baselines(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_d
             row = cma_es(objective(), budget, names, seed=seed, **common)
         else:
             row = grid_search(objective(), axes, **common)
+        if ref and row.get("heldout_sigma_mu") is not None:  # the point was evaluated: answered from memory
+            row["heldout_noise"] = _noise(heldout.evaluate(row["params"]), ref["best"])
         rows.append(row)
         write_json(out / "baselines.json", doc)
         if on_method is not None:
             on_method(row)
     rows = list(rows)  # baselines.json keeps the methods run here; the table adds the references
     if gradient_result:
-        rows.append(gradient_row(gradient_result, heldout=heldout, spec=spec))
+        rows.append(gradient_row(gradient_result, heldout=heldout, spec=spec, grid_best=ref["best"] if ref else None))
     if scan:
         rows.append(scan_row(scan))
     table_rows, markdown = comparison_table(rows, agc)
     doc["seconds"] = time.perf_counter() - t0
     comparison = {"rows": table_rows, "agc_heldout_sigma_mu": agc, "validation_fileset": validation.source,
                   "validation_events": heldout.n_events, "train_fileset": train.source,
-                  "reach_tolerance": REACH_TOLERANCE}
+                  "reach_tolerance": REACH_TOLERANCE,
+                  "bootstrap": {k: ref[k] for k in ("replicas", "seed", "z")} if ref else None}
     if plots:
         from jacana.analysis.trustplots import baseline_convergence
 

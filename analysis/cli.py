@@ -293,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", nargs="+", default=["jet_pt_min=20:40:9", "btag_min=0.3:0.7:9"], metavar="NAME=LO:HI:N",
                    help="the grid of --method grid (default jet_pt_min=20:40:9 btag_min=0.3:0.7:9)")
     p.add_argument("--gradient-result", help="a jacana optimize result.json: add its row (passes counted the same way)")
-    p.add_argument("--scan", help="a finished jacana scan (scan.json): add the held-out grid as a reference row")
+    p.add_argument("--scan", help="a finished jacana scan (scan.json): add the held-out grid as a reference row;"
+                                  " a scan made with --bootstrap on the same held-out events also judges every"
+                                  " method's point against the grid's best on the same replicas")
     p.add_argument("--trace-heldout", action="store_true",
                    help="also evaluate every improvement on the held-out events (reporting only, not counted)")
     p.add_argument("--out", required=True, help="output folder")

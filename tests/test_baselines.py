@@ -118,6 +118,36 @@ def test_run_baselines_writes_the_comparison(filesets, tmp_path):
     assert (out / "plots" / "convergence.png").is_file()
 
 
+def test_a_bootstrap_scan_judges_every_method_on_its_replicas(filesets, tmp_path):
+    """With a --bootstrap scan of the held-out events, each row carries its paired difference to the
+    grid's best (on the scan's replicas); the scan's own points cost the held-out objective nothing."""
+    from jacana.analysis.scan import paired_noise, parse_axes, run_scan
+    from jacana.analysis.hardobjective import HardObjective
+
+    spec = load_spec()
+    validation = load_fileset(filesets[1])
+    scan = run_scan(spec, validation, parse_axes(["jet_pt_min=25:35:2"], spec), tmp_path / "scan", progress=False,
+                    plots=False, bootstrap=8, bootstrap_seed=2)
+    res = run_baselines(spec, load_fileset(filesets[0]), validation, tmp_path / "cmp", methods=["random"], budget=2,
+                        seed=1, scan=tmp_path / "scan", progress=False, plots=False)
+    row = next(r for r in res["rows"] if r["method"] == "random")
+    noise = row["heldout_noise"]
+    # the same numbers as evaluating the point on the scan's replicas directly
+    own = HardObjective(spec, validation, bootstrap=8, bootstrap_seed=2).evaluate(row["params"])
+    best = next(p for p in scan["points"] if p["index"] == scan["best"]["index"])
+    assert noise == paired_noise(own, best) and noise["replicas"] == 8
+    assert "minus the held-out grid's best" in res["markdown"] and ("(within)" in res["markdown"]
+                                                                   or "(**beyond**)" in res["markdown"])
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["bootstrap"] == {"replicas": 8, "seed": 2,
+                                                                                         "z": 2.0}
+    # a scan without replicas, or of other events, judges nothing
+    run_scan(spec, validation, parse_axes(["jet_pt_min=25:35:2"], spec), tmp_path / "plain", progress=False,
+             plots=False)
+    plain = run_baselines(spec, load_fileset(filesets[0]), validation, tmp_path / "cmp2", methods=["random"],
+                          budget=2, seed=1, scan=tmp_path / "plain", progress=False, plots=False)
+    assert all(r.get("heldout_noise") is None for r in plain["rows"]) and "paired" not in plain["markdown"]
+
+
 def test_start_points_spread_inside_the_bounds():
     spec = load_spec()
     points = start_points(spec, 5, seed=3, spread=0.25)
