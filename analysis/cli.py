@@ -149,10 +149,12 @@ def cmd_bench(args) -> int:
 
 
 def cmd_scan(args) -> int:
+    from jacana.analysis.hardobjective import check_bootstrap
     from jacana.analysis.scan import format_summary, parse_axes, run_scan
 
     spec = _spec_from_args(args)
     axes = parse_axes(args.params, spec)  # bad names / ranges fail before any data is generated or read
+    check_bootstrap(args.bootstrap)
     fileset = _fileset_from_args(args, "validate")
     _warn_skims(spec, fileset)
     result = run_scan(spec, fileset, axes, args.out, gradient_result=args.gradient_result, hold=args.hold,

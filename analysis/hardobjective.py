@@ -59,6 +59,15 @@ def replica_histograms(hists: Mapping, r: int) -> dict:
             for region, by_sample in hists.items()}
 
 
+#: most bootstrap replicas (the counter hash keeps 10 bits for the replica number)
+MAX_BOOTSTRAP = 1023
+
+
+def check_bootstrap(replicas: int) -> None:
+    if not 0 <= int(replicas) <= MAX_BOOTSTRAP:
+        raise ConfigError(f"bootstrap replicas must be 0 (none) to {MAX_BOOTSTRAP}, got {replicas}")
+
+
 def check_names(spec: AnalysisSpec, names: Sequence[str]) -> None:
     """Every name is a tunable parameter of ``spec`` (an error names the closest one otherwise)."""
     for name in names:
@@ -107,8 +116,7 @@ class HardObjective:
     def __init__(self, spec: AnalysisSpec, fileset: Fileset, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  on_bad_file: str = "fail", store: ColumnStore | None = None, bootstrap: int = 0,
                  bootstrap_seed: int = 0):
-        if not 0 <= int(bootstrap) < 1024:
-            raise ConfigError(f"bootstrap replicas must be 0 (none) to 1023, got {bootstrap}")
+        check_bootstrap(bootstrap)
         self.spec = spec
         self.bootstrap = int(bootstrap)
         self.bootstrap_seed = int(bootstrap_seed)

@@ -110,6 +110,8 @@ def test_bad_scan_on_the_command_line(tmp_path, capsys):
     assert main(["scan", "--params", "jet_pt_min=25:45:3", "btag_min=0.5:0.9:3", "jet_eta_max=2:2.4:2",
                  "--out", str(tmp_path)]) == 2
     assert "one or two parameters" in capsys.readouterr().err
+    assert main(["scan", "--params", "btag_min=0.5:0.7:3", "--bootstrap", "2000", "--out", str(tmp_path)]) == 2
+    assert "0 (none) to 1023, got 2000" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="must differ"):
         parse_axes(["btag_min=0.5:0.9:3", "btag_min=0.5:0.9:3"], load_spec())
 
