@@ -121,8 +121,9 @@ def test_run_baselines_writes_the_comparison(filesets, tmp_path):
 def test_a_bootstrap_scan_judges_every_method_on_its_replicas(filesets, tmp_path):
     """With a --bootstrap scan of the held-out events, each row carries its paired difference to the
     grid's best (on the scan's replicas); the scan's own points cost the held-out objective nothing."""
-    from jacana.analysis.scan import paired_noise, parse_axes, run_scan
+    from jacana.analysis.baselines import scan_bootstrap
     from jacana.analysis.hardobjective import HardObjective
+    from jacana.analysis.scan import paired_noise, parse_axes, run_scan
 
     spec = load_spec()
     validation = load_fileset(filesets[1])
@@ -141,11 +142,11 @@ def test_a_bootstrap_scan_judges_every_method_on_its_replicas(filesets, tmp_path
     assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["bootstrap"] == {"replicas": 8, "seed": 2,
                                                                                          "z": 2.0}
     # a scan without replicas, or of other events, judges nothing
-    run_scan(spec, validation, parse_axes(["jet_pt_min=25:35:2"], spec), tmp_path / "plain", progress=False,
+    run_scan(spec, validation, parse_axes(["jet_pt_min=25:25:1"], spec), tmp_path / "plain", progress=False,
              plots=False)
-    plain = run_baselines(spec, load_fileset(filesets[0]), validation, tmp_path / "cmp2", methods=["random"],
-                          budget=2, seed=1, scan=tmp_path / "plain", progress=False, plots=False)
-    assert all(r.get("heldout_noise") is None for r in plain["rows"]) and "paired" not in plain["markdown"]
+    assert scan_bootstrap(tmp_path / "plain", validation) is None
+    assert scan_bootstrap(tmp_path / "scan", load_fileset(filesets[0])) is None
+    assert scan_bootstrap(tmp_path / "scan", validation)["replicas"] == 8
 
 
 def test_start_points_spread_inside_the_bounds():

@@ -205,26 +205,27 @@ def test_bootstrap_scan_is_the_plain_scan_plus_paired_noise(fileset, tmp_path, g
     axes = parse_axes(["jet_pt_min=25:45:3"], spec)
     plain = run_scan(spec, fs, axes, tmp_path / "plain", progress=False, plots=False)
     boot = run_scan(spec, fs, axes, tmp_path / "boot", gradient_result=gradient_result, progress=False,
-                    bootstrap=12, bootstrap_seed=3)
+                    bootstrap=6, bootstrap_seed=3)
     # the replicas ride along: sigma_mu itself is unchanged, bit for bit, and it costs no extra pass
     assert [p["sigma_mu"] for p in boot["points"]] == [p["sigma_mu"] for p in plain["points"]]
     assert boot["passes"] == plain["passes"] + 1  # + the gradient point
     best = next(p for p in boot["points"] if p["index"] == boot["best"]["index"])
     assert best["bootstrap"]["diff_to_best"] == 0 and best["bootstrap"]["within_noise"]
     noise = boot["within_noise_of_best"]
-    assert noise["replicas"] == 12 and boot["best"]["params"]["jet_pt_min"] in [
+    assert noise["replicas"] == 6 and boot["best"]["params"]["jet_pt_min"] in [
         p["params"]["jet_pt_min"] for p in noise["points"]]
     for p in boot["points"]:
         b = p["bootstrap"]
-        assert len(p["sigma_mu_replicas"]) == 12 and b["sigma_mu_std"] > 0
+        assert len(p["sigma_mu_replicas"]) == 6 and b["sigma_mu_std"] > 0
         assert b["within_noise"] == (b["diff_to_best"] <= 2.0 * b["diff_std"])
         if p is not best:  # pairing: the common noise cancels in the difference
             assert 0 < b["diff_std"] < np.hypot(b["sigma_mu_std"], best["bootstrap"]["sigma_mu_std"])
-    assert boot["gradient"]["bootstrap"]["replicas"] == 12
+    assert boot["gradient"]["bootstrap"]["replicas"] == 6
     assert (tmp_path / "boot" / "plots" / "scan.png").stat().st_size > 10_000
     # resume: every point is reused with its replicas; a plain scan's points are not (other context)
     again = run_scan(spec, fs, axes, tmp_path / "boot", gradient_result=gradient_result, progress=False,
-                     plots=False, bootstrap=12, bootstrap_seed=3)
+                     plots=False, bootstrap=6, bootstrap_seed=3)
     assert again["passes"] == 0 and again["within_noise_of_best"] == noise
-    other = run_scan(spec, fs, axes, tmp_path / "plain", progress=False, plots=False, bootstrap=12, bootstrap_seed=3)
-    assert other["passes"] == plain["passes"] and other["reused_points"] == 0
+    one = parse_axes(["jet_pt_min=25:25:1"], spec)  # a point the plain scan has: recomputed, with replicas
+    other = run_scan(spec, fs, one, tmp_path / "plain", progress=False, plots=False, bootstrap=6, bootstrap_seed=3)
+    assert other["reused_points"] == 0 and other["passes"] == 2 and len(other["points"][0]["sigma_mu_replicas"]) == 6
