@@ -193,10 +193,9 @@ class _Scatter:
 
     __slots__ = ("target", "source", "shape")
 
-    def __init__(self, event: np.ndarray, slot: np.ndarray, row_of_event: np.ndarray, n_rows: int, width: int):
-        row = row_of_event[event]
-        ok = (row >= 0) & (slot < width)
-        self.source = np.flatnonzero(ok)
+    def __init__(self, source: np.ndarray, row: np.ndarray, slot: np.ndarray, n_rows: int, width: int):
+        ok = slot < width
+        self.source = source[ok]
         self.target = row[ok] * width + slot[ok]
         self.shape = (n_rows, width)
 
@@ -206,9 +205,39 @@ class _Scatter:
         return out.reshape(self.shape)
 
 
-def _kinematic_jet_pt(columns: Columns, spec: AnalysisSpec, jet_pt: np.ndarray) -> dict[str, np.ndarray]:
-    """Flat jet pT of each kinematic variation (nominal files: nominal, JES, JER; others: nominal only),
-    with the conventional analysis's arithmetic (``Jet_pt * factor``, elementwise)."""
+class _Buckets:
+    """The events of each jet bucket (in event order) and each event's row in its bucket, so the
+    objects of every structure are grouped by bucket once (one sort), not once per bucket."""
+
+    def __init__(self, bucket_of: np.ndarray):
+        self.sizes = sorted(set(bucket_of.tolist()))
+        # bucket numbers as uint8: numpy's stable sort of 8-bit keys is a radix sort, O(n)
+        self.index = np.searchsorted(self.sizes, bucket_of).astype(np.uint8)
+        self.order, self.bounds = self._group(self.index)
+        self.row = np.empty(len(bucket_of), dtype=np.int64)
+        self.row[self.order] = np.arange(len(bucket_of)) - np.repeat(self.bounds[:-1], np.diff(self.bounds))
+
+    def _group(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(index, kind="stable")
+        return order, np.concatenate([[0], np.cumsum(np.bincount(index, minlength=len(self.sizes)))])
+
+    def events(self, i: int) -> np.ndarray:
+        return self.order[self.bounds[i]:self.bounds[i + 1]]
+
+    def objects(self, event: np.ndarray, slot: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per bucket: (object indices, their rows, their slots) of objects whose ``event`` is in it."""
+        order, bounds = self._group(self.index[event])
+        out = []
+        for i in range(len(self.sizes)):
+            idx = order[bounds[i]:bounds[i + 1]]
+            out.append((idx, self.row[event[idx]], slot[idx]))
+        return out
+
+
+def _kinematic_jet_pt(columns: Columns, spec: AnalysisSpec, jet_pt: np.ndarray, jets: np.ndarray) -> dict[str, np.ndarray]:
+    """Jet pT of each kinematic variation (nominal files: nominal, JES, JER; others: nominal only) for
+    the jets at flat indices ``jets`` (``jet_pt``: theirs), with the conventional analysis's arithmetic
+    (``Jet_pt * factor``, elementwise)."""
     out = {NOMINAL: jet_pt}
     if columns.chunk.variation != NOMINAL:
         return out
@@ -216,48 +245,50 @@ def _kinematic_jet_pt(columns: Columns, spec: AnalysisSpec, jet_pt: np.ndarray) 
         if s.kind == "jet_pt_scale":
             out[s.options["variation"]] = jet_pt * float(s.options["factor"])
         elif s.kind == "jet_pt_smear":
-            out[s.options["variation"]] = jet_pt * flat_counts(columns.jer_factor)[0]
+            out[s.options["variation"]] = jet_pt * columns.jer_factors_at(jets)
     return {k: out[k] for k in ([NOMINAL] + [k for k in spec.kinematic_variations() if k in out and k != NOMINAL])}
+
+
+def _per_event(ok: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """How many objects per event have ``ok`` (flat boolean) set."""
+    cs = np.concatenate([[0], np.cumsum(ok, dtype=np.int64)])
+    return cs[starts + counts] - cs[starts]
 
 
 def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilter: bool = False) -> ChunkBatches:
     """Dense, bucketed event batches of one chunk (see the module docstring)."""
     c = spec.cuts
-    col = {name: _Jagged.of(columns[name]) for name in (
+    flat = {name: flat_counts(columns[name]) for name in (
         "electron_pt", "electron_eta", "electron_id", "electron_sip3d",
         "muon_pt", "muon_eta", "muon_id", "muon_sip3d", "muon_iso",
         "jet_pt", "jet_eta", "jet_phi", "jet_mass", "jet_btag", "jet_id")}
-    e, m, j = col["electron_eta"], col["muon_eta"], col["jet_id"]
-    e_ok = ((np.abs(e.content) < c["electron_eta_max"])
-            & (col["electron_id"].content == c["electron_id_value"])
-            & (col["electron_sip3d"].content < c["electron_sip3d_max"]))
-    m_ok = ((np.abs(m.content) < c["muon_eta_max"])
-            & (col["muon_id"].content != 0)
-            & (col["muon_sip3d"].content < c["muon_sip3d_max"])
-            & (col["muon_iso"].content < c["muon_iso_max"]))
-    j_ok = j.content == c["jet_id_value"]
-    electrons = col["electron_pt"].select(e_ok)
-    muons = col["muon_pt"].select(m_ok)
-    jets = col["jet_eta"].select(j_ok)
-    kin = _kinematic_jet_pt(columns, spec, col["jet_pt"].content)
-    kin = {k: v[j_ok] for k, v in kin.items()}
-    jet_fields = {"eta": jets.content, **{name: col[f"jet_{name}"].content[j_ok] for name in ("phi", "mass", "btag")}}
+    v = {name: content for name, (content, _) in flat.items()}
+    # one structure per collection (the columns were checked to share their counts)
+    counts = {coll: flat[f"{coll}_pt"][1] for coll in ("electron", "muon", "jet")}
+    starts = {coll: np.cumsum(n) - n for coll, n in counts.items()}
+    ok = {"electron": ((np.abs(v["electron_eta"]) < c["electron_eta_max"])
+                       & (v["electron_id"] == c["electron_id_value"])
+                       & (v["electron_sip3d"] < c["electron_sip3d_max"])),
+          "muon": ((np.abs(v["muon_eta"]) < c["muon_eta_max"]) & (v["muon_id"] != 0)
+                   & (v["muon_sip3d"] < c["muon_sip3d_max"]) & (v["muon_iso"] < c["muon_iso_max"])),
+          "jet": v["jet_id"] == c["jet_id_value"]}
+    n_ok = {coll: _per_event(ok[coll], starts[coll], counts[coll]) for coll in ok}
     weight = event_weights(columns, spec)
+    if prefilter:  # events that cannot pass at any parameter values go now, with their objects
+        keep = (n_ok["electron"] + n_ok["muon"] >= int(c["n_leptons"])) & (n_ok["jet"] >= int(c["min_jets"]))
+        if not keep.all():
+            ok = {coll: m & np.repeat(keep, counts[coll]) for coll, m in ok.items()}
+            n_ok = {coll: n[keep] for coll, n in n_ok.items()}
+            weight = weight[keep]
+    # the objects that stay, each field gathered once
+    sel = {coll: np.flatnonzero(m) for coll, m in ok.items()}
+    electrons = _Jagged(v["electron_pt"][sel["electron"]], n_ok["electron"])
+    muons = _Jagged(v["muon_pt"][sel["muon"]], n_ok["muon"])
+    jets = _Jagged(v["jet_eta"][sel["jet"]], n_ok["jet"])
+    kin = _kinematic_jet_pt(columns, spec, v["jet_pt"][sel["jet"]], sel["jet"])
+    jet_fields = {"eta": jets.content, **{name: v[f"jet_{name}"][sel["jet"]] for name in ("phi", "mass", "btag")}}
 
     n_e, n_m, n_j = electrons.counts, muons.counts, jets.counts
-    keep = np.ones(len(columns), dtype=bool)
-    if prefilter:
-        keep &= (n_e + n_m >= int(c["n_leptons"])) & (n_j >= int(c["min_jets"]))
-        if not keep.all():  # drop the other events' objects now: everything below is per object
-            electrons, muons = electrons.take(keep), muons.take(keep)
-            on_jets = np.repeat(keep, n_j)
-            jets = jets.take(keep, on_jets)
-            kin = {k: v[on_jets] for k, v in kin.items()}
-            jet_fields = {"eta": jets.content, **{k: v[on_jets] for k, v in jet_fields.items() if k != "eta"}}
-            weight = weight[keep]
-            n_e, n_m, n_j = electrons.counts, muons.counts, jets.counts
-            keep = np.ones(len(weight), dtype=bool)
-    n_kept = len(weight)
     buckets = np.array([jet_bucket(int(n)) for n in range(int(n_j.max(initial=0)) + 1)], dtype=np.int64)
     bucket_of = buckets[n_j] if len(n_j) else np.zeros(0, dtype=np.int64)
     e_event, e_slot = electrons.event_and_slot()
@@ -267,29 +298,29 @@ def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilt
 
     parts = []
     nominal_file = columns.chunk.variation == NOMINAL
-    for k in sorted(set(bucket_of[keep].tolist())):
-        sel = np.nonzero(keep & (bucket_of == k))[0]
-        n = len(sel)
+    groups = _Buckets(bucket_of)
+    e_by, m_by, j_by = (groups.objects(ev, sl) for ev, sl in ((e_event, e_slot), (m_event, m_slot), (j_event, j_slot)))
+    for i, k in enumerate(groups.sizes):
+        sel_k = groups.events(i)
+        n = len(sel_k)
         n_pad, block = padded_events(n, block_size_for(k))
-        row_of_event = np.full(n_kept, -1, dtype=np.int64)
-        row_of_event[sel] = np.arange(n)
 
-        nl = n_e[sel] + n_m[sel]
+        nl = n_e[sel_k] + n_m[sel_k]
         width = 1 << int(max(nl.max(initial=0), 2) - 1).bit_length()  # 2, 4, 8, ... (few shapes)
-        to_e = _Scatter(e_event, e_slot, row_of_event, n_pad, width)
-        to_m = _Scatter(m_event, m_slot, row_of_event, n_pad, width)
+        to_e = _Scatter(*e_by[i], n_pad, width)
+        to_m = _Scatter(*m_by[i], n_pad, width)
         l_pt = to_e.dense(electrons.content, 0.0, dtype)
         l_pt.flat[to_m.target] = muons.content[to_m.source]
         l_mu = np.zeros((n_pad, width), dtype=bool)
         l_mu.flat[to_m.target] = True
         l_mask = np.arange(width)[None, :] < np.concatenate([nl, np.zeros(n_pad - n, np.int64)])[:, None]
-        nj = np.concatenate([n_j[sel], np.zeros(n_pad - n, np.int64)])
+        nj = np.concatenate([n_j[sel_k], np.zeros(n_pad - n, np.int64)])
         j_mask = np.arange(k)[None, :] < nj[:, None]
-        to_j = _Scatter(j_event, j_slot, row_of_event, n_pad, k)
-        jet_pt = np.stack([to_j.dense(v, 0.0, dtype) for v in kin.values()], axis=1)
+        to_j = _Scatter(*j_by[i], n_pad, k)
+        jet_pt = np.stack([to_j.dense(x, 0.0, dtype) for x in kin.values()], axis=1)
         eta, phi = to_j.dense(jet_fields["eta"], 0.0, dtype), to_j.dense(jet_fields["phi"], 0.0, dtype)
         w = np.zeros(n_pad, dtype=dtype)
-        w[:n] = weight[sel]
+        w[:n] = weight[sel_k]
         ev = np.zeros(n_pad, dtype=bool)
         ev[:n] = True
         parts.append(EventBatch(

@@ -2,8 +2,8 @@
 
 Awkward stays at this boundary: :func:`read_chunk` returns a :class:`Columns` mapping of
 logical names (``jet_pt``, ``muon_iso``, ...; see the config's ``branches``) to awkward
-arrays, plus the derived per-jet resolution-smearing factors, which are a deterministic
-function of (file, entry, jet index) so every chunking of a file gives the same numbers.
+arrays, plus the derived per-jet resolution-smearing factors (drawn when needed), which are a
+deterministic function of (file, entry, jet index) so every chunking of a file gives the same numbers.
 """
 
 from __future__ import annotations
@@ -34,18 +34,43 @@ COLLECTIONS = ("electron", "muon", "jet")
 
 @dataclasses.dataclass
 class Columns:
-    """The logical columns of one chunk (awkward arrays) and where they came from."""
+    """The logical columns of one chunk (awkward arrays) and where they came from.
+
+    The JER smearing factors are given (``jer_factor``) or drawn when first needed from ``jer``
+    (sigma, seed): :meth:`jer_factors` for every jet, :meth:`jer_factors_at` for some (the
+    densifier needs them only for the jets that can pass, a fraction of all).
+    """
 
     chunk: Chunk
     arrays: dict[str, ak.Array]
-    jer_factor: ak.Array  # per-jet pT smearing factor of the JER variation (1 where none)
+    jer_factor: ak.Array | None = None  # per-jet pT smearing factor of the JER variation
     nonfinite: dict[str, int] = dataclasses.field(default_factory=dict)  # branch -> NaN/inf values masked
+    jer: tuple[float, int] | None = None  # (sigma, seed) of the JER smearing; None with neither: factors of 1
 
     def __getitem__(self, name: str) -> ak.Array:
         return self.arrays[name]
 
     def __len__(self) -> int:
         return self.chunk.n_events
+
+    def jer_factors(self) -> ak.Array:
+        """Every jet's JER factor, [events, jets] (drawn once, then kept)."""
+        if self.jer_factor is None:
+            _, counts = flat_counts(self.arrays["jet_pt"])
+            self.jer_factor = ak.unflatten(self.jer_factors_at(np.arange(int(counts.sum()))), counts)
+        return self.jer_factor
+
+    def jer_factors_at(self, jets: np.ndarray) -> np.ndarray:
+        """The JER factors of the jets at flat indices ``jets`` (into the chunk's flattened jets)."""
+        jets = np.asarray(jets, dtype=np.int64)
+        if self.jer_factor is not None:
+            return flat_counts(self.jer_factor)[0][jets]
+        if self.jer is None:
+            return np.ones(len(jets))
+        _, counts = flat_counts(self.arrays["jet_pt"])
+        starts = np.cumsum(counts) - counts
+        event = np.searchsorted(starts + counts, jets, side="right")  # the event holding each jet
+        return jer_factors_at(self.chunk.path, self.chunk.entry_start + event, jets - starts[event], *self.jer)
 
 
 def flat_counts(arr: ak.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -98,6 +123,13 @@ def jer_factors(path: str, entry_start: int, counts: np.ndarray, sigma: float, s
     entry = np.repeat(np.arange(entry_start, entry_start + len(counts), dtype=np.uint64), counts)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
     jet_index = np.arange(n, dtype=np.int64) - np.repeat(offsets, counts)
+    return jer_factors_at(path, entry, jet_index, sigma, seed)
+
+
+def jer_factors_at(path: str, entry: np.ndarray, jet_index: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    """The N(1, sigma) factors of the jets (``entry``, ``jet_index``) of file ``path``: :func:`jer_factors`'s, jet by jet."""
+    if len(entry) == 0:
+        return np.zeros(0, dtype=np.float64)
     return 1.0 + sigma * ndtri(counter_uniform(path, entry, jet_index, seed))
 
 
@@ -233,13 +265,9 @@ def columns_from_arrays(chunk: Chunk, spec: AnalysisSpec, raw) -> Columns:
     arrays = {logical: _check_type(chunk.path, logical, branch, raw[branch]) for logical, branch in branch_of.items()}
     _check_multiplicities(chunk.path, arrays, branch_of)
     arrays, nonfinite = _mask_nonfinite(arrays, branch_of)
-    counts = ak.to_numpy(ak.num(arrays["jet_pt"], axis=1))
     jer = [s for s in spec.systematics if s.kind == "jet_pt_smear"]
-    if jer:
-        flat = jer_factors(chunk.path, chunk.entry_start, counts, float(jer[0].options["sigma"]), int(jer[0].options["seed"]))
-    else:
-        flat = np.ones(int(counts.sum()))
-    return Columns(chunk=chunk, arrays=arrays, jer_factor=ak.unflatten(flat, counts), nonfinite=nonfinite)
+    return Columns(chunk=chunk, arrays=arrays, nonfinite=nonfinite,
+                   jer=(float(jer[0].options["sigma"]), int(jer[0].options["seed"])) if jer else None)
 
 
 def _check_multiplicities(path: str, arrays: dict[str, ak.Array], branch_of: dict[str, str]) -> None:

@@ -132,7 +132,7 @@ def fill_histograms(columns: Columns, spec: AnalysisSpec, replicas: np.ndarray |
         if s.kind == "jet_pt_scale":
             factors[s.options["variation"]] = float(s.options["factor"])
         elif s.kind == "jet_pt_smear":
-            factors[s.options["variation"]] = columns.jer_factor
+            factors[s.options["variation"]] = columns.jer_factors()
     for kin in kinematic:
         jet_pt = columns["jet_pt"] * factors[kin]
         base, jets_mask, lepton_pt = _selection(columns, spec, jet_pt)

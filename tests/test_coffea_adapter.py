@@ -100,7 +100,7 @@ def test_columns_from_nanoevents_equal_the_reader(setup):
     assert set(cols.arrays) == set(ref.arrays)
     for name in ref.arrays:
         assert cols[name].tolist() == ref[name].tolist(), name
-    assert cols.jer_factor.tolist() == ref.jer_factor.tolist()
+    assert cols.jer_factors().tolist() == ref.jer_factors().tolist()
 
 
 @pytest.mark.slow

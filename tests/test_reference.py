@@ -83,7 +83,7 @@ def test_loose_cuts_populate_a_region(real):
 def test_hard_mode_matches_plain_awkward_bin_by_bin(real, variation):
     spec, arrays, columns = real
     hists = fill_histograms(columns, spec)
-    factor = {"nominal": 1.0, "pt_scale_up": 1.03, "pt_res_up": columns.jer_factor}.get(variation, 1.0)
+    factor = {"nominal": 1.0, "pt_scale_up": 1.03, "pt_res_up": columns.jer_factors()}.get(variation, 1.0)
     base, nb, ht, mbjj, jpt = _plain_awkward(arrays, spec, factor)
     norm = spec.samples["ttbar"]["xsec_pb"] * spec.luminosity_pb / 200
     w = norm * np.sign(ak.to_numpy(arrays.genWeight).astype(np.float64))

@@ -178,7 +178,7 @@ def test_replica_histograms_count_each_copy_as_an_event(fileset):
 
     idx = np.repeat(np.arange(chunk.n_events), k[1])
     copied = Columns(chunk=chunk, arrays={n: a[idx] for n, a in columns.arrays.items()},
-                     jer_factor=columns.jer_factor[idx])
+                     jer_factor=columns.jer_factors()[idx])
     by_hand = fill_histograms(_with_events(copied, len(idx)), spec)
     for region in plain:
         for var in plain[region]:

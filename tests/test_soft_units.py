@@ -269,16 +269,44 @@ def test_flat_counts_matches_awkward_on_every_layout():
 
 
 def test_jagged_densify_keeps_file_order_and_fills_padding():
-    from jacana.stages.batch import _Jagged, _Scatter
+    from jacana.stages.batch import _Buckets, _Jagged, _Scatter
 
     arr = _Jagged.of(ak.Array([[1.0, 2.0, 3.0], [], [4.0], [5.0, 6.0, 7.0, 8.0, 9.0]]))
     kept = arr.select(arr.content != 2.0)  # drops one object, later ones move up
     np.testing.assert_array_equal(kept.counts, [2, 0, 1, 5])
     event, slot = kept.event_and_slot()
     np.testing.assert_array_equal(slot, [0, 1, 0, 0, 1, 2, 3, 4])
-    rows = np.array([1, -1, 0, 2])  # events 0, 2, 3 go to rows 1, 0, 2 of a 4-row bucket of width 4
-    dense = _Scatter(event, slot, rows, 4, 4).dense(kept.content, fill=-1.0)
-    np.testing.assert_array_equal(dense, [[4, -1, -1, -1], [1, 3, -1, -1], [5, 6, 7, 8], [-1, -1, -1, -1]])
+    groups = _Buckets(np.array([6, 4, 4, 6]))  # events 1, 2 in bucket 4; events 0, 3 in bucket 6, in event order
+    assert groups.sizes == [4, 6]
+    np.testing.assert_array_equal(groups.events(0), [1, 2])
+    np.testing.assert_array_equal(groups.events(1), [0, 3])
+    by_bucket = groups.objects(event, slot)
+    dense4 = _Scatter(*by_bucket[0], 3, 4).dense(kept.content, fill=-1.0)  # a padded third row
+    np.testing.assert_array_equal(dense4, [[-1, -1, -1, -1], [4, -1, -1, -1], [-1, -1, -1, -1]])
+    dense6 = _Scatter(*by_bucket[1], 2, 6).dense(kept.content, fill=-1.0)
+    np.testing.assert_array_equal(dense6, [[1, 3, -1, -1, -1, -1], [5, 6, 7, 8, 9, -1]])
+    narrow = _Scatter(*by_bucket[1], 2, 4).dense(kept.content, fill=-1.0)  # slots beyond the width are left out
+    np.testing.assert_array_equal(narrow, [[1, 3, -1, -1], [5, 6, 7, 8]])
+
+
+def test_jer_factors_of_some_jets_are_those_of_all_jets():
+    """The densifier draws JER factors only for the jets that can pass: jet by jet, the same numbers."""
+    from jacana.stages.columns import Columns, flat_counts, jer_factors
+    from jacana.stages.fileset import Chunk
+
+    jet_pt = ak.Array([[50.0, 40.0], [], [30.0], [], [], [20.0, 25.0, 35.0, 45.0]])
+    chunk = Chunk("ttbar", "nominal", "/data/ttbar__nominal__3.root", 1000, 1006, 10_000)
+    columns = Columns(chunk=chunk, arrays={"jet_pt": jet_pt}, jer=(0.05, 11))
+    every = jer_factors(chunk.path, 1000, [2, 0, 1, 0, 0, 4], 0.05, 11)
+    some = np.array([6, 0, 2, 5])
+    np.testing.assert_array_equal(columns.jer_factors_at(some), every[some])
+    np.testing.assert_array_equal(flat_counts(columns.jer_factors())[0], every)
+    assert columns.jer_factors().tolist()[1] == [] and len(columns.jer_factors().tolist()[5]) == 4
+    assert np.std(every) > 0.01 and np.all(np.abs(every - 1) < 0.5)
+    # without a JER systematic: factors of one; given factors are used as they are
+    np.testing.assert_array_equal(Columns(chunk=chunk, arrays={"jet_pt": jet_pt}).jer_factors_at(some), np.ones(4))
+    given = Columns(chunk=chunk, arrays={"jet_pt": jet_pt}, jer_factor=ak.unflatten(np.arange(7.0), [2, 0, 1, 0, 0, 4]))
+    np.testing.assert_array_equal(given.jer_factors_at(some), some.astype(float))
 
 
 def test_rebatch_regroups_real_events_into_aligned_zero_padded_calls():
