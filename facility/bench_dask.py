@@ -93,8 +93,10 @@ def _start_cluster(workers: int, timeout: float = 60.0):
 
     d = tempfile.mkdtemp(prefix="jacana-bench-")
     sched_file = os.path.join(d, "scheduler.json")
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--scheduler-file", sched_file,
-                               "--port", "0", "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs = _Processes([subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--scheduler-file",
+                                          sched_file, "--port", "0", "--no-dashboard"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)])
+    procs.folder = d
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     for i in range(workers):
         pin = [sys.executable, "-c", _PINNED, str(cores[i % len(cores)])] if cores else [sys.executable]
@@ -111,12 +113,22 @@ def _start_cluster(workers: int, timeout: float = 60.0):
     return client, procs
 
 
+class _Processes(list):
+    """The processes of one benchmark cluster, and the folder of its scheduler file."""
+
+    folder: str | None = None
+
+
 def _stop(procs) -> None:
-    """Stop the processes this benchmark started (by their id), then wait for them."""
+    """Stop the processes this benchmark started (by their id), wait for them, remove their folder."""
+    import shutil
+
     for p in procs:
         p.terminate()
     for p in procs:
         p.wait(timeout=30)
+    if getattr(procs, "folder", None):
+        shutil.rmtree(procs.folder, ignore_errors=True)
 
 
 def bench_dask(fileset: str | Path, workers: int = 2, repeats: int = 3, chunk_size: int = 100_000,
