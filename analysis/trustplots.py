@@ -65,8 +65,13 @@ def scan_landscape(result: Mapping, spec: AnalysisSpec, path: Path) -> Path:
         std = _bootstrap_grid(result, "sigma_mu_std")
         if std is not None:
             ax.fill_between(a["values"], sigma - std, sigma + std, color="#3f90da", alpha=0.25, lw=0,
-                            label=f"bootstrap spread ({result['within_noise_of_best']['replicas']} replicas)")
+                            label=f"+-1 sd per point ({result['within_noise_of_best']['replicas']} bootstrap replicas)")
         ax.plot(a["values"], sigma, "o-", color="#3f90da", label="hard scan (held-out)")
+        within = _bootstrap_grid(result, "within_noise")
+        if within is not None and np.nansum(within) > 0:
+            on = within == 1
+            ax.plot(np.asarray(a["values"])[on], sigma[on], "s", ms=11, mfc="none", mec="#ffa90e", mew=1.8, ls="none",
+                    label=f"within the MC noise of the best ({result['within_noise_of_best']['z']:g} sd, paired)")
         ax.plot(best["params"][a["name"]], best["sigma_mu"], "o", color="#3f90da", ms=14, mfc="none", mew=2,
                 label="grid best")
         for label, params, s, style in _markers(result):
