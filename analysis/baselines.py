@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from jacana.analysis.hardobjective import HardObjective, check_names
 from jacana.facility.atomic import atomic_path, write_json
-from jacana.facility.hardrun import DEFAULT_CHUNK_SIZE, ColumnStore
+from jacana.facility.hardrun import DEFAULT_CHUNK_SIZE, ColumnStore, analysis_chunks
 from jacana.stages.errors import ConfigError
 from jacana.stages.fileset import Fileset
 from jacana.stages.spec import AnalysisSpec
@@ -255,17 +255,28 @@ def _noise(entry: Mapping, best: Mapping | None) -> dict | None:
     return paired_noise(entry, best) if best is not None else None
 
 
-def scan_bootstrap(scan: str | Path | None, validation: Fileset) -> dict | None:
-    """``{"replicas", "seed", "best"}`` of a finished bootstrap scan on the same held-out events, so
-    each method's held-out point can be judged against the grid's best replica by replica; else None."""
+def scan_bootstrap(scan: str | Path | None, spec: AnalysisSpec, validation: Fileset,
+                   n_events: int) -> tuple[dict | None, str | None]:
+    """(``{"replicas", "seed", "z", "best", "points"}``, None) of a finished bootstrap scan of the same
+    config on the same held-out events, so each method's held-out point can be judged against the
+    grid's best replica by replica (and the scan's points cost no pass); else (None, why not)."""
+    from jacana.analysis.scan import _context, point_at
+
     if not scan:
-        return None
+        return None, None
     doc = _scan_doc(scan)
     noise = doc.get("within_noise_of_best")
-    if not noise or doc.get("fileset") != validation.source:
-        return None
-    best = next(p for p in doc["points"] if list(p["index"]) == list(doc["best"]["index"]))
-    return {"replicas": int(noise["replicas"]), "seed": int(noise.get("seed", 0)), "best": best, "z": noise["z"]}
+    why = ("it was made without --bootstrap" if not noise
+           else f"it scanned {doc.get('fileset')}, not the held-out {validation.source}"
+           if doc.get("fileset") != validation.source
+           else f"it had {doc.get('events')} events, the held-out fileset {n_events}" if doc.get("events") != n_events
+           else "it was made with another config" if (doc.get("context") or {}).get("config")
+           != _context(spec, validation, n_events, {})["config"] else None)
+    if why:
+        return None, f"the scan's bootstrap replicas are not used: {why}"
+    points = [p for p in doc["points"] + [doc.get("agc")] if p and p.get("sigma_mu_replicas")]
+    return {"replicas": int(noise["replicas"]), "seed": int(noise.get("seed", 0)), "z": noise["z"],
+            "best": point_at(doc, doc["best"]["index"]), "points": points}, None
 
 
 def scan_row(path: str | Path) -> dict:
@@ -382,11 +393,14 @@ def run_baselines(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_d
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     store = ColumnStore(spec)  # training columns, read once, shared by every method (each counts its own passes)
-    ref = scan_bootstrap(scan, validation)  # a bootstrap scan: judge every held-out point on its replicas
+    n_heldout = sum(c.n_events for c in analysis_chunks(spec, validation, chunk_size))
+    ref, why_not = scan_bootstrap(scan, spec, validation, n_heldout)  # judge every held-out point on its replicas
+    if why_not and progress:
+        print(f"jacana baselines: {why_not}")
     heldout = HardObjective(spec, validation, chunk_size=chunk_size, on_bad_file=on_bad_file,
                             bootstrap=ref["replicas"] if ref else 0, bootstrap_seed=ref["seed"] if ref else 0)
-    if ref:  # the scan's own evaluations cost no pass (its best and the AGC point come back from them)
-        heldout.seed([ref["best"]])
+    if ref:  # the scan's evaluations (its grid and the AGC point) cost no pass
+        heldout.seed(ref["points"])
     agc = heldout.evaluate(spec.param_values())["sigma_mu"]
     rows: list[dict] = []
     doc = {"budget": budget, "seed": seed, "train_fileset": train.source, "validation_fileset": validation.source,
@@ -420,7 +434,8 @@ def run_baselines(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_d
     comparison = {"rows": table_rows, "agc_heldout_sigma_mu": agc, "validation_fileset": validation.source,
                   "validation_events": heldout.n_events, "train_fileset": train.source,
                   "reach_tolerance": REACH_TOLERANCE,
-                  "bootstrap": {k: ref[k] for k in ("replicas", "seed", "z")} if ref else None}
+                  "bootstrap": {k: ref[k] for k in ("replicas", "seed", "z")} if ref else None,
+                  "bootstrap_not_used": why_not}
     if plots:
         from jacana.analysis.trustplots import baseline_convergence
 

@@ -18,6 +18,7 @@ import difflib
 import json
 import math
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -59,13 +60,14 @@ def replica_histograms(hists: Mapping, r: int) -> dict:
             for region, by_sample in hists.items()}
 
 
-#: most bootstrap replicas (the counter hash keeps 10 bits for the replica number)
-MAX_BOOTSTRAP = 1023
-
-
 def check_bootstrap(replicas: int) -> None:
-    if not 0 <= int(replicas) <= MAX_BOOTSTRAP:
-        raise ConfigError(f"bootstrap replicas must be 0 (none) to {MAX_BOOTSTRAP}, got {replicas}")
+    """A usable number of bootstrap replicas (0: none), else a :class:`ConfigError`."""
+    from jacana.stages.columns import check_bootstrap as check
+
+    try:
+        check(replicas)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_names(spec: AnalysisSpec, names: Sequence[str]) -> None:
@@ -167,13 +169,16 @@ class HardObjective:
         return dict(entry)
 
     def _replicas(self, chunk) -> np.ndarray:
-        """The bootstrap multipliers of ``chunk``'s events, drawn once and kept (uint8: 1 byte per event and replica)."""
+        """The bootstrap multipliers of ``chunk``'s events, drawn once and kept (uint8: 1 byte per event and
+        replica, for the whole fileset)."""
         from jacana.stages.columns import bootstrap_multipliers
 
-        key = (chunk.sample, chunk.variation) + chunk.key
+        key = chunk.store_key
         if key not in self._multipliers:
+            # the sample and variation go into the seed: files of two samples may share a name
+            seed = self.bootstrap_seed ^ zlib.crc32(f"{chunk.sample}/{chunk.variation}".encode())
             self._multipliers[key] = bootstrap_multipliers(chunk.path, chunk.entry_start, chunk.n_events,
-                                                           self.bootstrap, self.bootstrap_seed)
+                                                           self.bootstrap, seed)
         return self._multipliers[key]
 
     def __call__(self, values: Mapping[str, float]) -> float:
@@ -182,7 +187,10 @@ class HardObjective:
         return math.inf if sigma is None else sigma
 
     def seed(self, entries: Sequence[Mapping]) -> int:
-        """Reuse earlier evaluations (e.g. a partial ``scan.json``): they cost no pass. Returns how many."""
+        """Reuse earlier evaluations (e.g. a partial ``scan.json``): they cost no pass. Returns how many.
+
+        The caller checks that they were made on the same events with the same config (and, for
+        their replicas, the same bootstrap seed); entries without this objective's replicas are skipped."""
         n = 0
         for e in entries:
             if "params" in e and "sigma_mu" in e:
@@ -190,7 +198,8 @@ class HardObjective:
                 if self.bootstrap and (e.get("sigma_mu") is not None
                                        and (replicas is None or len(replicas) != self.bootstrap)):
                     continue  # made without (these) replicas
-                self._cache[_key(e["params"])] = {k: e[k] for k in ("params", "sigma_mu", "sigma_mu_replicas",
-                                                                    "seconds", "error", "pass") if k in e}
+                keep = ("params", "sigma_mu", "seconds", "error", "pass")
+                keep += ("sigma_mu_replicas",) if self.bootstrap else ()
+                self._cache[_key(e["params"])] = {k: e[k] for k in keep if k in e}
                 n += 1
         return n

@@ -121,16 +121,20 @@ def parse_axes(texts: Sequence[str], spec: AnalysisSpec) -> list[Axis]:
     return axes
 
 
-def _context(spec: AnalysisSpec, fileset: Fileset, n_events: int, fixed: Mapping[str, float],
-             bootstrap: tuple[int, int] = (0, 0)) -> dict:
+def _context(spec: AnalysisSpec, fileset: Fileset, n_events: int, fixed: Mapping[str, float]) -> dict:
     """What must match for stored points to be reused (the config without parameter values)."""
     raw = spec.to_dict()
     for p in raw.get("parameters", {}).values():
         p.pop("value", None)
-    out = {"config": raw, "fileset": fileset.source, "events": n_events, "fixed_params": dict(fixed)}
-    if bootstrap[0]:
-        out["bootstrap"] = {"replicas": bootstrap[0], "seed": bootstrap[1]}
-    return out
+    return {"config": raw, "fileset": fileset.source, "events": n_events, "fixed_params": dict(fixed)}
+
+
+def point_at(result: Mapping, index: Sequence[int]) -> dict:
+    """The point of a scan result at grid ``index``."""
+    for p in result["points"]:
+        if list(p["index"]) == list(index):
+            return p
+    raise ConfigError(f"the scan has no point at grid index {list(index)}")
 
 
 def paired_noise(entry: Mapping, best: Mapping, z: float = NOISE_Z) -> dict | None:
@@ -220,9 +224,13 @@ def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir
     fixed = {k: v for k, v in agc.items() if k not in scanned}
     if hold == "gradient":
         fixed.update({k: v for k, v in gradient["params"].items() if k in fixed})
+    if objective is not None and (bootstrap, bootstrap_seed) not in ((0, 0), (objective.bootstrap,
+                                                                         objective.bootstrap_seed)):
+        raise ConfigError("give the bootstrap replicas to the objective passed in, not to run_scan")
     obj = objective or HardObjective(spec, fileset, chunk_size=chunk_size, on_bad_file=on_bad_file,
                                      bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
-    context = _context(spec, fileset, obj.n_events, fixed, (obj.bootstrap, obj.bootstrap_seed))
+    context = _context(spec, fileset, obj.n_events, fixed)
+    replicas = {"replicas": obj.bootstrap, "seed": obj.bootstrap_seed} if obj.bootstrap else None
     path = out / "scan.json"
     reused = 0
     if path.is_file():
@@ -231,16 +239,21 @@ def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir
         except json.JSONDecodeError:
             old = None
         if isinstance(old, dict) and old.get("version") == SCAN_VERSION and old.get("context") == context:
-            reused = obj.seed([p for p in old.get("points", []) if p.get("sigma_mu") is not None or "error" in p])
-            reused += obj.seed([e for e in (old.get("agc"), old.get("gradient")) if e and not e.get("also_set")])
+            if replicas and old.get("bootstrap") != replicas:
+                if progress:  # sigma_mu could be reused, but every point needs its replicas: one pass each anyway
+                    print(f"jacana scan: {path} was made without these bootstrap replicas; recomputing every point")
+            else:  # the same replicas, or none wanted (the stored sigma_mu are the same either way)
+                reused = obj.seed([p for p in old.get("points", [])
+                                   if p.get("sigma_mu") is not None or "error" in p])
+                reused += obj.seed([e for e in (old.get("agc"), old.get("gradient")) if e and not e.get("also_set")])
         elif progress:
             print(f"jacana scan: {path} was made with another config, fileset or fixed parameters; starting afresh")
 
     grid = grid_points(axes)
     points: list[dict] = []
     result = {"version": SCAN_VERSION, "parameters": [a.to_dict() for a in axes], "fixed_params": fixed,
-              "hold": hold, "context": context, "fileset": fileset.source, "events": obj.n_events,
-              "points": points, "complete": False}
+              "hold": hold, "context": context, "bootstrap": replicas, "fileset": fileset.source,
+              "events": obj.n_events, "points": points, "complete": False}
 
     def save() -> None:
         result["passes"] = obj.passes
@@ -330,9 +343,10 @@ def format_summary(result: Mapping) -> str:
                      + ", ".join(f"{k} {v:.2f}" for k, v in g["grid_steps_from_best"].items()))
     noise = result.get("within_noise_of_best")
     if noise:
-        best_std = (result["points"][_point_at(result, best["index"])].get("bootstrap") or {}).get("sigma_mu_std")
-        lines.append(f"  bootstrap ({noise['replicas']} replicas): the grid best's sigma_mu varies by"
-                     f" {best_std:.5f} ({100 * best_std / best['sigma_mu']:.1f} %);"
+        best_std = (point_at(result, best["index"]).get("bootstrap") or {}).get("sigma_mu_std")
+        spread = ("cannot be estimated (too few replicas gave a sigma_mu)" if best_std is None
+                  else f"varies by {best_std:.5f} ({100 * best_std / best['sigma_mu']:.1f} %)")
+        lines.append(f"  bootstrap ({noise['replicas']} replicas): the grid best's sigma_mu {spread};"
                      f" {len(noise['points'])} of {len(result['points'])} points are within {noise['z']:g}"
                      " standard deviations of it (paired)")
         gb = (g or {}).get("bootstrap")
@@ -341,6 +355,3 @@ def format_summary(result: Mapping) -> str:
                          f" (paired): {'within' if gb['within_noise'] else 'NOT within'} the noise")
     return "\n".join(lines)
 
-
-def _point_at(result: Mapping, index: Sequence[int]) -> int:
-    return next(i for i, p in enumerate(result["points"]) if list(p["index"]) == list(index))

@@ -97,19 +97,23 @@ def _start_cluster(workers: int, timeout: float = 60.0):
                                           sched_file, "--port", "0", "--no-dashboard"],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)])
     procs.folder = d
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    for i in range(workers):
-        pin = [sys.executable, "-c", _PINNED, str(cores[i % len(cores)])] if cores else [sys.executable]
-        procs.append(subprocess.Popen(pin + ["-m", "distributed.cli.dask_worker", "--scheduler-file", sched_file,
-                                             "--nworkers", "1", "--nthreads", "1", "--no-dashboard"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    t0 = time.time()
-    while not os.path.exists(sched_file):
-        if time.time() - t0 > timeout:
-            raise RuntimeError("the benchmark's dask scheduler did not start")
-        time.sleep(0.1)
-    client = Client(scheduler_file=sched_file, timeout=timeout, set_as_default=False)
-    client.wait_for_workers(workers, timeout=timeout)
+    try:
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        for i in range(workers):
+            pin = [sys.executable, "-c", _PINNED, str(cores[i % len(cores)])] if cores else [sys.executable]
+            procs.append(subprocess.Popen(pin + ["-m", "distributed.cli.dask_worker", "--scheduler-file", sched_file,
+                                                 "--nworkers", "1", "--nthreads", "1", "--no-dashboard"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        t0 = time.time()
+        while not os.path.exists(sched_file):
+            if time.time() - t0 > timeout:
+                raise RuntimeError("the benchmark's dask scheduler did not start")
+            time.sleep(0.1)
+        client = Client(scheduler_file=sched_file, timeout=timeout, set_as_default=False)
+        client.wait_for_workers(workers, timeout=timeout)
+    except BaseException:  # no process or folder outlives a cluster that did not come up
+        _stop(procs)
+        raise
     return client, procs
 
 
@@ -123,12 +127,14 @@ def _stop(procs) -> None:
     """Stop the processes this benchmark started (by their id), wait for them, remove their folder."""
     import shutil
 
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        p.wait(timeout=30)
-    if getattr(procs, "folder", None):
-        shutil.rmtree(procs.folder, ignore_errors=True)
+    try:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+    finally:
+        if getattr(procs, "folder", None):
+            shutil.rmtree(procs.folder, ignore_errors=True)
 
 
 def bench_dask(fileset: str | Path, workers: int = 2, repeats: int = 3, chunk_size: int = 100_000,

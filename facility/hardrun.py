@@ -40,7 +40,7 @@ class ColumnStore:
         self.reads = 0
 
     def get(self, chunk: Chunk) -> Columns:
-        key = (chunk.sample, chunk.variation) + chunk.key
+        key = chunk.store_key
         if key not in self._columns:
             self._columns[key] = self._reader(chunk, self._spec)
             self.reads += 1

@@ -126,6 +126,8 @@ import pathlib
 
 import numpy as np
 
+from jacana.stages.columns import per_event_count
+
 GENERATOR_VERSION = "1.1.0"
 
 # ---------------------------------------------------------------------------------------------
@@ -175,15 +177,10 @@ class Skim:
     def keep(self, jets, electrons, muons) -> np.ndarray:
         """Per event: passes the skim (arguments are ``(counts, fields)`` as ``_detector`` returns them)."""
         (jc, j), (ec, e), (mc, m) = jets, electrons, muons
-        n_jets = _per_event(jc, (np.abs(j["eta"]) < self.jet_eta_max) & (j["jetId"] == self.jet_id))
-        n_lep = (_per_event(ec, (e["pt"] >= self.lepton_pt_min) & (np.abs(e["eta"]) < self.electron_eta_max))
-                 + _per_event(mc, (m["pt"] >= self.lepton_pt_min) & (np.abs(m["eta"]) < self.muon_eta_max)))
+        n_jets = per_event_count(jc, (np.abs(j["eta"]) < self.jet_eta_max) & (j["jetId"] == self.jet_id))
+        n_lep = (per_event_count(ec, (e["pt"] >= self.lepton_pt_min) & (np.abs(e["eta"]) < self.electron_eta_max))
+                 + per_event_count(mc, (m["pt"] >= self.lepton_pt_min) & (np.abs(m["eta"]) < self.muon_eta_max)))
         return (n_jets >= self.min_jets) & (n_lep >= self.min_leptons)
-
-
-def _per_event(counts, mask):
-    """Number of True entries of a flat per-object mask in each event (objects grouped by event)."""
-    return np.bincount(np.repeat(np.arange(len(counts)), counts), weights=mask, minlength=len(counts))
 
 
 #: W+jets is generated ``OVERSAMPLE`` times its share of ``events`` and skimmed (``SKIMS``): in the

@@ -39,7 +39,7 @@ import awkward as ak
 import jax
 import numpy as np
 
-from .columns import Columns, flat_counts
+from .columns import Columns, flat_counts, per_event_count
 from .reference import event_weight as event_weights  # one definition of the event weight for both modes
 from .spec import NOMINAL, AnalysisSpec
 
@@ -161,27 +161,6 @@ class _Jagged:
         self.counts = counts
         self.starts = np.cumsum(counts) - counts
 
-    @classmethod
-    def of(cls, arr: ak.Array) -> "_Jagged":
-        return cls(*flat_counts(arr))
-
-    def like(self, content: np.ndarray) -> "_Jagged":
-        """Same structure, other values."""
-        out = _Jagged.__new__(_Jagged)
-        out.content, out.counts, out.starts = content, self.counts, self.starts
-        return out
-
-    def select(self, keep: np.ndarray) -> "_Jagged":
-        """Objects where the flat boolean ``keep`` is True (order kept)."""
-        cs = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
-        return _Jagged(self.content[keep], cs[self.starts + self.counts] - cs[self.starts])
-
-    def take(self, events: np.ndarray, objects: np.ndarray | None = None) -> "_Jagged":
-        """The events where the boolean ``events`` is True, with their objects (order kept);
-        ``objects``: the same selection per object, if the caller has it already."""
-        objects = np.repeat(events, self.counts) if objects is None else objects
-        return _Jagged(self.content[objects], self.counts[events])
-
     def event_and_slot(self) -> tuple[np.ndarray, np.ndarray]:
         """Per object: its event index and its position within the event."""
         event = np.repeat(np.arange(len(self.counts)), self.counts)
@@ -234,7 +213,8 @@ class _Buckets:
         return out
 
 
-def _kinematic_jet_pt(columns: Columns, spec: AnalysisSpec, jet_pt: np.ndarray, jets: np.ndarray) -> dict[str, np.ndarray]:
+def _kinematic_jet_pt(columns: Columns, spec: AnalysisSpec, jet_pt: np.ndarray,
+                      jets: np.ndarray) -> dict[str, np.ndarray]:
     """Jet pT of each kinematic variation (nominal files: nominal, JES, JER; others: nominal only) for
     the jets at flat indices ``jets`` (``jet_pt``: theirs), with the conventional analysis's arithmetic
     (``Jet_pt * factor``, elementwise)."""
@@ -249,12 +229,6 @@ def _kinematic_jet_pt(columns: Columns, spec: AnalysisSpec, jet_pt: np.ndarray, 
     return {k: out[k] for k in ([NOMINAL] + [k for k in spec.kinematic_variations() if k in out and k != NOMINAL])}
 
 
-def _per_event(ok: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """How many objects per event have ``ok`` (flat boolean) set."""
-    cs = np.concatenate([[0], np.cumsum(ok, dtype=np.int64)])
-    return cs[starts + counts] - cs[starts]
-
-
 def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilter: bool = False) -> ChunkBatches:
     """Dense, bucketed event batches of one chunk (see the module docstring)."""
     c = spec.cuts
@@ -265,14 +239,13 @@ def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilt
     v = {name: content for name, (content, _) in flat.items()}
     # one structure per collection (the columns were checked to share their counts)
     counts = {coll: flat[f"{coll}_pt"][1] for coll in ("electron", "muon", "jet")}
-    starts = {coll: np.cumsum(n) - n for coll, n in counts.items()}
     ok = {"electron": ((np.abs(v["electron_eta"]) < c["electron_eta_max"])
                        & (v["electron_id"] == c["electron_id_value"])
                        & (v["electron_sip3d"] < c["electron_sip3d_max"])),
           "muon": ((np.abs(v["muon_eta"]) < c["muon_eta_max"]) & (v["muon_id"] != 0)
                    & (v["muon_sip3d"] < c["muon_sip3d_max"]) & (v["muon_iso"] < c["muon_iso_max"])),
           "jet": v["jet_id"] == c["jet_id_value"]}
-    n_ok = {coll: _per_event(ok[coll], starts[coll], counts[coll]) for coll in ok}
+    n_ok = {coll: per_event_count(counts[coll], ok[coll]) for coll in ok}
     weight = event_weights(columns, spec)
     if prefilter:  # events that cannot pass at any parameter values go now, with their objects
         keep = (n_ok["electron"] + n_ok["muon"] >= int(c["n_leptons"])) & (n_ok["jet"] >= int(c["min_jets"]))

@@ -45,7 +45,9 @@ class Columns:
     arrays: dict[str, ak.Array]
     jer_factor: ak.Array | None = None  # per-jet pT smearing factor of the JER variation
     nonfinite: dict[str, int] = dataclasses.field(default_factory=dict)  # branch -> NaN/inf values masked
-    jer: tuple[float, int] | None = None  # (sigma, seed) of the JER smearing; None with neither: factors of 1
+    # (sigma, seed) of the JER smearing. With neither this nor jer_factor the factors are 1 (no smearing):
+    # build Columns with columns_from_arrays, which sets it from the config
+    jer: tuple[float, int] | None = None
 
     def __getitem__(self, name: str) -> ak.Array:
         return self.arrays[name]
@@ -127,7 +129,8 @@ def jer_factors(path: str, entry_start: int, counts: np.ndarray, sigma: float, s
 
 
 def jer_factors_at(path: str, entry: np.ndarray, jet_index: np.ndarray, sigma: float, seed: int) -> np.ndarray:
-    """The N(1, sigma) factors of the jets (``entry``, ``jet_index``) of file ``path``: :func:`jer_factors`'s, jet by jet."""
+    """The N(1, sigma) factors of the jets (``entry``, ``jet_index``) of file ``path``: those of
+    :func:`jer_factors`, jet by jet."""
     if len(entry) == 0:
         return np.zeros(0, dtype=np.float64)
     return 1.0 + sigma * ndtri(counter_uniform(path, entry, jet_index, seed))
@@ -137,6 +140,24 @@ def jer_factors_at(path: str, entry: np.ndarray, jet_index: np.ndarray, sigma: f
 BOOTSTRAP_SALT = 0x5EED_B007
 #: Poisson(1) cumulative probabilities P(k <= 0..15): the multipliers' inverse CDF (P(k > 15) < 1e-13).
 _POISSON1_CDF = np.cumsum([math.exp(-1.0) / math.factorial(k) for k in range(16)])
+
+
+#: Most bootstrap replicas: the counter hash keeps 10 bits for the replica number; at least 2 (a spread).
+MAX_BOOTSTRAP = 1023
+
+
+def check_bootstrap(replicas: int) -> None:
+    """``replicas`` is 0 (no bootstrap) or 2..:data:`MAX_BOOTSTRAP`, else a ValueError that says so."""
+    if not (int(replicas) == 0 or 2 <= int(replicas) <= MAX_BOOTSTRAP):
+        raise ValueError(f"bootstrap replicas must be 0 (none) or 2 to {MAX_BOOTSTRAP}, got {replicas}")
+
+
+def per_event_count(counts: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """How many objects of each event have the flat per-object ``mask`` set (objects grouped by event)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    cs = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    ends = np.cumsum(counts)
+    return cs[ends] - cs[ends - counts]
 
 
 def bootstrap_multipliers(path: str, entry_start: int, n_events: int, replicas: int, seed: int = 0) -> np.ndarray:
@@ -151,8 +172,8 @@ def bootstrap_multipliers(path: str, entry_start: int, n_events: int, replicas: 
     >>> bootstrap_multipliers("f.root", 0, 5, 2, seed=1).shape
     (3, 5)
     """
-    if not 1 <= replicas < 1024:
-        raise ValueError(f"bootstrap replicas must be 1..1023, got {replicas}")
+    if not 1 <= replicas <= MAX_BOOTSTRAP:
+        raise ValueError(f"bootstrap replicas must be 1 to {MAX_BOOTSTRAP}, got {replicas}")
     entry = np.arange(entry_start, entry_start + n_events, dtype=np.uint64)
     out = np.ones((replicas + 1, n_events), dtype=np.uint8)
     salted = (int(seed) ^ BOOTSTRAP_SALT) & 0xFFFFFFFF

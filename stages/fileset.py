@@ -39,6 +39,11 @@ class Chunk:
     def key(self) -> tuple[str, int, int]:
         return (self.path, self.entry_start, self.entry_stop)
 
+    @property
+    def store_key(self) -> tuple[str, str, str, int, int]:
+        """What a per-chunk cache is keyed by: the sample and variation too (one file may serve several)."""
+        return (self.sample, self.variation) + self.key
+
 
 @dataclasses.dataclass(frozen=True)
 class Fileset:

@@ -110,7 +110,8 @@ def new_histogram(edges: np.ndarray, replicas: int = 0) -> hist.Hist:
     return hist.Hist(*axes, storage=hist.storage.Weight())
 
 
-def fill_histograms(columns: Columns, spec: AnalysisSpec, replicas: np.ndarray | None = None) -> dict[str, dict[str, hist.Hist]]:
+def fill_histograms(columns: Columns, spec: AnalysisSpec,
+                    replicas: np.ndarray | None = None) -> dict[str, dict[str, hist.Hist]]:
     """Hard-mode histograms of one chunk: ``{region: {variation: hist.Hist}}``.
 
     Nominal files give every kinematic (JES, JER) and weight (b-tag) variation; an
@@ -123,6 +124,9 @@ def fill_histograms(columns: Columns, spec: AnalysisSpec, replicas: np.ndarray |
     without replicas).
     """
     chunk = columns.chunk
+    if replicas is not None and (replicas.ndim != 2 or replicas.shape[1] != len(columns)):
+        raise ValueError(f"{chunk.path}: replicas must be [R, {len(columns)}] (one row per replica, one column per"
+                         f" event of entries {chunk.entry_start}-{chunk.entry_stop}), got {replicas.shape}")
     weight = event_weight(columns, spec)
     btag_min = spec.param_values()["btag_min"]
     out: dict[str, dict[str, hist.Hist]] = {r: {} for r in spec.regions}
@@ -153,18 +157,19 @@ def fill_histograms(columns: Columns, spec: AnalysisSpec, replicas: np.ndarray |
         for name, region in spec.regions.items():
             m = masks[name]
             x = obs[region.observable][m]
+            if replicas is not None:
+                # an event drawn k times is k entries of weight w (sumw2 gains k w^2, not (k w)^2);
+                # replica-major, so each replica's bins add up in event order as without replicas
+                k = replicas[:, m].astype(np.intp)
+                copies = np.repeat(np.tile(np.arange(len(x)), len(k)), k.ravel())
+                replica_of, x_copies = np.repeat(np.arange(len(k)), k.sum(axis=1)), x[copies]
             for var, w in weights.items():
                 if replicas is None:
                     h = new_histogram(region.edges)
                     h.fill(observable=x, weight=w[m])
                 else:
-                    # an event drawn k times is k entries of weight w (sumw2 gains k w^2, not (k w)^2);
-                    # replica-major, so each replica's bins add up in event order as without replicas
-                    k = replicas[:, m].astype(np.intp)
-                    copies = np.repeat(np.tile(np.arange(len(x)), len(k)), k.ravel())
                     h = new_histogram(region.edges, len(k))
-                    h.fill(replica=np.repeat(np.arange(len(k)), k.sum(axis=1)), observable=x[copies],
-                           weight=w[m][copies])
+                    h.fill(replica=replica_of, observable=x_copies, weight=w[m][copies])
                 out[name][var] = h
     return out
 

@@ -144,9 +144,14 @@ def test_a_bootstrap_scan_judges_every_method_on_its_replicas(filesets, tmp_path
     # a scan without replicas, or of other events, judges nothing
     run_scan(spec, validation, parse_axes(["jet_pt_min=25:25:1"], spec), tmp_path / "plain", progress=False,
              plots=False)
-    assert scan_bootstrap(tmp_path / "plain", validation) is None
-    assert scan_bootstrap(tmp_path / "scan", load_fileset(filesets[0])) is None
-    assert scan_bootstrap(tmp_path / "scan", validation)["replicas"] == 8
+    n = scan["events"]
+    assert scan_bootstrap(tmp_path / "plain", spec, validation, n) == (
+        None, "the scan's bootstrap replicas are not used: it was made without --bootstrap")
+    assert "not the held-out" in scan_bootstrap(tmp_path / "scan", spec, load_fileset(filesets[0]), n)[1]
+    assert "another config" in scan_bootstrap(tmp_path / "scan", load_spec(overrides={"cuts.min_jets": 5}),
+                                              validation, n)[1]
+    ref, why = scan_bootstrap(tmp_path / "scan", spec, validation, n)
+    assert why is None and ref["replicas"] == 8 and len(ref["points"]) == 3  # 2 grid points and the AGC point
 
 
 def test_start_points_spread_inside_the_bounds():

@@ -110,8 +110,9 @@ def test_bad_scan_on_the_command_line(tmp_path, capsys):
     assert main(["scan", "--params", "jet_pt_min=25:45:3", "btag_min=0.5:0.9:3", "jet_eta_max=2:2.4:2",
                  "--out", str(tmp_path)]) == 2
     assert "one or two parameters" in capsys.readouterr().err
-    assert main(["scan", "--params", "btag_min=0.5:0.7:3", "--bootstrap", "2000", "--out", str(tmp_path)]) == 2
-    assert "0 (none) to 1023, got 2000" in capsys.readouterr().err
+    for bad in ("2000", "1", "-3"):  # one replica has no spread
+        assert main(["scan", "--params", "btag_min=0.5:0.7:3", "--bootstrap", bad, "--out", str(tmp_path)]) == 2
+        assert f"0 (none) or 2 to 1023, got {bad}" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="must differ"):
         parse_axes(["btag_min=0.5:0.9:3", "btag_min=0.5:0.9:3"], load_spec())
 
@@ -156,7 +157,7 @@ def test_bootstrap_multipliers_are_poisson_one_and_independent_of_chunking():
     assert np.array_equal(np.concatenate(parts, axis=1), whole)  # any chunking: the same draws per event
     assert not np.array_equal(bootstrap_multipliers("ttbar__nominal__0.root", 1000, 200_000, 3, seed=5)[1], whole[1])
     assert not np.array_equal(bootstrap_multipliers("ttbar__nominal__1.root", 1000, 200_000, 3, seed=4)[1], whole[1])
-    with pytest.raises(ValueError, match="1..1023"):
+    with pytest.raises(ValueError, match="1 to 1023"):
         bootstrap_multipliers("f.root", 0, 10, 0)
 
 
@@ -218,8 +219,11 @@ def test_bootstrap_scan_is_the_plain_scan_plus_paired_noise(fileset, tmp_path, g
         b = p["bootstrap"]
         assert len(p["sigma_mu_replicas"]) == 6 and b["sigma_mu_std"] > 0
         assert b["within_noise"] == (b["diff_to_best"] <= 2.0 * b["diff_std"])
-        if p is not best:  # pairing: the common noise cancels in the difference
-            assert 0 < b["diff_std"] < np.hypot(b["sigma_mu_std"], best["bootstrap"]["sigma_mu_std"])
+        # paired: the spread of the replica-by-replica differences, not of each point's own values
+        diffs = np.subtract(p["sigma_mu_replicas"], best["sigma_mu_replicas"])
+        assert b["diff_std"] == pytest.approx(np.std(diffs, ddof=1), rel=1e-12)
+        assert b["sigma_mu_std"] == pytest.approx(np.std(p["sigma_mu_replicas"], ddof=1), rel=1e-12)
+        assert (b["diff_std"] > 0) == (p is not best)
     assert boot["gradient"]["bootstrap"]["replicas"] == 6
     assert (tmp_path / "boot" / "plots" / "scan.png").stat().st_size > 10_000
     # resume: every point is reused with its replicas; a plain scan's points are not (other context)
