@@ -307,7 +307,7 @@ def _noise_cell(noise: Mapping | None) -> str:
     if not noise:
         return "-"
     verdict = "within" if noise["within_noise"] else "**beyond**"
-    return f"{noise['diff_to_best']:+.5f} +- {noise['diff_std']:.5f} ({verdict})"
+    return f"{noise['diff_to_best']:+.5f} +- {noise['diff_sd']:.5f} ({verdict})"
 
 
 def _fmt(x, spec="{:.5f}") -> str:

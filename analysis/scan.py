@@ -16,7 +16,8 @@ With ``--bootstrap B`` every point is also evaluated on B Poisson-bootstrap repl
 simulated events, in the same pass (:func:`~jacana.stages.columns.bootstrap_multipliers`: the same
 replicas at every point). The spread is the Monte Carlo statistical noise of the landscape; the
 *paired* difference of a point to the grid's best (replica by replica) says whether the best is
-really better or only luckier: points within ``NOISE_Z`` standard deviations of it are listed as
+really better or only luckier: points within ``NOISE_Z`` robust standard deviations of it (1.4826
+x the median absolute deviation: the replicas have a heavy upper tail) are listed as
 ``within_noise_of_best`` and outlined in the plot.
 """
 
@@ -137,12 +138,21 @@ def point_at(result: Mapping, index: Sequence[int]) -> dict:
     raise ConfigError(f"the scan has no point at grid index {list(index)}")
 
 
+def robust_sd(values: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation: the standard deviation of a normal sample, but not
+    carried by one or two outliers (a bootstrap replica that draws a heavy event several times)."""
+    values = np.asarray(values, dtype=float)
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
 def paired_noise(entry: Mapping, best: Mapping, z: float = NOISE_Z) -> dict | None:
     """Bootstrap noise of ``entry`` (a point with ``sigma_mu_replicas``) against the grid's ``best``.
 
-    ``sigma_mu_std``: the spread of the point's sigma_mu over the replicas; ``diff_std``: that of its
-    difference to the best, replica by replica (paired: most of the noise is common and cancels);
-    ``within_noise``: the point exceeds the best by at most ``z`` of those. None without replicas.
+    ``sigma_mu_sd``: the spread of the point's sigma_mu over the replicas; ``diff_sd``: that of its
+    difference to the best, replica by replica (paired: the noise common to both cancels). Both are
+    robust (:func:`robust_sd`): the replicas' sigma_mu has a heavy upper tail, and the plain standard
+    deviations (``sigma_mu_std``, ``diff_std``, also given) move with single replicas.
+    ``within_noise``: the point exceeds the best by at most ``z`` x ``diff_sd``. None without replicas.
     """
     a, b = entry.get("sigma_mu_replicas"), best.get("sigma_mu_replicas")
     if entry.get("sigma_mu") is None or not a or not b or len(a) != len(b):
@@ -151,9 +161,11 @@ def paired_noise(entry: Mapping, best: Mapping, z: float = NOISE_Z) -> dict | No
     if len(pairs) < 2:
         return None
     diff = entry["sigma_mu"] - best["sigma_mu"]
-    diff_std = float(np.std(pairs[:, 0] - pairs[:, 1], ddof=1))
-    return {"replicas": len(pairs), "sigma_mu_std": float(np.std(pairs[:, 0], ddof=1)), "diff_to_best": diff,
-            "diff_std": diff_std, "within_noise": bool(diff <= z * diff_std)}
+    diffs = pairs[:, 0] - pairs[:, 1]
+    diff_sd = robust_sd(diffs)
+    return {"replicas": len(pairs), "sigma_mu_sd": robust_sd(pairs[:, 0]), "diff_to_best": diff, "diff_sd": diff_sd,
+            "within_noise": bool(diff <= z * diff_sd), "sigma_mu_std": float(np.std(pairs[:, 0], ddof=1)),
+            "diff_std": float(np.std(diffs, ddof=1))}
 
 
 def _read_json(path: Path, what: str):
@@ -343,15 +355,15 @@ def format_summary(result: Mapping) -> str:
                      + ", ".join(f"{k} {v:.2f}" for k, v in g["grid_steps_from_best"].items()))
     noise = result.get("within_noise_of_best")
     if noise:
-        best_std = (point_at(result, best["index"]).get("bootstrap") or {}).get("sigma_mu_std")
+        best_std = (point_at(result, best["index"]).get("bootstrap") or {}).get("sigma_mu_sd")
         spread = ("cannot be estimated (too few replicas gave a sigma_mu)" if best_std is None
                   else f"varies by {best_std:.5f} ({100 * best_std / best['sigma_mu']:.1f} %)")
         lines.append(f"  bootstrap ({noise['replicas']} replicas): the grid best's sigma_mu {spread};"
                      f" {len(noise['points'])} of {len(result['points'])} points are within {noise['z']:g}"
-                     " standard deviations of it (paired)")
+                     " robust standard deviations of it (paired)")
         gb = (g or {}).get("bootstrap")
         if gb:
-            lines.append(f"  gradient optimum vs grid best: {gb['diff_to_best']:+.5f} +- {gb['diff_std']:.5f}"
+            lines.append(f"  gradient optimum vs grid best: {gb['diff_to_best']:+.5f} +- {gb['diff_sd']:.5f}"
                          f" (paired): {'within' if gb['within_noise'] else 'NOT within'} the noise")
     return "\n".join(lines)
 

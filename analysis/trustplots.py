@@ -41,7 +41,7 @@ def _markers(result: Mapping):
 
 
 def _bootstrap_grid(result: Mapping, field: str) -> np.ndarray | None:
-    """A per-point bootstrap number of a scan (``sigma_mu_std``, ``within_noise``) on the grid's shape; NaN where none."""
+    """A per-point bootstrap number of a scan (``sigma_mu_sd``, ``within_noise``) on the grid's shape; NaN where none."""
     if not result.get("within_noise_of_best"):
         return None
     out = np.full([a["n"] for a in result["parameters"]], np.nan)
@@ -62,10 +62,10 @@ def scan_landscape(result: Mapping, spec: AnalysisSpec, path: Path) -> Path:
     if len(axes) == 1:
         a = axes[0]
         fig, ax = plt.subplots(figsize=(8.5, 6))
-        std = _bootstrap_grid(result, "sigma_mu_std")
+        std = _bootstrap_grid(result, "sigma_mu_sd")
         if std is not None:
             ax.fill_between(a["values"], sigma - std, sigma + std, color="#3f90da", alpha=0.25, lw=0,
-                            label=f"+-1 sd per point ({result['within_noise_of_best']['replicas']} bootstrap replicas)")
+                            label=f"+-1 robust sd per point ({result['within_noise_of_best']['replicas']} bootstrap replicas)")
         ax.plot(a["values"], sigma, "o-", color="#3f90da", label="hard scan (held-out)")
         within = _bootstrap_grid(result, "within_noise")
         if within is not None and np.nansum(within) > 0:

@@ -200,6 +200,17 @@ def _with_events(columns, n):
     return dataclasses.replace(columns, chunk=dataclasses.replace(columns.chunk, entry_stop=columns.chunk.entry_start + n))
 
 
+def test_robust_sd_ignores_a_single_outlier_replica():
+    from jacana.analysis.scan import robust_sd
+
+    normal = np.random.default_rng(4).normal(0.05, 0.002, 30)
+    assert robust_sd(normal) == pytest.approx(0.002, rel=0.35)
+    spiked = normal.copy()
+    spiked[0] = 0.09  # one replica far out: the plain sd doubles and more, the robust one barely moves
+    assert np.std(spiked, ddof=1) > 2 * np.std(normal, ddof=1)
+    assert robust_sd(spiked) == pytest.approx(robust_sd(normal), rel=0.15)
+
+
 def test_bootstrap_scan_is_the_plain_scan_plus_paired_noise(fileset, tmp_path, gradient_result):
     spec = load_spec()
     fs = load_fileset(fileset)
@@ -217,13 +228,15 @@ def test_bootstrap_scan_is_the_plain_scan_plus_paired_noise(fileset, tmp_path, g
         p["params"]["jet_pt_min"] for p in noise["points"]]
     for p in boot["points"]:
         b = p["bootstrap"]
-        assert len(p["sigma_mu_replicas"]) == 6 and b["sigma_mu_std"] > 0
-        assert b["within_noise"] == (b["diff_to_best"] <= 2.0 * b["diff_std"])
-        # paired: the spread of the replica-by-replica differences, not of each point's own values
+        assert len(p["sigma_mu_replicas"]) == 6 and b["sigma_mu_sd"] > 0
+        assert b["within_noise"] == (b["diff_to_best"] <= 2.0 * b["diff_sd"])
+        # paired: the spread of the replica-by-replica differences, not of each point's own values;
+        # robust (1.4826 x MAD), with the plain standard deviations beside it
         diffs = np.subtract(p["sigma_mu_replicas"], best["sigma_mu_replicas"])
+        assert b["diff_sd"] == pytest.approx(1.4826 * np.median(np.abs(diffs - np.median(diffs))), rel=1e-12)
         assert b["diff_std"] == pytest.approx(np.std(diffs, ddof=1), rel=1e-12)
         assert b["sigma_mu_std"] == pytest.approx(np.std(p["sigma_mu_replicas"], ddof=1), rel=1e-12)
-        assert (b["diff_std"] > 0) == (p is not best)
+        assert (b["diff_sd"] > 0) == (p is not best)
     assert boot["gradient"]["bootstrap"]["replicas"] == 6
     assert (tmp_path / "boot" / "plots" / "scan.png").stat().st_size > 10_000
     # resume: every point is reused with its replicas; a plain scan's points are not (other context)
