@@ -71,7 +71,7 @@ def scan_landscape(result: Mapping, spec: AnalysisSpec, path: Path) -> Path:
         if within is not None and np.nansum(within) > 0:
             on = within == 1
             ax.plot(np.asarray(a["values"])[on], sigma[on], "s", ms=11, mfc="none", mec="#ffa90e", mew=1.8, ls="none",
-                    label=f"within the MC noise of the best ({result['within_noise_of_best']['z']:g} sd, paired)")
+                    label=f"within the MC noise of the best ({result['within_noise_of_best']['z']:g} robust sd, paired)")
         ax.plot(best["params"][a["name"]], best["sigma_mu"], "o", color="#3f90da", ms=14, mfc="none", mew=2,
                 label="grid best")
         for label, params, s, style in _markers(result):
@@ -103,7 +103,7 @@ def scan_landscape(result: Mapping, spec: AnalysisSpec, path: Path) -> Path:
         if within is not None and np.nansum(within) > 0:
             ix, iy = np.nonzero(within == 1)
             ax.plot(xs[ix], ys[iy], "s", ms=7, mfc="none", mec="#ffa90e", mew=1.5, ls="none",
-                    label=f"within the MC noise of the best ({result['within_noise_of_best']['z']:g} sd, paired)")
+                    label=f"within the MC noise of the best ({result['within_noise_of_best']['z']:g} robust sd, paired)")
         ax.plot(best["params"][a["name"]], best["params"][b["name"]], "o", ms=16, mfc="none", mec="white", mew=2.5,
                 label=f"grid best ({best['sigma_mu']:.4f})")
         for label, params, s, style in _markers(result):
