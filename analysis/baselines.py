@@ -266,12 +266,16 @@ def scan_bootstrap(scan: str | Path | None, spec: AnalysisSpec, validation: File
         return None, None
     doc = _scan_doc(scan)
     noise = doc.get("within_noise_of_best")
-    why = ("it was made without --bootstrap" if not noise
-           else f"it scanned {doc.get('fileset')}, not the held-out {validation.source}"
-           if doc.get("fileset") != validation.source
-           else f"it had {doc.get('events')} events, the held-out fileset {n_events}" if doc.get("events") != n_events
-           else "it was made with another config" if (doc.get("context") or {}).get("config")
-           != _context(spec, validation, n_events, {})["config"] else None)
+    if not noise:
+        why = "it was made without --bootstrap"
+    elif doc.get("fileset") != validation.source:
+        why = f"it scanned {doc.get('fileset')}, not the held-out {validation.source}"
+    elif doc.get("events") != n_events:
+        why = f"it had {doc.get('events')} events, the held-out fileset {n_events}"
+    elif (doc.get("context") or {}).get("config") != _context(spec, validation, n_events, {})["config"]:
+        why = "it was made with another config"
+    else:
+        why = None
     if why:
         return None, f"the scan's bootstrap replicas are not used: {why}"
     points = [p for p in doc["points"] + [doc.get("agc")] if p and p.get("sigma_mu_replicas")]

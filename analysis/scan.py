@@ -299,19 +299,16 @@ def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir
     grid_best = min(ok, key=lambda p: p["sigma_mu"])
     result["best"] = {"index": grid_best["index"], "params": grid_best["params"], "sigma_mu": grid_best["sigma_mu"]}
     # the feasible region a physicist fine-tunes in: every grid point within NEAR_BEST of the best
-    result["near_best"] = {"tolerance": NEAR_BEST, "points": [
-        {"params": {a.name: p["params"][a.name] for a in axes}, "sigma_mu": p["sigma_mu"]}
-        for p in sorted(ok, key=lambda p: p["sigma_mu"]) if p["sigma_mu"] <= grid_best["sigma_mu"] * (1 + NEAR_BEST)]}
+    result["near_best"] = {"tolerance": NEAR_BEST, "points": _listed(
+        ok, axes, lambda p: p["sigma_mu"] <= grid_best["sigma_mu"] * (1 + NEAR_BEST))}
     result["agc"] = obj.evaluate(agc)
     result["agc"].pop("cached", None)
     if obj.bootstrap:
         for p in points + [result["agc"]]:
             p["bootstrap"] = paired_noise(p, grid_best)
         result["within_noise_of_best"] = {"z": NOISE_Z, "replicas": obj.bootstrap, "seed": obj.bootstrap_seed,
-                                          "points": [{"params": {a.name: p["params"][a.name] for a in axes},
-                                                      "sigma_mu": p["sigma_mu"]}
-                                                     for p in sorted(ok, key=lambda p: p["sigma_mu"])
-                                                     if (p.get("bootstrap") or {}).get("within_noise")]}
+                                          "points": _listed(ok, axes,
+                                                            lambda p: (p.get("bootstrap") or {}).get("within_noise"))}
     if gradient is not None:
         g = obj.evaluate(gradient["params"], gradient["extra"] or None, overrides=gradient["overrides"] or None)
         g.pop("cached", None)
@@ -336,6 +333,12 @@ def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir
         result["plot"] = str(scan_landscape(result, spec, out / "plots" / "scan.png"))
     save()
     return result
+
+
+def _listed(points: Sequence[Mapping], axes: Sequence[Axis], keep) -> list[dict]:
+    """The scanned values and sigma_mu of the ``points`` that ``keep`` accepts, best first."""
+    return [{"params": {a.name: p["params"][a.name] for a in axes}, "sigma_mu": p["sigma_mu"]}
+            for p in sorted(points, key=lambda p: p["sigma_mu"]) if keep(p)]
 
 
 def format_summary(result: Mapping) -> str:

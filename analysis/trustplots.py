@@ -52,6 +52,15 @@ def _bootstrap_grid(result: Mapping, field: str) -> np.ndarray | None:
     return out
 
 
+def _within_noise(result: Mapping) -> tuple | None:
+    """(grid indices per axis of the points within the noise of the best, ..., legend label), or None."""
+    within = _bootstrap_grid(result, "within_noise")
+    if within is None or not np.nansum(within) > 0:
+        return None
+    return (*np.nonzero(within == 1),
+            f"within the MC noise of the best ({result['within_noise_of_best']['z']:g} robust sd, paired)")
+
+
 def scan_landscape(result: Mapping, spec: AnalysisSpec, path: Path) -> Path:
     """The hard expected sigma_mu over the scanned grid: a curve (1D) or a heat map (2D)."""
     plt.style.use(mplhep.style.CMS)
@@ -67,11 +76,11 @@ def scan_landscape(result: Mapping, spec: AnalysisSpec, path: Path) -> Path:
             ax.fill_between(a["values"], sigma - std, sigma + std, color="#3f90da", alpha=0.25, lw=0,
                             label=f"+-1 robust sd per point ({result['within_noise_of_best']['replicas']} bootstrap replicas)")
         ax.plot(a["values"], sigma, "o-", color="#3f90da", label="hard scan (held-out)")
-        within = _bootstrap_grid(result, "within_noise")
-        if within is not None and np.nansum(within) > 0:
-            on = within == 1
+        within = _within_noise(result)
+        if within is not None:
+            on = within[0]
             ax.plot(np.asarray(a["values"])[on], sigma[on], "s", ms=11, mfc="none", mec="#ffa90e", mew=1.8, ls="none",
-                    label=f"within the MC noise of the best ({result['within_noise_of_best']['z']:g} robust sd, paired)")
+                    label=within[-1])
         ax.plot(best["params"][a["name"]], best["sigma_mu"], "o", color="#3f90da", ms=14, mfc="none", mew=2,
                 label="grid best")
         for label, params, s, style in _markers(result):
@@ -99,11 +108,10 @@ def scan_landscape(result: Mapping, spec: AnalysisSpec, path: Path) -> Path:
             levels = [lo * f for f in (1.01, 1.03, 1.1)]
             cs = ax.contour(xs, ys, sigma.T, levels=levels, colors="white", linewidths=1)
             ax.clabel(cs, fmt={lv: f"+{round(100 * (lv / lo - 1))}%" for lv in levels}, fontsize=10)
-        within = _bootstrap_grid(result, "within_noise")
-        if within is not None and np.nansum(within) > 0:
-            ix, iy = np.nonzero(within == 1)
-            ax.plot(xs[ix], ys[iy], "s", ms=7, mfc="none", mec="#ffa90e", mew=1.5, ls="none",
-                    label=f"within the MC noise of the best ({result['within_noise_of_best']['z']:g} robust sd, paired)")
+        within = _within_noise(result)
+        if within is not None:
+            ix, iy, label = within
+            ax.plot(xs[ix], ys[iy], "s", ms=7, mfc="none", mec="#ffa90e", mew=1.5, ls="none", label=label)
         ax.plot(best["params"][a["name"]], best["params"][b["name"]], "o", ms=16, mfc="none", mec="white", mew=2.5,
                 label=f"grid best ({best['sigma_mu']:.4f})")
         for label, params, s, style in _markers(result):

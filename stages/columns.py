@@ -59,7 +59,9 @@ class Columns:
         """Every jet's JER factor, [events, jets] (drawn once, then kept)."""
         if self.jer_factor is None:
             _, counts = flat_counts(self.arrays["jet_pt"])
-            self.jer_factor = ak.unflatten(self.jer_factors_at(np.arange(int(counts.sum()))), counts)
+            flat = (jer_factors(self.chunk.path, self.chunk.entry_start, counts, *self.jer) if self.jer
+                    else np.ones(int(counts.sum())))
+            self.jer_factor = ak.unflatten(flat, counts)
         return self.jer_factor
 
     def jer_factors_at(self, jets: np.ndarray) -> np.ndarray:
@@ -86,6 +88,14 @@ def flat_counts(arr: ak.Array) -> tuple[np.ndarray, np.ndarray]:
         offsets = np.asarray(layout.offsets.data).astype(np.int64, copy=False)
         return np.asarray(layout.content.data)[offsets[0]:offsets[-1]], np.diff(offsets)
     return ak.to_numpy(ak.flatten(arr, axis=1)), ak.to_numpy(ak.num(arr, axis=1)).astype(np.int64)
+
+
+def per_event_count(counts: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """How many objects of each event have the flat per-object ``mask`` set (objects grouped by event)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    cs = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    ends = np.cumsum(counts)
+    return cs[ends] - cs[ends - counts]
 
 
 def file_key(path: str) -> int:
@@ -140,9 +150,7 @@ def jer_factors_at(path: str, entry: np.ndarray, jet_index: np.ndarray, sigma: f
 BOOTSTRAP_SALT = 0x5EED_B007
 #: Poisson(1) cumulative probabilities P(k <= 0..15): the multipliers' inverse CDF (P(k > 15) < 1e-13).
 _POISSON1_CDF = np.cumsum([math.exp(-1.0) / math.factorial(k) for k in range(16)])
-
-
-#: Most bootstrap replicas: the counter hash keeps 10 bits for the replica number; at least 2 (a spread).
+#: Most bootstrap replicas: the counter hash keeps 10 bits for the replica number.
 MAX_BOOTSTRAP = 1023
 
 
@@ -150,14 +158,6 @@ def check_bootstrap(replicas: int) -> None:
     """``replicas`` is 0 (no bootstrap) or 2..:data:`MAX_BOOTSTRAP`, else a ValueError that says so."""
     if not (int(replicas) == 0 or 2 <= int(replicas) <= MAX_BOOTSTRAP):
         raise ValueError(f"bootstrap replicas must be 0 (none) or 2 to {MAX_BOOTSTRAP}, got {replicas}")
-
-
-def per_event_count(counts: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """How many objects of each event have the flat per-object ``mask`` set (objects grouped by event)."""
-    counts = np.asarray(counts, dtype=np.int64)
-    cs = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
-    ends = np.cumsum(counts)
-    return cs[ends] - cs[ends - counts]
 
 
 def bootstrap_multipliers(path: str, entry_start: int, n_events: int, replicas: int, seed: int = 0) -> np.ndarray:
