@@ -8,8 +8,9 @@ optimised on the training events, the best point then checked on the held-out ev
 Budget accounting, shared with ``jacana optimize``: a *full pass* is one pass over the training
 events. A hard evaluation is one pass; a gradient step is one pass (Jacobian mode returns
 yields and their Jacobian together), and every extra evaluation the gradient run makes on its
-training events (the objective template, the hard-limit checks every ``hard_every`` steps, the
-relaxed and hard objectives at the end) is one more (:func:`gradient_passes`). Held-out
+training events (the hard-limit checks every ``hard_every`` steps, the hard objective at the
+end, a template after a resume) is one more: ``jacana optimize`` counts them as it goes
+(``passes`` in its result; :func:`gradient_passes`). Held-out
 evaluations are reporting, not optimisation: they are counted apart, for every method alike.
 With ``--scan`` of a ``jacana scan --bootstrap`` on the same held-out events, every method's
 held-out point is also evaluated on the scan's bootstrap replicas and compared with the grid's
@@ -210,7 +211,7 @@ def gradient_passes(result: Mapping) -> dict:
     # Jacobian mode (the cuts): yields and Jacobian in one pass; VJP mode (bin edges, NN): yields, then the VJP
     per_step = 2 if settings.get("binning") or settings.get("nn") else 1
     hard = sum(1 for h in history if h.get("hard_objective") is not None)
-    extra = 1 + 2  # the objective's template yields; relaxed and hard objectives at the end
+    extra = 1 + 2  # results before the count was recorded: the template; relaxed and hard objectives at the end
     return {"train": per_step * steps + hard + extra, "steps": steps, "passes_per_step": per_step,
             "hard_evaluations": hard, "other": extra}
 
@@ -231,14 +232,12 @@ def gradient_row(path: str | Path, heldout: HardObjective | None = None, spec: A
              if heldout is not None else {"sigma_mu": own})
     held = entry["sigma_mu"]
     hist = result.get("history", [])
-    trace, best, used = [], math.inf, 1  # passes: template, then per step 1 or 2 (+1 with a hard check)
+    trace, best, used = [], math.inf, 1  # older results: template, then per step 1 or 2 (+1 with a hard check)
     for h in hist:
-        used += passes.get("passes_per_step", 1)
-        if h.get("hard_objective") is not None:
-            used += 1
-            if h["hard_objective"] < best:
-                best = h["hard_objective"]
-                trace.append((used, best))
+        used = h.get("passes", used + passes.get("passes_per_step", 1) + (h.get("hard_objective") is not None))
+        if h.get("hard_objective") is not None and h["hard_objective"] < best:
+            best = h["hard_objective"]
+            trace.append((used, best))
     final_hard = (result.get("final_objective") or {}).get("hard_limit")
     if final_hard is not None and final_hard < best:
         trace.append((passes["train"], final_hard))

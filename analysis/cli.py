@@ -128,8 +128,11 @@ def cmd_optimize(args) -> int:
     if sel and sel["point"] != "last":
         print(f"  kept the best hard-limit check on the training events: step {sel['step']}"
               f" ({sel['hard_objective']:.5g})")
-    print(f"  relaxed objective at the end {result['final_objective']['relaxed']:.5g},"
-          f" hard limit {result['final_objective']['hard_limit']:.5g} (same events)")
+    fo = result["final_objective"]
+    gap = (f", relaxed/hard {fo['relaxed_over_hard']:.3f} at step {fo['relaxed_over_hard_step']}"
+           if fo.get("relaxed_over_hard") is not None else "")
+    print(f"  hard-limit objective at the end {fo['hard_limit']:.5g} (training events){gap};"
+          f" {result['passes']['train']} passes over the training events")
     print(f"  held-out hard analysis (pyhf): expected sigma_ttbar_norm {b:.4f} -> {a:.4f}"
           f" (ratio {a / b:.3f})")
     print(f"jacana: results in {out} (result.json, params.json, workspace.json, histograms.json,"

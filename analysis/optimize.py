@@ -256,17 +256,22 @@ class Optimizer:
         self.tx = _optimizer(spec, settings)
         self._value_and_grad: Callable | None = None
         self.objective: Sensitivity | None = None
+        self.passes = 0  # full passes over the training events so far (steps, hard checks, templates)
 
     # -- one evaluation -------------------------------------------------------------------
     def _yields(self, params: Mapping, relax: Mapping) -> dict:
+        self.passes += 1
         if self.settings.mode == "vjp":
             return self.executor.yields(_as_jax(params), relax)
         # The Jacobian path serves forward evaluations too: one compiled program per shape, not two.
         return self.executor.yields_and_jacobian(_as_jax(params), relax)[0]
 
-    def _ensure_objective(self, params: Mapping) -> None:
+    def _ensure_objective(self, params: Mapping, template: Mapping | None = None) -> None:
+        """Build the objective once. Its pyhf model takes only its structure from the template
+        yields, so a step's own yields serve (no extra pass); without them, one pass at relax_start."""
         if self.objective is None:
-            template = self._yields(params, default_relax(self.spec, self.settings.relax_start))
+            if template is None:
+                template = self._yields(params, default_relax(self.spec, self.settings.relax_start))
             self.objective = Sensitivity(self.spec, self.executor.config, template, self.settings.objective)
             self._value_and_grad = jax.jit(jax.value_and_grad(self.objective))
             self._value = jax.jit(self.objective)
@@ -277,13 +282,16 @@ class Optimizer:
         Jacobian mode (the 4 cuts): one pass over the events. VJP mode (bin edges, NN weights:
         many parameters): a forward pass for the yields, then one reverse pass with the cotangent.
         """
-        self._ensure_objective(params)
         if self.settings.mode == "vjp":
             ylds = self.executor.yields(_as_jax(params), relax)
+            self.passes += 2
+            self._ensure_objective(params, template=ylds)
             value, cotangents = self._value_and_grad(ylds)
             grad = self.executor.yields_vjp(_as_jax(params), relax, cotangents)[1]
         else:
             ylds, jacs = self.executor.yields_and_jacobian(_as_jax(params), relax)
+            self.passes += 1
+            self._ensure_objective(params, template=ylds)
             value, cotangents = self._value_and_grad(ylds)
             grad = contract_all(jacs, cotangents)
         grad = {k: jax.tree.map(lambda g: np.array(g, np.float64), grad[k]) for k in params}
@@ -318,6 +326,9 @@ class Optimizer:
                 jnp.asarray(x, dtype=jnp.asarray(f).dtype) for x, f in zip(state["opt_state"], jax.tree.leaves(fresh))])
             start, best, stale, first_loss = state["step"] + 1, state["best"], state["stale"], state["first_loss"]
             best_point = state.get("best_point")
+            self.passes = state.get("passes", 0)
+            # The template as a fresh run takes it (at relax_start), not from a later, narrower step.
+            self._ensure_objective(params)
         stopped = "steps"
         bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc=f"optimize {s.objective}",
                    disable=not self.progress, unit="step")
@@ -342,6 +353,7 @@ class Optimizer:
                 entry["hard_objective"] = self.objective.physical(hard)
                 if math.isfinite(hard) and (best_point is None or hard < best_point["loss"]):
                     best_point = {"step": step, "loss": hard, "params": params_to_json(params)}
+            entry["passes"] = self.passes  # so far, this step's included: the budget axis of `jacana baselines`
             history.append(entry)
             annealed = step >= int(round(s.anneal_fraction * s.steps))
             if annealed:
@@ -381,7 +393,8 @@ class Optimizer:
             "version": CHECKPOINT_VERSION, "step": step, "params": params_to_json(params),
             "opt_state": [np.asarray(x).tolist() for x in jax.tree.leaves(opt_state)],
             "history": history, "best": best if math.isfinite(best) else None, "stale": stale,
-            "first_loss": first_loss, "best_point": best_point, "settings": self.settings.to_json(),
+            "first_loss": first_loss, "best_point": best_point, "passes": self.passes,
+            "settings": self.settings.to_json(),
             "spec": self.spec.to_dict(),
         }, indent=None)
 
@@ -403,6 +416,27 @@ class Optimizer:
             raise OptimizationError(f"checkpoint {path} was made with different settings ({what}); cannot resume")
         state["best"] = math.inf if state["best"] is None else state["best"]
         return state
+
+
+def relaxation_gap(history) -> dict:
+    """The relaxed objective against the hard limit at the same point: the last step with a
+    hard-limit check (the last step itself unless ``hard_every`` is 0). Costs no pass."""
+    last = history[-1] if history else {}
+    checked = [h for h in history if h.get("hard_objective") is not None]
+    if not checked:
+        return {"relaxed": last.get("objective"), "relaxed_over_hard": None, "relaxed_over_hard_step": None}
+    h = checked[-1]
+    return {"relaxed": last.get("objective"),
+            "relaxed_over_hard": h["objective"] / h["hard_objective"] if h["hard_objective"] else None,
+            "relaxed_over_hard_step": h["step"]}
+
+
+def pass_count(total: int, history, settings: OptimizeSettings) -> dict:
+    """The full passes over the training events a run made, by kind (``jacana baselines`` counts these)."""
+    per_step = 2 if settings.mode == "vjp" else 1
+    hard = sum(1 for h in history if h.get("hard_objective") is not None)
+    return {"train": int(total), "steps": len(history), "passes_per_step": per_step, "hard_evaluations": hard,
+            "other": int(total) - per_step * len(history) - hard}
 
 
 def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_dir: str | Path,
@@ -440,8 +474,6 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
     try:
         outcome = opt.run(initial, resume=resume)
         final = outcome["params"]
-        relax_end = default_relax(spec, settings.relax_scale(settings.steps))
-        relaxed_end = opt.objective.physical(opt.loss(final, relax_end))
         hard_end = opt.objective.physical(outcome["hard_loss"] if outcome["hard_loss"] is not None
                                           else opt.hard_loss(final))
     finally:
@@ -457,8 +489,8 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
         "free_params": list(opt.free),
         **({"selected": outcome["selected"]} if "selected" in outcome else {}),
         "history": outcome["history"],
-        "final_objective": {"relaxed": relaxed_end, "hard_limit": hard_end,
-                            "relaxed_over_hard": relaxed_end / hard_end if hard_end else None},
+        "final_objective": {"hard_limit": hard_end, **relaxation_gap(outcome["history"])},
+        "passes": pass_count(opt.passes, outcome["history"], settings),
         "validation": {"before": before["result"], "after": after["result"],
                        "sigma_mu_ratio_after_over_before": a / b},
         "settings": settings.to_json(),

@@ -46,6 +46,13 @@ def test_outputs(optimized):
     assert set(result) >= {"initial_params", "final_params", "history", "validation", "final_objective"}
     assert len(result["history"]) == STEPS
     assert result["history"][0]["hard_objective"] is not None
+    # hard-limit checks at steps 0 and 3 (the last), one at the end; the template is step 0's pass
+    assert result["passes"] == {"train": STEPS + 2 + 1, "steps": STEPS, "passes_per_step": 1,
+                                "hard_evaluations": 2, "other": 1}
+    gap = result["final_objective"]
+    assert gap["relaxed_over_hard_step"] == STEPS - 1
+    last = result["history"][-1]
+    assert gap["relaxed_over_hard"] == pytest.approx(last["objective"] / last["hard_objective"], rel=1e-12)
     for key in ("before", "after"):
         v = result["validation"][key]
         assert set(v) >= {"ttbar_norm", "expected", "params", "regions"}  # the keys of jacana evaluate
@@ -99,6 +106,48 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_filesets, tmp_path):
     resumed = _run(spec, train, part_dir, STEPS, resume=True)
     assert resumed["params"] == full["params"]  # bit for bit
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+
+
+class CountingExecutor(InProcessExecutor):
+    """Counts the passes over the events (each executor call is one)."""
+
+    calls = 0
+
+    def yields_and_jacobian(self, *a, **k):
+        self.calls += 1
+        return super().yields_and_jacobian(*a, **k)
+
+
+def test_the_pass_count_is_what_the_executor_did(tiny_filesets, tmp_path):
+    """The objective's template comes from step 0 (no pass of its own); steps, hard-limit checks
+    (steps 0, 2 and the last) and the end's check are counted, and a resume goes on counting."""
+    spec = load_spec()
+    train, _ = tiny_filesets
+    settings = OptimizeSettings(steps=4, hard_every=2)
+
+    def run(out, resume=False, on_step=None):
+        executor = CountingExecutor(spec, analysis_chunks(spec, load_fileset(train)))
+        opt = Optimizer(spec, executor, settings, out, progress=False)
+        outcome = opt.run(spec.param_values(), resume=resume, on_step=on_step)
+        return opt, executor, outcome
+
+    opt, executor, outcome = run(tmp_path / "full")
+    assert opt.passes == executor.calls == 4 + 3 + 1
+    assert [h["passes"] for h in outcome["history"]] == [2, 3, 5, 7]
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(entry):
+        if entry["step"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(tmp_path / "part", on_step=stop)
+    opt, executor, resumed = run(tmp_path / "part", resume=True)
+    assert executor.calls == 1 + 2 + 2 + 1  # the template, steps 2 and 3 with their checks, the end
+    assert opt.passes == 3 + executor.calls
+    assert resumed["params"] == outcome["params"]
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tiny_filesets, tmp_path):
