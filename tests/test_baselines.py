@@ -84,6 +84,30 @@ def test_gradient_passes():
     assert passes == {"train": 25 + 4 + 3, "steps": 25, "passes_per_step": 1, "hard_evaluations": 4, "other": 3}
     # VJP mode (bin edges or a network): a forward pass for the yields, then the reverse pass
     assert gradient_passes({"history": history, "settings": {"binning": True}})["train"] == 2 * 25 + 4 + 3
+    # results of today's optimiser carry the count it kept, which wins (no template, no relaxed end)
+    counted = {"train": 25 + 4 + 1, "steps": 25, "passes_per_step": 1, "hard_evaluations": 4, "other": 1}
+    assert gradient_passes({"history": history, "passes": counted}) == counted
+
+
+def test_the_gradient_row_traces_its_best_against_the_counted_passes(tmp_path):
+    from jacana.analysis.baselines import gradient_row
+
+    history = [{"step": 0, "hard_objective": 0.2, "passes": 2}, {"step": 1, "hard_objective": None, "passes": 3},
+               {"step": 2, "hard_objective": 0.15, "passes": 5}]
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps({
+        "final_params": {"lepton_pt_min": 27.0, "jet_pt_min": 33.0, "jet_eta_max": 2.3, "btag_min": 0.6},
+        "history": history, "final_objective": {"hard_limit": 0.14},
+        "passes": {"train": 6, "steps": 3, "passes_per_step": 1, "hard_evaluations": 2, "other": 1}}))
+    row = gradient_row(path)
+    assert row["passes"] == 6 and row["best_so_far"] == [(2, 0.2), (5, 0.15), (6, 0.14)]
+    old = json.loads(path.read_text())
+    old.pop("passes")
+    for h in old["history"]:
+        h.pop("passes")
+    path.write_text(json.dumps(old))
+    # counted the old way: the template (1), then a pass per step and one per check; 2 more at the end
+    assert gradient_row(path)["best_so_far"] == [(3, 0.2), (6, 0.15), (8, 0.14)]
 
 
 def test_run_baselines_writes_the_comparison(filesets, tmp_path):
