@@ -326,7 +326,9 @@ class Optimizer:
                 jnp.asarray(x, dtype=jnp.asarray(f).dtype) for x, f in zip(state["opt_state"], jax.tree.leaves(fresh))])
             start, best, stale, first_loss = state["step"] + 1, state["best"], state["stale"], state["first_loss"]
             best_point = state.get("best_point")
-            self.passes = state.get("passes", 0)
+            per_step = 2 if s.mode == "vjp" else 1  # a checkpoint from before the count: template, steps, checks
+            self.passes = state.get("passes", 1 + sum(per_step + (h.get("hard_objective") is not None)
+                                                      for h in history))
             # The template as a fresh run takes it (at relax_start), not from a later, narrower step.
             self._ensure_objective(params)
         stopped = "steps"

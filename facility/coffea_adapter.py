@@ -137,7 +137,7 @@ class JacanaProcessor(processor.ProcessorABC):
         columns = columns_from_events(events, spec)
         chunk = columns.chunk
         key = yields_key(chunk.sample, chunk.variation)
-        batches = make_batches(columns, spec, prefilter=True)
+        batches = make_batches(columns, spec, prefilter=True, pad=False)
         params = {k: jnp.asarray(v) for k, v in self.params.items()}
         relax = {k: jnp.asarray(v) for k, v in self.relax.items()}
         parts = to_device(rebatch(batches.parts)) if batches.parts else []

@@ -100,7 +100,7 @@ def rebatch(parts: Iterable[EventBatch], lepton_width: int = LEPTON_WIDTH,
 
 def load_batches(chunk: Chunk, spec: AnalysisSpec, dtype=np.float64) -> ChunkBatches:
     """Read one chunk and densify it (events that cannot pass at any parameter values dropped)."""
-    return make_batches(read_chunk(chunk, spec), spec, dtype=dtype, prefilter=True)
+    return make_batches(read_chunk(chunk, spec), spec, dtype=dtype, prefilter=True, pad=False)
 
 
 class InProcessExecutor:
@@ -125,7 +125,7 @@ class InProcessExecutor:
                 self.report.file_failed(chunk, exc)
                 continue
             self.report.columns_read(columns)
-            batches = make_batches(columns, spec, dtype=dtype, prefilter=True)
+            batches = make_batches(columns, spec, dtype=dtype, prefilter=True, pad=False)
             parts.setdefault(yields_key(chunk.sample, chunk.variation), []).extend(batches.parts)
             self.n_events += chunk.n_events
         for key, group in parts.items():

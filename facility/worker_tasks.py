@@ -72,7 +72,7 @@ def load_chunk_task(index: int, chunk: Mapping, spec_dict: Mapping, dtype: str =
         columns = read_chunk(c, spec)
     except InputFileError as exc:
         return ChunkLoad(index, c, (), {}, error=str(exc))
-    batches = make_batches(columns, spec, dtype=np.dtype(dtype), prefilter=True)
+    batches = make_batches(columns, spec, dtype=np.dtype(dtype), prefilter=True, pad=False)
     return ChunkLoad(index, c, tuple(batches.parts), dict(columns.nonfinite))
 
 

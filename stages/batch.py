@@ -27,6 +27,10 @@ conventional arithmetic (``Jet_pt * factor`` in the file's dtype), so the hard l
 ``prefilter=True`` drops events that cannot pass whatever the parameters (fewer lepton
 candidates than the required lepton count, or fewer jet candidates than the minimum jet count);
 their soft yield is exactly zero, so results do not change.
+
+``pad=False`` leaves each bucket at exactly its events, for callers that regroup the batches
+into fixed-shape calls anyway (:func:`jacana.facility.executor.rebatch` drops padding events):
+the executors' reads then write, and the dask executor moves, about a fifth fewer bytes.
 """
 
 from __future__ import annotations
@@ -229,7 +233,8 @@ def _kinematic_jet_pt(columns: Columns, spec: AnalysisSpec, jet_pt: np.ndarray,
     return {k: out[k] for k in ([NOMINAL] + [k for k in spec.kinematic_variations() if k in out and k != NOMINAL])}
 
 
-def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilter: bool = False) -> ChunkBatches:
+def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilter: bool = False,
+                 pad: bool = True) -> ChunkBatches:
     """Dense, bucketed event batches of one chunk (see the module docstring)."""
     c = spec.cuts
     flat = {name: flat_counts(columns[name]) for name in (
@@ -276,7 +281,7 @@ def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilt
     for i, k in enumerate(groups.sizes):
         sel_k = groups.events(i)
         n = len(sel_k)
-        n_pad, block = padded_events(n, block_size_for(k))
+        n_pad, block = padded_events(n, block_size_for(k)) if pad else (n, block_size_for(k))
 
         nl = n_e[sel_k] + n_m[sel_k]
         width = 1 << int(max(nl.max(initial=0), 2) - 1).bit_length()  # 2, 4, 8, ... (few shapes)
