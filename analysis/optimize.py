@@ -77,6 +77,11 @@ class OptimizeSettings:
         """How the gradient is computed: forward-mode Jacobians for the 4 cuts, else a VJP (2 passes)."""
         return "vjp" if self.binning or self.nn else "jacobian"
 
+    @property
+    def passes_per_step(self) -> int:
+        """Full passes over the events per step: 1 in Jacobian mode, 2 (forward, then VJP) otherwise."""
+        return 2 if self.mode == "vjp" else 1
+
     def relax_scale(self, step: int) -> float:
         n = max(1, int(round(self.anneal_fraction * self.steps)))
         t = min(step, n) / n
@@ -284,7 +289,7 @@ class Optimizer:
         """
         if self.settings.mode == "vjp":
             ylds = self.executor.yields(_as_jax(params), relax)
-            self.passes += 2
+            self.passes += self.settings.passes_per_step
             self._ensure_objective(params, template=ylds)
             value, cotangents = self._value_and_grad(ylds)
             grad = self.executor.yields_vjp(_as_jax(params), relax, cotangents)[1]
@@ -326,8 +331,8 @@ class Optimizer:
                 jnp.asarray(x, dtype=jnp.asarray(f).dtype) for x, f in zip(state["opt_state"], jax.tree.leaves(fresh))])
             start, best, stale, first_loss = state["step"] + 1, state["best"], state["stale"], state["first_loss"]
             best_point = state.get("best_point")
-            per_step = 2 if s.mode == "vjp" else 1  # a checkpoint from before the count: template, steps, checks
-            self.passes = state.get("passes", 1 + sum(per_step + (h.get("hard_objective") is not None)
+            # a checkpoint from before the count: its template pass, steps and checks
+            self.passes = state.get("passes", 1 + sum(s.passes_per_step + (h.get("hard_objective") is not None)
                                                       for h in history))
             # The template as a fresh run takes it (at relax_start), not from a later, narrower step.
             self._ensure_objective(params)
@@ -435,7 +440,7 @@ def relaxation_gap(history) -> dict:
 
 def pass_count(total: int, history, settings: OptimizeSettings) -> dict:
     """The full passes over the training events a run made, by kind (``jacana baselines`` counts these)."""
-    per_step = 2 if settings.mode == "vjp" else 1
+    per_step = settings.passes_per_step
     hard = sum(1 for h in history if h.get("hard_objective") is not None)
     return {"train": int(total), "steps": len(history), "passes_per_step": per_step, "hard_evaluations": hard,
             "other": int(total) - per_step * len(history) - hard}
