@@ -205,15 +205,15 @@ def gradient_passes(result: Mapping) -> dict:
     """Full passes over the training events a ``jacana optimize`` result used (see the module docstring)."""
     if isinstance(result.get("passes"), Mapping) and "train" in result["passes"]:
         return dict(result["passes"])
+    from jacana.analysis.optimize import pass_count
+
     history = result.get("history", [])
-    steps = len(history)
     settings = result.get("settings") or {}
     # Jacobian mode (the cuts): yields and Jacobian in one pass; VJP mode (bin edges, NN): yields, then the VJP
     per_step = 2 if settings.get("binning") or settings.get("nn") else 1
     hard = sum(1 for h in history if h.get("hard_objective") is not None)
     extra = 1 + 2  # results before the count was recorded: the template; relaxed and hard objectives at the end
-    return {"train": per_step * steps + hard + extra, "steps": steps, "passes_per_step": per_step,
-            "hard_evaluations": hard, "other": extra}
+    return pass_count(per_step * len(history) + hard + extra, history, per_step)
 
 
 def gradient_row(path: str | Path, heldout: HardObjective | None = None, spec: AnalysisSpec | None = None,

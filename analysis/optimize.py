@@ -287,18 +287,16 @@ class Optimizer:
         Jacobian mode (the 4 cuts): one pass over the events. VJP mode (bin edges, NN weights:
         many parameters): a forward pass for the yields, then one reverse pass with the cotangent.
         """
-        if self.settings.mode == "vjp":
+        vjp = self.settings.mode == "vjp"
+        if vjp:
             ylds = self.executor.yields(_as_jax(params), relax)
-            self.passes += self.settings.passes_per_step
-            self._ensure_objective(params, template=ylds)
-            value, cotangents = self._value_and_grad(ylds)
-            grad = self.executor.yields_vjp(_as_jax(params), relax, cotangents)[1]
         else:
             ylds, jacs = self.executor.yields_and_jacobian(_as_jax(params), relax)
-            self.passes += 1
-            self._ensure_objective(params, template=ylds)
-            value, cotangents = self._value_and_grad(ylds)
-            grad = contract_all(jacs, cotangents)
+        self.passes += self.settings.passes_per_step
+        self._ensure_objective(params, template=ylds)
+        value, cotangents = self._value_and_grad(ylds)
+        grad = (self.executor.yields_vjp(_as_jax(params), relax, cotangents)[1] if vjp
+                else contract_all(jacs, cotangents))
         grad = {k: jax.tree.map(lambda g: np.array(g, np.float64), grad[k]) for k in params}
         for k in grad:  # the outer bin edges are fixed (the histogram's range)
             if k.startswith("edges_"):
@@ -438,9 +436,9 @@ def relaxation_gap(history) -> dict:
             "relaxed_over_hard_step": h["step"]}
 
 
-def pass_count(total: int, history, settings: OptimizeSettings) -> dict:
-    """The full passes over the training events a run made, by kind (``jacana baselines`` counts these)."""
-    per_step = settings.passes_per_step
+def pass_count(total: int, history, per_step: int) -> dict:
+    """The ``total`` full passes over the training events a run made, by kind (``jacana baselines``
+    counts these); ``per_step``: passes per step (:attr:`OptimizeSettings.passes_per_step`)."""
     hard = sum(1 for h in history if h.get("hard_objective") is not None)
     return {"train": int(total), "steps": len(history), "passes_per_step": per_step, "hard_evaluations": hard,
             "other": int(total) - per_step * len(history) - hard}
@@ -497,7 +495,7 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
         **({"selected": outcome["selected"]} if "selected" in outcome else {}),
         "history": outcome["history"],
         "final_objective": {"hard_limit": hard_end, **relaxation_gap(outcome["history"])},
-        "passes": pass_count(opt.passes, outcome["history"], settings),
+        "passes": pass_count(opt.passes, outcome["history"], settings.passes_per_step),
         "validation": {"before": before["result"], "after": after["result"],
                        "sigma_mu_ratio_after_over_before": a / b},
         "settings": settings.to_json(),
