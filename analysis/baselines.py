@@ -216,13 +216,15 @@ def gradient_passes(result: Mapping) -> dict:
     return pass_count(per_step * len(history) + hard + extra, history, per_step)
 
 
-def gradient_row(path: str | Path, heldout: HardObjective | None = None, spec: AnalysisSpec | None = None,
-                 grid_best: Mapping | None = None) -> dict:
-    """The comparison row of a gradient run (its result.json); re-evaluated on ``heldout`` when given
-    (and, with the held-out ``grid_best`` point of a bootstrap scan, judged against it: ``heldout_noise``)."""
+def gradient_row(gradient: str | Path | Mapping, heldout: HardObjective | None = None, spec: AnalysisSpec | None = None,
+                 grid_best: Mapping | None = None, method: str = "gradient (jacana)") -> dict:
+    """The comparison row of a gradient run (its result.json, or it loaded by
+    :func:`~jacana.analysis.scan.load_gradient_result`); re-evaluated on ``heldout`` when given (and,
+    with the held-out ``grid_best`` point of a bootstrap scan, judged against it: ``heldout_noise``).
+    ``train_fileset``: the events it was trained on."""
     from jacana.analysis.scan import load_gradient_result
 
-    g = load_gradient_result(path)
+    g = gradient if isinstance(gradient, Mapping) else load_gradient_result(gradient)
     result = g["result"]
     passes = gradient_passes(result)
     params = {k: v for k, v in g["params"].items() if spec is None or k in spec.parameters}
@@ -241,11 +243,20 @@ def gradient_row(path: str | Path, heldout: HardObjective | None = None, spec: A
     final_hard = (result.get("final_objective") or {}).get("hard_limit")
     if final_hard is not None and final_hard < best:
         trace.append((passes["train"], final_hard))
-    return {"method": "gradient (jacana)", "passes": passes["train"], "passes_detail": passes,
-            "events_per_pass": (result.get("events") or {}).get("train"), "params": params,
+    events = result.get("events") or {}
+    return {"method": method, "passes": passes["train"], "passes_detail": passes,
+            "events_per_pass": events.get("train"), "train_fileset": events.get("train_fileset"), "params": params,
             "train_sigma_mu": final_hard, "heldout_sigma_mu": held, "heldout_sigma_mu_own_validation": own,
             "best_so_far": trace, "seconds": result.get("seconds"), "source": g["path"],
             "objective": result.get("objective"), "heldout_noise": _noise(entry, grid_best)}
+
+
+def _same_fileset(a: str, b: str) -> bool:
+    """Two fileset sources (paths, or names of embedded samples) name the same events."""
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return a == b
 
 
 def _noise(entry: Mapping, best: Mapping | None) -> dict | None:
@@ -321,7 +332,8 @@ def comparison_table(rows: Sequence[Mapping], agc_heldout: float | None = None) 
     """(rows without histories, markdown table): method, passes, held-out sigma_mu and how it compares."""
     held = [r["heldout_sigma_mu"] for r in rows if r.get("heldout_sigma_mu") is not None]
     best_held = min(held) if held else None
-    trained = [r for r in rows if r.get("best_so_far")]
+    # a run trained on other events has its own training sigma_mu: no race to the best of these
+    trained = [r for r in rows if r.get("best_so_far") and not r.get("other_training_events")]
     best_train = min((r["train_sigma_mu"] for r in trained if r.get("train_sigma_mu") is not None), default=None)
     out = []
     for r in rows:
@@ -330,7 +342,7 @@ def comparison_table(rows: Sequence[Mapping], agc_heldout: float | None = None) 
             row["heldout_over_agc"] = r["heldout_sigma_mu"] / agc_heldout
         if best_held and r.get("heldout_sigma_mu") is not None:
             row["heldout_over_best"] = r["heldout_sigma_mu"] / best_held
-        if best_train is not None and r.get("best_so_far"):
+        if best_train is not None and r in trained:
             reach = [p for p, s in r["best_so_far"] if s <= best_train * (1 + REACH_TOLERANCE)]
             row["passes_to_reach_best_train"] = reach[0] if reach else None
         out.append(row)
@@ -350,6 +362,10 @@ def comparison_table(rows: Sequence[Mapping], agc_heldout: float | None = None) 
             + (f" | {_noise_cell(r.get('heldout_noise'))}" if noisy else "") + f" | {params} |")
     if agc_heldout is not None:
         lines.append(f"\nAGC cuts (no optimisation): held-out sigma_mu {agc_heldout:.5f}.")
+    for r in out:
+        if r.get("other_training_events"):
+            lines.append(f"\n{r['method']} was trained on other events ({r['other_training_events']}): its training"
+                         " sigma_mu is on those, not comparable with the other rows'; its held-out one is.")
     return out, "\n".join(lines) + "\n"
 
 
@@ -373,16 +389,19 @@ def train_and_validation(fileset: str | None, validation_fileset: str | None, ev
 def run_baselines(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_dir: str | Path,
                   methods: Sequence[str] = ("random", "cmaes"), budget: int = DEFAULT_BUDGET, seed: int = 0,
                   names: Sequence[str] | None = None, grid: Sequence[str] = DEFAULT_GRID,
-                  gradient_result: str | Path | None = None, scan: str | Path | None = None,
+                  gradient_results: Sequence[str | Path] = (), scan: str | Path | None = None,
                   trace_heldout: bool = False, progress: bool = True, plots: bool = True,
                   chunk_size: int = DEFAULT_CHUNK_SIZE, on_bad_file: str = "fail",
                   on_method: Callable[[dict], None] | None = None) -> dict:
     """Run ``methods`` on ``train``, check each best point on ``validation``, write the comparison.
 
+    ``gradient_results``: gradient runs to add as rows (result.json files or folders, multi-start
+    folders: see :func:`~jacana.analysis.scan.load_gradient_results`), on the same held-out events.
+
     Writes ``baselines.json`` (every evaluation of every method, rewritten after each method),
     ``comparison.json`` and ``comparison.md`` (the table) and ``plots/convergence.png``.
     """
-    from jacana.analysis.scan import parse_axes
+    from jacana.analysis.scan import load_gradient_results, parse_axes
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -428,8 +447,15 @@ def run_baselines(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_d
         if on_method is not None:
             on_method(row)
     rows = list(rows)  # baselines.json keeps the methods run here; the table adds the references
-    if gradient_result:
-        rows.append(gradient_row(gradient_result, heldout=heldout, spec=spec, grid_best=ref["best"] if ref else None))
+    if isinstance(gradient_results, (str, Path)):
+        gradient_results = [gradient_results]
+    gradients = load_gradient_results(gradient_results) if gradient_results else []
+    for g in gradients:
+        row = gradient_row(g, heldout=heldout, spec=spec, grid_best=ref["best"] if ref else None,
+                           method="gradient (jacana)" if len(gradients) == 1 else f"gradient (jacana, {g['label']})")
+        if row["train_fileset"] and not _same_fileset(row["train_fileset"], train.source):
+            row["other_training_events"] = row["train_fileset"]
+        rows.append(row)
     if scan:
         rows.append(scan_row(scan))
     table_rows, markdown = comparison_table(rows, agc)

@@ -160,7 +160,7 @@ def cmd_scan(args) -> int:
     check_bootstrap(args.bootstrap)
     fileset = _fileset_from_args(args, "validate")
     _warn_skims(spec, fileset)
-    result = run_scan(spec, fileset, axes, args.out, gradient_result=args.gradient_result, hold=args.hold,
+    result = run_scan(spec, fileset, axes, args.out, gradient_results=args.gradient_result or (), hold=args.hold,
                       progress=not args.quiet, plots=not args.no_plots, on_bad_file=args.on_bad_file,
                       bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
     print(f"jacana scan: hard expected sigma_mu of {spec.name} on {fileset.source}")
@@ -181,7 +181,7 @@ def cmd_baselines(args) -> int:
                                              progress=not args.quiet)
     _warn_skims(spec, train, validation)
     out = run_baselines(spec, train, validation, args.out, methods=args.method, budget=args.budget, seed=args.seed,
-                        names=args.params, grid=args.grid, gradient_result=args.gradient_result, scan=args.scan,
+                        names=args.params, grid=args.grid, gradient_results=args.gradient_result or (), scan=args.scan,
                         trace_heldout=args.trace_heldout, progress=not args.quiet, plots=not args.no_plots,
                         on_bad_file=args.on_bad_file)
     print(f"jacana baselines: {', '.join(args.method)} on {train.source}; held-out: {validation.source}")
@@ -269,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analysis_options(p)
     p.add_argument("--params", nargs="+", required=True, metavar="NAME=LO:HI:N",
                    help="one or two scanned parameters, e.g. jet_pt_min=20:40:9 btag_min=0.3:0.7:9")
-    p.add_argument("--gradient-result",
-                   help="a jacana optimize result.json (or its folder): mark and evaluate its optimum")
+    p.add_argument("--gradient-result", nargs="+", metavar="RESULT",
+                   help="jacana optimize results (result.json or its folder; multistart.json or its folder: every"
+                        " start) to evaluate on the same events, judge against the grid's best and mark")
     p.add_argument("--hold", choices=("config", "gradient"), default="config",
                    help="value of the parameters not scanned: the config's (default) or the gradient optimum's")
     p.add_argument("--bootstrap", type=int, default=0, metavar="B",
@@ -297,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameters random search and CMA-ES tune (default: the four cuts the gradient tunes)")
     p.add_argument("--grid", nargs="+", default=["jet_pt_min=20:40:9", "btag_min=0.3:0.7:9"], metavar="NAME=LO:HI:N",
                    help="the grid of --method grid (default jet_pt_min=20:40:9 btag_min=0.3:0.7:9)")
-    p.add_argument("--gradient-result", help="a jacana optimize result.json: add its row (passes counted the same way)")
+    p.add_argument("--gradient-result", nargs="+", metavar="RESULT",
+                   help="jacana optimize results (result.json or its folder; multistart.json or its folder: every"
+                        " start): a row each, passes counted the same way")
     p.add_argument("--scan", help="a finished jacana scan (scan.json): add the held-out grid as a reference row;"
                                   " a scan made with --bootstrap on the same held-out events also judges every"
                                   " method's point against the grid's best on the same replicas")

@@ -250,4 +250,7 @@ def cli_multistart(args, spec: AnalysisSpec, train: Fileset, validation: Fileset
     print(format_summary(doc))
     print(f"jacana: results in {out} (multistart.json, start_<k>/)" + ("" if args.no_plots else
                                                                       f"; plot {out / 'plots' / 'multistart.png'}"))
+    if doc["spread"]["succeeded"]:
+        print(f"jacana: to see every start on the hard landscape: jacana scan --params NAME=LO:HI:N [NAME=LO:HI:N]"
+              f" --gradient-result {out} --out SCAN_DIR")
     return 0 if doc["spread"]["succeeded"] else 1

@@ -9,8 +9,10 @@ scan into the same folder reuses the points already there (same config, fileset 
 parameters), so an interrupted scan resumes and a refined grid only computes what is new.
 
 The landscape plot (``plots/scan.png``: a curve, or a heat map for two parameters) marks the
-AGC point (the config's values) and, with ``--gradient-result``, the gradient optimum; both are
-also evaluated on the same events so their sigma_mu is comparable to the grid's.
+AGC point (the config's values) and, with ``--gradient-result``, each gradient optimum given (a
+``jacana optimize`` result, or every start of a ``jacana optimize --starts`` run); all are also
+evaluated on the same events, so their sigma_mu is comparable to the grid's, and each is judged
+against the grid's best (grid steps away, ratio, and with replicas the paired noise).
 
 With ``--bootstrap B`` every point is also evaluated on B Poisson-bootstrap replicas of the
 simulated events, in the same pass (:func:`~jacana.stages.columns.bootstrap_multipliers`: the same
@@ -203,6 +205,39 @@ def load_gradient_result(path: str | Path) -> dict:
     return {"params": scalars, "extra": extra, "overrides": overrides, "path": str(path), "result": raw}
 
 
+def load_gradient_results(paths: Sequence[str | Path]) -> list[dict]:
+    """Every optimum to judge, each a :func:`load_gradient_result` with a ``label``.
+
+    A path is a ``jacana optimize`` result (``result.json`` or its folder) or a multi-start run
+    (``multistart.json`` or its folder): that gives every start that succeeded. Labels are the
+    result's folder name (``start <k>`` for a start, after its run's folder name when several
+    paths are given), made unique with the folder's full path.
+    """
+    found: list[tuple[str, str, dict]] = []  # (short label, long label, result)
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir() and not (path / "result.json").is_file() and (path / "multistart.json").is_file():
+            path = path / "multistart.json"
+        if path.name != "multistart.json":
+            g = load_gradient_result(path)
+            folder = Path(g["path"]).parent
+            found.append((folder.name or str(folder), str(folder), g))
+            continue
+        doc = _read_json(path, "multi-start result")
+        runs = [r for r in (doc.get("runs") if isinstance(doc, dict) else None) or [] if r.get("final_params")]
+        if not runs:
+            raise ConfigError(f"multi-start result {str(path)!r} has no start that finished (nothing to judge)")
+        for run in runs:
+            k = run.get("start")
+            folder = Path(run.get("out") or "")  # written where the run was made; fall back to beside this file
+            if not (folder / "result.json").is_file():
+                folder = path.parent / f"start_{k}"
+            prefix = f"{path.parent.name} " if len(paths) > 1 else ""
+            found.append((f"{prefix}start {k}", f"{path.parent} start {k}", load_gradient_result(folder)))
+    shorts = [short for short, _, _ in found]
+    return [{**g, "label": short if shorts.count(short) == 1 else long} for short, long, g in found]
+
+
 def grid_points(axes: Sequence[Axis]) -> list[tuple[tuple[int, ...], dict[str, float]]]:
     """Every (index tuple, {name: value}) of the grid, the last axis fastest."""
     return [(idx, {a.name: a.values[i] for a, i in zip(axes, idx)})
@@ -210,13 +245,14 @@ def grid_points(axes: Sequence[Axis]) -> list[tuple[tuple[int, ...], dict[str, f
 
 
 def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir: str | Path,
-             gradient_result: str | Path | None = None, hold: str = "config", progress: bool = True,
+             gradient_results: Sequence[str | Path] = (), hold: str = "config", progress: bool = True,
              plots: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE, on_bad_file: str = "fail",
              objective: HardObjective | None = None, bootstrap: int = 0, bootstrap_seed: int = 0) -> dict:
     """Scan the hard expected sigma_mu over ``axes`` on ``fileset``; writes ``scan.json`` (and the plot).
 
-    ``hold``: the value of the parameters not scanned: ``"config"`` (the config's, i.e. the AGC
-    point) or ``"gradient"`` (the gradient optimum's, which needs ``gradient_result``).
+    ``gradient_results``: optimisation results to judge on the same events (see
+    :func:`load_gradient_results`). ``hold``: the value of the parameters not scanned: ``"config"``
+    (the config's, i.e. the AGC point) or ``"gradient"`` (the gradient optimum's: one result).
     ``bootstrap``: replicas for the landscape's Monte Carlo noise (see the module docstring).
     """
     t_start = time.perf_counter()
@@ -225,17 +261,20 @@ def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir
     axes = list(axes)
     if hold not in ("config", "gradient"):
         raise ConfigError(f"hold must be 'config' or 'gradient', got {hold!r}")
-    gradient = load_gradient_result(gradient_result) if gradient_result else None
-    if gradient is not None:  # named cuts this config tunes; bin edges / network weights apply as they are
+    if isinstance(gradient_results, (str, Path)):
+        gradient_results = [gradient_results]
+    gradients = load_gradient_results(gradient_results) if gradient_results else []
+    for gradient in gradients:  # named cuts this config tunes; bin edges / network weights apply as they are
         gradient["extra"].update({k: v for k, v in gradient["params"].items() if k not in spec.parameters})
         gradient["params"] = {k: v for k, v in gradient["params"].items() if k in spec.parameters}
-    if hold == "gradient" and gradient is None:
-        raise ConfigError("holding the other parameters at the gradient optimum needs a gradient result")
+    if hold == "gradient" and len(gradients) != 1:
+        raise ConfigError("holding the other parameters at the gradient optimum needs one gradient result,"
+                          f" got {len(gradients)}" + (" (a multi-start run gives one per start)" if gradients else ""))
     agc = spec.param_values()
     scanned = [a.name for a in axes]
     fixed = {k: v for k, v in agc.items() if k not in scanned}
     if hold == "gradient":
-        fixed.update({k: v for k, v in gradient["params"].items() if k in fixed})
+        fixed.update({k: v for k, v in gradients[0]["params"].items() if k in fixed})
     if objective is not None and (bootstrap, bootstrap_seed) not in ((0, 0), (objective.bootstrap,
                                                                          objective.bootstrap_seed)):
         raise ConfigError("give the bootstrap replicas to the objective passed in, not to run_scan")
@@ -257,7 +296,8 @@ def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir
             else:  # the same replicas, or none wanted (the stored sigma_mu are the same either way)
                 reused = obj.seed([p for p in old.get("points", [])
                                    if p.get("sigma_mu") is not None or "error" in p])
-                reused += obj.seed([e for e in (old.get("agc"), old.get("gradient")) if e and not e.get("also_set")])
+                judged = [old.get("agc"), old.get("gradient"), *(old.get("gradients") or [])]  # "gradient": older scans
+                reused += obj.seed([e for e in judged if e and not e.get("also_set")])
         elif progress:
             print(f"jacana scan: {path} was made with another config, fileset or fixed parameters; starting afresh")
 
@@ -309,22 +349,11 @@ def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir
         result["within_noise_of_best"] = {"z": NOISE_Z, "replicas": obj.bootstrap, "seed": obj.bootstrap_seed,
                                           "points": _listed(ok, axes,
                                                             lambda p: (p.get("bootstrap") or {}).get("within_noise"))}
-    if gradient is not None:
-        g = obj.evaluate(gradient["params"], gradient["extra"] or None, overrides=gradient["overrides"] or None)
-        g.pop("cached", None)
-        g["source"] = gradient["path"]
-        if gradient["extra"] or gradient["overrides"]:
-            g["also_set"] = sorted(gradient["extra"]) + list(gradient["overrides"])
-        steps = {a.name: abs(gradient["params"][a.name] - grid_best["params"][a.name]) / a.step
-                 for a in axes if a.step > 0 and a.name in gradient["params"]}
-        g["grid_steps_from_best"] = steps
-        g["within_one_grid_step"] = all(s <= 1.0 + 1e-9 for s in steps.values())
-        g["over_grid_best"] = g["sigma_mu"] / grid_best["sigma_mu"] if g["sigma_mu"] else None
-        others = {k: v for k, v in gradient["params"].items() if k not in scanned and abs(v - fixed.get(k, v)) > 1e-12}
-        g["other_params_differ_from_grid"] = others
-        if obj.bootstrap:
-            g["bootstrap"] = paired_noise(g, grid_best)
-        result["gradient"] = g
+    if gradients:
+        judging = tqdm(gradients, desc="gradient optima", unit="optimum", disable=not progress)
+        result["gradients"] = [_judge(obj, g, grid_best, axes, fixed) for g in judging]
+        judging.close()
+        result["gradients_judged"] = _verdicts(result["gradients"])
     result["reused_points"] = reused
     result["complete"] = True
     if plots:
@@ -333,6 +362,37 @@ def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir
         result["plot"] = str(scan_landscape(result, spec, out / "plots" / "scan.png"))
     save()
     return result
+
+
+def _judge(obj: HardObjective, gradient: Mapping, grid_best: Mapping, axes: Sequence[Axis],
+           fixed: Mapping[str, float]) -> dict:
+    """A gradient optimum on the scan's events, against the grid's best: grid steps away, ratio, noise."""
+    g = obj.evaluate(gradient["params"], gradient["extra"] or None, overrides=gradient["overrides"] or None)
+    g.pop("cached", None)
+    g["label"], g["source"] = gradient["label"], gradient["path"]
+    if gradient["extra"] or gradient["overrides"]:
+        g["also_set"] = sorted(gradient["extra"]) + list(gradient["overrides"])
+    steps = {a.name: abs(gradient["params"][a.name] - grid_best["params"][a.name]) / a.step
+             for a in axes if a.step > 0 and a.name in gradient["params"]}
+    g["grid_steps_from_best"] = steps
+    g["within_one_grid_step"] = all(s <= 1.0 + 1e-9 for s in steps.values())
+    g["over_grid_best"] = g["sigma_mu"] / grid_best["sigma_mu"] if g["sigma_mu"] else None
+    g["within_near_best"] = g["over_grid_best"] is not None and g["over_grid_best"] <= 1 + NEAR_BEST
+    scanned = {a.name for a in axes}
+    g["other_params_differ_from_grid"] = {k: v for k, v in gradient["params"].items()
+                                          if k not in scanned and abs(v - fixed.get(k, v)) > 1e-12}
+    if obj.bootstrap:
+        g["bootstrap"] = paired_noise(g, grid_best)
+    return g
+
+
+def _verdicts(judged: Sequence[Mapping]) -> dict:
+    """How many of the judged optima pass each check (``within_noise`` only with bootstrap replicas)."""
+    noise = [g["bootstrap"]["within_noise"] for g in judged if g.get("bootstrap")]
+    return {"n": len(judged), "within_one_grid_step": sum(bool(g["within_one_grid_step"]) for g in judged),
+            "within_near_best": sum(bool(g["within_near_best"]) for g in judged),
+            "both": sum(bool(g["within_one_grid_step"] and g["within_near_best"]) for g in judged),
+            "within_noise": sum(noise) if noise else None}
 
 
 def _listed(points: Sequence[Mapping], axes: Sequence[Axis], keep) -> list[dict]:
@@ -351,11 +411,21 @@ def format_summary(result: Mapping) -> str:
     agc = result["agc"]
     if agc.get("sigma_mu"):
         lines.append(f"  AGC point: sigma_mu = {agc['sigma_mu']:.5f}")
-    g = result.get("gradient")
-    if g and g.get("sigma_mu"):
-        lines.append(f"  gradient optimum: sigma_mu = {g['sigma_mu']:.5f} ({g['over_grid_best']:.4f} x grid best),"
-                     f" grid steps from the best point: "
-                     + ", ".join(f"{k} {v:.2f}" for k, v in g["grid_steps_from_best"].items()))
+    for g in result.get("gradients", []):
+        if g.get("sigma_mu"):
+            noise = g.get("bootstrap")
+            lines.append(f"  gradient optimum {g['label']}: sigma_mu = {g['sigma_mu']:.5f}"
+                         f" ({g['over_grid_best']:.4f} x grid best), grid steps from the best point: "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in g["grid_steps_from_best"].items())
+                         + ("" if not noise else f"; vs the best {noise['diff_to_best']:+.5f} +- {noise['diff_sd']:.5f}"
+                            f" (paired): {'within' if noise['within_noise'] else 'NOT within'} the noise"))
+        else:
+            lines.append(f"  gradient optimum {g['label']}: no sigma_mu ({g.get('error')})")
+    v = result.get("gradients_judged")
+    if v and v["n"] > 1:
+        lines.append(f"  of {v['n']} gradient optima: {v['within_one_grid_step']} within one grid step of the best,"
+                     f" {v['within_near_best']} within {100 * NEAR_BEST:g} % of it, {v['both']} both"
+                     + ("" if v["within_noise"] is None else f"; {v['within_noise']} within the noise"))
     noise = result.get("within_noise_of_best")
     if noise:
         best_std = (point_at(result, best["index"]).get("bootstrap") or {}).get("sigma_mu_sd")
@@ -364,9 +434,5 @@ def format_summary(result: Mapping) -> str:
         lines.append(f"  bootstrap ({noise['replicas']} replicas): the grid best's sigma_mu {spread};"
                      f" {len(noise['points'])} of {len(result['points'])} points are within {noise['z']:g}"
                      " robust standard deviations of it (paired)")
-        gb = (g or {}).get("bootstrap")
-        if gb:
-            lines.append(f"  gradient optimum vs grid best: {gb['diff_to_best']:+.5f} +- {gb['diff_sd']:.5f}"
-                         f" (paired): {'within' if gb['within_noise'] else 'NOT within'} the noise")
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import patheffects  # noqa: E402
 import mplhep  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -22,21 +23,30 @@ def _label(spec: AnalysisSpec, name: str) -> str:
     return f"{name} [{unit}]" if unit else name
 
 
+#: colours of several gradient optima (one optimum is red)
+_PALETTE = ("#e42536", "#832db6", "#e76300", "#a96b59", "#5790fc", "#92dadd", "#717581", "#b9ac70", "#f89c20")
+
+
 def _markers(result: Mapping):
-    """(label, params, sigma_mu, style) of the AGC point and the gradient optimum."""
+    """(label, params, sigma_mu, style) of the AGC point and each gradient optimum (open: worse than the
+    grid's best beyond the noise)."""
     out = []
     agc = result.get("agc")
     if agc:
         out.append(("AGC", agc["params"], agc.get("sigma_mu"), {"marker": "*", "color": "white", "ms": 20, "mec": "k"}))
-    g = result.get("gradient")
-    if g:
+    gradients = result.get("gradients") or ([result["gradient"]] if result.get("gradient") else [])  # older scans
+    for i, g in enumerate(gradients):
         # its other cuts (or bin edges, network) may differ from the grid's: then it is a projection
         moved = g.get("other_params_differ_from_grid") or g.get("also_set")
         noise = g.get("bootstrap")
-        judged = "" if not noise else (", within the noise of the best" if noise["within_noise"]
-                                       else ", worse than the best beyond the noise")
-        out.append(("gradient optimum" + (" (other cuts differ)" if moved else "") + judged, g["params"], g.get("sigma_mu"),
-                    {"marker": "D", "color": "#e42536", "ms": 11, "mec": "k"}))
+        beyond = bool(noise) and not noise["within_noise"]
+        judged = "" if not noise else (", worse than the best beyond the noise" if beyond
+                                       else ", within the noise of the best")
+        name = "gradient optimum" if len(gradients) == 1 else g.get("label", f"optimum {i + 1}")
+        color = _PALETTE[i % len(_PALETTE)]
+        out.append((name + (" (other cuts differ)" if moved else "") + judged, g["params"], g.get("sigma_mu"),
+                    {"marker": "D", "color": color, "ms": 11 if len(gradients) == 1 else 9,
+                     "mec": color if beyond else "k", "mfc": "none" if beyond else color, "mew": 2.5 if beyond else 1}))
     return out
 
 
@@ -59,6 +69,14 @@ def _within_noise(result: Mapping) -> tuple | None:
         return None
     return (*np.nonzero(within == 1),
             f"within the MC noise of the best ({result['within_noise_of_best']['z']:g} robust sd, paired)")
+
+
+def _legend(ax, fontsize: int) -> None:
+    """Inside the axes while it is short; below them, in two columns, once several optima would hide the map."""
+    if len(ax.get_legend_handles_labels()[1]) <= 6:
+        ax.legend(fontsize=fontsize, loc="best", framealpha=0.8)
+    else:
+        ax.legend(fontsize=fontsize - 1, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
 
 
 def scan_landscape(result: Mapping, spec: AnalysisSpec, path: Path) -> Path:
@@ -89,7 +107,7 @@ def scan_landscape(result: Mapping, spec: AnalysisSpec, path: Path) -> Path:
             ax.axvline(params[a["name"]], color=style["color"] if style["color"] != "white" else "gray", ls=":")
         ax.set_xlabel(_label(spec, a["name"]))
         ax.set_ylabel(r"expected $\sigma_\mu$ (pyhf)")
-        ax.legend(fontsize=12)
+        _legend(ax, fontsize=12)
     else:
         a, b = axes
         fig, ax = plt.subplots(figsize=(9.5, 7.5))
@@ -113,13 +131,14 @@ def scan_landscape(result: Mapping, spec: AnalysisSpec, path: Path) -> Path:
             ix, iy, label = within
             ax.plot(xs[ix], ys[iy], "s", ms=7, mfc="none", mec="#ffa90e", mew=1.5, ls="none", label=label)
         ax.plot(best["params"][a["name"]], best["params"][b["name"]], "o", ms=16, mfc="none", mec="white", mew=2.5,
-                label=f"grid best ({best['sigma_mu']:.4f})")
+                label=f"grid best ({best['sigma_mu']:.4f})",  # outlined: seen on the map and on a white legend
+                path_effects=[patheffects.Stroke(linewidth=4.5, foreground="k"), patheffects.Normal()])
         for label, params, s, style in _markers(result):
             ax.plot(params[a["name"]], params[b["name"]], ls="none",
                     label=f"{label}" + (f" ({s:.4f})" if s is not None else ""), **style)
         ax.set_xlabel(_label(spec, a["name"]))
         ax.set_ylabel(_label(spec, b["name"]))
-        ax.legend(fontsize=11, loc="best", framealpha=0.8)
+        _legend(ax, fontsize=11)
     if held:
         ax.set_title(f"held: {held}", fontsize=11)
     return _save(fig, path)

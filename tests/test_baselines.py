@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,14 +118,26 @@ def test_run_baselines_writes_the_comparison(filesets, tmp_path):
     gradient.write_text(json.dumps({
         "final_params": {"lepton_pt_min": 27.0, "jet_pt_min": 33.0, "jet_eta_max": 2.3, "btag_min": 0.6},
         "history": [{"step": 0, "hard_objective": 0.2}, {"step": 1, "hard_objective": None}],
-        "final_objective": {"hard_limit": 0.19}, "events": {"train": 20_000}}))
+        "final_objective": {"hard_limit": 0.19}, "events": {"train": 20_000, "train_fileset": str(filesets[0])}}))
+    # a second run, trained on other events (same cuts: its held-out point costs no pass of its own)
+    other = tmp_path / "elsewhere" / "result.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps({**json.loads(gradient.read_text()), "final_objective": {"hard_limit": 0.001},
+                                 "events": {"train": 20_000, "train_fileset": "/other/events/fileset.json"}}))
     out = tmp_path / "cmp"
-    res = run_baselines(spec, load_fileset(filesets[0]), load_fileset(filesets[1]), out,
-                        methods=["random", "cmaes"], budget=2, seed=1, gradient_result=gradient, progress=False)
+    res = run_baselines(spec, load_fileset(filesets[0]), load_fileset(filesets[1]), out, methods=["random", "cmaes"],
+                        budget=2, seed=1, gradient_results=[gradient, other.parent], progress=False)
     rows = {r["method"]: r for r in res["rows"]}
-    assert set(rows) == {"random", "cmaes", "gradient (jacana)"}
+    assert set(rows) == {"random", "cmaes", "gradient (jacana, gradient)", "gradient (jacana, elsewhere)"}
     assert rows["random"]["passes"] == rows["cmaes"]["passes"] == 2
-    assert rows["gradient (jacana)"]["passes"] == 2 + 1 + 3
+    mine, theirs = rows.pop("gradient (jacana, gradient)"), rows.pop("gradient (jacana, elsewhere)")
+    assert mine["passes"] == theirs["passes"] == 2 + 1 + 3 and "other_training_events" not in mine
+    # its training sigma_mu (0.001) is on other events: it sets no target the others are raced to
+    assert theirs["other_training_events"] == "/other/events/fileset.json" and "passes_to_reach_best_train" not in theirs
+    assert mine["passes_to_reach_best_train"] is None or mine["train_sigma_mu"] <= 1.01 * min(
+        r["train_sigma_mu"] for r in rows.values())
+    assert theirs["heldout_sigma_mu"] == mine["heldout_sigma_mu"]
+    rows["gradient (jacana)"] = mine
     doc = json.loads((out / "baselines.json").read_text())
     random_run, cmaes_run = doc["methods"]
     assert random_run["history"][0]["params"] == spec.param_values()  # the AGC point first, a real sigma_mu
@@ -135,9 +148,11 @@ def test_run_baselines_writes_the_comparison(filesets, tmp_path):
     assert rows["random"]["heldout_over_agc"] == pytest.approx(rows["random"]["heldout_sigma_mu"]
                                                                / res["agc_heldout_sigma_mu"])
     table = (out / "comparison.md").read_text()
-    assert "| random | 2 |" in table and "| gradient (jacana) | 6 |" in table
+    assert "| random | 2 |" in table and "| gradient (jacana, gradient) | 6 |" in table
+    assert "gradient (jacana, elsewhere) was trained on other events (/other/events/fileset.json)" in table
     saved = json.loads((out / "comparison.json").read_text())
-    assert [r["method"] for r in saved["rows"]] == ["random", "cmaes", "gradient (jacana)"]
+    assert [r["method"] for r in saved["rows"]] == ["random", "cmaes", "gradient (jacana, gradient)",
+                                                     "gradient (jacana, elsewhere)"]
     assert len(random_run["history"]) == 2
     assert (out / "plots" / "convergence.png").is_file()
 
@@ -218,6 +233,12 @@ def test_multistart_two_starts(filesets, tmp_path):
     st = doc["spread"]["params"]["jet_pt_min"]
     assert st["min"] == min(finals) and st["max"] == max(finals) and st["mean"] == pytest.approx(np.mean(finals))
     assert (out / "plots" / "multistart.png").stat().st_size > 10_000
+    # what jacana scan / baselines --gradient-result read from the folder: every start's optimum
+    from jacana.analysis.scan import load_gradient_results
+
+    judged = load_gradient_results([out])
+    assert [g["label"] for g in judged] == ["start 0", "start 1"]
+    assert [g["params"] for g in judged] == [r["final_params"] for r in doc["runs"]]
 
 
 def test_multistart_on_dask_gathers_every_start(filesets, tmp_path, monkeypatch):
@@ -233,10 +254,13 @@ def test_multistart_on_dask_gathers_every_start(filesets, tmp_path, monkeypatch)
         if p["jet_pt_min"] > 45:
             raise JacanaError("diverged")
         final = {**p, "jet_pt_min": 0.5 * (p["jet_pt_min"] + 35.0)}
-        return {"initial_params": p, "final_params": final, "objective": "sigma_mu", "stopped": "steps",
-                "history": [{"step": 0, "hard_objective": 0.2}], "final_objective": {"hard_limit": 0.1},
-                "validation": {"before": {"expected": {"sigma_mu": 0.2}},
-                               "after": {"expected": {"sigma_mu": 0.1 + 0.001 * final["jet_pt_min"]}}}}
+        result = {"initial_params": p, "final_params": final, "objective": "sigma_mu", "stopped": "steps",
+                  "history": [{"step": 0, "hard_objective": 0.2}], "final_objective": {"hard_limit": 0.1},
+                  "validation": {"before": {"expected": {"sigma_mu": 0.2}},
+                                 "after": {"expected": {"sigma_mu": 0.1 + 0.001 * final["jet_pt_min"]}}}}
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "result.json").write_text(json.dumps(result))  # as the real one leaves it
+        return result
 
     monkeypatch.setattr(optimize, "run_optimize", fake_run_optimize)
     settings = optimize.OptimizeSettings(steps=1)
@@ -256,3 +280,9 @@ def test_multistart_on_dask_gathers_every_start(filesets, tmp_path, monkeypatch)
     assert doc["best_start"]["start"] == min(ok, key=lambda r: r["heldout_sigma_mu"])["start"]
     assert doc["passes"]["train"] == len(ok) * (1 + 1 + 3)
     assert json.loads((tmp_path / "multistart.json").read_text())["spread"] == doc["spread"]
+    # jacana scan / baselines --gradient-result on the folder: the starts that finished, in order
+    from jacana.analysis.scan import load_gradient_results
+
+    judged = load_gradient_results([tmp_path])
+    assert [g["label"] for g in judged] == [f"start {r['start']}" for r in ok]
+    assert [g["params"]["jet_pt_min"] for g in judged] == pytest.approx(finals)

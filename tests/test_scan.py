@@ -30,13 +30,22 @@ def gradient_result(tmp_path):
     return path
 
 
-def test_cli_1d_scan_equals_hard_evaluation(fileset, tmp_path):
+def test_cli_1d_scan_equals_hard_evaluation(fileset, tmp_path, capsys):
     from jacana.analysis.evaluate import hard_evaluation
 
     out = tmp_path / "scan"
+    results = []
+    for name, btag in (("run_a", 0.7), ("run_b", 0.5)):  # optima on grid points: judged without a pass of their own
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text(json.dumps({"final_params": {**load_spec().param_values(),
+                                                                                  "btag_min": btag}}))
+        results.append(str(tmp_path / name))
     assert main(["scan", "--fileset", str(fileset), "--params", "btag_min=0.5:0.7:2", "--out", str(out),
-                 "--quiet"]) == 0
+                 "--gradient-result", *results, "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "gradient optimum run_a: sigma_mu" in printed and "of 2 gradient optima: 2 within one grid step" in printed
     scan = json.loads((out / "scan.json").read_text())
+    assert [g["sigma_mu"] for g in scan["gradients"]] == [p["sigma_mu"] for p in scan["points"][::-1]]
     assert scan["complete"] and [p["params"]["btag_min"] for p in scan["points"]] == [0.5, 0.7]
     assert scan["passes"] == 2  # the AGC point (btag_min 0.5) is a grid point: no extra pass
     spec = load_spec()
@@ -49,14 +58,35 @@ def test_cli_1d_scan_equals_hard_evaluation(fileset, tmp_path):
     assert (out / "plots" / "scan.png").stat().st_size > 10_000
 
 
+def _multistart(folder, runs):
+    """A ``jacana optimize --starts`` folder: multistart.json and each finished start's result.json."""
+    folder.mkdir()
+    for run in runs:
+        if run.get("final_params"):
+            (folder / f"start_{run['start']}").mkdir()
+            (folder / f"start_{run['start']}" / "result.json").write_text(json.dumps({"final_params": run["final_params"]}))
+    (folder / "multistart.json").write_text(json.dumps({"runs": runs}))
+    return folder
+
+
 def test_2d_scan_best_gradient_and_resume(fileset, tmp_path, gradient_result):
     spec = load_spec()
     axes = parse_axes(["jet_pt_min=25:30:2", "btag_min=0.5:0.7:2"], spec)
     out = tmp_path / "scan2"
-    result = run_scan(spec, load_fileset(fileset), axes, out, gradient_result=gradient_result, progress=False)
+    # several optima at once: a result, and a multi-start run's finished starts (its folder moved since:
+    # start 0's recorded folder is gone, found beside multistart.json); a failed start is skipped
+    agc = spec.param_values()
+    starts = _multistart(tmp_path / "ms", [
+        {"start": 0, "out": "/moved/away/start_0", "final_params": {**agc, "jet_pt_min": 25.0}},
+        {"start": 1, "out": str(tmp_path / "ms" / "start_1"), "final_params": json.loads(
+            gradient_result.read_text())["final_params"]},
+        {"start": 2, "out": str(tmp_path / "ms" / "start_2"), "error": "NonFiniteError: ..."}])
+    result = run_scan(spec, load_fileset(fileset), axes, out, gradient_results=[gradient_result, starts],
+                      progress=False)
     grid = np.asarray(result["sigma_mu"])
     assert grid.shape == (2, 2) and np.all(np.isfinite(grid))
-    assert result["passes"] == 4 + 1  # the AGC point is on the grid; the gradient optimum is not
+    # the AGC point is on the grid, start 0 too, and start 1 is the first result's point: one pass for all three
+    assert result["passes"] == 4 + 1
     assert result["best"]["sigma_mu"] == grid.min()
     near = [p["sigma_mu"] for p in result["near_best"]["points"]]
     assert near[0] == grid.min() and near == sorted(near) and len(near) == int(np.sum(grid <= grid.min() * 1.01))
@@ -65,19 +95,37 @@ def test_2d_scan_best_gradient_and_resume(fileset, tmp_path, gradient_result):
     assert result["best"]["params"]["btag_min"] == pytest.approx([0.5, 0.7][j])
     for p in result["points"]:  # grid index and stored value agree, the last axis fastest
         assert grid[tuple(p["index"])] == p["sigma_mu"]
-    g = result["gradient"]
-    assert g["params"]["jet_pt_min"] == 29.0 and g["sigma_mu"] > 0
-    assert g["over_grid_best"] == pytest.approx(g["sigma_mu"] / grid.min())
+    g, start0, start1 = result["gradients"]
+    assert [x["label"] for x in result["gradients"]] == [tmp_path.name, "ms start 0", "ms start 1"]
+    assert start0["source"] == str(tmp_path / "ms" / "start_0" / "result.json")
+    assert g["params"]["jet_pt_min"] == 29.0 and g["sigma_mu"] > 0 and start1["sigma_mu"] == g["sigma_mu"]
+    assert start0["sigma_mu"] == grid[0, 0]
     best = result["best"]["params"]
-    assert g["within_one_grid_step"] == (abs(29.0 - best["jet_pt_min"]) <= 5 and abs(0.62 - best["btag_min"]) <= 0.2)
+    for x, point in ((g, (29.0, 0.62)), (start0, (25.0, 0.5))):
+        assert x["over_grid_best"] == pytest.approx(x["sigma_mu"] / grid.min())
+        assert x["within_near_best"] == (x["sigma_mu"] <= 1.01 * grid.min())
+        assert x["grid_steps_from_best"] == pytest.approx({"jet_pt_min": abs(point[0] - best["jet_pt_min"]) / 5,
+                                                           "btag_min": abs(point[1] - best["btag_min"]) / 0.2})
+        assert x["within_one_grid_step"]  # a 2 x 2 grid: every point is within one step of every other
+    judged = result["gradients_judged"]
+    assert judged == {"n": 3, "within_one_grid_step": 3, "within_noise": None,
+                      "within_near_best": sum(x["within_near_best"] for x in (g, start0, start1)),
+                      "both": judged["within_near_best"]}
     assert (out / "plots" / "scan.png").stat().st_size > 10_000
+    with pytest.raises(ConfigError, match="needs one gradient result, got 3"):
+        run_scan(spec, load_fileset(fileset), axes, out, gradient_results=[gradient_result, starts], hold="gradient")
+    with pytest.raises(ConfigError, match="has no start that finished"):
+        run_scan(spec, load_fileset(fileset), axes, out, gradient_results=[_multistart(tmp_path / "failed", [
+            {"start": 0, "error": "NonFiniteError: ..."}])])
 
-    # an interrupted scan: the last two grid points are lost; the rerun computes only what is missing
-    # ((30, 0.5) is the AGC point, stored apart: only (30, 0.7) costs a pass)
+    # an interrupted scan, made before several optima were judged ("gradient": one entry): the last two
+    # grid points are lost; the rerun computes only what is missing ((30, 0.5) is the AGC point, stored
+    # apart: only (30, 0.7) costs a pass)
     saved = json.loads((out / "scan.json").read_text())
     saved["points"], saved["complete"] = saved["points"][:2], False
+    saved["gradient"] = saved.pop("gradients")[0]
     (out / "scan.json").write_text(json.dumps(saved))
-    again = run_scan(spec, load_fileset(fileset), axes, out, gradient_result=gradient_result, progress=False,
+    again = run_scan(spec, load_fileset(fileset), axes, out, gradient_results=[gradient_result], progress=False,
                      plots=False)
     assert again["passes"] == 1 and again["reused_points"] == 2 + 1 + 1
     assert again["sigma_mu"] == result["sigma_mu"]
@@ -216,7 +264,7 @@ def test_bootstrap_scan_is_the_plain_scan_plus_paired_noise(fileset, tmp_path, g
     fs = load_fileset(fileset)
     axes = parse_axes(["jet_pt_min=25:45:3"], spec)
     plain = run_scan(spec, fs, axes, tmp_path / "plain", progress=False, plots=False)
-    boot = run_scan(spec, fs, axes, tmp_path / "boot", gradient_result=gradient_result, progress=False,
+    boot = run_scan(spec, fs, axes, tmp_path / "boot", gradient_results=[gradient_result], progress=False,
                     bootstrap=6, bootstrap_seed=3)
     # the replicas ride along: sigma_mu itself is unchanged, bit for bit, and it costs no extra pass
     assert [p["sigma_mu"] for p in boot["points"]] == [p["sigma_mu"] for p in plain["points"]]
@@ -237,10 +285,12 @@ def test_bootstrap_scan_is_the_plain_scan_plus_paired_noise(fileset, tmp_path, g
         assert b["diff_std"] == pytest.approx(np.std(diffs, ddof=1), rel=1e-12)
         assert b["sigma_mu_std"] == pytest.approx(np.std(p["sigma_mu_replicas"], ddof=1), rel=1e-12)
         assert (b["diff_sd"] > 0) == (p is not best)
-    assert boot["gradient"]["bootstrap"]["replicas"] == 6
+    (judged,) = boot["gradients"]
+    assert judged["bootstrap"]["replicas"] == 6 and boot["gradients_judged"]["within_noise"] == int(
+        judged["bootstrap"]["within_noise"])
     assert (tmp_path / "boot" / "plots" / "scan.png").stat().st_size > 10_000
     # resume: every point is reused with its replicas; a plain scan's points are not (other context)
-    again = run_scan(spec, fs, axes, tmp_path / "boot", gradient_result=gradient_result, progress=False,
+    again = run_scan(spec, fs, axes, tmp_path / "boot", gradient_results=gradient_result, progress=False,
                      plots=False, bootstrap=6, bootstrap_seed=3)
     assert again["passes"] == 0 and again["within_noise_of_best"] == noise
     one = parse_axes(["jet_pt_min=25:25:1"], spec)  # a point the plain scan has: recomputed, with replicas
