@@ -334,6 +334,7 @@ def comparison_table(rows: Sequence[Mapping], agc_heldout: float | None = None) 
     best_held = min(held) if held else None
     # a run trained on other events has its own training sigma_mu: no race to the best of these
     trained = [r for r in rows if r.get("best_so_far") and not r.get("other_training_events")]
+    racing = {id(r) for r in trained}
     best_train = min((r["train_sigma_mu"] for r in trained if r.get("train_sigma_mu") is not None), default=None)
     out = []
     for r in rows:
@@ -342,7 +343,7 @@ def comparison_table(rows: Sequence[Mapping], agc_heldout: float | None = None) 
             row["heldout_over_agc"] = r["heldout_sigma_mu"] / agc_heldout
         if best_held and r.get("heldout_sigma_mu") is not None:
             row["heldout_over_best"] = r["heldout_sigma_mu"] / best_held
-        if best_train is not None and r in trained:
+        if best_train is not None and id(r) in racing:
             reach = [p for p, s in r["best_so_far"] if s <= best_train * (1 + REACH_TOLERANCE)]
             row["passes_to_reach_best_train"] = reach[0] if reach else None
         out.append(row)
@@ -447,9 +448,7 @@ def run_baselines(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_d
         if on_method is not None:
             on_method(row)
     rows = list(rows)  # baselines.json keeps the methods run here; the table adds the references
-    if isinstance(gradient_results, (str, Path)):
-        gradient_results = [gradient_results]
-    gradients = load_gradient_results(gradient_results) if gradient_results else []
+    gradients = load_gradient_results(gradient_results)
     for g in gradients:
         row = gradient_row(g, heldout=heldout, spec=spec, grid_best=ref["best"] if ref else None,
                            method="gradient (jacana)" if len(gradients) == 1 else f"gradient (jacana, {g['label']})")

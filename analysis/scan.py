@@ -205,23 +205,28 @@ def load_gradient_result(path: str | Path) -> dict:
     return {"params": scalars, "extra": extra, "overrides": overrides, "path": str(path), "result": raw}
 
 
-def load_gradient_results(paths: Sequence[str | Path]) -> list[dict]:
-    """Every optimum to judge, each a :func:`load_gradient_result` with a ``label``.
+def load_gradient_results(paths: str | Path | Sequence[str | Path]) -> list[dict]:
+    """Every optimum to judge, each a :func:`load_gradient_result` with a ``label`` (none for no paths).
 
     A path is a ``jacana optimize`` result (``result.json`` or its folder) or a multi-start run
     (``multistart.json`` or its folder): that gives every start that succeeded. Labels are the
-    result's folder name (``start <k>`` for a start, after its run's folder name when several
-    paths are given), made unique with the folder's full path.
+    result's folder name (its file name when not ``result.json``; ``start <k>`` for a start,
+    after its run's folder name when several paths are given), made unique with the full path.
     """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     found: list[tuple[str, str, dict]] = []  # (short label, long label, result)
     for raw in paths:
         path = Path(raw)
-        if path.is_dir() and not (path / "result.json").is_file() and (path / "multistart.json").is_file():
+        if path.is_dir() and not (path / "result.json").is_file():
+            if not (path / "multistart.json").is_file():
+                raise ConfigError(f"gradient result folder {str(path)!r} has neither a result.json (jacana optimize)"
+                                  " nor a multistart.json (jacana optimize --starts)")
             path = path / "multistart.json"
         if path.name != "multistart.json":
             g = load_gradient_result(path)
-            folder = Path(g["path"]).parent
-            found.append((folder.name or str(folder), str(folder), g))
+            file = Path(g["path"])
+            short = file.parent.name if file.name == "result.json" else file.stem
+            found.append((short or str(file.parent), g["path"], g))
             continue
         doc = _read_json(path, "multi-start result")
         runs = [r for r in (doc.get("runs") if isinstance(doc, dict) else None) or [] if r.get("final_params")]
@@ -261,9 +266,7 @@ def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir
     axes = list(axes)
     if hold not in ("config", "gradient"):
         raise ConfigError(f"hold must be 'config' or 'gradient', got {hold!r}")
-    if isinstance(gradient_results, (str, Path)):
-        gradient_results = [gradient_results]
-    gradients = load_gradient_results(gradient_results) if gradient_results else []
+    gradients = load_gradient_results(gradient_results)
     for gradient in gradients:  # named cuts this config tunes; bin edges / network weights apply as they are
         gradient["extra"].update({k: v for k, v in gradient["params"].items() if k not in spec.parameters})
         gradient["params"] = {k: v for k, v in gradient["params"].items() if k in spec.parameters}

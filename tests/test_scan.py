@@ -296,3 +296,23 @@ def test_bootstrap_scan_is_the_plain_scan_plus_paired_noise(fileset, tmp_path, g
     one = parse_axes(["jet_pt_min=25:25:1"], spec)  # a point the plain scan has: recomputed, with replicas
     other = run_scan(spec, fs, one, tmp_path / "plain", progress=False, plots=False, bootstrap=6, bootstrap_seed=3)
     assert other["reused_points"] == 0 and other["passes"] == 2 and len(other["points"][0]["sigma_mu_replicas"]) == 6
+
+
+def test_several_gradient_results_get_unique_labels(tmp_path):
+    from jacana.analysis.scan import load_gradient_results
+
+    paths = []
+    for where in ("seed1/run", "seed3/run", "other"):
+        (tmp_path / where).mkdir(parents=True)
+        (tmp_path / where / "result.json").write_text(json.dumps({"final_params": {"jet_pt_min": 25.0}}))
+        paths.append(tmp_path / where)
+    (tmp_path / "by_hand.json").write_text(json.dumps({"final_params": {"jet_pt_min": 27.0}}))
+    judged = load_gradient_results([*paths, tmp_path / "by_hand.json"])
+    # two folders named "run": each is told apart by its full path; the others keep their short names
+    assert [g["label"] for g in judged] == [str(paths[0] / "result.json"), str(paths[1] / "result.json"),
+                                             "other", "by_hand"]
+    assert load_gradient_results([]) == [] and [g["label"] for g in load_gradient_results(paths[2])] == ["other"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_gradient_results([paths[2], tmp_path / "missing"])
+    with pytest.raises(ConfigError, match="'.*seed1' has neither a result.json .* nor a multistart.json"):
+        load_gradient_results([tmp_path / "seed1"])
