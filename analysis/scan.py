@@ -373,6 +373,9 @@ def _judge(obj: HardObjective, gradient: Mapping, grid_best: Mapping, axes: Sequ
     g = obj.evaluate(gradient["params"], gradient["extra"] or None, overrides=gradient["overrides"] or None)
     g.pop("cached", None)
     g["label"], g["source"] = gradient["label"], gradient["path"]
+    path = _trajectory(gradient["result"], [a.name for a in axes])
+    if path:
+        g["path"] = path
     if gradient["extra"] or gradient["overrides"]:
         g["also_set"] = sorted(gradient["extra"]) + list(gradient["overrides"])
     steps = {a.name: abs(gradient["params"][a.name] - grid_best["params"][a.name]) / a.step
@@ -387,6 +390,18 @@ def _judge(obj: HardObjective, gradient: Mapping, grid_best: Mapping, axes: Sequ
     if obj.bootstrap:
         g["bootstrap"] = paired_noise(g, grid_best)
     return g
+
+
+def _trajectory(result, names: Sequence[str]) -> dict[str, list[float]] | None:
+    """The scanned parameters' values at each step of an optimisation result (its history), for the
+    plot's path from start to optimum; None when the result does not record them."""
+    if not isinstance(result, Mapping):
+        return None
+    steps = [h.get("params") for h in result.get("history") or [] if isinstance(h, Mapping)]
+    if not steps:
+        steps = [result.get("initial_params")]
+    steps = [p for p in steps if isinstance(p, Mapping) and all(isinstance(p.get(n), (int, float)) for n in names)]
+    return {n: [float(p[n]) for p in steps] for n in names} if steps else None
 
 
 def _verdicts(judged: Sequence[Mapping]) -> dict:

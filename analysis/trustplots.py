@@ -28,12 +28,13 @@ _PALETTE = ("#e42536", "#832db6", "#e76300", "#a96b59", "#5790fc", "#92dadd", "#
 
 
 def _markers(result: Mapping):
-    """(label, params, sigma_mu, style) of the AGC point and each gradient optimum (open: worse than the
-    grid's best beyond the noise)."""
+    """(label, params, sigma_mu, style, path) of the AGC point and each gradient optimum (open: worse
+    than the grid's best beyond the noise; ``path``: its optimisation's steps, when known)."""
     out = []
     agc = result.get("agc")
     if agc:
-        out.append(("AGC", agc["params"], agc.get("sigma_mu"), {"marker": "*", "color": "white", "ms": 20, "mec": "k"}))
+        out.append(("AGC", agc["params"], agc.get("sigma_mu"), {"marker": "*", "color": "white", "ms": 20, "mec": "k"},
+                    None))
     gradients = result.get("gradients") or ([result["gradient"]] if result.get("gradient") else [])  # older scans
     for i, g in enumerate(gradients):
         # its other cuts (or bin edges, network) may differ from the grid's: then it is a projection
@@ -46,7 +47,8 @@ def _markers(result: Mapping):
         color = _PALETTE[i % len(_PALETTE)]
         out.append((name + (" (other cuts differ)" if moved else "") + judged, g["params"], g.get("sigma_mu"),
                     {"marker": "D", "color": color, "ms": 11 if len(gradients) == 1 else 9,
-                     "mec": color if beyond else "k", "mfc": "none" if beyond else color, "mew": 2.5 if beyond else 1}))
+                     "mec": color if beyond else "k", "mfc": "none" if beyond else color, "mew": 2.5 if beyond else 1},
+                    g.get("path")))
     return out
 
 
@@ -101,7 +103,7 @@ def scan_landscape(result: Mapping, spec: AnalysisSpec, path: Path) -> Path:
                     label=within[-1])
         ax.plot(best["params"][a["name"]], best["sigma_mu"], "o", color="#3f90da", ms=14, mfc="none", mew=2,
                 label="grid best")
-        for label, params, s, style in _markers(result):
+        for label, params, s, style, _ in _markers(result):
             if s is not None:
                 ax.plot(params[a["name"]], s, ls="none", label=f"{label} ({s:.4f})", **style)
             ax.axvline(params[a["name"]], color=style["color"] if style["color"] != "white" else "gray", ls=":")
@@ -133,9 +135,15 @@ def scan_landscape(result: Mapping, spec: AnalysisSpec, path: Path) -> Path:
         ax.plot(best["params"][a["name"]], best["params"][b["name"]], "o", ms=16, mfc="none", mec="white", mew=2.5,
                 label=f"grid best ({best['sigma_mu']:.4f})",  # outlined: seen on the map and on a white legend
                 path_effects=[patheffects.Stroke(linewidth=4.5, foreground="k"), patheffects.Normal()])
-        for label, params, s, style in _markers(result):
+        for label, params, s, style, steps in _markers(result):
+            if steps is not None:  # its steps, from where it began (a small circle; clipped to the map)
+                xs_path, ys_path = steps[a["name"]], steps[b["name"]]
+                ax.plot(xs_path, ys_path, "-", lw=1.2, color=style["color"], alpha=0.9)
+                ax.plot(xs_path[0], ys_path[0], "o", ms=6, mfc="none", mec=style["color"], mew=1.5)
             ax.plot(params[a["name"]], params[b["name"]], ls="none",
                     label=f"{label}" + (f" ({s:.4f})" if s is not None else ""), **style)
+        ax.set_xlim(edges(xs)[0], edges(xs)[-1])  # the map, not a start far outside it
+        ax.set_ylim(edges(ys)[0], edges(ys)[-1])
         ax.set_xlabel(_label(spec, a["name"]))
         ax.set_ylabel(_label(spec, b["name"]))
         _legend(ax, fontsize=11)

@@ -64,7 +64,8 @@ def _multistart(folder, runs):
     for run in runs:
         if run.get("final_params"):
             (folder / f"start_{run['start']}").mkdir()
-            (folder / f"start_{run['start']}" / "result.json").write_text(json.dumps({"final_params": run["final_params"]}))
+            result = {"final_params": run["final_params"], "history": run.get("history", [])}
+            (folder / f"start_{run['start']}" / "result.json").write_text(json.dumps(result))
     (folder / "multistart.json").write_text(json.dumps({"runs": runs}))
     return folder
 
@@ -77,7 +78,8 @@ def test_2d_scan_best_gradient_and_resume(fileset, tmp_path, gradient_result):
     # start 0's recorded folder is gone, found beside multistart.json); a failed start is skipped
     agc = spec.param_values()
     starts = _multistart(tmp_path / "ms", [
-        {"start": 0, "out": "/moved/away/start_0", "final_params": {**agc, "jet_pt_min": 25.0}},
+        {"start": 0, "out": "/moved/away/start_0", "final_params": {**agc, "jet_pt_min": 25.0},
+         "history": [{"step": k, "params": {**agc, "jet_pt_min": v}} for k, v in enumerate((45.0, 33.0, 25.0))]},
         {"start": 1, "out": str(tmp_path / "ms" / "start_1"), "final_params": json.loads(
             gradient_result.read_text())["final_params"]},
         {"start": 2, "out": str(tmp_path / "ms" / "start_2"), "error": "NonFiniteError: ..."}])
@@ -100,6 +102,9 @@ def test_2d_scan_best_gradient_and_resume(fileset, tmp_path, gradient_result):
     assert start0["source"] == str(tmp_path / "ms" / "start_0" / "result.json")
     assert g["params"]["jet_pt_min"] == 29.0 and g["sigma_mu"] > 0 and start1["sigma_mu"] == g["sigma_mu"]
     assert start0["sigma_mu"] == grid[0, 0]
+    # its steps, for the plot's path from start to optimum (a result without a history has none)
+    assert start0["path"] == {"jet_pt_min": [45.0, 33.0, 25.0], "btag_min": [agc["btag_min"]] * 3}
+    assert "path" not in g
     best = result["best"]["params"]
     for x, point in ((g, (29.0, 0.62)), (start0, (25.0, 0.5))):
         assert x["over_grid_best"] == pytest.approx(x["sigma_mu"] / grid.min())
