@@ -83,6 +83,16 @@ def _step_fraction(text: str) -> float | None:
     return value
 
 
+def _relax_end(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a scale in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a scale in (0, 1] (the relaxation starts at 1), got {text!r}")
+    return value
+
+
 def cmd_optimize(args) -> int:
     from jacana.analysis.optimize import OptimizeSettings, free_params, run_optimize
     from jacana.facility.datasets import DEFAULT_EVENTS, DEFAULT_TRAIN_EVENTS, default_fileset
@@ -104,7 +114,8 @@ def cmd_optimize(args) -> int:
     _warn_skims(spec, train, validation)
     settings = OptimizeSettings(steps=args.steps, objective=args.objective, binning=args.binning, nn=args.nn,
                                 free=free, step_fraction=args.step_fraction, step_schedule=args.step_schedule,
-                                hard_every=args.hard_every, keep_best=not args.last_point)
+                                hard_every=args.hard_every, keep_best=not args.last_point,
+                                relax_end=args.relax_end)
     if getattr(args, "starts", 1) > 1:  # an ensemble of starts (analysis/multistart.py)
         from jacana.analysis.multistart import cli_multistart
 
@@ -228,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
                         " parameter's learning_rate from the config")
     p.add_argument("--step-schedule", choices=("cosine", "constant"), default="cosine",
                    help="cosine (default): the step decays to 0.1 x its start by the last step; constant: it stays")
+    p.add_argument("--relax-end", type=_relax_end, default=0.1, metavar="SCALE",
+                   help="the cuts' relaxation narrows from the config's widths (1) to SCALE x them over the first"
+                        " three quarters of the steps (default 0.1; 1: it stays as wide: see docs/trust.md for"
+                        " when that does better)")
     p.add_argument("--hard-every", type=int, default=5,
                    help="evaluate the hard-limit objective on the training events every N steps and at the last"
                         " (each is one more pass; default 5; 0: never)")
