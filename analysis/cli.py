@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -71,26 +72,23 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _step_fraction(text: str) -> float | None:
-    if text == "config":
-        return None
+def _in_unit_interval(text: str, expected: str) -> float:
+    """``text`` as a number in (0, 1], or an argparse error that says what was ``expected``."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] or 'config', got {text!r}") from None
+        value = math.nan
     if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] or 'config', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def _step_fraction(text: str) -> float | None:
+    return None if text == "config" else _in_unit_interval(text, "a fraction in (0, 1] or 'config'")
 
 
 def _relax_end(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a scale in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a scale in (0, 1] (the relaxation starts at 1), got {text!r}")
-    return value
+    return _in_unit_interval(text, "a scale in (0, 1] (the relaxation starts at 1)")
 
 
 def cmd_optimize(args) -> int:
