@@ -35,7 +35,7 @@ def _markers(result: Mapping):
     if agc:
         out.append(("AGC", agc["params"], agc.get("sigma_mu"), {"marker": "*", "color": "white", "ms": 20, "mec": "k"},
                     None))
-    gradients = result.get("gradients") or ([result["gradient"]] if result.get("gradient") else [])  # older scans
+    gradients = result.get("gradients") or []
     for i, g in enumerate(gradients):
         # its other cuts (or bin edges, network) may differ from the grid's: then it is a projection
         moved = g.get("other_params_differ_from_grid") or g.get("also_set")

@@ -125,7 +125,7 @@ class JacanaProcessor(processor.ProcessorABC):
         import jax.numpy as jnp
 
         from jacana.stages.analysis import _empty_yields, chunk_yields
-        from jacana.stages.batch import make_batches, to_device
+        from jacana.stages.batch import regroupable_batches, to_device
         from jacana.stages.jacobian import yields_and_jacobian, yields_vjp
         from jacana.stages.sensitivity import yields_key
         from jacana.stages.spec import NOMINAL
@@ -137,7 +137,7 @@ class JacanaProcessor(processor.ProcessorABC):
         columns = columns_from_events(events, spec)
         chunk = columns.chunk
         key = yields_key(chunk.sample, chunk.variation)
-        batches = make_batches(columns, spec, prefilter=True, pad=False)
+        batches = regroupable_batches(columns, spec)
         params = {k: jnp.asarray(v) for k, v in self.params.items()}
         relax = {k: jnp.asarray(v) for k, v in self.relax.items()}
         parts = to_device(rebatch(batches.parts)) if batches.parts else []

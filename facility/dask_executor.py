@@ -8,12 +8,12 @@ answers (``yields``, ``yields_and_jacobian``, ``yields_vjp``, ``config``, ``n_ev
 
 Reading (once)
     One task per chunk (:func:`load_chunk_task`) reads it and densifies it with
-    ``make_batches(prefilter=True)``, on a worker chosen beforehand (:func:`place_chunks`: the
-    chunks of one sample and variation together where the balance of events allows). The driver
-    then gets a few numbers per chunk (events per jet bucket) and plans the work: every (sample,
-    file variation, jet bucket) *unit* goes to one shard, balancing the estimated compute per
-    shard and preferring the worker that read the unit's events (longest-processing-time
-    first). One task per shard (:func:`build_shard_task`) regroups its units into the same
+    :func:`~jacana.stages.batch.regroupable_batches` (prefiltered, unpadded), on a worker chosen
+    beforehand (:func:`place_chunks`: the chunks of one sample and variation together where the
+    balance of events allows). The driver then gets a few numbers per chunk (events per jet
+    bucket) and plans the work: every (sample, file variation, jet bucket) *unit* goes to one
+    shard, balancing the estimated compute per shard and preferring the worker that read the
+    unit's events (longest-processing-time first). One task per shard (:func:`build_shard_task`) regroups its units into the same
     fixed-shape calls as the in-process executor (:func:`~jacana.facility.executor.rebatch`);
     of a chunk read on another worker it receives only the parts it needs
     (:func:`select_parts_task` runs where the chunk is). The shards stay in worker memory: the

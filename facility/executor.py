@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from jacana.stages.analysis import SoftConfig, add_yields, chunk_yields, soft_config
 import dataclasses
 
-from jacana.stages.batch import ChunkBatches, EventBatch, block_size_for, make_batches, to_device
+from jacana.stages.batch import ChunkBatches, EventBatch, block_size_for, regroupable_batches, to_device
 from jacana.stages.columns import read_ahead, read_chunk
 from jacana.stages.errors import FilesetError, InputFileError
 from jacana.stages.fileset import Chunk
@@ -100,7 +100,7 @@ def rebatch(parts: Iterable[EventBatch], lepton_width: int = LEPTON_WIDTH,
 
 def load_batches(chunk: Chunk, spec: AnalysisSpec, dtype=np.float64) -> ChunkBatches:
     """Read one chunk and densify it (events that cannot pass at any parameter values dropped)."""
-    return make_batches(read_chunk(chunk, spec), spec, dtype=dtype, prefilter=True, pad=False)
+    return regroupable_batches(read_chunk(chunk, spec), spec, dtype=dtype)
 
 
 class InProcessExecutor:
@@ -125,7 +125,7 @@ class InProcessExecutor:
                 self.report.file_failed(chunk, exc)
                 continue
             self.report.columns_read(columns)
-            batches = make_batches(columns, spec, dtype=dtype, prefilter=True, pad=False)
+            batches = regroupable_batches(columns, spec, dtype=dtype)
             parts.setdefault(yields_key(chunk.sample, chunk.variation), []).extend(batches.parts)
             self.n_events += chunk.n_events
         for key, group in parts.items():

@@ -63,7 +63,7 @@ def load_chunk_task(index: int, chunk: Mapping, spec_dict: Mapping, dtype: str =
 
     A file that cannot be read is not raised here: the driver applies its bad-file policy.
     """
-    from jacana.stages.batch import make_batches
+    from jacana.stages.batch import regroupable_batches
     from jacana.stages.columns import read_chunk
 
     spec, _ = _spec_and_config(spec_dict)
@@ -72,7 +72,7 @@ def load_chunk_task(index: int, chunk: Mapping, spec_dict: Mapping, dtype: str =
         columns = read_chunk(c, spec)
     except InputFileError as exc:
         return ChunkLoad(index, c, (), {}, error=str(exc))
-    batches = make_batches(columns, spec, dtype=np.dtype(dtype), prefilter=True, pad=False)
+    batches = regroupable_batches(columns, spec, dtype=np.dtype(dtype))
     return ChunkLoad(index, c, tuple(batches.parts), dict(columns.nonfinite))
 
 

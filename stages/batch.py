@@ -31,6 +31,7 @@ their soft yield is exactly zero, so results do not change.
 ``pad=False`` leaves each bucket at exactly its events, for callers that regroup the batches
 into fixed-shape calls anyway (:func:`jacana.facility.executor.rebatch` drops padding events):
 the executors' reads then write, and the dask executor moves, about a fifth fewer bytes.
+:func:`regroupable_batches` is that read path's call (prefiltered, unpadded), in one place.
 """
 
 from __future__ import annotations
@@ -309,6 +310,12 @@ def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilt
             weight=w, event_mask=ev, kinematic=tuple(kin), weight_variations=nominal_file, block_size=block))
     return ChunkBatches(sample=columns.chunk.sample, variation=columns.chunk.variation,
                         n_events=len(columns), parts=tuple(parts))
+
+
+def regroupable_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64) -> ChunkBatches:
+    """A chunk densified for the executors and the coffea adapter, which regroup the parts into
+    fixed-shape calls (``rebatch``): events that cannot pass dropped, buckets not padded."""
+    return make_batches(columns, spec, dtype=dtype, prefilter=True, pad=False)
 
 
 def to_device(batches: ChunkBatches | Sequence[EventBatch]):
