@@ -17,9 +17,9 @@ from jacana.facility.atomic import write_json
 from jacana.facility.hardrun import DEFAULT_CHUNK_SIZE, ColumnStore, InputReport, analysis_chunks, hard_histograms
 from jacana.stages.errors import ConfigError
 from jacana.stages.fileset import Fileset
-from jacana.stages.inference import evaluate_workspace
+from jacana.stages.stats.inference import evaluate_workspace
 from jacana.stages.spec import NOMINAL, AnalysisSpec
-from jacana.stages.workspace import build_workspace, histograms_to_json
+from jacana.stages.stats.workspace import build_workspace, histograms_to_json
 
 
 def load_params_file(path: str | Path) -> tuple[dict, list[str]]:

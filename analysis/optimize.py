@@ -34,7 +34,7 @@ from jacana.facility.hardrun import DEFAULT_CHUNK_SIZE, ColumnStore, InputReport
 from jacana.stages.analysis import PARAM_NAMES, default_relax, hard_relax
 from jacana.stages.errors import ConfigError, JacanaError
 from jacana.stages.fileset import Fileset
-from jacana.stages.sensitivity import Sensitivity
+from jacana.stages.stats.sensitivity import Sensitivity
 from jacana.stages.spec import AnalysisSpec
 
 CHECKPOINT = "checkpoint.json"
@@ -176,7 +176,7 @@ def params_summary(params: Mapping) -> dict:
 
 
 def params_to_json(params: Mapping) -> dict:
-    from jacana.stages.nn import weights_to_json
+    from jacana.stages.observables.nn import weights_to_json
 
     out = params_summary(params)
     if "nn" in params:
@@ -457,7 +457,7 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
     from jacana.facility.dask_executor import make_executor
 
     from jacana.analysis.evaluate import hard_evaluation
-    from jacana.stages.workspace import histograms_to_json
+    from jacana.stages.stats.workspace import histograms_to_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -517,8 +517,8 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
 def make_plots(spec: AnalysisSpec, final_spec: AnalysisSpec, out: Path, result: Mapping, before: Mapping,
                after: Mapping, impacts: bool = True) -> dict[str, str]:
     from jacana.analysis import plots
-    from jacana.stages.inference import impacts as np_impacts
-    from jacana.stages.workspace import pseudo_data
+    from jacana.stages.stats.inference import impacts as np_impacts
+    from jacana.stages.stats.workspace import pseudo_data
 
     d = out / "plots"
     paths = {

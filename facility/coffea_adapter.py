@@ -127,11 +127,11 @@ class JacanaProcessor(processor.ProcessorABC):
         from jacana.stages.analysis import _empty_yields, chunk_yields
         from jacana.stages.batch import regroupable_batches, to_device
         from jacana.stages.jacobian import yields_and_jacobian, yields_vjp
-        from jacana.stages.sensitivity import yields_key
+        from jacana.stages.stats.sensitivity import yields_key
         from jacana.stages.spec import NOMINAL
 
-        from .dask_executor import _spec_and_config
-        from .executor import rebatch
+        from jacana.facility.dask_executor import _spec_and_config
+        from jacana.facility.executor import rebatch
 
         spec, config = _spec_and_config(self.spec_dict)
         columns = columns_from_events(events, spec)

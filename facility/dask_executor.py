@@ -54,16 +54,17 @@ from jacana.stages.errors import FilesetError, InputFileError
 from jacana.stages.fileset import Chunk
 from jacana.stages.spec import AnalysisSpec
 
-from .executor import CALL_EVENTS, InProcessExecutor
-from .hardrun import InputReport
-from .profiles import FacilityError, connect, connect_scheduler, load_profile, plugin_for
+from jacana.facility.executor import CALL_EVENTS, InProcessExecutor
+from jacana.facility.hardrun import InputReport
+from jacana.facility.errors import FacilityError
+from jacana.facility.profiles import connect, connect_scheduler, load_profile, plugin_for
 
 #: Balance tolerance of the planner: a unit stays on the worker holding its events when that
 #: shard's load is within this fraction of the mean shard load of the lightest shard.
 LOCALITY_SLACK = 0.05
 
 # Worker side: the tasks live in :mod:`jacana.facility.worker_tasks` (no JAX at import, for the scheduler)
-from .worker_tasks import (KINDS, STAGE, ChunkLoad, WorkerShard, _key_of, _spec_and_config,  # noqa: E402,F401
+from jacana.facility.worker_tasks import (KINDS, STAGE, ChunkLoad, WorkerShard, _key_of, _spec_and_config,  # noqa: E402,F401
                            build_shard_task, chunk_summary_task, load_chunk_task, noop_task, select_parts_task,
                            step_task, sum_messages_task)
 
@@ -160,7 +161,7 @@ class DaskExecutor:
                  progress: bool = False, report: InputReport | None = None, shards_per_worker: int = 1,
                  connect_timeout: float | None = None, timeout: float | None = 3600.0, plugin: bool = True):
         from jacana.stages.analysis import soft_config
-        from jacana.stages.sensitivity import yields_key
+        from jacana.stages.stats.sensitivity import yields_key
 
         self.spec = spec
         self.config = soft_config(spec)
@@ -196,7 +197,7 @@ class DaskExecutor:
         from distributed import as_completed
         from tqdm.auto import tqdm
 
-        from .plugin import JacanaWorkerPlugin
+        from jacana.facility.plugin import JacanaWorkerPlugin
 
         wait_n = workers or (prof.get("workers") if prof and prof["kind"] in ("local",) else None) or 1
         wait_timeout = float(prof["connect_timeout"]) if prof else 60.0
@@ -294,7 +295,7 @@ class DaskExecutor:
 
     # -- steps ------------------------------------------------------------------------------
     def _request(self, kind: str, params: Mapping, relax: Mapping, cotangents: Mapping | None) -> tuple[bytes, dict]:
-        from jacana.stages.sensitivity import yields_key
+        from jacana.stages.stats.sensitivity import yields_key
 
         tensors: dict[str, np.ndarray] = {}
         shapes = {}
@@ -361,7 +362,7 @@ class DaskExecutor:
         return msg
 
     def _unpack_yields(self, msg: Message) -> dict:
-        from jacana.stages.sensitivity import yields_key
+        from jacana.stages.stats.sensitivity import yields_key
 
         return {yields_key(s, v): {r.name: {part: msg.tensors[f"{_key_of(i)}.{r.name}.{part}"]
                                             for part in ("sumw", "sumw2")} for r in self.config.regions}
@@ -373,7 +374,7 @@ class DaskExecutor:
 
     def yields_and_jacobian(self, params: Mapping, relax: Mapping) -> tuple[dict, dict]:
         """(yields, d yields / d params) per (sample, file variation): forward mode, one pass."""
-        from jacana.stages.sensitivity import yields_key
+        from jacana.stages.stats.sensitivity import yields_key
 
         msg = self.run("jacobian", params, relax)
         sizes = [(k, int(np.size(params[k])), np.shape(params[k])) for k in params]

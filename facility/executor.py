@@ -25,10 +25,10 @@ from jacana.stages.columns import read_ahead, read_chunk
 from jacana.stages.errors import FilesetError, InputFileError
 from jacana.stages.fileset import Chunk
 from jacana.stages.jacobian import yields_and_jacobian, yields_vjp
-from jacana.stages.sensitivity import yields_key
+from jacana.stages.stats.sensitivity import yields_key
 from jacana.stages.spec import AnalysisSpec
 
-from .hardrun import InputReport
+from jacana.facility.hardrun import InputReport
 
 
 #: Events per compiled call: every call has this many events, so each (jet bucket, file kind)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from .datasets import cache_dir
+from jacana.samples.datasets import cache_dir
 
 
 def configure_jax(compilation_cache: bool = True) -> dict:

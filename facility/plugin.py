@@ -100,7 +100,7 @@ class JacanaWorkerPlugin(WorkerPlugin):
                  threads: int | None = None, env: Mapping[str, str] | None = None,
                  compilation_cache: bool = True):
         if device not in DEVICES:
-            from .profiles import FacilityError
+            from jacana.facility.errors import FacilityError
 
             raise FacilityError(f"device must be one of {DEVICES}, got {device!r}")
         self.versions = dict(versions) if versions is not None else local_versions()
@@ -120,8 +120,8 @@ class JacanaWorkerPlugin(WorkerPlugin):
         return env
 
     def setup(self, worker=None):
-        from .jaxsetup import configure_jax
-        from .profiles import FacilityError
+        from jacana.facility.jaxsetup import configure_jax
+        from jacana.facility.errors import FacilityError
 
         where = getattr(worker, "address", "this worker")
         for k, v in self.environment().items():
@@ -138,7 +138,7 @@ class JacanaWorkerPlugin(WorkerPlugin):
         configure_jax(self.compilation_cache)
         import jax
 
-        import jacana.facility.dask_executor  # noqa: F401  (import the stages once, at worker start)
+        import jacana.facility.worker_tasks  # noqa: F401  (import the worker side once, at worker start)
         import jacana.stages.columns  # noqa: F401  (uproot, awkward: else the first read pays for them)
         import jacana.stages.jacobian  # noqa: F401
 

@@ -35,16 +35,12 @@ from typing import Any, Mapping
 
 import yaml
 
-from jacana.stages.errors import JacanaError
+from jacana.facility.errors import FacilityError
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 KINDS = ("local", "scheduler", "gateway", "htcondor")
 DEVICES = ("cpu", "gpu")
 _SECRET = re.compile(r"(token|password|passwd|secret|credential|api[_-]?key|private[_-]?key)", re.I)
-
-
-class FacilityError(JacanaError, RuntimeError):
-    """The cluster cannot be reached or set up, or a profile is invalid; the message says what to do."""
 
 
 # -- schema ---------------------------------------------------------------------------------
@@ -250,7 +246,7 @@ def connect(profile: str | Path | Mapping, **overrides: Any):
 
 def plugin_for(prof: Mapping):
     """The :class:`~jacana.facility.plugin.JacanaWorkerPlugin` a profile asks for."""
-    from .plugin import JacanaWorkerPlugin
+    from jacana.facility.plugin import JacanaWorkerPlugin
 
     w = prof.get("worker", {})
     return JacanaWorkerPlugin(device=prof.get("device", "cpu"), threads=w.get("threads"), env=w.get("env"),

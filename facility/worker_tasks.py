@@ -90,7 +90,7 @@ def _unit_set(units: Sequence) -> set:
 
 def _parts_in(load: ChunkLoad, wanted: set) -> tuple[str, tuple]:
     """(the chunk's key, its parts whose (key, jet bucket) unit is in ``wanted``)."""
-    from jacana.stages.sensitivity import yields_key
+    from jacana.stages.stats.sensitivity import yields_key
 
     key = yields_key(load.chunk.sample, load.chunk.variation)
     return key, tuple(p for p in load.parts if (key, p.n_jets) in wanted)
@@ -121,7 +121,7 @@ def build_shard_task(index: int, n_shards: int, spec_dict: Mapping, units: Seque
     """Regroup the ``units`` ([key, n_jets]) of the given chunk loads into calls kept on this worker."""
     from jacana.stages.batch import to_device
 
-    from .executor import rebatch
+    from jacana.facility.executor import rebatch
 
     _, config = _spec_and_config(spec_dict)
     wanted = _unit_set(units)
@@ -160,18 +160,18 @@ def step_task(shard: WorkerShard, request: bytes) -> bytes:
 
     from jacana.stages.analysis import add_yields, chunk_yields, region_edges
     from jacana.stages.jacobian import yields_and_jacobian, yields_vjp
-    from jacana.stages.sensitivity import yields_key
+    from jacana.stages.stats.sensitivity import yields_key
 
     t0, c0 = time.perf_counter(), time.process_time()
     req = decode(request)
     if req.kind not in KINDS or req.role != "request":
-        from .profiles import FacilityError
+        from jacana.facility.errors import FacilityError
 
         raise FacilityError(f"step_task cannot answer a {req.role} of kind {req.kind!r}")
     pnames = list(req.param_names)
     params = {n: jnp.asarray(req.tensors[n]) for n in pnames}
     if params_digest({n: req.tensors[n] for n in pnames}) != req.params_digest:
-        from .profiles import FacilityError
+        from jacana.facility.errors import FacilityError
 
         raise FacilityError("request parameters do not match their digest")
     relax = {n[len("relax."):]: jnp.asarray(v) for n, v in req.tensors.items() if n.startswith("relax.")}

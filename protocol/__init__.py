@@ -7,8 +7,8 @@ provenance of additive partials (:mod:`.provenance`), stage calls as messages
 Importing this package does not import JAX.
 """
 
-from .errors import ProtocolError
-from .message import Message, decode, encode, params_digest
-from .provenance import Provenance, merge
+from jacana.protocol.errors import ProtocolError
+from jacana.protocol.message import Message, decode, encode, params_digest
+from jacana.protocol.provenance import Provenance, merge
 
 __all__ = ["ProtocolError", "Message", "decode", "encode", "params_digest", "Provenance", "merge"]

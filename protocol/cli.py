@@ -1,7 +1,7 @@
 """``jacana serve-stage``: serve a stage over TCP.
 
 ``register(subparsers)`` adds the subcommand to jacana's CLI; the same options
-work with ``python -m jacana.protocol.server``. The server prints one line,
+work with ``python -m jacana.protocol.cli``. The server prints one line,
 ``jacana serve-stage: serving '<stage>' on <host>:<port>``, once it listens.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import ProtocolError
-from .transport import DEFAULT_MAX_BYTES
+from jacana.protocol.errors import ProtocolError
+from jacana.protocol.transport import DEFAULT_MAX_BYTES
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jacana.protocol.server", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m jacana.protocol.cli", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_options(p)
     return p
@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_serve_stage(args: argparse.Namespace) -> int:
     """Load the stage, bind, print the address, serve until interrupted or idle."""
-    from .server import StageServer
-    from .stage import load_stage
+    from jacana.protocol.server import StageServer
+    from jacana.protocol.stage import load_stage
 
     try:
         stage = load_stage(args.stage)
@@ -65,3 +65,12 @@ def run_serve_stage(args: argparse.Namespace) -> int:
     finally:
         server.close()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m jacana.protocol.cli --stage module:factory ...``"""
+    return run_serve_stage(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,7 +13,11 @@ messages, so a peer in any language can map it back::
 from __future__ import annotations
 
 
-class ProtocolError(Exception):
+class JacanaError(Exception):
+    """Root of every error jacana raises on purpose (protocol, stages, facility, analysis)."""
+
+
+class ProtocolError(JacanaError):
     """Base class of every jacana protocol error."""
 
     code = "protocol"

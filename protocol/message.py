@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import (
+from jacana.protocol.errors import (
     MalformedMessage,
     ProtocolError,
     TruncatedMessage,
@@ -39,7 +39,7 @@ from .errors import (
     UnsupportedDType,
     VersionMismatch,
 )
-from .provenance import Provenance
+from jacana.protocol.provenance import Provenance
 
 MAGIC = b"JCNA"
 PROTOCOL = "jacana-stage"

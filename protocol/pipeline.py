@@ -33,11 +33,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import MalformedMessage, ProtocolError, StageError
-from .message import Message
-from .provenance import Provenance, merge
-from .rpc import raise_if_error
-from .stage import Arrays, Stage, StageSpec, TensorSpec, sizes, unpack
+from jacana.protocol.errors import MalformedMessage, ProtocolError, StageError
+from jacana.protocol.message import Message
+from jacana.protocol.provenance import Provenance, merge
+from jacana.protocol.rpc import raise_if_error
+from jacana.protocol.stage import Arrays, Stage, StageSpec, TensorSpec, sizes, unpack
 
 
 class Pipeline(Stage):
@@ -256,7 +256,7 @@ class AdditiveStage(Stage):
 
     def __init__(self, parts: Sequence[Part], *, expected: Sequence[Provenance] | None = None,
                  stage_id: str | None = None, max_workers: int = 8, step: int | None = None) -> None:
-        from .rpc import RemoteStage
+        from jacana.protocol.rpc import RemoteStage
 
         if not parts:
             raise StageError("an additive stage needs at least one part")

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from .errors import MalformedMessage, ProvenanceError
+from jacana.protocol.errors import MalformedMessage, ProvenanceError
 
 _MAX_INT = 2**53 - 1  # exactly representable in every JSON implementation
 

@@ -30,10 +30,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import MalformedMessage, ProtocolError, StageError, error_class
-from .message import Message, decode, encode, params_digest
-from .provenance import Provenance
-from .stage import Arrays, Stage, StageSpec, TensorSpec
+from jacana.protocol.errors import MalformedMessage, ProtocolError, StageError, error_class
+from jacana.protocol.message import Message, decode, encode, params_digest
+from jacana.protocol.provenance import Provenance
+from jacana.protocol.stage import Arrays, Stage, StageSpec, TensorSpec
 
 DERIVATIVE_PREFIXES = ("jacobian:", "tangent:", "cotangent:")
 

@@ -30,11 +30,11 @@ import threading
 import time
 from typing import Any, Mapping
 
-from .errors import AuthenticationError, MessageTooLarge, ProtocolError, TransportError
-from .message import Message, decode, encode
-from .rpc import error_message, handle_bytes, raise_if_error
-from .stage import Stage
-from .transport import DEFAULT_MAX_BYTES, Transport, frame, read_frame
+from jacana.protocol.errors import AuthenticationError, MessageTooLarge, ProtocolError, TransportError
+from jacana.protocol.message import Message, decode, encode
+from jacana.protocol.rpc import error_message, handle_bytes, raise_if_error
+from jacana.protocol.stage import Stage
+from jacana.protocol.transport import DEFAULT_MAX_BYTES, Transport, frame, read_frame
 
 TOKEN_ENV = "JACANA_STAGE_TOKEN"
 MIN_TOKEN_LENGTH = 16
@@ -255,15 +255,3 @@ class TcpTransport(Transport):
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m jacana.protocol.server --stage module:factory ...``"""
-    from .cli import build_parser, run_serve_stage
-
-    args = build_parser().parse_args(argv)
-    return run_serve_stage(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

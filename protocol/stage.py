@@ -30,9 +30,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import MalformedMessage, ProtocolError, StageError
-from .message import _BASE_NAME_RE, wire_dtype
-from .provenance import Provenance
+from jacana.protocol.errors import MalformedMessage, ProtocolError, StageError
+from jacana.protocol.message import _BASE_NAME_RE, wire_dtype
+from jacana.protocol.provenance import Provenance
 
 Arrays = Mapping[str, Any]
 

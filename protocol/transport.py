@@ -23,10 +23,10 @@ import subprocess
 import time
 from typing import Any, Callable, Sequence
 
-from .errors import MessageTooLarge, TransportError, TruncatedMessage
-from .message import Message, decode, encode
-from .rpc import handle_bytes
-from .stage import Stage, load_stage
+from jacana.protocol.errors import MessageTooLarge, TransportError, TruncatedMessage
+from jacana.protocol.message import Message, decode, encode
+from jacana.protocol.rpc import handle_bytes
+from jacana.protocol.stage import Stage, load_stage
 
 FRAME = struct.Struct("<Q")
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -104,7 +104,7 @@ def handle_ref(stage_ref: str, data: bytes) -> bytes:
     try:
         stage = _cached_stage(stage_ref)
     except Exception as exc:
-        from .rpc import error_message
+        from jacana.protocol.rpc import error_message
 
         return encode(error_message(exc))
     return handle_bytes(stage, data)

@@ -39,13 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import nn
-from .batch import ChunkBatches, EventBatch
-from .histogram import bin_mass
-from .multiplicity import jet_region_probs, nth_selected_value, prob_exactly
-from .observables import soft_ht, soft_mbjj
-from .soft import soft_step
-from .spec import NOMINAL, AnalysisSpec
+from jacana.stages.observables import nn
+from jacana.stages.batch import ChunkBatches, EventBatch
+from jacana.stages.histograms.relaxed import bin_mass
+from jacana.stages.selection.multiplicity import jet_region_probs, nth_selected_value, prob_exactly
+from jacana.stages.observables.kinematics import soft_ht, soft_mbjj
+from jacana.stages.selection.soft import soft_step
+from jacana.stages.spec import NOMINAL, AnalysisSpec
 
 jax.config.update("jax_enable_x64", True)
 

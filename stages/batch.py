@@ -44,9 +44,9 @@ import awkward as ak
 import jax
 import numpy as np
 
-from .columns import Columns, flat_counts, per_event_count
-from .reference import event_weight as event_weights  # one definition of the event weight for both modes
-from .spec import NOMINAL, AnalysisSpec
+from jacana.stages.columns import Columns, flat_counts, per_event_count
+from jacana.stages.reference import event_weight as event_weights  # one definition of the event weight for both modes
+from jacana.stages.spec import NOMINAL, AnalysisSpec
 
 jax.config.update("jax_enable_x64", True)
 

@@ -23,9 +23,9 @@ import numpy as np
 import uproot
 from scipy.special import ndtri
 
-from .errors import InputFileError, MissingBranchError
-from .fileset import Chunk
-from .spec import AnalysisSpec
+from jacana.stages.errors import InputFileError, MissingBranchError
+from jacana.stages.fileset import Chunk
+from jacana.stages.spec import AnalysisSpec
 
 #: Logical columns that are per-event scalars; every other column is per-object (jagged).
 EVENT_COLUMNS = ("gen_weight",)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 
-class JacanaError(Exception):
-    """Base class of every error jacana raises on purpose."""
+from jacana.protocol.errors import JacanaError
 
 
 class ConfigError(JacanaError, ValueError):

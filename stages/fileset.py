@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import FilesetError
+from jacana.stages.errors import FilesetError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Mapping
 
 import jax
 
-from .analysis import SoftConfig, _parts, add_yields, soft_yields
+from jacana.stages.analysis import SoftConfig, _parts, add_yields, soft_yields
 
 jax.config.update("jax_enable_x64", True)
 

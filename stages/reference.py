@@ -17,9 +17,9 @@ import hist
 import numpy as np
 import vector
 
-from . import nn
-from .columns import Columns
-from .spec import NOMINAL, AnalysisSpec
+from jacana.stages.observables import nn
+from jacana.stages.columns import Columns
+from jacana.stages.spec import NOMINAL, AnalysisSpec
 
 vector.register_awkward()
 

@@ -27,7 +27,7 @@ import jsonschema
 import numpy as np
 import yaml
 
-from .errors import ConfigError
+from jacana.stages.errors import ConfigError
 
 DEFAULT_CONFIG = "agc_ttbar"
 NOMINAL = "nominal"
@@ -204,7 +204,7 @@ class AnalysisSpec:
             if k in self.parameters:
                 raw["parameters"][k]["value"] = float(v)
             elif k == "nn":
-                from .nn import weights_to_json
+                from jacana.stages.observables.nn import weights_to_json
 
                 raw.setdefault("nn", {})["weights"] = weights_to_json(v)
             else:
@@ -213,7 +213,7 @@ class AnalysisSpec:
 
     def nn_weights(self) -> dict[str, np.ndarray]:
         """The weights of the neural-network observable (``nn`` section; seeded init if untrained)."""
-        from .nn import weights_from_config
+        from jacana.stages.observables.nn import weights_from_config
 
         try:
             return weights_from_config(self.raw.get("nn"))

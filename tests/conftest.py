@@ -28,7 +28,7 @@ def real_nanoaod() -> str:
 @pytest.fixture(scope="session")
 def small_fileset(tmp_path_factory):
     """A small synthetic AGC dataset (about 60k events), generated once per test session."""
-    from jacana.facility.synthetic import generate
+    from jacana.samples.synthetic import generate
 
     out = tmp_path_factory.mktemp("synthetic")
     return generate(out, events=60_000, seed=7, progress=False)

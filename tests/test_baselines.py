@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jacana.analysis.baselines import cma_es, gradient_passes, random_search, run_baselines
-from jacana.analysis.multistart import spread, start_points
+from jacana.analysis.studies.baselines import cma_es, gradient_passes, random_search, run_baselines
+from jacana.analysis.studies.multistart import spread, start_points
 from jacana.stages.errors import ConfigError
 from jacana.stages.fileset import load_fileset
 from jacana.stages.spec import load_spec
@@ -17,7 +17,7 @@ from jacana.stages.spec import load_spec
 
 @pytest.fixture(scope="module")
 def filesets(tmp_path_factory):
-    from jacana.facility.synthetic import generate
+    from jacana.samples.synthetic import generate
 
     out = tmp_path_factory.mktemp("baselines")  # seeds whose AGC point has a finite sigma_mu (20k events are few)
     return (generate(out / "train", events=20_000, seed=11, files_per_sample=1, progress=False),
@@ -91,7 +91,7 @@ def test_gradient_passes():
 
 
 def test_the_gradient_row_traces_its_best_against_the_counted_passes(tmp_path):
-    from jacana.analysis.baselines import gradient_row
+    from jacana.analysis.studies.baselines import gradient_row
 
     history = [{"step": 0, "hard_objective": 0.2, "passes": 2}, {"step": 1, "hard_objective": None, "passes": 3},
                {"step": 2, "hard_objective": 0.15, "passes": 5}]
@@ -160,9 +160,9 @@ def test_run_baselines_writes_the_comparison(filesets, tmp_path):
 def test_a_bootstrap_scan_judges_every_method_on_its_replicas(filesets, tmp_path):
     """With a --bootstrap scan of the held-out events, each row carries its paired difference to the
     grid's best (on the scan's replicas); the scan's own points cost the held-out objective nothing."""
-    from jacana.analysis.baselines import scan_bootstrap
-    from jacana.analysis.hardobjective import HardObjective
-    from jacana.analysis.scan import paired_noise, parse_axes, run_scan
+    from jacana.analysis.studies.baselines import scan_bootstrap
+    from jacana.analysis.studies.hardobjective import HardObjective
+    from jacana.analysis.studies.scan import paired_noise, parse_axes, run_scan
 
     spec = load_spec()
     validation = load_fileset(filesets[1])
@@ -215,7 +215,7 @@ def test_start_points_spread_inside_the_bounds():
 
 @pytest.mark.slow
 def test_multistart_two_starts(filesets, tmp_path):
-    from jacana.analysis.cli import main
+    from jacana.cli.main import main
 
     out = tmp_path / "ms"
     assert main(["optimize", "--fileset", str(filesets[0]), "--validation-fileset", str(filesets[1]),
@@ -234,7 +234,7 @@ def test_multistart_two_starts(filesets, tmp_path):
     assert st["min"] == min(finals) and st["max"] == max(finals) and st["mean"] == pytest.approx(np.mean(finals))
     assert (out / "plots" / "multistart.png").stat().st_size > 10_000
     # what jacana scan / baselines --gradient-result read from the folder: every start's optimum
-    from jacana.analysis.scan import load_gradient_results
+    from jacana.analysis.studies.scan import load_gradient_results
 
     judged = load_gradient_results([out])
     assert [g["label"] for g in judged] == ["start 0", "start 1"]
@@ -246,7 +246,7 @@ def test_multistart_on_dask_gathers_every_start(filesets, tmp_path, monkeypatch)
     from distributed import Client, LocalCluster
 
     import jacana.analysis.optimize as optimize
-    from jacana.analysis.multistart import run_multistart
+    from jacana.analysis.studies.multistart import run_multistart
     from jacana.stages.errors import JacanaError
 
     def fake_run_optimize(spec, train, validation, out, settings, **kwargs):
@@ -281,7 +281,7 @@ def test_multistart_on_dask_gathers_every_start(filesets, tmp_path, monkeypatch)
     assert doc["passes"]["train"] == len(ok) * (1 + 1 + 3)
     assert json.loads((tmp_path / "multistart.json").read_text())["spread"] == doc["spread"]
     # jacana scan / baselines --gradient-result on the folder: the starts that finished, in order
-    from jacana.analysis.scan import load_gradient_results
+    from jacana.analysis.studies.scan import load_gradient_results
 
     judged = load_gradient_results([tmp_path])
     assert [g["label"] for g in judged] == [f"start {r['start']}" for r in ok]

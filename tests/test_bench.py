@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from jacana.analysis.cli import main
-from jacana.facility.bench import format_table, run_bench, use_device
-from jacana.facility.profiles import FacilityError
+from jacana.cli.main import main
+from jacana.bench.suite import format_table, run_bench, use_device
+from jacana.facility.errors import FacilityError
 
 _find_spec = importlib.util.find_spec
 FIGURES = ["1", "2", "3", "4", "5", "6a", "6b", "6c", "6d", "7a", "7b", "8"]

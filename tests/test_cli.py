@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jacana.analysis.cli import build_parser, main
+from jacana.cli.main import build_parser, main
 
 
 @pytest.mark.parametrize("command", ["generate", "evaluate", "optimize", "serve-stage"])

@@ -51,7 +51,7 @@ def assert_trees_equal(a, b):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from jacana.facility.jaxsetup import configure_jax
-    from jacana.facility.synthetic import generate
+    from jacana.samples.synthetic import generate
 
     if not os.environ.get("JACANA_CACHE"):
         os.environ["JACANA_CACHE"] = str(tmp_path_factory.mktemp("jacana_cache"))

@@ -8,8 +8,8 @@ import numpy as np
 import pyhf
 import pytest
 
-from jacana.analysis.cli import main
-from jacana.stages.inference import evaluate_workspace
+from jacana.cli.main import main
+from jacana.stages.stats.inference import evaluate_workspace
 
 
 @pytest.fixture(scope="module")

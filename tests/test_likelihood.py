@@ -10,7 +10,7 @@ import numpy as np
 import pyhf
 import pytest
 from jacana.stages.errors import JacanaError, ModelStructureError
-from jacana.stages.likelihood import TracedModel, pyhf_jax_backend
+from jacana.stages.stats.likelihood import TracedModel, pyhf_jax_backend
 
 TOL = {"rtol": 1e-10, "atol": 1e-10}
 

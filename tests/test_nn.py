@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jacana.stages import nn, reference
+from jacana.stages import reference
+from jacana.stages.observables import nn
 from jacana.stages.analysis import default_params, default_relax, hard_relax, soft_config, soft_yields
 from jacana.stages.batch import make_batches
 from jacana.stages.columns import read_chunk

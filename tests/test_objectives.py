@@ -8,8 +8,8 @@ import numpy as np
 import pyhf
 import pytest
 from jacana.stages import objectives as O
-from jacana.stages.bench_likelihood import agc_like_workspace
-from jacana.stages.likelihood import TracedModel
+from jacana.bench.likelihood import agc_like_workspace
+from jacana.stages.stats.likelihood import TracedModel
 
 
 def small_workspace(interpolation=True):

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from jacana.analysis.cli import main
+from jacana.cli.main import main
 from jacana.analysis.optimize import OptimizationError, Optimizer, OptimizeSettings, params_summary
 from jacana.facility.executor import InProcessExecutor
 from jacana.facility.hardrun import analysis_chunks
@@ -24,7 +24,7 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def tiny_filesets(tmp_path_factory):
-    from jacana.facility.synthetic import generate
+    from jacana.samples.synthetic import generate
 
     out = tmp_path_factory.mktemp("tiny")
     return generate(out / "train", events=20_000, seed=11, progress=False), \
@@ -166,7 +166,7 @@ def test_sigkill_then_resume_loses_nothing(tiny_filesets, tmp_path):
     """A killed process (SIGKILL: no cleanup at all) resumes from its last atomic checkpoint."""
     train, validate = tiny_filesets
     steps = 6
-    args = [sys.executable, "-m", "jacana.analysis.cli", "optimize", "--fileset", str(train), "--validation-fileset",
+    args = [sys.executable, "-m", "jacana.cli.main", "optimize", "--fileset", str(train), "--validation-fileset",
             str(validate), "--steps", str(steps), "--no-plots", "--quiet"]
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen(args + ["--out", str(killed_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -203,7 +203,7 @@ def optimized_binning_nn(tiny_filesets, tmp_path_factory):
 
 @pytest.mark.slow  # compiles the forward and VJP programs of every shape: about 2-3 minutes on 2 cores
 def test_binning_and_nn_are_optimised_and_evaluate_reproduces_them(optimized_binning_nn, tiny_filesets, tmp_path):
-    from jacana.stages.nn import init_weights
+    from jacana.stages.observables.nn import init_weights
 
     out = optimized_binning_nn
     result = json.loads((out / "result.json").read_text())

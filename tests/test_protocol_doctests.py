@@ -5,11 +5,12 @@ import importlib
 
 import pytest
 
-MODULES = ["errors", "message", "provenance", "stage", "rpc", "transport", "pipeline", "server", "bench_message"]
+MODULES = [f"jacana.protocol.{m}" for m in ("errors", "message", "provenance", "stage", "rpc", "transport", "pipeline",
+                                             "server")] + ["jacana.bench.message"]
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
-    module = importlib.import_module(f"jacana.protocol.{name}")
+    module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0, f"{result.failed} docstring example(s) failed in {module.__name__}"

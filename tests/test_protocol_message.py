@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from jacana.protocol import errors
-from jacana.protocol.bench_message import agc_message, bench_message
+from jacana.bench.message import agc_message, bench_message
 from jacana.protocol.message import (
     DTYPES, KINDS, Message, decode, decode_header, encode, header_schema, params_digest, wire_dtype,
 )

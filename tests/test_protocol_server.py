@@ -170,7 +170,7 @@ def test_cli_registers_serve_stage():
 def test_subprocess_server_matches_in_process(tmp_path):
     env = {**os.environ, "JACANA_STAGE_TOKEN": TOKEN, "PYTHONPATH": os.path.dirname(__file__)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jacana.protocol.server", "--stage", "test_protocol_server:server_stage",
+        [sys.executable, "-m", "jacana.protocol.cli", "--stage", "test_protocol_server:server_stage",
          "--port", "0", "--idle-exit", "20", "--timeout", "10"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
     )

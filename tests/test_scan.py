@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from jacana.analysis.cli import main
-from jacana.analysis.scan import parse_axes, parse_axis, run_scan
+from jacana.cli.main import main
+from jacana.analysis.studies.scan import parse_axes, parse_axis, run_scan
 from jacana.stages.errors import ConfigError
 from jacana.stages.fileset import load_fileset
 from jacana.stages.spec import load_spec
@@ -16,7 +16,7 @@ from jacana.stages.spec import load_spec
 
 @pytest.fixture(scope="module")
 def fileset(tmp_path_factory):
-    from jacana.facility.synthetic import generate
+    from jacana.samples.synthetic import generate
 
     # one file per (sample, variation): a hard pass costs per chunk, and these tests make ~10 of them
     return generate(tmp_path_factory.mktemp("scan"), events=20_000, seed=21, files_per_sample=1, progress=False)
@@ -178,7 +178,7 @@ def test_help(command, capsys):
 
 
 def test_gradient_result_takes_the_complete_optimum_from_params_json(tmp_path):
-    from jacana.analysis.scan import load_gradient_result
+    from jacana.analysis.studies.scan import load_gradient_result
 
     final = {"jet_pt_min": 33.0, "edges_4j1b": [110, 300, 550]}
     (tmp_path / "result.json").write_text(json.dumps({"final_params": final}))
@@ -254,7 +254,7 @@ def _with_events(columns, n):
 
 
 def test_robust_sd_ignores_a_single_outlier_replica():
-    from jacana.analysis.scan import robust_sd
+    from jacana.analysis.studies.scan import robust_sd
 
     normal = np.random.default_rng(4).normal(0.05, 0.002, 30)
     assert robust_sd(normal) == pytest.approx(0.002, rel=0.35)
@@ -304,7 +304,7 @@ def test_bootstrap_scan_is_the_plain_scan_plus_paired_noise(fileset, tmp_path, g
 
 
 def test_several_gradient_results_get_unique_labels(tmp_path):
-    from jacana.analysis.scan import load_gradient_results
+    from jacana.analysis.studies.scan import load_gradient_results
 
     paths = []
     for where in ("seed1/run", "seed3/run", "other"):

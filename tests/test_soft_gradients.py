@@ -28,7 +28,7 @@ FD_STEP = {"lepton_pt_min": 0.002, "jet_pt_min": 0.002, "jet_eta_max": 2e-5, "bt
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from jacana.facility.synthetic import generate
+    from jacana.samples.synthetic import generate
 
     path = generate(tmp_path_factory.mktemp("soft_grad"), events=1500, seed=22, files_per_sample=1, progress=False)
     spec = load_spec()

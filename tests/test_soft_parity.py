@@ -170,7 +170,7 @@ def test_unpadded_batches_regroup_into_the_same_calls():
 
 @pytest.fixture(scope="module")
 def tiny_fileset(tmp_path_factory):
-    from jacana.facility.synthetic import generate
+    from jacana.samples.synthetic import generate
 
     return generate(tmp_path_factory.mktemp("soft_synthetic"), events=1500, seed=21, files_per_sample=1, progress=False)
 

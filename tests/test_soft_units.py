@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from jacana.stages.batch import jet_bucket, nice_size, padded_events
-from jacana.stages.histogram import bin_mass, ordered_edges, soft_histogram
-from jacana.stages.multiplicity import (count_distribution, jet_region_probs, jet_tag_distribution,
+from jacana.stages.histograms.relaxed import bin_mass, ordered_edges, soft_histogram
+from jacana.stages.selection.multiplicity import (count_distribution, jet_region_probs, jet_tag_distribution,
                                         nth_selected_value, prob_at_least, prob_exactly)
-from jacana.stages.observables import soft_argmax_weights, trijet_indices, trijet_kinematics
-from jacana.stages.soft import soft_step, step_cdf
+from jacana.stages.observables.kinematics import soft_argmax_weights, trijet_indices, trijet_kinematics
+from jacana.stages.selection.soft import soft_step, step_cdf
 
 
 # -- soft cuts -----------------------------------------------------------------------------------------
@@ -198,8 +198,8 @@ def test_buckets():
 
 def test_soft_mbjj_custom_derivatives_match_plain_autodiff():
     """soft_mbjj's custom JVP (per-jet coefficients) == autodiff of a plain gather implementation."""
-    from jacana.stages.observables import _choose, soft_mbjj, trijet_indices
-    from jacana.stages.soft import soft_step
+    from jacana.stages.observables.kinematics import _choose, soft_mbjj, trijet_indices
+    from jacana.stages.selection.soft import soft_step
 
     rng = np.random.default_rng(3)
     n, k = 40, 7

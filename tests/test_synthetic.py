@@ -12,7 +12,7 @@ import pytest
 import uproot
 
 from jacana.facility import synthetic
-from jacana.facility.synthetic import generate
+from jacana.samples.synthetic import generate
 
 EVENTS = 20_000
 VARIATIONS = {"ttbar": {"nominal", "scaledown", "scaleup", "ME_var", "PS_var"},

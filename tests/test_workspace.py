@@ -6,9 +6,9 @@ import numpy as np
 import pyhf
 import pytest
 
-from jacana.stages.inference import evaluate_workspace, numpy_backend
+from jacana.stages.stats.inference import evaluate_workspace, numpy_backend
 from jacana.stages.spec import load_spec
-from jacana.stages.workspace import build_workspace, norm_plus_shape
+from jacana.stages.stats.workspace import build_workspace, norm_plus_shape
 
 
 def random_histograms(spec, seed=0, scale=None):
@@ -117,7 +117,7 @@ def test_a_bin_empty_in_every_sample_keeps_a_positive_expected_uncertainty():
 
 
 def test_an_indefinite_hessian_is_an_error_not_a_zero_uncertainty():
-    from jacana.stages.inference import FitError, _uncertainties
+    from jacana.stages.stats.inference import FitError, _uncertainties
 
     free = np.array([True, True])
     with pytest.raises(FitError, match="not positive definite"):

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 import pyhf
 
-from .errors import JacanaError
+from jacana.stages.errors import JacanaError
 
 
 class FitError(JacanaError, RuntimeError):
@@ -102,7 +102,7 @@ def asimov_information(model, pars, step: float = 1e-5) -> np.ndarray:
     part is the finite-difference Hessian of pyhf's ``constraint_logpdf``. Positive semi-definite
     by construction, unlike second differences of the full NLL, whose rounding can make it
     indefinite on models with sparse templates. The same quantity as the traced
-    :func:`jacana.stages.objectives.fisher`.
+    :func:`jacana.stages.stats.objectives.fisher`.
     """
     pars = np.asarray(pars, dtype=np.float64)
     h = step * np.maximum(1.0, np.abs(pars))

@@ -694,7 +694,7 @@ def generate(out_dir, events: int = 1_000_000, seed: int = 1, files_per_sample: 
                 bar.update(1)
             fileset.setdefault(process, {})[variation] = {"files": files, "nevts_total": sum(per_file)}
     _write_json(out / "generator.json", {
-        "generator": "jacana.facility.synthetic",
+        "generator": "jacana.samples.synthetic",
         "version": GENERATOR_VERSION,
         "seed": seed,
         "events": sum(f["nevts"] for vs in fileset.values() for b in vs.values() for f in b["files"]),
@@ -728,7 +728,7 @@ def skim_conflicts(spec, fileset) -> list[str]:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
         return []
-    if meta.get("generator") != "jacana.facility.synthetic" or not meta.get("skims"):
+    if meta.get("generator") != "jacana.samples.synthetic" or not meta.get("skims"):
         return []
     params, cuts = spec.parameters, spec.cuts
     out = []

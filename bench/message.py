@@ -6,7 +6,7 @@ Jacobian with respect to 10 named parameters, plus one provenance record.
 The baseline, measured in the same run, is the bare copy of the same arrays
 to bytes and back (``tobytes`` + ``frombuffer``)::
 
-    /tmp/venv/bin/python -m jacana.protocol.bench_message --repeats 500
+    /tmp/venv/bin/python -m jacana.bench.message --repeats 500
 
     >>> r = bench_message(repeats=3)
     >>> r["header_bytes"] < 1024 and r["total_bytes"] > r["raw_bytes"]
@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
-from .message import PREFIX, Message, decode, decode_header, encode, params_digest
-from .provenance import Provenance
+from jacana.protocol.message import PREFIX, Message, decode, decode_header, encode, params_digest
+from jacana.protocol.provenance import Provenance
 
 PARAM_NAMES = (
     "lep_pt_min", "jet_pt_min", "jet_eta_max", "btag_wp", "n_jets_min",

@@ -24,7 +24,7 @@ def cache_dir() -> Path:
 
 def default_fileset(role: str = "optimize", events: int = DEFAULT_EVENTS, progress: bool = True) -> Path:
     """Path of the synthetic fileset for ``role`` ("optimize" or "validate"), generated if absent."""
-    from .synthetic import GENERATOR_VERSION, generate
+    from jacana.samples.synthetic import GENERATOR_VERSION, generate
 
     if role not in SEEDS:
         raise ValueError(f"role must be one of {sorted(SEEDS)}, got {role!r}")

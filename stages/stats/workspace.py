@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .spec import NOMINAL, AnalysisSpec
+from jacana.stages.spec import NOMINAL, AnalysisSpec
 
 #: Smallest yield used as a denominator: keeps ratios finite when a template is empty.
 YIELD_FLOOR = 1e-9

@@ -1,4 +1,4 @@
-"""Expected-sensitivity objectives of a :class:`~jacana.stages.likelihood.TracedModel`.
+"""Expected-sensitivity objectives of a :class:`~jacana.stages.stats.likelihood.TracedModel`.
 
 Every objective is a pure function ``f(model, yields, ...)`` of the yields
 pytree: jit-able (close over ``model`` or mark it static), differentiable with
@@ -73,7 +73,7 @@ import jax.scipy.stats as jstats
 import numpy as np
 import scipy.stats
 
-from .likelihood import TracedModel, pyhf_jax_backend
+from jacana.stages.stats.likelihood import TracedModel, pyhf_jax_backend
 
 __all__ = [
     "OBJECTIVES",

@@ -30,7 +30,7 @@ def _spec_from_args(args):
 
 
 def _fileset_from_args(args, role: str):
-    from jacana.facility.datasets import DEFAULT_EVENTS, default_fileset
+    from jacana.samples.datasets import DEFAULT_EVENTS, default_fileset
     from jacana.stages.fileset import load_fileset
 
     path = args.fileset or default_fileset(role, events=args.events or DEFAULT_EVENTS)
@@ -39,14 +39,14 @@ def _fileset_from_args(args, role: str):
 
 def _warn_skims(spec, *filesets) -> None:
     """Say so when the config can select events the synthetic samples' skim never wrote."""
-    from jacana.facility.synthetic import skim_conflicts
+    from jacana.samples.synthetic import skim_conflicts
 
     for line in dict.fromkeys(x for f in filesets for x in skim_conflicts(spec, f)):
         print(f"jacana: WARNING: {line}; results for such cuts miss those events", file=sys.stderr)
 
 
 def cmd_generate(args) -> int:
-    from jacana.facility.synthetic import generate
+    from jacana.samples.synthetic import generate
 
     path = generate(args.out, events=args.events, seed=args.seed, progress=not args.quiet)
     print(f"jacana: wrote synthetic AGC samples; fileset: {path}")
@@ -93,7 +93,7 @@ def _relax_end(text: str) -> float:
 
 def cmd_optimize(args) -> int:
     from jacana.analysis.optimize import OptimizeSettings, free_params, run_optimize
-    from jacana.facility.datasets import DEFAULT_EVENTS, DEFAULT_TRAIN_EVENTS, default_fileset
+    from jacana.samples.datasets import DEFAULT_EVENTS, DEFAULT_TRAIN_EVENTS, default_fileset
     from jacana.stages.fileset import load_fileset
 
     spec = _spec_from_args(args)
@@ -115,7 +115,7 @@ def cmd_optimize(args) -> int:
                                 hard_every=args.hard_every, keep_best=not args.last_point,
                                 relax_end=args.relax_end)
     if getattr(args, "starts", 1) > 1:  # an ensemble of starts (analysis/multistart.py)
-        from jacana.analysis.multistart import cli_multistart
+        from jacana.analysis.studies.multistart import cli_multistart
 
         return cli_multistart(args, spec, train, validation, settings)
     result = run_optimize(spec, train, validation, args.out, settings, resume=args.resume,
@@ -150,7 +150,7 @@ def cmd_optimize(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from jacana.facility.bench import format_table, run_bench
+    from jacana.bench.suite import format_table, run_bench
 
     result = run_bench(args.events, workers=args.workers, scheduler=args.scheduler, device=args.device,
                        repeats=args.repeats, out=args.out, data_dir=args.data_dir, progress=not args.quiet)
@@ -161,8 +161,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_scan(args) -> int:
-    from jacana.analysis.hardobjective import check_bootstrap
-    from jacana.analysis.scan import format_summary, parse_axes, run_scan
+    from jacana.analysis.studies.hardobjective import check_bootstrap
+    from jacana.analysis.studies.scan import format_summary, parse_axes, run_scan
 
     spec = _spec_from_args(args)
     axes = parse_axes(args.params, spec)  # bad names / ranges fail before any data is generated or read
@@ -180,8 +180,8 @@ def cmd_scan(args) -> int:
 
 
 def cmd_baselines(args) -> int:
-    from jacana.analysis.baselines import run_baselines, train_and_validation
-    from jacana.analysis.scan import parse_axes
+    from jacana.analysis.studies.baselines import run_baselines, train_and_validation
+    from jacana.analysis.studies.scan import parse_axes
 
     spec = _spec_from_args(args)
     if "grid" in args.method:

@@ -1,6 +1,6 @@
 """``jacana bench``: every performance figure of the pipeline next to its baseline, from one run.
 
-:func:`run_bench` generates synthetic AGC events (:mod:`jacana.facility.synthetic`), measures each
+:func:`run_bench` generates synthetic AGC events (:mod:`jacana.samples.synthetic`), measures each
 figure and its baseline in the same run (the median of ``repeats`` runs after a warm-up), and
 returns one row per figure::
 
@@ -10,17 +10,17 @@ returns one row per figure::
 may be noisy: the ratios, not the absolute times, are the verdict. :func:`format_table` prints
 the rows. The figures come from the benchmark modules, which can also be run on their own:
 
-1-3. :func:`jacana.facility.bench_stages.run_benchmark`: the gradient step (yields + forward-mode
+1-3. :func:`jacana.bench.passes.run_benchmark`: the gradient step (yields + forward-mode
      Jacobian of every sample and systematic variation, as ``jacana optimize`` calls it each step)
      vs the soft forward pass and vs the conventional awkward + hist analysis of the same
      in-memory events; its throughput in events x variations per second per core (process CPU
      time), next to the AGC reference's 50-72 kHz per core.
-4.   :func:`jacana.facility.bench_stages.histogram_benchmark`: relaxed histogram vs
+4.   :func:`jacana.bench.passes.histogram_benchmark`: relaxed histogram vs
      ``relaxed.ops.hist``, 1 M values, 25 bins, peak (XLA temporary) memory and time.
 5.   :func:`streamed_memory`: peak memory of a fresh process streaming an uncached gradient
      step (each chunk read, densified, differentiated and dropped) over 4x vs 1x the events.
-6.   :func:`jacana.facility.bench_dask.bench_dask` (only with ``workers`` or ``scheduler``).
-7.   :func:`jacana.stages.bench_likelihood.bench_likelihood` on the workspace built from the
+6.   :func:`jacana.bench.scaleout.bench_dask` (only with ``workers`` or ``scheduler``).
+7.   :func:`jacana.bench.likelihood.bench_likelihood` on the workspace built from the
      benchmark events' own hard histograms.
 8.   :func:`first_pass`: the first (reading) pass of the in-process executor (read + densify +
      regroup + move to the device) vs a plain uproot read of the same branches and entries.
@@ -44,7 +44,7 @@ import numpy as np
 
 from jacana.stages.errors import ConfigError, JacanaError
 
-from .profiles import FacilityError
+from jacana.facility.errors import FacilityError
 
 #: The AGC reference (coffea on a dask facility, no ML step): events per second per core.
 AGC_REFERENCE_HZ_PER_CORE = (50e3, 72e3)
@@ -117,7 +117,7 @@ def use_device(device: str) -> str:
 def _configure_jax() -> None:
     """jacana's JAX settings, every compiled program kept in the persistent cache (so that the fresh
     processes of figure 5 load, rather than compile, what this process compiled)."""
-    from .jaxsetup import configure_jax
+    from jacana.facility.jaxsetup import configure_jax
 
     if "jax_compilation_cache_dir" in configure_jax():
         import jax
@@ -161,9 +161,9 @@ def streamed_step(spec, chunks, repeat: int = 1, dtype=np.float64) -> tuple[dict
     from jacana.stages.analysis import add_yields, default_params, default_relax, soft_config
     from jacana.stages.batch import to_device
     from jacana.stages.jacobian import yields_and_jacobian
-    from jacana.stages.sensitivity import yields_key
+    from jacana.stages.stats.sensitivity import yields_key
 
-    from .executor import load_batches, rebatch
+    from jacana.facility.executor import load_batches, rebatch
 
     config = soft_config(spec)
     params, relax = default_params(spec), default_relax(spec)
@@ -204,7 +204,7 @@ def _stream_probe_main(argv=None) -> None:
     from jacana.stages.fileset import load_fileset
     from jacana.stages.spec import load_spec
 
-    from .hardrun import analysis_chunks
+    from jacana.facility.hardrun import analysis_chunks
 
     spec = load_spec()
     chunks = analysis_chunks(spec, load_fileset(fileset), int(chunk_size))
@@ -220,7 +220,7 @@ def _stream_probe_main(argv=None) -> None:
 
 
 def _stream_probe(fileset, repeat: int, chunk_size: int, device: str) -> dict:
-    code = "from jacana.facility.bench import _stream_probe_main; _stream_probe_main()"
+    code = "from jacana.bench.suite import _stream_probe_main; _stream_probe_main()"
     res = subprocess.run([sys.executable, "-c", code, str(fileset), str(repeat), str(chunk_size), device],
                          capture_output=True, text=True, check=False)
     if res.returncode != 0:
@@ -247,8 +247,8 @@ def first_pass(spec, chunks, repeats: int = 3, dtype=np.float64) -> dict:
     a plain uproot read of the same branches and entries, alternated ``repeats`` times."""
     import jax
 
-    from .bench_dask import plain_read_task
-    from .executor import InProcessExecutor
+    from jacana.bench.scaleout import plain_read_task
+    from jacana.facility.executor import InProcessExecutor
 
     branches = spec.needed_branches()
     plain, first, plain_cpu, first_cpu = [], [], [], []
@@ -304,14 +304,14 @@ def _pyhf_fits(workspace: dict, background_only: bool) -> bool:
 
 def likelihood_figures(spec, hists: dict, objectives=("sigma_mu", "z0"), repeats: int = 20,
                        pyhf_repeats: int = 3) -> dict:
-    """:func:`~jacana.stages.bench_likelihood.bench_likelihood` per objective on the AGC workspace built
+    """:func:`~jacana.bench.likelihood.bench_likelihood` per objective on the AGC workspace built
     from ``hists`` (the benchmark events' hard histograms) where pyhf's own inference can run on it;
     where it cannot (sparse templates: a bin no (background) sample fills, typical of small samples),
-    on :func:`~jacana.stages.bench_likelihood.agc_like_workspace` instead; ``workspace`` says which."""
+    on :func:`~jacana.bench.likelihood.agc_like_workspace` instead; ``workspace`` says which."""
     import pyhf
 
-    from jacana.stages.bench_likelihood import agc_like_workspace, bench_likelihood
-    from jacana.stages.workspace import build_workspace
+    from jacana.bench.likelihood import agc_like_workspace, bench_likelihood
+    from jacana.stages.stats.workspace import build_workspace
 
     events_ws, why = None, "no histograms"
     if hists:
@@ -343,7 +343,7 @@ def likelihood_figures(spec, hists: dict, objectives=("sigma_mu", "z0"), repeats
 
 # -- the orchestrator ----------------------------------------------------------------------------
 def _fileset(events: int, data_dir, stack: contextlib.ExitStack) -> Path:
-    from .synthetic import GENERATOR_VERSION, generate
+    from jacana.samples.synthetic import GENERATOR_VERSION, generate
 
     if data_dir is None:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="jacana-bench-")))
@@ -355,7 +355,7 @@ def _fileset(events: int, data_dir, stack: contextlib.ExitStack) -> Path:
 
 
 def _stage_rows(st: dict, spec, chunks, work: int, cores: int, device: str) -> list[dict]:
-    """Figures 1-3 from :func:`~jacana.facility.bench_stages.run_benchmark`'s output."""
+    """Figures 1-3 from :func:`~jacana.bench.passes.run_benchmark`'s output."""
     n_events = st["events"]
     t_j, t_f, t_r = st["seconds_jacobian"], st["seconds_forward"], st["seconds_reference"]
     cpu_j = st["cpu_seconds_jacobian"]
@@ -466,7 +466,7 @@ def _likelihood_rows(lk: dict) -> list[dict]:
         ratio = r["jacana_vg_ms"] / r["pyhf_numpy_ms"]
         agree = math.isclose(r["value"], r["pyhf_value"], rel_tol=0.02)
         differ = "" if agree else (" (they differ: pyhf's MINUIT HESSE is unreliable on this model, see"
-                                   " jacana.stages.inference)" if name == "sigma_mu" else " (they differ)")
+                                   " jacana.stages.stats.inference)" if name == "sigma_mu" else " (they differ)")
         target, met = f"<= {TARGETS['likelihood_over_pyhf']:g}x", ratio <= TARGETS["likelihood_over_pyhf"]
         if r.get("target_ms") is not None:  # the likelihood's own target (stages.bench_likelihood.TARGET_MS)
             target, met = f"{target}, < {r['target_ms']:g} ms", met and r["jacana_vg_ms"] < r["target_ms"]
@@ -504,8 +504,8 @@ def run_bench(events: int = 1_000_000, workers: int | None = None, scheduler: st
     from jacana.stages.fileset import load_fileset
     from jacana.stages.spec import load_spec
 
-    from .bench_stages import histogram_benchmark, run_benchmark
-    from .hardrun import analysis_chunks
+    from jacana.bench.passes import histogram_benchmark, run_benchmark
+    from jacana.facility.hardrun import analysis_chunks
 
     t_start = time.perf_counter()
     cores = usable_cores()
@@ -537,7 +537,7 @@ def run_bench(events: int = 1_000_000, workers: int | None = None, scheduler: st
 
         _progress(progress, t_start, 6, "dask executor" + ("" if workers or scheduler else ": skipped"))
         if workers is not None or scheduler is not None:
-            from .bench_dask import bench_dask
+            from jacana.bench.scaleout import bench_dask
 
             with contextlib.redirect_stdout(sys.stderr):
                 details["dask"] = bench_dask(fileset, workers=workers or 2, repeats=repeats, chunk_size=CHUNK_SIZE,
@@ -561,7 +561,7 @@ def run_bench(events: int = 1_000_000, workers: int | None = None, scheduler: st
         "details": details,
     }
     if out is not None:
-        from .atomic import write_json
+        from jacana.facility.atomic import write_json
 
         write_json(out, result)
     return result

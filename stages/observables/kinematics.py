@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .soft import _safe_scale
+from jacana.stages.selection.soft import _safe_scale
 
 jax.config.update("jax_enable_x64", True)
 

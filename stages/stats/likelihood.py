@@ -92,7 +92,7 @@ import pyhf
 from pyhf.tensor import manager as _pyhf_manager
 from pyhf.tensor.manager import get_backend
 
-from .errors import ModelStructureError
+from jacana.stages.errors import ModelStructureError
 
 __all__ = [
     "DEFAULT_STAT_FLOOR",
@@ -139,7 +139,7 @@ def pyhf_jax_backend():
     switched; the optimizer is kept; nested uses are free. Example::
 
         >>> import pyhf
-        >>> from jacana.stages.likelihood import pyhf_jax_backend
+        >>> from jacana.stages.stats.likelihood import pyhf_jax_backend
         >>> with pyhf_jax_backend():
         ...     print(pyhf.tensorlib.name)
         jax

@@ -18,13 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .analysis import SoftConfig
-from .errors import ConfigError
-from .likelihood import TracedModel
-from .objectives import OBJECTIVES, SENSE
-from .objectives import loss as objective_loss
-from .spec import NOMINAL, AnalysisSpec
-from .workspace import build_channels, build_workspace, channels_to_yields
+from jacana.stages.analysis import SoftConfig
+from jacana.stages.errors import ConfigError
+from jacana.stages.stats.likelihood import TracedModel
+from jacana.stages.stats.objectives import OBJECTIVES, SENSE
+from jacana.stages.stats.objectives import loss as objective_loss
+from jacana.stages.spec import NOMINAL, AnalysisSpec
+from jacana.stages.stats.workspace import build_channels, build_workspace, channels_to_yields
 
 KEY_SEP = "/"
 
@@ -52,7 +52,7 @@ def histograms(yields: Mapping, config: SoftConfig, xp=jnp) -> dict:
 
 
 class Sensitivity:
-    """``objective(yields) -> scalar`` to minimise (see :data:`jacana.stages.objectives.SENSE`).
+    """``objective(yields) -> scalar`` to minimise (see :data:`jacana.stages.stats.objectives.SENSE`).
 
     The pyhf model is built once from ``template`` yields (its structure: which bins carry
     staterror); later yields only change numbers. Pure and jit-able in ``yields``.

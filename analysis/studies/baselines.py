@@ -2,7 +2,7 @@
 
 What people use today to tune cuts (a grid, random search, an evolutionary strategy) runs here
 on the *same* objective the gradient optimiser is judged on: the conventional hard analysis
-with pyhf's expected uncertainty on the POI (:class:`~jacana.analysis.hardobjective.HardObjective`),
+with pyhf's expected uncertainty on the POI (:class:`~jacana.analysis.studies.hardobjective.HardObjective`),
 optimised on the training events, the best point then checked on the held-out events.
 
 Budget accounting, shared with ``jacana optimize``: a *full pass* is one pass over the training
@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from jacana.analysis.hardobjective import HardObjective, check_names
+from jacana.analysis.studies.hardobjective import HardObjective, check_names
 from jacana.facility.atomic import atomic_path, write_json
 from jacana.facility.hardrun import DEFAULT_CHUNK_SIZE, ColumnStore, analysis_chunks
 from jacana.stages.errors import ConfigError
@@ -191,8 +191,8 @@ def cma_es(objective: HardObjective, budget: int, names: Sequence[str] | None = 
 
 def grid_search(objective: HardObjective, axes: Sequence, heldout: HardObjective | None = None,
                 trace_heldout: bool = False, progress: bool = False) -> dict:
-    """Every point of a grid (:class:`jacana.analysis.scan.Axis`), the other parameters at the config's values."""
-    from jacana.analysis.scan import grid_points
+    """Every point of a grid (:class:`jacana.analysis.studies.scan.Axis`), the other parameters at the config's values."""
+    from jacana.analysis.studies.scan import grid_points
 
     points = grid_points(axes)
     run = _Run("grid", objective, len(points), heldout, trace_heldout, progress)
@@ -219,10 +219,10 @@ def gradient_passes(result: Mapping) -> dict:
 def gradient_row(gradient: str | Path | Mapping, heldout: HardObjective | None = None, spec: AnalysisSpec | None = None,
                  grid_best: Mapping | None = None, method: str = "gradient (jacana)") -> dict:
     """The comparison row of a gradient run (its result.json, or it loaded by
-    :func:`~jacana.analysis.scan.load_gradient_result`); re-evaluated on ``heldout`` when given (and,
+    :func:`~jacana.analysis.studies.scan.load_gradient_result`); re-evaluated on ``heldout`` when given (and,
     with the held-out ``grid_best`` point of a bootstrap scan, judged against it: ``heldout_noise``).
     ``train_fileset``: the events it was trained on."""
-    from jacana.analysis.scan import load_gradient_result
+    from jacana.analysis.studies.scan import load_gradient_result
 
     g = gradient if isinstance(gradient, Mapping) else load_gradient_result(gradient)
     result = g["result"]
@@ -260,7 +260,7 @@ def _same_fileset(a: str, b: str) -> bool:
 
 
 def _noise(entry: Mapping, best: Mapping | None) -> dict | None:
-    from jacana.analysis.scan import paired_noise
+    from jacana.analysis.studies.scan import paired_noise
 
     return paired_noise(entry, best) if best is not None else None
 
@@ -270,7 +270,7 @@ def scan_bootstrap(scan: str | Path | None, spec: AnalysisSpec, validation: File
     """(``{"replicas", "seed", "z", "best", "points"}``, None) of a finished bootstrap scan of the same
     config on the same held-out events, so each method's held-out point can be judged against the
     grid's best replica by replica (and the scan's points cost no pass); else (None, why not)."""
-    from jacana.analysis.scan import _context, point_at
+    from jacana.analysis.studies.scan import _context, point_at
 
     if not scan:
         return None, None
@@ -373,7 +373,7 @@ def comparison_table(rows: Sequence[Mapping], agc_heldout: float | None = None) 
 def train_and_validation(fileset: str | None, validation_fileset: str | None, events: int | None,
                          progress: bool = True) -> tuple[Fileset, Fileset]:
     """The training and held-out filesets, chosen as ``jacana optimize`` chooses them."""
-    from jacana.facility.datasets import DEFAULT_EVENTS, DEFAULT_TRAIN_EVENTS, default_fileset
+    from jacana.samples.datasets import DEFAULT_EVENTS, DEFAULT_TRAIN_EVENTS, default_fileset
     from jacana.stages.fileset import load_fileset
 
     if fileset:
@@ -397,12 +397,12 @@ def run_baselines(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_d
     """Run ``methods`` on ``train``, check each best point on ``validation``, write the comparison.
 
     ``gradient_results``: gradient runs to add as rows (result.json files or folders, multi-start
-    folders: see :func:`~jacana.analysis.scan.load_gradient_results`), on the same held-out events.
+    folders: see :func:`~jacana.analysis.studies.scan.load_gradient_results`), on the same held-out events.
 
     Writes ``baselines.json`` (every evaluation of every method, rewritten after each method),
     ``comparison.json`` and ``comparison.md`` (the table) and ``plots/convergence.png``.
     """
-    from jacana.analysis.scan import load_gradient_results, parse_axes
+    from jacana.analysis.studies.scan import load_gradient_results, parse_axes
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -465,7 +465,7 @@ def run_baselines(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_d
                   "bootstrap": {k: ref[k] for k in ("replicas", "seed", "z")} if ref else None,
                   "bootstrap_not_used": why_not}
     if plots:
-        from jacana.analysis.trustplots import baseline_convergence
+        from jacana.analysis.studies.trustplots import baseline_convergence
 
         comparison["plot"] = str(baseline_convergence(rows, out / "plots" / "convergence.png"))
     write_json(out / "baselines.json", doc)

@@ -3,7 +3,7 @@
 Each grid point is the conventional hard analysis on held-out events (by default the embedded
 validation samples) with pyhf's expected uncertainty on the POI, the number
 :func:`jacana.analysis.evaluate.hard_evaluation` reports as ``expected.sigma_mu``. The columns
-are read once (:class:`~jacana.analysis.hardobjective.HardObjective`); every further point is
+are read once (:class:`~jacana.analysis.studies.hardobjective.HardObjective`); every further point is
 one pass over the cached events. ``scan.json`` is rewritten atomically after every point, and a
 scan into the same folder reuses the points already there (same config, fileset and fixed
 parameters), so an interrupted scan resumes and a refined grid only computes what is new.
@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from jacana.analysis.hardobjective import HardObjective, check_names
+from jacana.analysis.studies.hardobjective import HardObjective, check_names
 from jacana.facility.atomic import write_json
 from jacana.facility.hardrun import DEFAULT_CHUNK_SIZE
 from jacana.stages.errors import ConfigError
@@ -360,7 +360,7 @@ def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir
     result["reused_points"] = reused
     result["complete"] = True
     if plots:
-        from jacana.analysis.trustplots import scan_landscape
+        from jacana.analysis.studies.trustplots import scan_landscape
 
         result["plot"] = str(scan_landscape(result, spec, out / "plots" / "scan.png"))
     save()

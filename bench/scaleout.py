@@ -1,6 +1,6 @@
 """Benchmark of the dask executor against in-process, on one machine (ratios from one run).
 
-    python -m jacana.facility.bench_dask /tmp/gen1m/fileset.json --workers 2 --repeats 3
+    python -m jacana.bench.scaleout /tmp/gen1m/fileset.json --workers 2 --repeats 3
 
 Reports, each measured in the same run:
 
@@ -210,7 +210,7 @@ def bench_dask(fileset: str | Path, workers: int = 2, repeats: int = 3, chunk_si
     t = time.perf_counter()
     procs, client = [], None
     if scheduler is not None:  # an existing cluster: its workers, left running
-        from .profiles import connect_scheduler
+        from jacana.facility.profiles import connect_scheduler
 
         client = connect_scheduler(scheduler)
         info = client.scheduler_info(n_workers=-1)["workers"]
@@ -255,7 +255,7 @@ def bench_dask(fileset: str | Path, workers: int = 2, repeats: int = 3, chunk_si
         # the executor's first pass): both then pay the workers' first contact with the files
         client, procs = _start_cluster(workers)
         try:
-            from .plugin import JacanaWorkerPlugin
+            from jacana.facility.plugin import JacanaWorkerPlugin
 
             client.register_plugin(JacanaWorkerPlugin(), name="jacana")
             out["plain_uproot_read_on_fresh_workers_s"] = _plain_read_on_workers(client, spec, chunks, branches)

@@ -21,10 +21,10 @@ measured:
   1 M events and 25 bins, from XLA's compiled temporary-buffer size and from the RSS growth of a
   fresh subprocess (target >= 10).
 
-Run ``python -m jacana.facility.bench_stages [fileset.json]``; :func:`run_benchmark` returns the dict.
+Run ``python -m jacana.bench.passes [fileset.json]``; :func:`run_benchmark` returns the dict.
 Timings are the minimum (or, with ``stat="median"``, the median) over ``repeats`` runs after a
 warm-up run; ``cpu_seconds_*`` are the process CPU times of the same runs (less sensitive to other
-load on a shared machine). ``jacana bench`` (:mod:`jacana.facility.bench`) builds its table from
+load on a shared machine). ``jacana bench`` (:mod:`jacana.bench.suite`) builds its table from
 these figures.
 """
 
@@ -52,7 +52,7 @@ if which == "relaxed":
     import relaxed
     f = jax.jit(lambda x: relaxed.hist(x, edges, 10.0))
 else:
-    from jacana.stages.histogram import soft_histogram
+    from jacana.stages.histograms.relaxed import soft_histogram
     f = jax.jit(lambda x: soft_histogram(x, edges, 10.0)[0])
 compiled = f.lower(x).compile()
 temp = compiled.memory_analysis().temp_size_in_bytes
@@ -188,7 +188,7 @@ def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, re
     from jacana.stages.spec import load_spec
 
     if fileset is None:
-        from jacana.facility.datasets import default_fileset
+        from jacana.samples.datasets import default_fileset
 
         fileset = default_fileset("optimize", events=events, progress=False)
     spec = load_spec()

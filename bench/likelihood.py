@@ -1,6 +1,6 @@
 """Benchmark: one jitted ``value_and_grad`` of each objective vs pyhf's numpy inference.
 
-Run ``python -m jacana.stages.bench_likelihood`` (AGC-like model) or call
+Run ``python -m jacana.bench.likelihood`` (AGC-like model) or call
 :func:`bench_likelihood` with any workspace spec. For every objective it
 reports the compile time, the median wall time of one compiled
 ``jax.value_and_grad`` call on CPU, and, measured in the same run, the median
@@ -33,8 +33,8 @@ import jax
 import numpy as np
 import pyhf
 
-from .likelihood import TracedModel
-from .objectives import OBJECTIVES
+from jacana.stages.stats.likelihood import TracedModel
+from jacana.stages.stats.objectives import OBJECTIVES
 
 #: target for one compiled ``value_and_grad`` on CPU (issue: sigma_mu and z0 under 5 ms)
 TARGET_MS = {"sigma_mu": 5.0, "z0": 5.0}

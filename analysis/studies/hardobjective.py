@@ -1,7 +1,7 @@
 """The hard analysis as an objective: expected sigma_mu at a parameter point, columns read once.
 
-:class:`HardObjective` is what the scan (:mod:`jacana.analysis.scan`) and the gradient-free
-baselines (:mod:`jacana.analysis.baselines`) evaluate: the conventional hard-cut analysis
+:class:`HardObjective` is what the scan (:mod:`jacana.analysis.studies.scan`) and the gradient-free
+baselines (:mod:`jacana.analysis.studies.baselines`) evaluate: the conventional hard-cut analysis
 (:func:`jacana.facility.hardrun.hard_histograms`), the pyhf workspace, and pyhf's own numpy
 inference for the expected (Asimov) uncertainty on the POI, exactly as
 :func:`jacana.analysis.evaluate.hard_evaluation` computes ``result["expected"]["sigma_mu"]``
@@ -31,8 +31,8 @@ from jacana.stages.spec import AnalysisSpec
 
 def expected_sigma_mu(workspace: Mapping) -> float:
     """pyhf's expected (Asimov, POI = 1) uncertainty on the POI: the ``expected.sigma_mu`` of
-    :func:`jacana.stages.inference.evaluate_workspace`, computed the same way, without the observed fit."""
-    from jacana.stages.inference import asimov_point, asimov_uncertainties, model_and_data, numpy_backend
+    :func:`jacana.stages.stats.inference.evaluate_workspace`, computed the same way, without the observed fit."""
+    from jacana.stages.stats.inference import asimov_point, asimov_uncertainties, model_and_data, numpy_backend
 
     with numpy_backend():
         model, _ = model_and_data(workspace)
@@ -41,7 +41,7 @@ def expected_sigma_mu(workspace: Mapping) -> float:
 
 def _sigma_or_error(spec: AnalysisSpec, hists: Mapping) -> tuple[float | None, str | None]:
     """(expected sigma_mu of the hard histograms, None), or (None, why pyhf could not give a finite one)."""
-    from jacana.stages.workspace import build_workspace
+    from jacana.stages.stats.workspace import build_workspace
 
     try:
         sigma = expected_sigma_mu(build_workspace(spec, hists))

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from jacana.analysis.hardobjective import check_names
+from jacana.analysis.studies.hardobjective import check_names
 from jacana.facility.atomic import write_json
 from jacana.stages.errors import ConfigError, JacanaError
 from jacana.stages.fileset import Fileset
@@ -38,7 +38,7 @@ def start_points(spec: AnalysisSpec, starts: int, seed: int = 0, spread: float =
     """``starts`` parameter points: the config's, then a seeded Latin hypercube around it (inside the bounds)."""
     from scipy.stats import qmc
 
-    from jacana.analysis.baselines import default_names
+    from jacana.analysis.studies.baselines import default_names
 
     if starts < 1:
         raise ConfigError(f"starts must be >= 1, got {starts}")
@@ -64,7 +64,7 @@ def start_points(spec: AnalysisSpec, starts: int, seed: int = 0, spread: float =
 
 
 def _summary(k: int, point: Mapping, out: Path, result: Mapping | None, error: str | None) -> dict:
-    from jacana.analysis.baselines import gradient_passes
+    from jacana.analysis.studies.baselines import gradient_passes
 
     entry = {"start": k, "out": str(out), "initial_params": dict(point)}
     if result is None:
@@ -131,7 +131,8 @@ def spread(starts: Sequence[Mapping]) -> dict:
 def _dask_client(client, workers, scheduler, profile):
     """(client, things to close) for the parallel mode; the jacana worker plugin is registered."""
     from jacana.facility.plugin import JacanaWorkerPlugin
-    from jacana.facility.profiles import FacilityError, connect, connect_scheduler, load_profile, plugin_for
+    from jacana.facility.errors import FacilityError
+    from jacana.facility.profiles import connect, connect_scheduler, load_profile, plugin_for
 
     closers: list = []
     prof = None
@@ -211,7 +212,7 @@ def run_multistart(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_
     doc["passes"] = {"train": sum(r.get("passes", 0) for r in runs)}
     doc["seconds"] = time.perf_counter() - t0
     if plots:
-        from jacana.analysis.trustplots import multistart_spread
+        from jacana.analysis.studies.trustplots import multistart_spread
 
         doc["plot"] = str(multistart_spread(runs, spec, out / "plots" / "multistart.png"))
     write_json(out / "multistart.json", doc)
@@ -237,7 +238,7 @@ def format_summary(doc: Mapping) -> str:
 
 
 def cli_multistart(args, spec: AnalysisSpec, train: Fileset, validation: Fileset, settings) -> int:
-    """``jacana optimize --starts K`` (called by :func:`jacana.analysis.cli.cmd_optimize`)."""
+    """``jacana optimize --starts K`` (called by :func:`jacana.cli.main.cmd_optimize`)."""
     doc = run_multistart(spec, train, validation, args.out, settings, starts=args.starts,
                          seed=getattr(args, "start_seed", 0),
                          spread_fraction=getattr(args, "start_spread", DEFAULT_SPREAD),

@@ -31,7 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .soft import step_cdf
+from jacana.stages.selection.soft import step_cdf
 
 jax.config.update("jax_enable_x64", True)
 

@@ -1,0 +1,1 @@
+"""jacana.cli: the command line, on top of every other package."""

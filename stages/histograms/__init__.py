@@ -1,0 +1,1 @@
+"""jacana.stages.histograms."""
