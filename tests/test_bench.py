@@ -18,9 +18,9 @@ FIGURES = ["1", "2", "3", "4", "5", "6a", "6b", "6c", "6d", "7a", "7b", "8"]
 
 def _canned(monkeypatch, stages_calls: list):
     """Replace every measurement with fixed numbers (the orchestration, rows and verdicts stay real)."""
-    from jacana.facility import bench
-    from jacana.facility import bench_dask
-    from jacana.facility import bench_stages
+    from jacana.bench import suite as bench
+    from jacana.bench import scaleout as bench_dask
+    from jacana.bench import passes as bench_stages
 
     def run_benchmark(fileset, **kw):
         stages_calls.append(kw)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pyhf
 import pytest
-from jacana.stages import objectives as O
+from jacana.stages.stats import objectives as O
 from jacana.bench.likelihood import agc_like_workspace
 from jacana.stages.stats.likelihood import TracedModel
 

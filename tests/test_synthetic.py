@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import uproot
 
-from jacana.facility import synthetic
+from jacana.samples import synthetic
 from jacana.samples.synthetic import generate
 
 EVENTS = 20_000

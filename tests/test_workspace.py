@@ -128,7 +128,7 @@ def test_an_indefinite_hessian_is_an_error_not_a_zero_uncertainty():
 def test_observed_fit_keeps_its_value_when_the_hessian_is_indefinite(monkeypatch):
     """A non-positive-definite finite-difference Hessian (a parameter at its bound) must not throw
     the fitted value away: the uncertainties then come from the Fisher information, and say so."""
-    from jacana.stages import inference
+    from jacana.stages.stats import inference
 
     spec = load_spec()
     ws = build_workspace(spec, random_histograms(spec))
