@@ -29,12 +29,12 @@ import optax
 from tqdm.auto import tqdm
 
 from jacana.facility.atomic import write_json
-from jacana.facility.executor import contract_all
+from jacana.analysis.chain import AnalysisChain, analysis_chain
 from jacana.facility.hardrun import DEFAULT_CHUNK_SIZE, ColumnStore, InputReport, analysis_chunks
 from jacana.stages.analysis import PARAM_NAMES, default_relax, hard_relax
 from jacana.stages.errors import ConfigError, JacanaError
 from jacana.stages.fileset import Fileset
-from jacana.stages.stats.sensitivity import Sensitivity
+from jacana.stages.stats.objectives import SENSE
 from jacana.stages.spec import AnalysisSpec
 
 CHECKPOINT = "checkpoint.json"
@@ -249,63 +249,56 @@ def _finite(x) -> bool:
 
 
 class Optimizer:
-    """The optimisation loop over an executor's cached events (see the module docstring)."""
+    """The optimisation loop over an executor's cached events (see the module docstring).
+
+    One step is one call of the analysis chain (:mod:`jacana.analysis.chain`):
+    ``value_and_grad(params, relax)``; ``remote`` replaces chain stages by served ones
+    (``{"objective": "HOST:PORT"}``, with ``token_file``)."""
 
     def __init__(self, spec: AnalysisSpec, executor, settings: OptimizeSettings, out_dir: str | Path,
-                 progress: bool = True):
+                 progress: bool = True, remote: Mapping[str, str] | None = None, token_file: str | None = None):
         settings.validate()
         self.spec, self.executor, self.settings = spec, executor, settings
         self.out = Path(out_dir)
         self.progress = progress
         self.free = settings.free_cuts(spec)  # unknown names fail here, before any pass
         self.tx = _optimizer(spec, settings)
-        self._value_and_grad: Callable | None = None
-        self.objective: Sensitivity | None = None
+        self.remote, self.token_file = dict(remote or {}), token_file
+        self.chain: AnalysisChain | None = None
+        self.sense = SENSE[settings.objective] if settings.objective in SENSE else 1
         self.passes = 0  # full passes over the training events so far (steps, hard checks, templates)
 
+    def physical(self, loss: float) -> float:
+        """The objective's physical value (e.g. sigma_mu, or Z0 > 0) from the minimised loss."""
+        return float(self.sense * loss)
+
+    def _chain(self, params: Mapping) -> AnalysisChain:
+        if self.chain is None:
+            self.chain = analysis_chain(self.executor, self.settings.objective, params, remote=self.remote,
+                                        token_file=self.token_file)
+        return self.chain
+
+    @property
+    def passes_per_step(self) -> int:
+        """Full passes over the events per step: 1 in forward mode, 2 (forward, then VJP) in reverse mode."""
+        mode = self.chain.mode if self.chain is not None else self.settings.mode
+        return 1 if mode == "jacobian" else 2
+
     # -- one evaluation -------------------------------------------------------------------
-    def _yields(self, params: Mapping, relax: Mapping) -> dict:
-        self.passes += 1
-        if self.settings.mode == "vjp":
-            return self.executor.yields(_as_jax(params), relax)
-        # The Jacobian path serves forward evaluations too: one compiled program per shape, not two.
-        return self.executor.yields_and_jacobian(_as_jax(params), relax)[0]
-
-    def _ensure_objective(self, params: Mapping, template: Mapping | None = None) -> None:
-        """Build the objective once. Its pyhf model takes only its structure from the template
-        yields, so a step's own yields serve (no extra pass); without them, one pass at relax_start."""
-        if self.objective is None:
-            if template is None:
-                template = self._yields(params, default_relax(self.spec, self.settings.relax_start))
-            self.objective = Sensitivity(self.spec, self.executor.config, template, self.settings.objective)
-            self._value_and_grad = jax.jit(jax.value_and_grad(self.objective))
-            self._value = jax.jit(self.objective)
-
     def value_and_grad(self, params: Mapping, relax: Mapping) -> tuple[float, dict]:
-        """Loss and d(loss)/d(params) at ``params``.
-
-        Jacobian mode (the 4 cuts): one pass over the events. VJP mode (bin edges, NN weights:
-        many parameters): a forward pass for the yields, then one reverse pass with the cotangent.
-        """
-        vjp = self.settings.mode == "vjp"
-        if vjp:
-            ylds = self.executor.yields(_as_jax(params), relax)
-        else:
-            ylds, jacs = self.executor.yields_and_jacobian(_as_jax(params), relax)
-        self.passes += self.settings.passes_per_step
-        self._ensure_objective(params, template=ylds)
-        value, cotangents = self._value_and_grad(ylds)
-        grad = (self.executor.yields_vjp(_as_jax(params), relax, cotangents)[1] if vjp
-                else contract_all(jacs, cotangents))
+        """Loss and d(loss)/d(params) at ``params``: one call of the chain (one pass over the
+        events in forward mode, two in reverse mode; the chain chooses)."""
+        value, grad = self._chain(params).value_and_grad(params, relax)
+        self.passes += self.passes_per_step
         grad = {k: jax.tree.map(lambda g: np.array(g, np.float64), grad[k]) for k in params}
         for k in grad:  # the outer bin edges are fixed (the histogram's range)
             if k.startswith("edges_"):
                 grad[k][[0, -1]] = 0.0
-        return float(value), grad
+        return value, grad
 
     def loss(self, params: Mapping, relax: Mapping) -> float:
-        self._ensure_objective(params)
-        return float(self._value(self._yields(params, relax)))
+        self.passes += 1
+        return self._chain(params).loss(params, relax)
 
     def hard_loss(self, params: Mapping) -> float:
         """The loss in the exact hard limit on the optimisation events (same pipeline, zero temperatures)."""
@@ -333,7 +326,8 @@ class Optimizer:
             self.passes = state.get("passes", 1 + sum(s.passes_per_step + (h.get("hard_objective") is not None)
                                                       for h in history))
             # The template as a fresh run takes it (at relax_start), not from a later, narrower step.
-            self._ensure_objective(params)
+            self._chain(params).template(params, default_relax(self.spec, s.relax_start))
+            self.passes += 1
         stopped = "steps"
         bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc=f"optimize {s.objective}",
                    disable=not self.progress, unit="step")
@@ -350,12 +344,12 @@ class Optimizer:
                 raise OptimizationError(
                     f"step {step}: the objective diverged ({value:.4g} vs {first_loss:.4g} at the start); stopped,"
                     f" the last good state is in {self.out / CHECKPOINT}")
-            entry = {"step": step, "params": params_summary(params), "objective": self.objective.physical(value),
+            entry = {"step": step, "params": params_summary(params), "objective": self.physical(value),
                      "loss": value, "grad": params_summary(grad), "relax_scale": scale,
                      "seconds": time.perf_counter() - t0, "hard_objective": None}
             if s.hard_every and (step % s.hard_every == 0 or step == s.steps - 1):
                 hard = self.hard_loss(params)
-                entry["hard_objective"] = self.objective.physical(hard)
+                entry["hard_objective"] = self.physical(hard)
                 if math.isfinite(hard) and (best_point is None or hard < best_point["loss"]):
                     best_point = {"step": step, "loss": hard, "params": params_to_json(params)}
             entry["passes"] = self.passes  # so far, this step's included: the budget axis of `jacana baselines`
@@ -387,8 +381,8 @@ class Optimizer:
                 outcome["params"] = _project(params_from_json(best_point["params"]), self.spec, s)
                 outcome["hard_loss"] = best_point["loss"]
                 chosen = {"step": best_point["step"], "loss": best_point["loss"], "point": "hard-limit check"}
-            chosen["hard_objective"] = self.objective.physical(chosen["loss"])
-            chosen["last_point_hard_objective"] = self.objective.physical(last)
+            chosen["hard_objective"] = self.physical(chosen["loss"])
+            chosen["last_point_hard_objective"] = self.physical(last)
             outcome["selected"] = chosen
         return outcome
 
@@ -448,13 +442,14 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
                  settings: OptimizeSettings, resume: bool = False, progress: bool = True,
                  on_bad_file: str = "fail", plots: bool = True, impacts: bool = True,
                  workers: int | None = None, scheduler: str | None = None, client=None,
-                 profile: str | None = None) -> dict:
+                 profile: str | None = None, remote: Mapping[str, str] | None = None,
+                 token_file: str | None = None) -> dict:
     """The main job: optimise on ``train``, validate before and after on ``validation``, write everything.
 
     ``workers`` / ``scheduler`` / ``client`` / ``profile`` choose a dask executor (see
-    :func:`jacana.facility.dask_executor.make_executor`); none of them runs in this process.
+    :func:`jacana.facility.factory.make_executor`); none of them runs in this process.
     """
-    from jacana.facility.dask_executor import make_executor
+    from jacana.facility.factory import make_executor
 
     from jacana.analysis.evaluate import hard_evaluation
     from jacana.stages.stats.workspace import histograms_to_json
@@ -475,11 +470,11 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
 
     initial = initial_params(spec, settings)
     before = validate(reference_spec)  # the analysis as configured (AGC cuts, binning and observables)
-    opt = Optimizer(spec, executor, settings, out, progress=progress)
+    opt = Optimizer(spec, executor, settings, out, progress=progress, remote=remote, token_file=token_file)
     try:
         outcome = opt.run(initial, resume=resume)
         final = outcome["params"]
-        hard_end = opt.objective.physical(outcome["hard_loss"] if outcome["hard_loss"] is not None
+        hard_end = opt.physical(outcome["hard_loss"] if outcome["hard_loss"] is not None
                                           else opt.hard_loss(final))
     finally:
         executor.close()
@@ -495,7 +490,7 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
         **({"selected": outcome["selected"]} if "selected" in outcome else {}),
         "history": outcome["history"],
         "final_objective": {"hard_limit": hard_end, **relaxation_gap(outcome["history"])},
-        "passes": pass_count(opt.passes, outcome["history"], settings.passes_per_step),
+        "passes": pass_count(opt.passes, outcome["history"], opt.passes_per_step),
         "validation": {"before": before["result"], "after": after["result"],
                        "sigma_mu_ratio_after_over_before": a / b},
         "settings": settings.to_json(),

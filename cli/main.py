@@ -96,8 +96,11 @@ def cmd_optimize(args) -> int:
     from jacana.samples.datasets import DEFAULT_EVENTS, DEFAULT_TRAIN_EVENTS, default_fileset
     from jacana.stages.fileset import load_fileset
 
+    from jacana.analysis.chain import parse_remote
+
     spec = _spec_from_args(args)
     free = free_params(spec, args.free) if args.free is not None else None  # bad names fail before any data
+    remote = parse_remote(args.remote_stage)  # checked before any data is read
     if args.fileset:
         train = load_fileset(args.fileset)
         if args.validation_fileset:
@@ -120,7 +123,8 @@ def cmd_optimize(args) -> int:
         return cli_multistart(args, spec, train, validation, settings)
     result = run_optimize(spec, train, validation, args.out, settings, resume=args.resume,
                           progress=not args.quiet, on_bad_file=args.on_bad_file, plots=not args.no_plots,
-                          workers=args.workers, scheduler=args.scheduler, profile=args.profile)
+                          workers=args.workers, scheduler=args.scheduler, profile=args.profile,
+                          remote=remote, token_file=args.token_file)
     out = Path(args.out).resolve()
     v = result["validation"]
     b, a = v["before"]["expected"]["sigma_mu"], v["after"]["expected"]["sigma_mu"]
@@ -153,7 +157,8 @@ def cmd_bench(args) -> int:
     from jacana.bench.suite import format_table, run_bench
 
     result = run_bench(args.events, workers=args.workers, scheduler=args.scheduler, device=args.device,
-                       repeats=args.repeats, out=args.out, data_dir=args.data_dir, progress=not args.quiet)
+                       repeats=args.repeats, out=args.out, data_dir=args.data_dir, progress=not args.quiet,
+                       dtype=args.dtype, rows=args.rows)
     print(format_table(result))
     if args.out:
         print(f"jacana: benchmark written to {Path(args.out).resolve()}")
@@ -253,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", help="run on an existing dask scheduler (e.g. tcp://host:8786)")
     p.add_argument("--profile", help="facility profile: local, coffea-casa, fermilab-eaf, purdue-af, htcondor-gpu,"
                                      " or a YAML path (see docs/facility.md)")
+    p.add_argument("--remote-stage", nargs="+", metavar="STAGE=HOST:PORT", default=None,
+                   help="replace a stage of the chain by one served with `jacana serve-stage` (or a peer in another"
+                        " language) that declares the same signature; STAGE: objective")
+    p.add_argument("--token-file", default=None,
+                   help="with --remote-stage: the file whose first line is the server's token"
+                        " (default: $JACANA_STAGE_TOKEN)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--starts", type=int, default=1,
@@ -272,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--scheduler", help="also benchmark the workers of this dask scheduler (figure 6; they must"
                                            " see --data-dir)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where JAX runs (default cpu)")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                   help="precision of the event batches (default float64); float32 is mixed precision (float32"
+                        " event arithmetic, float64 histogram sums) and adds figure 9, its deviation from float64")
+    p.add_argument("--rows", metavar="FIGURES",
+                   help="only these figures, comma-separated (e.g. 1,3,5,7,9: what a GPU run needs; 7 is rows 7a/7b,"
+                        " 9 is 9a/9b); default 1-8 (and 9 with --dtype float32)")
     p.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported (default 3)")
     p.add_argument("--out", help="also write the rows and all measurements to this JSON file")
     p.add_argument("--data-dir", help="generate (or reuse) the events under this folder (default: a temporary one)")

@@ -4,12 +4,13 @@
 the NanoEvents of one coffea work item, builds jacana's columns from them (the analysis
 config's branch names mapped to NanoEvents fields: ``Jet_pt`` -> ``events.Jet.pt``,
 ``genWeight`` -> ``events.genWeight``), densifies them exactly as jacana's reader does, and
-returns the soft yields and their Jacobians in the parameters (or, given cotangents, the VJP)
-at the processor's parameters and relaxation, as a coffea accumulator (nested dicts of numpy
-arrays, which coffea adds)::
+and answers one request of the analysis' per-chunk stage
+(:class:`~jacana.stages.soft_stage.SoftYieldsStage`, the same stage every executor runs): the
+soft yields and their Jacobians in the parameters (or, given cotangents, the VJP) at the
+processor's parameters and relaxation, as a coffea accumulator (dicts of numpy arrays, which
+coffea adds)::
 
-    {"yields":     {"ttbar/nominal": {region: {"sumw": [V, bins], "sumw2": [V, bins]}}, ...},
-     "jacobian":   {"ttbar/nominal": {region: {"sumw": {param: [V, bins]}, ...}}, ...},
+    {"tensors":    {"yields.ttbar.nominal.4j1b.sumw": [V, bins], "jacobian:yields....": [V, bins, N], ...},
      "provenance": [[file, entry_start, entry_stop, n_events], ...],
      "nonfinite":  {branch: values masked}}
 
@@ -122,46 +123,39 @@ class JacanaProcessor(processor.ProcessorABC):
         self.cotangents = _numpy(cotangents) if cotangents is not None else None
 
     def process(self, events) -> dict:
-        import jax.numpy as jnp
-
-        from jacana.stages.analysis import _empty_yields, chunk_yields
+        """One work item: the chunk's :class:`~jacana.stages.soft_stage.SoftYieldsStage` answers one
+        request (:func:`jacana.protocol.rpc.handle`, the same call a dask shard or a stage server makes)."""
+        from jacana.protocol.message import Message
+        from jacana.protocol.rpc import handle, raise_if_error
         from jacana.stages.batch import regroupable_batches, to_device
-        from jacana.stages.jacobian import yields_and_jacobian, yields_vjp
-        from jacana.stages.stats.sensitivity import yields_key
-        from jacana.stages.spec import NOMINAL
+        from jacana.stages.soft_stage import SoftYieldsStage, cotangents_from, params_inputs, relax_inputs
 
-        from jacana.facility.dask_executor import _spec_and_config
         from jacana.facility.executor import rebatch
+        from jacana.facility.worker_tasks import spec_and_config
 
-        spec, config = _spec_and_config(self.spec_dict)
+        spec, config = spec_and_config(self.spec_dict)
         columns = columns_from_events(events, spec)
         chunk = columns.chunk
-        key = yields_key(chunk.sample, chunk.variation)
+        key = (chunk.sample, chunk.variation)
         batches = regroupable_batches(columns, spec)
-        params = {k: jnp.asarray(v) for k, v in self.params.items()}
-        relax = {k: jnp.asarray(v) for k, v in self.relax.items()}
         parts = to_device(rebatch(batches.parts)) if batches.parts else []
-        out: dict = {"provenance": [[chunk.path, chunk.entry_start, chunk.entry_stop, chunk.n_events]],
-                     "nonfinite": dict(columns.nonfinite)}
-        if not parts:  # nothing can pass: exact zeros (shapes as the in-process executor's)
-            ylds = _empty_yields(config, chunk.variation == NOMINAL)
-            out["yields"] = {key: _numpy(ylds)}
-            if self.mode == "jacobian":
-                out["jacobian"] = {key: {r: {k: {p: np.zeros(np.shape(v) + np.shape(self.params[p])) for p in self.params}
-                                             for k, v in by.items()} for r, by in ylds.items()}}
-            elif self.mode == "vjp":
-                out["vjp"] = {p: np.zeros(np.shape(v)) for p, v in self.params.items()}
-            return out
-        if self.mode == "yields":
-            out["yields"] = {key: _numpy(chunk_yields(params, relax, parts, config))}
-        elif self.mode == "jacobian":
-            y, j = yields_and_jacobian(params, relax, parts, config)
-            out["yields"], out["jacobian"] = {key: _numpy(y)}, {key: _numpy(j)}
-        else:
-            ct = {r: {k: jnp.asarray(v) for k, v in by.items()} for r, by in self.cotangents[key].items()}
-            y, g = yields_vjp(params, relax, parts, config, ct)
-            out["yields"], out["vjp"] = {key: _numpy(y)}, _numpy(g)
-        return out
+        stage = SoftYieldsStage(config, [key], self.params, {key: parts})
+        params, inputs = params_inputs(self.params), relax_inputs(self.relax)
+        kind = {"yields": "apply", "jacobian": "jacobian", "vjp": "vjp"}[self.mode]
+        extra = {}
+        if self.mode == "vjp":
+            from jacana.stages.stats.sensitivity import yields_key
+
+            cts = cotangents_from({yields_key(*key): self.cotangents[yields_key(*key)]})
+            extra = {f"cotangent:{k}": v for k, v in cts.items()}
+        from jacana.protocol.message import params_digest
+
+        request = Message(kind, {**params, **inputs, **extra}, param_names=tuple(params),
+                          params_digest=params_digest(params), wrt=tuple(params) if kind != "apply" else ())
+        reply = raise_if_error(handle(stage, request))
+        return {"tensors": {k: np.array(v, dtype=np.float64, copy=True) for k, v in reply.tensors.items()},
+                "provenance": [[chunk.path, chunk.entry_start, chunk.entry_stop, chunk.n_events]],
+                "nonfinite": dict(columns.nonfinite)}
 
     def postprocess(self, accumulator):
         return accumulator
@@ -183,15 +177,22 @@ def check_provenance(output: Mapping, fileset: Fileset, spec: AnalysisSpec) -> t
     return merged
 
 
-def executor_output(output: Mapping, spec: AnalysisSpec, fileset: Fileset | None = None):
-    """The accumulator as the executor interface returns it: ``(yields, jacobians)`` (mode
+def executor_output(output: Mapping, spec: AnalysisSpec, fileset: Fileset | None = None, params: Mapping | None = None):
+    """The accumulator as the executors' tree view returns it: ``(yields, jacobians)`` (mode
     ``jacobian``), ``(yields, grad)`` (``vjp``) or ``yields`` (``yields``); provenance checked
-    against ``fileset`` when given."""
+    against ``fileset`` when given. ``params``: the processor's parameters (default: the spec's)."""
+    from jacana.protocol.tree import unflatten
+    from jacana.stages.analysis import default_params
+    from jacana.stages.soft_stage import jacobian_by_key, params_inputs, yields_by_key
+
     if fileset is not None:
         check_provenance(output, fileset, spec)
-    ylds = output["yields"]
-    if "jacobian" in output:
-        return ylds, output["jacobian"]
-    if "vjp" in output:
-        return ylds, output["vjp"]
+    tensors = output["tensors"]
+    ylds = yields_by_key({k: v for k, v in tensors.items() if ":" not in k})
+    p = params_inputs(default_params(spec) if params is None else params)
+    if any(k.startswith("jacobian:") for k in tensors):
+        jac = {k[len("jacobian:"):]: v for k, v in tensors.items() if k.startswith("jacobian:")}
+        return ylds, jacobian_by_key(jac, p, tuple(p))
+    if any(k.startswith("cotangent:") for k in tensors):
+        return ylds, unflatten({k[len("cotangent:"):]: v for k, v in tensors.items() if k.startswith("cotangent:")})
     return ylds

@@ -48,13 +48,15 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from jacana.protocol.message import Message, decode, encode, params_digest
+from jacana.protocol.errors import JacanaError, ProvenanceError
+from jacana.protocol.message import Message, decode, encode
 from jacana.protocol.provenance import Provenance, merge
+from jacana.protocol.rpc import MessageStage, raise_if_error
 from jacana.stages.errors import FilesetError, InputFileError
 from jacana.stages.fileset import Chunk
 from jacana.stages.spec import AnalysisSpec
 
-from jacana.facility.executor import CALL_EVENTS, InProcessExecutor
+from jacana.facility.executor import CALL_EVENTS, ExecutorBase
 from jacana.facility.hardrun import InputReport
 from jacana.facility.errors import FacilityError
 from jacana.facility.profiles import connect, connect_scheduler, load_profile, plugin_for
@@ -64,9 +66,9 @@ from jacana.facility.profiles import connect, connect_scheduler, load_profile, p
 LOCALITY_SLACK = 0.05
 
 # Worker side: the tasks live in :mod:`jacana.facility.worker_tasks` (no JAX at import, for the scheduler)
-from jacana.facility.worker_tasks import (KINDS, STAGE, ChunkLoad, WorkerShard, _key_of, _spec_and_config,  # noqa: E402,F401
-                           build_shard_task, chunk_summary_task, load_chunk_task, noop_task, select_parts_task,
-                           step_task, sum_messages_task)
+from jacana.facility.worker_tasks import (LEDGER, ChunkLoad, WorkerShard, build_shard_task,  # noqa: E402,F401
+                                          chunk_summary_task, load_chunk_task, noop_task, select_parts_task,
+                                          step_task, sum_messages_task)
 
 
 async def _wait_all(futures) -> None:
@@ -147,7 +149,7 @@ def place_chunks(chunks: Sequence[Chunk], keys_of: Sequence[str], workers: Seque
     return out
 
 
-class DaskExecutor:
+class DaskExecutor(ExecutorBase):
     """The executor interface on dask workers (see the module docstring).
 
     Exactly one of ``client`` (an existing :class:`distributed.Client`: a notebook's),
@@ -249,7 +251,7 @@ class DaskExecutor:
         missing = sorted({yields_key(s, v) for s, v in expected_keys} - {keys_of[i] for i in ok})
         if missing:
             raise FilesetError(f"no readable chunk for {missing}")
-        self.keys = expected_keys
+        self.keys = tuple(expected_keys)
         # plan: where each chunk was read; units to shards
         who = self.client.who_has([loads[i] for i in ok])
         where = [None] * len(chunks)
@@ -294,36 +296,24 @@ class DaskExecutor:
         self.read_seconds = time.perf_counter() - t0
 
     # -- steps ------------------------------------------------------------------------------
-    def _request(self, kind: str, params: Mapping, relax: Mapping, cotangents: Mapping | None) -> tuple[bytes, dict]:
-        from jacana.stages.stats.sensitivity import yields_key
+    def stage(self, params_like: Mapping | None = None) -> MessageStage:
+        """The sum over every shard on the cluster as one stage: each call is one request message,
+        answered by one summed response (see the module docstring)."""
+        from jacana.stages.analysis import default_params
+        from jacana.stages.soft_stage import SoftYieldsStage
 
-        tensors: dict[str, np.ndarray] = {}
-        shapes = {}
-        for k, v in params.items():
-            tensors[k] = np.asarray(v, np.float64)
-            shapes[k] = tensors[k].shape
-        for k, v in relax.items():
-            tensors[f"relax.{k}"] = np.asarray(v, np.float64)
-        if kind == "vjp":
-            for i, (s, v) in enumerate(self.keys):
-                ct = cotangents[yields_key(s, v)]
-                for r in self.config.regions:
-                    for part in ("sumw", "sumw2"):
-                        tensors[f"cotangent:{_key_of(i)}.{r.name}.{part}"] = np.asarray(ct[r.name][part], np.float64)
-        self._step += 1
-        msg = Message(kind, tensors, role="request", stage=STAGE, step=self._step, param_names=tuple(params),
-                      params_digest=params_digest({k: tensors[k] for k in params}),
-                      wrt=tuple(params) if kind != "apply" else (), meta={"keys": [list(k) for k in self.keys]})
-        return encode(msg), shapes
+        params_like = default_params(self.spec) if params_like is None else params_like
+        declared = SoftYieldsStage(self.config, self.keys, params_like).describe()  # no data: the signature
+        return MessageStage(self.run, declared)
 
-    def run(self, kind: str, params: Mapping, relax: Mapping, cotangents: Mapping | None = None) -> Message:
-        """One step on the cluster: the summed, checked response message."""
+    def run(self, request: Message) -> Message:
+        """One request on the cluster: the summed, checked response message (ledger and timings removed)."""
         if not self.shards:
             raise FacilityError("this executor is closed")
         t0 = time.perf_counter()
-        request, _ = self._request(kind, params, relax, cotangents)
-        step = self._step
-        level = [self.client.submit(step_task, shard, request, pure=False, key=f"jacana-step-{self._token}-{step}-{i}",
+        self._step += 1
+        step, data = self._step, encode(request)
+        level = [self.client.submit(step_task, shard, data, pure=False, key=f"jacana-step-{self._token}-{step}-{i}",
                                     resources=self.resources or None)
                  for i, shard in enumerate(self.shards)]
         n_tasks, depth = len(level), 0
@@ -335,68 +325,30 @@ class DaskExecutor:
             n_tasks += sum(1 for j in range(0, len(level), 2) if j + 1 < len(level))
             level = nxt
         try:
-            data = level[0].result(timeout=self.timeout)
+            reply = level[0].result(timeout=self.timeout)
         except TimeoutError:
             raise FacilityError(f"step {step} took longer than {self.timeout} s on the cluster") from None
-        except FacilityError:
+        except JacanaError:
             raise
         except Exception as exc:
             raise FacilityError(f"step {step} failed on the cluster: {type(exc).__name__}: {exc}") from exc
-        if not isinstance(data, (bytes, bytearray)):
-            raise FacilityError(f"step {step}: the cluster returned {type(data).__name__}, not message bytes")
-        msg = decode(data)
-        if msg.kind != kind or msg.step != step or msg.params_digest != decode(request).params_digest:
+        if not isinstance(reply, (bytes, bytearray)):
+            raise FacilityError(f"step {step}: the cluster returned {type(reply).__name__}, not message bytes")
+        msg = raise_if_error(decode(reply))
+        if msg.kind != request.kind or msg.step != request.step or msg.params_digest != request.params_digest:
             raise FacilityError(f"step {step}: reply is for step {msg.step}, kind {msg.kind!r} (stale or foreign)")
         merge([msg.provenance], expected=self.expected)  # every chunk exactly once
-        if not (np.array_equal(msg.tensors["ledger.events"], self._expected_events)
-                and np.array_equal(msg.tensors["ledger.parts"], self._expected_parts)):
-            bad = np.nonzero((msg.tensors["ledger.events"] != self._expected_events)
-                             | (msg.tensors["ledger.parts"] != self._expected_parts))[0]
-            from jacana.protocol.errors import ProvenanceError
-
+        ledger = {k: msg.tensors[k] for k in LEDGER}
+        if not (np.array_equal(ledger["ledger.events"], self._expected_events)
+                and np.array_equal(ledger["ledger.parts"], self._expected_parts)):
+            bad = np.nonzero((ledger["ledger.events"] != self._expected_events)
+                             | (ledger["ledger.parts"] != self._expected_parts))[0]
             raise ProvenanceError(f"step {step}: events of chunks {[self.expected[j].label for j in bad[:5]]}"
                                   " were not counted exactly once")
-        self.last_step = {"seconds": time.perf_counter() - t0, "bytes_to_driver": len(data),
-                          "request_bytes": len(request), "tasks": n_tasks, "tree_depth": depth,
-                          "shard_wall": msg.tensors["timing.wall"].tolist(), "shard_cpu": msg.tensors["timing.cpu"].tolist()}
-        return msg
-
-    def _unpack_yields(self, msg: Message) -> dict:
-        from jacana.stages.stats.sensitivity import yields_key
-
-        return {yields_key(s, v): {r.name: {part: msg.tensors[f"{_key_of(i)}.{r.name}.{part}"]
-                                            for part in ("sumw", "sumw2")} for r in self.config.regions}
-                for i, (s, v) in enumerate(self.keys)}
-
-    def yields(self, params: Mapping, relax: Mapping) -> dict:
-        """Soft yields per (sample, file variation), summed over every chunk on the cluster."""
-        return self._unpack_yields(self.run("apply", params, relax))
-
-    def yields_and_jacobian(self, params: Mapping, relax: Mapping) -> tuple[dict, dict]:
-        """(yields, d yields / d params) per (sample, file variation): forward mode, one pass."""
-        from jacana.stages.stats.sensitivity import yields_key
-
-        msg = self.run("jacobian", params, relax)
-        sizes = [(k, int(np.size(params[k])), np.shape(params[k])) for k in params]
-        jacs = {}
-        for i, (s, v) in enumerate(self.keys):
-            by_region = {}
-            for r in self.config.regions:
-                by_region[r.name] = {}
-                for part in ("sumw", "sumw2"):
-                    packed = msg.tensors[f"jacobian:{_key_of(i)}.{r.name}.{part}"]
-                    out, at = {}, 0
-                    for name, n, shape in sizes:
-                        out[name] = packed[..., at:at + n].reshape(packed.shape[:-1] + shape)
-                        at += n
-                    by_region[r.name][part] = out
-            jacs[yields_key(s, v)] = by_region
-        return self._unpack_yields(msg), jacs
-
-    def yields_vjp(self, params: Mapping, relax: Mapping, cotangents: Mapping) -> tuple[dict, dict]:
-        """(yields, sum over (sample, variation) of cotangent . d yields / d params): reverse mode."""
-        msg = self.run("vjp", params, relax, cotangents)
-        return self._unpack_yields(msg), {k: msg.tensors[f"cotangent:{k}"] for k in params}
+        self.last_step = {"seconds": time.perf_counter() - t0, "bytes_to_driver": len(reply),
+                          "request_bytes": len(data), "tasks": n_tasks, "tree_depth": depth,
+                          "shard_wall": ledger["timing.wall"].tolist(), "shard_cpu": ledger["timing.cpu"].tolist()}
+        return dataclasses.replace(msg, tensors={k: v for k, v in msg.tensors.items() if k not in LEDGER})
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -423,14 +375,3 @@ class DaskExecutor:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def make_executor(spec: AnalysisSpec, chunks: Iterable[Chunk], workers: int | None = None, scheduler: str | None = None,
-                  client=None, profile: str | Mapping | None = None, progress: bool = False,
-                  report: InputReport | None = None, **kwargs: Any):
-    """The executor the options ask for: in-process when none of ``workers``, ``scheduler``,
-    ``client``, ``profile`` is given (or ``workers=0``), else a :class:`DaskExecutor`."""
-    if client is None and scheduler is None and profile is None and not workers:
-        return InProcessExecutor(spec, chunks, progress=progress, report=report)
-    return DaskExecutor(spec, chunks, client=client, scheduler=scheduler, workers=workers, profile=profile,
-                        progress=progress, report=report, **kwargs)

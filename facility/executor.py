@@ -1,34 +1,90 @@
-"""Executors: where the per-chunk soft analysis runs, behind one interface.
+"""Executors: where an additive stage runs over chunks of events, behind one interface.
 
-An executor reads every chunk once, keeps its dense batches where they were read, and on
-each optimisation step returns the per-(sample, file variation) yields with their
-Jacobians (forward mode) or, given cotangents, their vector-Jacobian products. Chunk results
-are additive; the executor sums them.
+An executor reads every chunk once, keeps its dense batches where they were read (this
+process, or dask workers' memory), and offers the analysis' per-chunk work as one
+:class:`~jacana.protocol.stage.Stage` (:meth:`Executor.stage`): the soft yields of every
+(sample, file variation) with their Jacobians or VJPs, summed over every chunk it holds. What
+runs on each part of the data is always :class:`~jacana.stages.soft_stage.SoftYieldsStage`;
+what crosses a process boundary is always a protocol message.
 
 :class:`InProcessExecutor` runs everything in this process (the default for small work);
-:mod:`jacana.facility.dask_executor` runs the same functions on dask workers.
+:class:`jacana.facility.dask_executor.DaskExecutor` on dask workers; the coffea processor
+(:mod:`jacana.facility.coffea_adapter`) inside coffea's Runner. :func:`jacana.facility.factory.make_executor`
+chooses one from the options.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import dataclasses
+from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jacana.stages.analysis import SoftConfig, add_yields, chunk_yields, soft_config
-import dataclasses
-
+from jacana.protocol.stage import Stage
+from jacana.stages.analysis import SoftConfig, default_params, soft_config
 from jacana.stages.batch import ChunkBatches, EventBatch, block_size_for, regroupable_batches, to_device
 from jacana.stages.columns import read_ahead, read_chunk
 from jacana.stages.errors import FilesetError, InputFileError
 from jacana.stages.fileset import Chunk
-from jacana.stages.jacobian import yields_and_jacobian, yields_vjp
-from jacana.stages.stats.sensitivity import yields_key
+from jacana.stages.soft_stage import (SoftYieldsStage, cotangents_from, jacobian_by_key, params_inputs, relax_inputs,
+                                      yields_by_key)
 from jacana.stages.spec import AnalysisSpec
+from jacana.stages.stats.sensitivity import yields_key
+from jacana.stages.stats.stage import analysis_keys
 
 from jacana.facility.hardrun import InputReport
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Where the per-chunk stage runs: the contract every executor meets."""
+
+    spec: AnalysisSpec
+    config: SoftConfig
+    n_events: int
+    report: InputReport
+
+    def stage(self, params_like: Mapping | None = None) -> Stage:
+        """The additive stage over every chunk held, for parameters named and shaped like ``params_like``
+        (default: the analysis' cut parameters): ``relax.*`` inputs, ``yields.*`` outputs."""
+
+    def close(self) -> None:
+        """Release the batches (and a cluster started for them)."""
+
+
+class ExecutorBase:
+    """Trees in, trees out: the per-(sample, variation) view of :meth:`Executor.stage` for callers
+    that hold parameters, relaxation and cotangents as nested dicts (benchmarks, tests, studies)."""
+
+    spec: AnalysisSpec
+
+    def stage(self, params_like: Mapping | None = None) -> Stage:  # pragma: no cover - each executor has its own
+        raise NotImplementedError
+
+    def _call_args(self, params: Mapping, relax: Mapping) -> tuple[Stage, dict, dict]:
+        params = default_params(self.spec) if params is None else params
+        return self.stage(params), params_inputs(params), relax_inputs(relax)
+
+    def yields(self, params: Mapping, relax: Mapping) -> dict:
+        """Soft yields per (sample, file variation), summed over chunks."""
+        stage, p, i = self._call_args(params, relax)
+        return yields_by_key(stage.apply(p, i))
+
+    def yields_and_jacobian(self, params: Mapping, relax: Mapping) -> tuple[dict, dict]:
+        """(yields, d yields / d params) per (sample, file variation): forward mode, one pass."""
+        stage, p, i = self._call_args(params, relax)
+        outs, jac = stage.jacobian(p, i, tuple(p))
+        return yields_by_key(outs), jacobian_by_key(jac, p, tuple(p))
+
+    def yields_vjp(self, params: Mapping, relax: Mapping, cotangents: Mapping) -> tuple[dict, dict]:
+        """(yields, sum over (sample, variation) of cotangent . d yields / d params): reverse mode."""
+        from jacana.protocol.tree import unflatten
+
+        stage, p, i = self._call_args(params, relax)
+        outs = stage.apply(p, i)
+        grads = stage.vjp(p, i, cotangents_from(cotangents), tuple(p))
+        return yields_by_key(outs), unflatten(grads)
 
 
 #: Events per compiled call: every call has this many events, so each (jet bucket, file kind)
@@ -103,8 +159,8 @@ def load_batches(chunk: Chunk, spec: AnalysisSpec, dtype=np.float64) -> ChunkBat
     return regroupable_batches(read_chunk(chunk, spec), spec, dtype=dtype)
 
 
-class InProcessExecutor:
-    """Batches in this process's memory (device memory under JAX); steps run here."""
+class InProcessExecutor(ExecutorBase):
+    """Batches in this process's memory (device memory under JAX); steps run here, no messages."""
 
     def __init__(self, spec: AnalysisSpec, chunks: Iterable[Chunk], dtype=np.float64, progress: bool = False,
                  report: InputReport | None = None):
@@ -130,40 +186,20 @@ class InProcessExecutor:
             self.n_events += chunk.n_events
         for key, group in parts.items():
             self.batches[key] = to_device(rebatch(group))
-        expected = {yields_key(s, v) for s in spec.samples for v in spec.file_variations(s)}
-        missing = sorted(expected - set(self.batches))
+        self.keys = analysis_keys(spec)
+        missing = sorted({yields_key(*k) for k in self.keys} - set(self.batches))
         if missing:
             raise FilesetError(f"no readable chunk for {missing}")
+        self._stages: dict = {}
 
-    def yields(self, params: Mapping, relax: Mapping) -> dict:
-        """Soft yields per (sample, file variation), summed over chunks."""
-        return {key: chunk_yields(params, relax, parts, self.config) for key, parts in self.batches.items()}
-
-    def yields_and_jacobian(self, params: Mapping, relax: Mapping) -> tuple[dict, dict]:
-        """(yields, d yields / d params) per (sample, file variation): forward mode, one pass."""
-        ylds, jacs = {}, {}
-        for key, parts in self.batches.items():
-            ylds[key], jacs[key] = yields_and_jacobian(params, relax, parts, self.config)
-        return ylds, jacs
-
-    def yields_vjp(self, params: Mapping, relax: Mapping, cotangents: Mapping) -> tuple[dict, dict]:
-        """(yields, sum over (sample, variation) of cotangent . d yields / d params): reverse mode."""
-        ylds, grad = {}, None
-        for key, parts in self.batches.items():
-            ylds[key], g = yields_vjp(params, relax, parts, self.config, cotangents[key])
-            grad = add_yields(grad, g)
-        return ylds, grad
+    def stage(self, params_like: Mapping | None = None) -> SoftYieldsStage:
+        params_like = default_params(self.spec) if params_like is None else params_like
+        layout = tuple((k, np.shape(v)) for k, v in params_inputs(params_like).items())
+        if layout not in self._stages:  # one stage per parameter layout; all share the batches
+            self._stages[layout] = SoftYieldsStage(self.config, self.keys, params_like,
+                                                   {k: self.batches[yields_key(*k)] for k in self.keys})
+        return self._stages[layout]
 
     def close(self) -> None:
         self.batches.clear()
-
-
-def contract_all(jacobians: Mapping, cotangents: Mapping) -> dict:
-    """d(objective)/d(params) = sum over (sample, variation, region, bin) of cotangent x Jacobian."""
-    from jacana.stages.jacobian import contract
-
-    grad: dict = {}
-    for key, jac in jacobians.items():
-        for name, g in contract(jac, cotangents[key]).items():
-            grad[name] = g if name not in grad else grad[name] + g
-    return jax.tree.map(np.asarray, grad)
+        self._stages.clear()

@@ -18,20 +18,17 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from jacana.protocol.message import Message, decode, encode, params_digest
+from jacana.protocol.message import Message, decode, encode
 from jacana.protocol.pipeline import reduce_partials
 from jacana.protocol.provenance import Provenance
 from jacana.stages.errors import InputFileError
 from jacana.stages.fileset import Chunk
 from jacana.stages.spec import NOMINAL, AnalysisSpec
 
-STAGE = "jacana.soft_yields"
-KINDS = ("apply", "jacobian", "vjp")
-
 _SPEC_CACHE: dict[str, tuple] = {}
 
 
-def _spec_and_config(spec_dict: Mapping):
+def spec_and_config(spec_dict: Mapping):
     """(AnalysisSpec, SoftConfig) of a config dict, built once per worker process."""
     from jacana.stages.analysis import soft_config
 
@@ -66,7 +63,7 @@ def load_chunk_task(index: int, chunk: Mapping, spec_dict: Mapping, dtype: str =
     from jacana.stages.batch import regroupable_batches
     from jacana.stages.columns import read_chunk
 
-    spec, _ = _spec_and_config(spec_dict)
+    spec, _ = spec_and_config(spec_dict)
     c = Chunk(**chunk)
     try:
         columns = read_chunk(c, spec)
@@ -114,6 +111,7 @@ class WorkerShard:
     ledger_events: np.ndarray  # [n_chunks] events counted per chunk
     ledger_parts: np.ndarray  # [n_chunks] jet-bucket parts counted per chunk
     nbytes: int = 0
+    keys: tuple = ()  # every (sample, file variation) the analysis needs: each response carries all of them
 
 
 def build_shard_task(index: int, n_shards: int, spec_dict: Mapping, units: Sequence, owned: Sequence[Mapping],
@@ -123,7 +121,9 @@ def build_shard_task(index: int, n_shards: int, spec_dict: Mapping, units: Seque
 
     from jacana.facility.executor import rebatch
 
-    _, config = _spec_and_config(spec_dict)
+    from jacana.stages.stats.stage import analysis_keys
+
+    spec, config = spec_and_config(spec_dict)
     wanted = _unit_set(units)
     groups: dict[str, list] = {}
     events = np.zeros(n_chunks, np.int64)
@@ -137,86 +137,56 @@ def build_shard_task(index: int, n_shards: int, spec_dict: Mapping, units: Seque
     batches = {key: to_device(rebatch(group)) for key, group in groups.items()}
     nbytes = sum(int(a.nbytes) for calls in batches.values() for b in calls for a in _arrays(b))
     prov = tuple(Provenance(**p) for p in owned)
-    return WorkerShard(index, n_shards, config, batches, prov, events, parts, nbytes)
+    return WorkerShard(index, n_shards, config, batches, prov, events, parts, nbytes, analysis_keys(spec))
 
 
 def _arrays(batch) -> list:
     return [getattr(batch, f.name) for f in dataclasses.fields(batch) if not f.metadata.get("static")]
 
 
-def _key_of(i: int) -> str:
-    return f"y{i}"
+#: Tensors a shard adds to every response: events and parts counted per chunk, the shard's times.
+LEDGER = ("ledger.events", "ledger.parts", "timing.wall", "timing.cpu")
 
 
-def _zeros_like_yields(config, variation: str, edges: Mapping) -> dict:
-    nv = len(config.variations(variation == NOMINAL))
-    return {r.name: {"sumw": np.zeros((nv, len(edges[r.name]) - 1)), "sumw2": np.zeros((nv, len(edges[r.name]) - 1))}
-            for r in config.regions}
+def shard_stage(shard: WorkerShard, request: Message):
+    """The shard's :class:`~jacana.stages.soft_stage.SoftYieldsStage` for the request's parameter
+    layout (built once per layout; every layout shares the shard's batches)."""
+    from jacana.stages.soft_stage import SoftYieldsStage
+    from jacana.stages.stats.sensitivity import KEY_SEP
+
+    params = {n: request.tensors[n] for n in request.param_names}
+    layout = tuple((n, np.shape(v)) for n, v in params.items())
+    cache = shard.__dict__.setdefault("_stages", {})
+    if layout not in cache:
+        batches = {tuple(k.split(KEY_SEP, 1)): v for k, v in shard.batches.items()}
+        from jacana.protocol.tree import unflatten
+
+        cache[layout] = SoftYieldsStage(shard.config, shard.keys, unflatten(params), batches)
+    return cache[layout]
 
 
 def step_task(shard: WorkerShard, request: bytes) -> bytes:
-    """Answer one request message with the shard's yields and Jacobians (or VJP) as one message."""
-    import jax.numpy as jnp
-
-    from jacana.stages.analysis import add_yields, chunk_yields, region_edges
-    from jacana.stages.jacobian import yields_and_jacobian, yields_vjp
-    from jacana.stages.stats.sensitivity import yields_key
+    """Answer one request message with the shard's stage (:func:`jacana.protocol.rpc.handle`) and
+    add the shard's ledger and timings (:data:`LEDGER`) and provenance to the response."""
+    from jacana.protocol.rpc import error_message, handle, split_request
 
     t0, c0 = time.perf_counter(), time.process_time()
     req = decode(request)
-    if req.kind not in KINDS or req.role != "request":
-        from jacana.facility.errors import FacilityError
-
-        raise FacilityError(f"step_task cannot answer a {req.role} of kind {req.kind!r}")
-    pnames = list(req.param_names)
-    params = {n: jnp.asarray(req.tensors[n]) for n in pnames}
-    if params_digest({n: req.tensors[n] for n in pnames}) != req.params_digest:
-        from jacana.facility.errors import FacilityError
-
-        raise FacilityError("request parameters do not match their digest")
-    relax = {n[len("relax."):]: jnp.asarray(v) for n, v in req.tensors.items() if n.startswith("relax.")}
-    keys = [tuple(k) for k in req.meta["keys"]]
-    config = shard.config
-    edges = {k: np.asarray(v) for k, v in region_edges(params, config).items()}
-    out: dict[str, np.ndarray] = {}
-    grad = None
-    for i, (sample, variation) in enumerate(keys):
-        parts = shard.batches.get(yields_key(sample, variation))
-        jac = None
-        if not parts:
-            ylds = _zeros_like_yields(config, variation, edges)
-        elif req.kind == "apply":
-            ylds = chunk_yields(params, relax, parts, config)
-        elif req.kind == "jacobian":
-            ylds, jac = yields_and_jacobian(params, relax, parts, config)
-        else:
-            ct = {r.name: {kind: jnp.asarray(req.tensors[f"cotangent:{_key_of(i)}.{r.name}.{kind}"])
-                           for kind in ("sumw", "sumw2")} for r in config.regions}
-            ylds, g = yields_vjp(params, relax, parts, config, ct)
-            grad = add_yields(grad, g)
-        for r in config.regions:
-            for kind in ("sumw", "sumw2"):
-                name = f"{_key_of(i)}.{r.name}.{kind}"
-                y = np.asarray(ylds[r.name][kind], np.float64)
-                out[name] = y
-                if req.kind == "jacobian":
-                    if jac is None:
-                        cols = [np.zeros(y.shape + (int(np.size(req.tensors[p])),)) for p in pnames]
-                    else:
-                        cols = [np.asarray(jac[r.name][kind][p], np.float64).reshape(y.shape + (-1,)) for p in pnames]
-                    out[f"jacobian:{name}"] = np.concatenate(cols, axis=-1)
-    if req.kind == "vjp":
-        for p in pnames:
-            out[f"cotangent:{p}"] = (np.zeros(np.shape(req.tensors[p])) if grad is None
-                                     else np.asarray(grad[p], np.float64).reshape(np.shape(req.tensors[p])))
+    try:
+        split_request(req)  # the parameters match their digest before any work
+        stage = shard_stage(shard, req)
+    except Exception as exc:
+        return encode(error_message(exc, req))
+    resp = handle(stage, req)
+    if resp.kind == "error":
+        return encode(resp)
+    out = dict(resp.tensors)
     out["ledger.events"] = shard.ledger_events
     out["ledger.parts"] = shard.ledger_parts
     for name, value in (("timing.wall", time.perf_counter() - t0), ("timing.cpu", time.process_time() - c0)):
         out[name] = np.zeros(shard.n_shards)
         out[name][shard.index] = value
-    resp = Message(req.kind, out, role="response", stage=STAGE, step=req.step, params_digest=req.params_digest,
-                   wrt=req.wrt, provenance=shard.provenance, meta={"keys": req.meta["keys"]})
-    return encode(resp)
+    return encode(dataclasses.replace(resp, tensors=out, provenance=shard.provenance))
 
 
 def sum_messages_task(*blobs: bytes) -> bytes:

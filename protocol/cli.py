@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jacana.protocol.errors import ProtocolError
+from jacana.protocol.errors import JacanaError, StageError
 from jacana.protocol.transport import DEFAULT_MAX_BYTES
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", required=True, help="stage factory as 'package.module:callable'")
+    p.add_argument("--stage-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a keyword argument (a string) for the factory; repeat for several")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, localhost only)")
     p.add_argument("--port", type=int, default=0, help="port (default 0: any free port, printed at start)")
     p.add_argument("--token-file", default=None,
@@ -47,10 +49,16 @@ def run_serve_stage(args: argparse.Namespace) -> int:
     from jacana.protocol.stage import load_stage
 
     try:
-        stage = load_stage(args.stage)
+        kwargs = {}
+        for item in args.stage_arg:
+            key, sep, value = item.partition("=")
+            if not sep or not key.isidentifier():
+                raise StageError(f"--stage-arg {item!r} is not KEY=VALUE")
+            kwargs[key] = value
+        stage = load_stage(args.stage, **kwargs)
         server = StageServer(stage, token_file=args.token_file, host=args.host, port=args.port,
                              max_bytes=args.max_bytes, timeout=args.timeout, idle_exit=args.idle_exit)
-    except (ProtocolError, OSError) as exc:
+    except (JacanaError, OSError) as exc:
         print(f"jacana serve-stage: {exc}", file=sys.stderr)
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -36,8 +36,20 @@ import numpy as np
 from jacana.protocol.errors import MalformedMessage, ProtocolError, StageError
 from jacana.protocol.message import Message
 from jacana.protocol.provenance import Provenance, merge
-from jacana.protocol.rpc import raise_if_error
+from jacana.protocol.rpc import MessageStage, raise_if_error
 from jacana.protocol.stage import Arrays, Stage, StageSpec, TensorSpec, sizes, unpack
+
+
+#: Forward mode (one ``jacobian`` pass gives the value and every derivative) up to this many
+#: differentiated numbers; reverse mode (``apply`` forward, then one ``vjp`` pass back) above.
+#: The AGC cuts (4 numbers) run forward; with bin edges or a network's weights (tens to
+#: thousands) the two reverse passes are cheaper than that many tangents.
+FORWARD_MAX_PARAMS = 16
+
+
+def gradient_mode(n_params: int) -> str:
+    """``"jacobian"`` (forward mode) for at most :data:`FORWARD_MAX_PARAMS` numbers, else ``"vjp"``."""
+    return "jacobian" if n_params <= FORWARD_MAX_PARAMS else "vjp"
 
 
 class Pipeline(Stage):
@@ -171,7 +183,35 @@ class Pipeline(Stage):
         outs = {o: env[o] for o in self._outputs}
         return outs, {o: tan.get(o, np.zeros_like(v, dtype=np.result_type(np.asarray(v).dtype, np.float32))) for o, v in outs.items()}
 
+    def mode(self, wrt: Sequence[str] | None = None) -> str:
+        """The mode :meth:`value_and_grad` uses for ``wrt`` (default: every parameter)."""
+        wrt = self._spec.check_wrt(wrt)
+        return gradient_mode(sum(self._spec.args[a].size for a in wrt))
+
+    def value_and_grad(self, params: Arrays, inputs: Arrays, output: str | None = None,
+                       wrt: Sequence[str] | None = None) -> tuple[dict, dict]:
+        """(outputs, d output / d arg for each ``wrt`` arg): one optimisation step's call.
+
+        ``output`` (default: the only output) must be a scalar. Forward or reverse mode is
+        chosen from the number of differentiated values (:func:`gradient_mode`); the caller
+        never needs to know which ran."""
+        wrt = self._spec.check_wrt(wrt)
+        output = output or (self._outputs[0] if len(self._outputs) == 1 else None)
+        if output not in self._outputs:
+            raise StageError(f"pipeline {self.stage_id!r}: name the scalar output to differentiate, one of {list(self._outputs)}")
+        out_spec = next(t for t in self._spec.outputs if t.name == output)
+        if out_spec.size != 1:
+            raise StageError(f"pipeline {self.stage_id!r}: output {output!r} has shape {out_spec.shape}, not a scalar")
+        if self.mode(wrt) == "jacobian":
+            outs, jac = self.jacobian(params, inputs, wrt)
+            return outs, unpack(np.asarray(jac[output]).reshape(-1), sizes(self._spec, wrt), {**params, **inputs})
+        env, grads = self._vjp(params, inputs, {output: np.ones(out_spec.shape)}, wrt)
+        return {o: env[o] for o in self._outputs}, grads
+
     def vjp(self, params, inputs, cotangents, wrt=None):
+        return self._vjp(params, inputs, cotangents, wrt)[1]
+
+    def _vjp(self, params, inputs, cotangents, wrt=None) -> tuple[dict, dict]:
         wrt = self._spec.check_wrt(wrt)
         env = dict(inputs)
         calls = []
@@ -200,7 +240,7 @@ class Pipeline(Stage):
             for a, g in grads.items():
                 ct[a] = ct[a] + g if a in ct else np.asarray(g)
         like = {**params, **inputs}
-        return {a: ct[a] if a in ct else unpack(None, [(a, np.shape(like[a]), slice(0))], like)[a] for a in wrt}
+        return env, {a: ct[a] if a in ct else unpack(None, [(a, np.shape(like[a]), slice(0))], like)[a] for a in wrt}
 
 
 def reduce_partials(messages: Sequence[Message], expected: Sequence[Provenance] | None = None) -> Message:
@@ -246,7 +286,7 @@ class Part:
     provenance: tuple[Provenance, ...] = ()
 
 
-class AdditiveStage(Stage):
+class AdditiveStage(MessageStage):
     """The sum over parts of one stage (e.g. yields over chunks of events).
 
     Each call sends one request per part (concurrently, ``max_workers`` threads),
@@ -263,21 +303,13 @@ class AdditiveStage(Stage):
         self.parts = list(parts)
         self.expected = tuple(expected) if expected is not None else tuple(p for part in self.parts for p in part.provenance)
         self.max_workers = max_workers
-        self.step = step
-        self._remote = RemoteStage(self.parts[0].transport)
-        inner = self._remote.describe()
+        inner = RemoteStage(self.parts[0].transport).describe()
         private = set(self.parts[0].inputs)
-        self.stage_id = stage_id or f"sum({inner.stage})"
-        self._inner = inner
-        self._spec = StageSpec(self.stage_id, inner.params, tuple(t for t in inner.inputs if t.name not in private), inner.outputs)
+        spec = StageSpec(stage_id or f"sum({inner.stage})", inner.params,
+                         tuple(t for t in inner.inputs if t.name not in private), inner.outputs)
+        super().__init__(self._sum, spec, step=step)
 
-    def describe(self, inputs=None):
-        return self._spec
-
-    def _run(self, kind: str, params: Arrays, inputs: Arrays, extra: Arrays = {}, wrt: Sequence[str] = ()) -> Message:
-        self._remote.step = self.step
-        base = self._remote.request(kind, params, inputs, extra, wrt=wrt)
-
+    def _sum(self, base: Message) -> Message:
         def one(part: Part) -> Message:
             req = base.__class__(**{**base.__dict__, "tensors": {**base.tensors, **{k: np.asarray(v) for k, v in part.inputs.items()}},
                                     "provenance": tuple(part.provenance)})
@@ -293,27 +325,6 @@ class AdditiveStage(Stage):
             with ThreadPoolExecutor(min(self.max_workers, len(self.parts))) as pool:
                 replies = list(pool.map(one, self.parts))
         return reduce_partials(replies, self.expected)
-
-    def apply(self, params, inputs):
-        return {k: v for k, v in self._run("apply", params, inputs).tensors.items() if ":" not in k}
-
-    def jacobian(self, params, inputs, wrt=None):
-        wrt = self._spec.check_wrt(wrt)
-        msg = self._run("jacobian", params, inputs, wrt=wrt)
-        return ({k: v for k, v in msg.tensors.items() if ":" not in k},
-                {k[9:]: v for k, v in msg.tensors.items() if k.startswith("jacobian:")})
-
-    def jvp(self, params, inputs, tangents):
-        extra = {f"tangent:{k}": np.asarray(v) for k, v in tangents.items()}
-        msg = self._run("jvp", params, inputs, extra)
-        return ({k: v for k, v in msg.tensors.items() if ":" not in k},
-                {k[8:]: v for k, v in msg.tensors.items() if k.startswith("tangent:")})
-
-    def vjp(self, params, inputs, cotangents, wrt=None):
-        wrt = self._spec.check_wrt(wrt)
-        extra = {f"cotangent:{k}": np.asarray(v) for k, v in cotangents.items()}
-        msg = self._run("vjp", params, inputs, extra, wrt=wrt)
-        return {k[10:]: v for k, v in msg.tensors.items() if k.startswith("cotangent:")}
 
 
 def as_jax_function(stage: Stage, mode: str = "jacobian"):

@@ -136,23 +136,29 @@ def handle_bytes(stage: Stage, data: bytes, *, max_bytes: int | None = None) -> 
         return encode(error_message(exc, req))
 
 
-class RemoteStage(Stage):
-    """A :class:`Stage` whose work is done by a peer behind a transport.
+class MessageStage(Stage):
+    """A :class:`Stage` whose every call is one request message answered by ``call(request) -> response``.
 
-    ``step`` (an int the driver may set) and ``provenance`` are sent in every
-    request; replies are checked to echo the request's step and parameter digest.
+    The one place where stage calls become messages and responses become arrays: a peer
+    behind a transport (:class:`RemoteStage`), a sum over parts
+    (:class:`~jacana.protocol.pipeline.AdditiveStage`), a cluster (the dask executor) all
+    supply only ``call``. ``spec`` is the declared signature (default: asked with a
+    ``describe`` request). ``step`` and ``provenance`` are sent in every request; replies must
+    echo the request's step and parameter digest.
     """
 
-    def __init__(self, transport: Any, *, provenance: Sequence[Provenance] = (), step: int | None = None) -> None:
-        self.transport = transport
+    def __init__(self, call: Any, spec: StageSpec | None = None, *, provenance: Sequence[Provenance] = (),
+                 step: int | None = None) -> None:
+        self._call = call
         self.provenance = tuple(provenance)
         self.step = step
-        self._spec: StageSpec | None = None
+        self._spec = spec
+        self.stage_id = spec.stage if spec is not None else ""
         self.stage_id = self.describe().stage
 
     def request(self, kind: str, params: Arrays = {}, inputs: Arrays = {}, extra: Arrays = {}, *,
                 wrt: Sequence[str] = (), meta: Mapping[str, Any] | None = None) -> Message:
-        """Build a request message (also used by :class:`~jacana.protocol.pipeline.AdditiveStage`)."""
+        """The request message of one call (params, inputs and ``tangent:``/``cotangent:`` extras)."""
         params = {k: np.asarray(v) for k, v in params.items()}
         return Message(
             kind,
@@ -167,7 +173,7 @@ class RemoteStage(Stage):
         )
 
     def call(self, req: Message) -> Message:
-        resp = raise_if_error(self.transport.request(req))
+        resp = raise_if_error(self._call(req))
         if resp.role != "response" or resp.kind != req.kind:
             raise MalformedMessage(f"expected a {req.kind} response, got {resp.role} {resp.kind}")
         if resp.step != req.step or resp.params_digest != req.params_digest:
@@ -184,8 +190,13 @@ class RemoteStage(Stage):
             self._spec = spec
         return spec
 
-    def _outputs(self, resp: Message) -> dict[str, np.ndarray]:
+    @staticmethod
+    def _outputs(resp: Message) -> dict[str, np.ndarray]:
         return {k: v for k, v in resp.tensors.items() if ":" not in k}
+
+    @staticmethod
+    def _derived(resp: Message, prefix: str) -> dict[str, np.ndarray]:
+        return {k[len(prefix):]: v for k, v in resp.tensors.items() if k.startswith(prefix)}
 
     def apply(self, params, inputs):
         return self._outputs(self.call(self.request("apply", params, inputs)))
@@ -195,20 +206,27 @@ class RemoteStage(Stage):
         resp = self.call(self.request("jacobian", params, inputs, wrt=wrt))
         if tuple(resp.wrt) != tuple(wrt):
             raise MalformedMessage(f"jacobian response wrt {resp.wrt} != requested {wrt}")
-        jac = {k[len("jacobian:"):]: v for k, v in resp.tensors.items() if k.startswith("jacobian:")}
-        return self._outputs(resp), jac
+        return self._outputs(resp), self._derived(resp, "jacobian:")
 
     def jvp(self, params, inputs, tangents):
         extra = {f"tangent:{k}": np.asarray(v) for k, v in tangents.items()}
         resp = self.call(self.request("jvp", params, inputs, extra))
-        touts = {k[len("tangent:"):]: v for k, v in resp.tensors.items() if k.startswith("tangent:")}
-        return self._outputs(resp), touts
+        return self._outputs(resp), self._derived(resp, "tangent:")
 
     def vjp(self, params, inputs, cotangents, wrt=None):
         wrt = self.describe().check_wrt(wrt)
         extra = {f"cotangent:{k}": np.asarray(v) for k, v in cotangents.items()}
         resp = self.call(self.request("vjp", params, inputs, extra, wrt=wrt))
-        grads = {k[len("cotangent:"):]: v for k, v in resp.tensors.items() if k.startswith("cotangent:")}
+        grads = self._derived(resp, "cotangent:")
         if set(grads) != set(wrt):
             raise MalformedMessage(f"vjp response gives {sorted(grads)}, requested {list(wrt)}")
         return grads
+
+
+class RemoteStage(MessageStage):
+    """A :class:`Stage` whose work is done by a peer behind a transport (``transport.request``)."""
+
+    def __init__(self, transport: Any, *, provenance: Sequence[Provenance] = (), step: int | None = None,
+                 spec: StageSpec | None = None) -> None:
+        self.transport = transport
+        super().__init__(transport.request, spec, provenance=provenance, step=step)

@@ -449,8 +449,8 @@ class JaxStage(Stage):
         return self._np(self._compiled(key, build)(dict(params), dict(inputs), dict(cotangents)))
 
 
-def load_stage(ref: str) -> Stage:
-    """Load a stage from ``"package.module:factory"`` (``factory()`` returns a Stage,
+def load_stage(ref: str, **kwargs: Any) -> Stage:
+    """Load a stage from ``"package.module:factory"`` (``factory(**kwargs)`` returns a Stage,
     or the attribute is a Stage). Only importable module paths; nothing is evaluated."""
     if not isinstance(ref, str) or ref.count(":") != 1:
         raise StageError(f"stage reference {ref!r} is not 'module:callable'")
@@ -459,7 +459,15 @@ def load_stage(ref: str) -> Stage:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise StageError(f"cannot load stage {ref!r}: {exc}") from exc
-    stage = obj if isinstance(obj, Stage) else obj()
+    if isinstance(obj, Stage):
+        if kwargs:
+            raise StageError(f"{ref!r} is a stage, not a factory: it takes no arguments ({sorted(kwargs)})")
+        stage = obj
+    else:
+        try:
+            stage = obj(**kwargs)
+        except TypeError as exc:
+            raise StageError(f"cannot build stage {ref!r} with {sorted(kwargs)}: {exc}") from exc
     if not isinstance(stage, Stage):
         raise StageError(f"{ref!r} did not give a Stage (got {type(stage).__name__})")
     return stage

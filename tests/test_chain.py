@@ -1,0 +1,114 @@
+"""The analysis chain: executor stage -> objective stage, one call a step, a stage served elsewhere."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jacana.analysis.chain import analysis_chain, parse_remote
+from jacana.analysis.optimize import OptimizeSettings, Optimizer
+from jacana.facility.executor import Executor, InProcessExecutor
+from jacana.facility.hardrun import analysis_chunks
+from jacana.protocol.pipeline import gradient_mode
+from jacana.stages.analysis import default_params, default_relax
+from jacana.stages.errors import ConfigError
+from jacana.stages.fileset import load_fileset
+from jacana.stages.spec import load_spec
+
+TOKEN = "chain-test-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def executor(tmp_path_factory):
+    from jacana.samples.synthetic import generate
+
+    path = generate(tmp_path_factory.mktemp("chain"), events=12_000, seed=21, progress=False)
+    spec = load_spec()
+    ex = InProcessExecutor(spec, analysis_chunks(spec, load_fileset(path), chunk_size=4000))
+    yield ex
+    ex.close()
+
+
+def test_executor_meets_the_protocol_and_declares_its_stage(executor):
+    assert isinstance(executor, Executor)
+    spec = executor.stage().describe()
+    assert spec.param_names == ("lepton_pt_min", "jet_pt_min", "jet_eta_max", "btag_min")
+    assert all(t.name.startswith("relax.") and not t.differentiable for t in spec.inputs)
+    assert {t.name.split(".")[1] for t in spec.outputs} == set(executor.spec.samples)
+    assert gradient_mode(4) == "jacobian" and gradient_mode(40) == "vjp"
+
+
+def test_forward_and_reverse_mode_give_the_same_gradient(executor):
+    """The pipeline's forward mode (Jacobians composed) equals its reverse mode (VJPs pulled back)."""
+    params, relax = default_params(executor.spec), default_relax(executor.spec)
+    chain = analysis_chain(executor, "sigma_mu", params)
+    assert chain.mode == "jacobian"
+    from jacana.stages.soft_stage import params_inputs, relax_inputs
+
+    p, i = params_inputs(params), relax_inputs(relax)
+    fwd_out, fwd = chain.pipeline.value_and_grad(p, i, "objective")
+    rev = chain.pipeline.vjp(p, i, {"objective": np.ones(())}, tuple(p))
+    for name in p:
+        assert float(fwd[name]) == pytest.approx(float(rev[name]), rel=1e-9, abs=1e-15)
+    value, grad = chain.value_and_grad(params, relax)
+    assert value == pytest.approx(float(fwd_out["objective"]), rel=1e-12)
+    assert set(grad) == set(params) and all(np.isfinite(float(g)) for g in grad.values())
+
+
+def test_remote_stage_is_checked_before_any_data():
+    assert parse_remote(["objective=127.0.0.1:8786"]) == {"objective": "127.0.0.1:8786"}
+    for bad in (["objective"], ["yields=127.0.0.1:1"], ["objective=host:port"], ["objective=h:70000"]):
+        with pytest.raises(ConfigError, match="--remote-stage"):
+            parse_remote(bad)
+
+
+@pytest.fixture(scope="module")
+def served_objective(tmp_path_factory):
+    """``jacana serve-stage`` of the objective stage in another process; yields its address."""
+    token_file = tmp_path_factory.mktemp("token") / "token.txt"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jacana.protocol.cli", "--stage", "jacana.stages.stats.stage:objective_stage",
+         "--stage-arg", "objective=sigma_mu", "--token-file", str(token_file), "--idle-exit", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"serving 'jacana.objective' on ([\d.]+):(\d+)", line)
+        assert m, f"no address in {line!r}; stderr: {proc.stderr.read() if proc.poll() is not None else ''}"
+        yield f"{m.group(1)}:{m.group(2)}", str(token_file)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_two_steps_with_a_remote_objective_equal_the_in_process_run(executor, served_objective, tmp_path):
+    """The objective stage served by another process sits in the optimised chain: two steps give the
+    parameters of the all-in-process run (1e-9 relative)."""
+    address, token_file = served_objective
+    settings = OptimizeSettings(steps=2, hard_every=0, keep_best=False)
+    start = executor.spec.param_values()
+    local = Optimizer(executor.spec, executor, settings, tmp_path / "local", progress=False).run(start)
+    remote_opt = Optimizer(executor.spec, executor, settings, tmp_path / "remote", progress=False,
+                           remote={"objective": address}, token_file=token_file)
+    remote = remote_opt.run(start)
+    assert type(remote_opt.chain.objective).__name__ == "RemoteStage"
+    for name, value in local["params"].items():
+        assert remote["params"][name] == pytest.approx(value, rel=1e-9), name
+    assert [h["loss"] for h in remote["history"]] == pytest.approx([h["loss"] for h in local["history"]], rel=1e-9)
+    assert local["params"] != start  # the steps moved the cuts
+
+
+def test_a_served_stage_of_another_signature_is_refused(executor, served_objective):
+    from jacana.analysis.chain import connect_remote
+    from jacana.stages.stats.stage import ObjectiveStage
+
+    address, token_file = served_objective
+    other = ObjectiveStage(executor.spec.with_overrides(["regions.4j1b.edges={low: 110, high: 550, bins: 4}"]))
+    with pytest.raises(ConfigError, match="does not match"):
+        connect_remote(address, other, token_file=token_file)
