@@ -125,8 +125,7 @@ class JacanaProcessor(processor.ProcessorABC):
     def process(self, events) -> dict:
         """One work item: the chunk's :class:`~jacana.stages.soft_stage.SoftYieldsStage` answers one
         request (:func:`jacana.protocol.rpc.handle`, the same call a dask shard or a stage server makes)."""
-        from jacana.protocol.message import Message
-        from jacana.protocol.rpc import handle, raise_if_error
+        from jacana.protocol.rpc import MessageStage, handle
         from jacana.stages.batch import regroupable_batches, to_device
         from jacana.stages.soft_stage import SoftYieldsStage, cotangents_from, params_inputs, relax_inputs
 
@@ -142,17 +141,14 @@ class JacanaProcessor(processor.ProcessorABC):
         stage = SoftYieldsStage(config, [key], self.params, {key: parts})
         params, inputs = params_inputs(self.params), relax_inputs(self.relax)
         kind = {"yields": "apply", "jacobian": "jacobian", "vjp": "vjp"}[self.mode]
-        extra = {}
+        cts = None
         if self.mode == "vjp":
             from jacana.stages.stats.sensitivity import yields_key
 
             cts = cotangents_from({yields_key(*key): self.cotangents[yields_key(*key)]})
-            extra = {f"cotangent:{k}": v for k, v in cts.items()}
-        from jacana.protocol.message import params_digest
-
-        request = Message(kind, {**params, **inputs, **extra}, param_names=tuple(params),
-                          params_digest=params_digest(params), wrt=tuple(params) if kind != "apply" else ())
-        reply = raise_if_error(handle(stage, request))
+        local = MessageStage(lambda req: handle(stage, req), stage.describe())
+        request = local.request(kind, params, inputs, wrt=tuple(params) if kind != "apply" else (), cotangents=cts)
+        reply = local.call(request)
         return {"tensors": {k: np.array(v, dtype=np.float64, copy=True) for k, v in reply.tensors.items()},
                 "provenance": [[chunk.path, chunk.entry_start, chunk.entry_stop, chunk.n_events]],
                 "nonfinite": dict(columns.nonfinite)}
@@ -181,18 +177,18 @@ def executor_output(output: Mapping, spec: AnalysisSpec, fileset: Fileset | None
     """The accumulator as the executors' tree view returns it: ``(yields, jacobians)`` (mode
     ``jacobian``), ``(yields, grad)`` (``vjp``) or ``yields`` (``yields``); provenance checked
     against ``fileset`` when given. ``params``: the processor's parameters (default: the spec's)."""
+    from jacana.protocol.rpc import split_tensors
     from jacana.protocol.tree import unflatten
     from jacana.stages.analysis import default_params
     from jacana.stages.soft_stage import jacobian_by_key, params_inputs, yields_by_key
 
     if fileset is not None:
         check_provenance(output, fileset, spec)
-    tensors = output["tensors"]
-    ylds = yields_by_key({k: v for k, v in tensors.items() if ":" not in k})
+    outputs, derived = split_tensors(output["tensors"])
+    ylds = yields_by_key(outputs)
     p = params_inputs(default_params(spec) if params is None else params)
-    if any(k.startswith("jacobian:") for k in tensors):
-        jac = {k[len("jacobian:"):]: v for k, v in tensors.items() if k.startswith("jacobian:")}
-        return ylds, jacobian_by_key(jac, p, tuple(p))
-    if any(k.startswith("cotangent:") for k in tensors):
-        return ylds, unflatten({k[len("cotangent:"):]: v for k, v in tensors.items() if k.startswith("cotangent:")})
+    if derived["jacobian"]:
+        return ylds, jacobian_by_key(derived["jacobian"], p, tuple(p))
+    if derived["cotangent"]:
+        return ylds, unflatten(derived["cotangent"])
     return ylds

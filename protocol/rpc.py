@@ -61,6 +61,19 @@ def raise_if_error(msg: Message) -> Message:
     return msg
 
 
+def split_tensors(tensors: Mapping[str, Any]) -> tuple[dict, dict[str, dict]]:
+    """(outputs, {"jacobian": {...}, "tangent": {...}, "cotangent": {...}}) of a response's tensors,
+    the derivative prefixes stripped."""
+    outputs, derived = {}, {p[:-1]: {} for p in DERIVATIVE_PREFIXES}
+    for name, arr in tensors.items():
+        prefix = next((p for p in DERIVATIVE_PREFIXES if name.startswith(p)), None)
+        if prefix is None:
+            outputs[name] = arr
+        else:
+            derived[prefix[:-1]][name[len(prefix):]] = arr
+    return outputs, derived
+
+
 def split_request(req: Message) -> tuple[dict, dict, dict[str, dict]]:
     """(params, inputs, {prefix: {name: array}}) from a request's tensors."""
     params, inputs, derived = {}, {}, {p: {} for p in DERIVATIVE_PREFIXES}
@@ -157,9 +170,13 @@ class MessageStage(Stage):
         self.stage_id = self.describe().stage
 
     def request(self, kind: str, params: Arrays = {}, inputs: Arrays = {}, extra: Arrays = {}, *,
-                wrt: Sequence[str] = (), meta: Mapping[str, Any] | None = None) -> Message:
-        """The request message of one call (params, inputs and ``tangent:``/``cotangent:`` extras)."""
+                wrt: Sequence[str] = (), meta: Mapping[str, Any] | None = None,
+                tangents: Arrays | None = None, cotangents: Arrays | None = None) -> Message:
+        """The request message of one call: params, inputs, and ``tangents`` / ``cotangents`` by name
+        (sent as ``tangent:<name>`` / ``cotangent:<name>``; ``extra``: tensors already so named)."""
         params = {k: np.asarray(v) for k, v in params.items()}
+        extra = {**extra, **{f"tangent:{k}": np.asarray(v) for k, v in (tangents or {}).items()},
+                 **{f"cotangent:{k}": np.asarray(v) for k, v in (cotangents or {}).items()}}
         return Message(
             kind,
             {**params, **{k: np.asarray(v) for k, v in inputs.items()}, **extra},
@@ -190,34 +207,25 @@ class MessageStage(Stage):
             self._spec = spec
         return spec
 
-    @staticmethod
-    def _outputs(resp: Message) -> dict[str, np.ndarray]:
-        return {k: v for k, v in resp.tensors.items() if ":" not in k}
-
-    @staticmethod
-    def _derived(resp: Message, prefix: str) -> dict[str, np.ndarray]:
-        return {k[len(prefix):]: v for k, v in resp.tensors.items() if k.startswith(prefix)}
-
     def apply(self, params, inputs):
-        return self._outputs(self.call(self.request("apply", params, inputs)))
+        return split_tensors(self.call(self.request("apply", params, inputs)).tensors)[0]
 
     def jacobian(self, params, inputs, wrt=None):
         wrt = self.describe().check_wrt(wrt)
         resp = self.call(self.request("jacobian", params, inputs, wrt=wrt))
         if tuple(resp.wrt) != tuple(wrt):
             raise MalformedMessage(f"jacobian response wrt {resp.wrt} != requested {wrt}")
-        return self._outputs(resp), self._derived(resp, "jacobian:")
+        outs, derived = split_tensors(resp.tensors)
+        return outs, derived["jacobian"]
 
     def jvp(self, params, inputs, tangents):
-        extra = {f"tangent:{k}": np.asarray(v) for k, v in tangents.items()}
-        resp = self.call(self.request("jvp", params, inputs, extra))
-        return self._outputs(resp), self._derived(resp, "tangent:")
+        outs, derived = split_tensors(self.call(self.request("jvp", params, inputs, tangents=tangents)).tensors)
+        return outs, derived["tangent"]
 
     def vjp(self, params, inputs, cotangents, wrt=None):
         wrt = self.describe().check_wrt(wrt)
-        extra = {f"cotangent:{k}": np.asarray(v) for k, v in cotangents.items()}
-        resp = self.call(self.request("vjp", params, inputs, extra, wrt=wrt))
-        grads = self._derived(resp, "cotangent:")
+        resp = self.call(self.request("vjp", params, inputs, wrt=wrt, cotangents=cotangents))
+        grads = split_tensors(resp.tensors)[1]["cotangent"]
         if set(grads) != set(wrt):
             raise MalformedMessage(f"vjp response gives {sorted(grads)}, requested {list(wrt)}")
         return grads

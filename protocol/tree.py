@@ -31,6 +31,11 @@ def _check_key(key: Any, where: str) -> str:
     return key
 
 
+def join(*keys: str) -> str:
+    """One tensor name from its keys (``join("yields", "ttbar", "nominal")`` -> ``"yields.ttbar.nominal"``)."""
+    return SEP.join(_check_key(k, SEP.join(keys[:i])) for i, k in enumerate(keys))
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": x}}`` -> ``{"a.b": x}`` (with ``prefix``: ``{"prefix.a.b": x}``); leaves are kept as they are."""
     out: dict[str, Any] = {}

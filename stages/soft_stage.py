@@ -23,7 +23,7 @@ import numpy as np
 
 from jacana.protocol.pipeline import gradient_mode
 from jacana.protocol.stage import Arrays, Stage, StageSpec, TensorSpec
-from jacana.protocol.tree import flatten, unflatten
+from jacana.protocol.tree import flatten, join, unflatten
 from jacana.stages.analysis import RELAX_NAMES, SoftConfig, add_yields, chunk_yields
 from jacana.stages.jacobian import yields_and_jacobian, yields_vjp
 from jacana.stages.spec import NOMINAL
@@ -38,7 +38,7 @@ Key = tuple[str, str]  # (sample, file variation)
 
 def yields_name(key: Key, region: str, kind: str) -> str:
     """Tensor name of one yields histogram."""
-    return f"{YIELDS}.{key[0]}.{key[1]}.{region}.{kind}"
+    return join(YIELDS, key[0], key[1], region, kind)
 
 
 def yields_specs(config: SoftConfig, keys: Sequence[Key]) -> tuple[TensorSpec, ...]:
@@ -60,7 +60,7 @@ def yields_tree(flat: Mapping) -> dict:
 
 def relax_inputs(relax: Mapping) -> dict[str, np.ndarray]:
     """The relaxation as the stage's inputs (``relax.<name>``, float64 scalars)."""
-    return {f"{RELAX}.{k}": np.asarray(relax[k], np.float64) for k in RELAX_NAMES}
+    return {join(RELAX, k): np.asarray(relax[k], np.float64) for k in RELAX_NAMES}
 
 
 def params_inputs(params: Mapping) -> dict[str, np.ndarray]:
@@ -86,7 +86,7 @@ class SoftYieldsStage(Stage):
         self.stage_id = stage_id
         params = tuple(TensorSpec.of(n, np.asarray(v, np.float64), differentiable=True)
                        for n, v in params_inputs(params_like).items())
-        inputs = tuple(TensorSpec(f"{RELAX}.{k}", (), "float64") for k in RELAX_NAMES)
+        inputs = tuple(TensorSpec(join(RELAX, k), (), "float64") for k in RELAX_NAMES)
         self._spec = StageSpec(stage_id, params, inputs, yields_specs(config, self.keys))
         self.mode = gradient_mode(sum(t.size for t in params))
 
@@ -96,7 +96,7 @@ class SoftYieldsStage(Stage):
     # -- helpers ---------------------------------------------------------------------------
     def _tree(self, params: Arrays, inputs: Arrays) -> tuple[dict, dict]:
         tree = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), unflatten(dict(params)))
-        relax = {k: jnp.asarray(inputs[f"{RELAX}.{k}"], jnp.float64) for k in RELAX_NAMES}
+        relax = {k: jnp.asarray(inputs[join(RELAX, k)], jnp.float64) for k in RELAX_NAMES}
         return tree, relax
 
     def _zeros(self, key: Key, extra: tuple[int, ...] = ()) -> dict:
