@@ -108,7 +108,8 @@ class JacanaProcessor(processor.ProcessorABC):
     """
 
     def __init__(self, spec: AnalysisSpec | Mapping, params: Mapping[str, Any] | None = None,
-                 relax: Mapping[str, Any] | None = None, mode: str = "jacobian", cotangents: Mapping | None = None):
+                 relax: Mapping[str, Any] | None = None, mode: str = "jacobian", cotangents: Mapping | None = None,
+                 stage_factory=None):
         from jacana.stages.analysis import default_params, default_relax
 
         if mode not in MODES:
@@ -121,6 +122,7 @@ class JacanaProcessor(processor.ProcessorABC):
         self.relax = {k: np.asarray(v, np.float64) for k, v in (relax if relax is not None else default_relax(s)).items()}
         self.mode = mode
         self.cotangents = _numpy(cotangents) if cotangents is not None else None
+        self.stage_factory = stage_factory  # None: the soft analysis (SoftYieldsStage); importable where coffea runs
 
     def process(self, events) -> dict:
         """One work item: the chunk's :class:`~jacana.stages.soft_stage.SoftYieldsStage` answers one
@@ -138,7 +140,7 @@ class JacanaProcessor(processor.ProcessorABC):
         key = (chunk.sample, chunk.variation)
         batches = regroupable_batches(columns, spec)
         parts = to_device(rebatch(batches.parts)) if batches.parts else []
-        stage = SoftYieldsStage(config, [key], self.params, {key: parts})
+        stage = (self.stage_factory or SoftYieldsStage)(config, [key], self.params, {key: parts})
         params, inputs = params_inputs(self.params), relax_inputs(self.relax)
         kind = {"yields": "apply", "jacobian": "jacobian", "vjp": "vjp"}[self.mode]
         cts = None

@@ -161,11 +161,15 @@ class DaskExecutor(ExecutorBase):
     def __init__(self, spec: AnalysisSpec, chunks: Iterable[Chunk], *, client=None, scheduler: str | None = None,
                  workers: int | None = None, profile: str | Mapping | None = None, dtype=np.float64,
                  progress: bool = False, report: InputReport | None = None, shards_per_worker: int = 1,
-                 connect_timeout: float | None = None, timeout: float | None = 3600.0, plugin: bool = True):
+                 connect_timeout: float | None = None, timeout: float | None = 3600.0, plugin: bool = True,
+                 stage_factory=None):
         from jacana.stages.analysis import soft_config
         from jacana.stages.stats.sensitivity import yields_key
 
+        from jacana.stages.soft_stage import SoftYieldsStage
+
         self.spec = spec
+        self.stage_factory = stage_factory or SoftYieldsStage  # pickled by reference: importable on the workers
         self.config = soft_config(spec)
         self.report = report or InputReport()
         self.timeout = timeout
@@ -284,7 +288,7 @@ class DaskExecutor(ExecutorBase):
                         workers=[where[ok[j]]] if where[ok[j]] else None, allow_other_workers=True)
                     for j in needed]
             shards.append(self.client.submit(
-                build_shard_task, si, n_shards, spec_dict, units, owned, len(ok), *deps,
+                build_shard_task, si, n_shards, spec_dict, units, owned, len(ok), self.stage_factory, *deps,
                 pure=False, key=f"jacana-shard-{self._token}-{si}", workers=[shard_worker[si]],
                 allow_other_workers=True, resources=self.resources or None))
         self.client.sync(_wait_all, shards)
@@ -300,10 +304,9 @@ class DaskExecutor(ExecutorBase):
         """The sum over every shard on the cluster as one stage: each call is one request message,
         answered by one summed response (see the module docstring)."""
         from jacana.stages.analysis import default_params
-        from jacana.stages.soft_stage import SoftYieldsStage
 
         params_like = default_params(self.spec) if params_like is None else params_like
-        declared = SoftYieldsStage(self.config, self.keys, params_like).describe()  # no data: the signature
+        declared = self.stage_factory(self.config, self.keys, params_like).describe()  # no data: the signature
         return MessageStage(self.run, declared)
 
     def run(self, request: Message) -> Message:

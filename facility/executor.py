@@ -27,7 +27,7 @@ from jacana.stages.batch import ChunkBatches, EventBatch, block_size_for, regrou
 from jacana.stages.columns import read_ahead, read_chunk
 from jacana.stages.errors import FilesetError, InputFileError
 from jacana.stages.fileset import Chunk
-from jacana.stages.soft_stage import (SoftYieldsStage, cotangents_from, jacobian_by_key, params_inputs, relax_inputs,
+from jacana.stages.soft_stage import (ChunkStageFactory, SoftYieldsStage, cotangents_from, jacobian_by_key, params_inputs, relax_inputs,
                                       yields_by_key)
 from jacana.stages.spec import AnalysisSpec
 from jacana.stages.stats.sensitivity import yields_key
@@ -160,11 +160,15 @@ def load_batches(chunk: Chunk, spec: AnalysisSpec, dtype=np.float64) -> ChunkBat
 
 
 class InProcessExecutor(ExecutorBase):
-    """Batches in this process's memory (device memory under JAX); steps run here, no messages."""
+    """Batches in this process's memory (device memory under JAX); steps run here, no messages.
+
+    ``stage_factory`` builds the stage that runs on the batches (default: the soft analysis,
+    :class:`~jacana.stages.soft_stage.SoftYieldsStage`; see :data:`~jacana.stages.soft_stage.ChunkStageFactory`)."""
 
     def __init__(self, spec: AnalysisSpec, chunks: Iterable[Chunk], dtype=np.float64, progress: bool = False,
-                 report: InputReport | None = None):
+                 report: InputReport | None = None, stage_factory: ChunkStageFactory = SoftYieldsStage):
         self.spec = spec
+        self.stage_factory = stage_factory
         self.config: SoftConfig = soft_config(spec)
         self.report = report or InputReport()
         self.batches: dict[str, list[EventBatch]] = {}
@@ -196,8 +200,8 @@ class InProcessExecutor(ExecutorBase):
         params_like = default_params(self.spec) if params_like is None else params_like
         layout = tuple((k, np.shape(v)) for k, v in params_inputs(params_like).items())
         if layout not in self._stages:  # one stage per parameter layout; all share the batches
-            self._stages[layout] = SoftYieldsStage(self.config, self.keys, params_like,
-                                                   {k: self.batches[yields_key(*k)] for k in self.keys})
+            self._stages[layout] = self.stage_factory(self.config, self.keys, params_like,
+                                                      {k: self.batches[yields_key(*k)] for k in self.keys})
         return self._stages[layout]
 
     def close(self) -> None:

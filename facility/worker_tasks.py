@@ -112,10 +112,11 @@ class WorkerShard:
     ledger_parts: np.ndarray  # [n_chunks] jet-bucket parts counted per chunk
     nbytes: int = 0
     keys: tuple = ()  # every (sample, file variation) the analysis needs: each response carries all of them
+    stage_factory: Any = None  # what runs on the batches (default: jacana.stages.soft_stage.SoftYieldsStage)
 
 
 def build_shard_task(index: int, n_shards: int, spec_dict: Mapping, units: Sequence, owned: Sequence[Mapping],
-                     n_chunks: int, *loads: ChunkLoad) -> WorkerShard:
+                     n_chunks: int, stage_factory: Any, *loads: ChunkLoad) -> WorkerShard:
     """Regroup the ``units`` ([key, n_jets]) of the given chunk loads into calls kept on this worker."""
     from jacana.stages.batch import to_device
 
@@ -137,7 +138,8 @@ def build_shard_task(index: int, n_shards: int, spec_dict: Mapping, units: Seque
     batches = {key: to_device(rebatch(group)) for key, group in groups.items()}
     nbytes = sum(int(a.nbytes) for calls in batches.values() for b in calls for a in _arrays(b))
     prov = tuple(Provenance(**p) for p in owned)
-    return WorkerShard(index, n_shards, config, batches, prov, events, parts, nbytes, analysis_keys(spec))
+    return WorkerShard(index, n_shards, config, batches, prov, events, parts, nbytes, analysis_keys(spec),
+                       stage_factory)
 
 
 def _arrays(batch) -> list:
@@ -154,6 +156,8 @@ def shard_stage(shard: WorkerShard, request: Message):
     from jacana.stages.soft_stage import SoftYieldsStage
     from jacana.stages.stats.sensitivity import KEY_SEP
 
+    factory = shard.stage_factory or SoftYieldsStage
+
     params = {n: request.tensors[n] for n in request.param_names}
     layout = tuple((n, np.shape(v)) for n, v in params.items())
     cache = shard.__dict__.setdefault("_stages", {})
@@ -161,7 +165,7 @@ def shard_stage(shard: WorkerShard, request: Message):
         batches = {tuple(k.split(KEY_SEP, 1)): v for k, v in shard.batches.items()}
         from jacana.protocol.tree import unflatten
 
-        cache[layout] = SoftYieldsStage(shard.config, shard.keys, unflatten(params), batches)
+        cache[layout] = factory(shard.config, shard.keys, unflatten(params), batches)
     return cache[layout]
 
 

@@ -15,7 +15,7 @@ compiled program too, so a hard-limit check costs no second compilation.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,13 @@ RELAX = "relax"
 KINDS = ("sumw", "sumw2")
 
 Key = tuple[str, str]  # (sample, file variation)
+
+#: What an executor runs on each part of the data: ``factory(config, keys, params_like, batches)``
+#: returns the additive :class:`Stage` over those batches (``batches`` omitted: the signature
+#: only). :class:`SoftYieldsStage` is the analysis' own; any stage with ``relax.*`` inputs and
+#: additive outputs can take its place. On dask it must be importable on the workers (a
+#: module-level class or function).
+ChunkStageFactory = Callable[..., Stage]
 
 
 def yields_name(key: Key, region: str, kind: str) -> str:

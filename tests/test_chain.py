@@ -112,3 +112,31 @@ def test_a_served_stage_of_another_signature_is_refused(executor, served_objecti
     other = ObjectiveStage(executor.spec.with_overrides(["regions.4j1b.edges={low: 110, high: 550, bins: 4}"]))
     with pytest.raises(ConfigError, match="does not match"):
         connect_remote(address, other, token_file=token_file)
+
+
+class ScaledYields:
+    """A user's own additive stage on jacana's batches: the soft yields times a parameter ``k``."""
+
+    def __new__(cls, config, keys, params_like, batches=None):
+        from jacana.stages.soft_stage import SoftYieldsStage
+
+        class Scaled(SoftYieldsStage):
+            def apply(self, params, inputs):  # in forward mode apply runs jacobian (already scaled)
+                outs = super().apply(params, inputs)
+                return outs if self.mode == "jacobian" else {k: 2.0 * v for k, v in outs.items()}
+
+            def jacobian(self, params, inputs, wrt=None):
+                outs, jac = super().jacobian(params, inputs, wrt)
+                return {k: 2.0 * v for k, v in outs.items()}, {k: 2.0 * v for k, v in jac.items()}
+
+        return Scaled(config, keys, params_like, batches)
+
+
+def test_an_executor_runs_any_additive_stage_on_its_batches(executor):
+    params, relax = default_params(executor.spec), default_relax(executor.spec)
+    other = InProcessExecutor.__new__(InProcessExecutor)
+    other.__dict__.update(executor.__dict__, stage_factory=ScaledYields, _stages={})
+    base, scaled = executor.yields(params, relax), other.yields(params, relax)
+    for key, by_region in base.items():
+        for region, by_kind in by_region.items():
+            assert np.array_equal(scaled[key][region]["sumw"], 2.0 * by_kind["sumw"])
