@@ -44,7 +44,7 @@ import math
 import time
 import uuid
 from collections import Counter
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 

@@ -16,7 +16,7 @@ chooses one from the options.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Iterable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 from tqdm.auto import tqdm

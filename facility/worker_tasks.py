@@ -23,7 +23,7 @@ from jacana.protocol.pipeline import reduce_partials
 from jacana.protocol.provenance import Provenance
 from jacana.stages.errors import InputFileError
 from jacana.stages.fileset import Chunk
-from jacana.stages.spec import NOMINAL, AnalysisSpec
+from jacana.stages.spec import AnalysisSpec
 
 _SPEC_CACHE: dict[str, tuple] = {}
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hmac
 import os
 import socket
-import sys
 import threading
 import time
 from typing import Any, Mapping
