@@ -300,14 +300,17 @@ class DaskExecutor(ExecutorBase):
         self.read_seconds = time.perf_counter() - t0
 
     # -- steps ------------------------------------------------------------------------------
-    def stage(self, params_like: Mapping | None = None) -> MessageStage:
+    def stage(self, params_like: Mapping | None = None, apply_program: str = "auto") -> MessageStage:
         """The sum over every shard on the cluster as one stage: each call is one request message,
         answered by one summed response (see the module docstring)."""
         from jacana.stages.analysis import default_params
 
         params_like = default_params(self.spec) if params_like is None else params_like
         declared = self.stage_factory(self.config, self.keys, params_like).describe()  # no data: the signature
-        return MessageStage(self.run, declared)
+        if apply_program == "auto":
+            return MessageStage(self.run, declared)
+        return MessageStage(lambda req: self.run(dataclasses.replace(req, meta={**req.meta, "apply_program": apply_program})),
+                            declared)
 
     def run(self, request: Message) -> Message:
         """One request on the cluster: the summed, checked response message (ledger and timings removed)."""

@@ -45,9 +45,10 @@ class Executor(Protocol):
     n_events: int
     report: InputReport
 
-    def stage(self, params_like: Mapping | None = None) -> Stage:
+    def stage(self, params_like: Mapping | None = None, apply_program: str = "auto") -> Stage:
         """The additive stage over every chunk held, for parameters named and shaped like ``params_like``
-        (default: the analysis' cut parameters): ``relax.*`` inputs, ``yields.*`` outputs."""
+        (default: the analysis' cut parameters): ``relax.*`` inputs, ``yields.*`` outputs.
+        ``apply_program``: see :data:`jacana.stages.soft_stage.APPLY_PROGRAMS`."""
 
     def close(self) -> None:
         """Release the batches (and a cluster started for them)."""
@@ -59,16 +60,16 @@ class ExecutorBase:
 
     spec: AnalysisSpec
 
-    def stage(self, params_like: Mapping | None = None) -> Stage:  # pragma: no cover - each executor has its own
+    def stage(self, params_like: Mapping | None = None, apply_program: str = "auto") -> Stage:  # pragma: no cover
         raise NotImplementedError
 
-    def _call_args(self, params: Mapping, relax: Mapping) -> tuple[Stage, dict, dict]:
+    def _call_args(self, params: Mapping, relax: Mapping, apply_program: str = "auto") -> tuple[Stage, dict, dict]:
         params = default_params(self.spec) if params is None else params
-        return self.stage(params), params_inputs(params), relax_inputs(relax)
+        return self.stage(params, apply_program), params_inputs(params), relax_inputs(relax)
 
     def yields(self, params: Mapping, relax: Mapping) -> dict:
-        """Soft yields per (sample, file variation), summed over chunks."""
-        stage, p, i = self._call_args(params, relax)
+        """Soft yields per (sample, file variation), summed over chunks (the forward program)."""
+        stage, p, i = self._call_args(params, relax, "forward")
         return yields_by_key(stage.apply(p, i))
 
     def yields_and_jacobian(self, params: Mapping, relax: Mapping) -> tuple[dict, dict]:
@@ -196,12 +197,13 @@ class InProcessExecutor(ExecutorBase):
             raise FilesetError(f"no readable chunk for {missing}")
         self._stages: dict = {}
 
-    def stage(self, params_like: Mapping | None = None) -> SoftYieldsStage:
+    def stage(self, params_like: Mapping | None = None, apply_program: str = "auto") -> SoftYieldsStage:
         params_like = default_params(self.spec) if params_like is None else params_like
-        layout = tuple((k, np.shape(v)) for k, v in params_inputs(params_like).items())
+        layout = (tuple((k, np.shape(v)) for k, v in params_inputs(params_like).items()), apply_program)
         if layout not in self._stages:  # one stage per parameter layout; all share the batches
-            self._stages[layout] = self.stage_factory(self.config, self.keys, params_like,
-                                                      {k: self.batches[yields_key(*k)] for k in self.keys})
+            batches = {k: self.batches[yields_key(*k)] for k in self.keys}
+            self._stages[layout] = self.stage_factory(self.config, self.keys, params_like, batches,
+                                                      **({} if apply_program == "auto" else {"apply_program": apply_program}))
         return self._stages[layout]
 
     def close(self) -> None:

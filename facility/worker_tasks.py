@@ -159,13 +159,15 @@ def shard_stage(shard: WorkerShard, request: Message):
     factory = shard.stage_factory or SoftYieldsStage
 
     params = {n: request.tensors[n] for n in request.param_names}
-    layout = tuple((n, np.shape(v)) for n, v in params.items())
+    program = request.meta.get("apply_program", "auto") if isinstance(request.meta, Mapping) else "auto"
+    layout = (tuple((n, np.shape(v)) for n, v in params.items()), program)
     cache = shard.__dict__.setdefault("_stages", {})
     if layout not in cache:
         batches = {tuple(k.split(KEY_SEP, 1)): v for k, v in shard.batches.items()}
         from jacana.protocol.tree import unflatten
 
-        cache[layout] = factory(shard.config, shard.keys, unflatten(params), batches)
+        cache[layout] = factory(shard.config, shard.keys, unflatten(params), batches,
+                                **({} if program == "auto" else {"apply_program": program}))
     return cache[layout]
 
 

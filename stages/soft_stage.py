@@ -34,6 +34,9 @@ RELAX = "relax"
 KINDS = ("sumw", "sumw2")
 
 Key = tuple[str, str]  # (sample, file variation)
+#: How ``apply`` computes values: "auto" runs the Jacobian's compiled program in forward mode (an
+#: optimisation compiles one program per call shape, not two); "forward" always the plain forward pass.
+APPLY_PROGRAMS = ("auto", "forward")
 
 #: What an executor runs on each part of the data: ``factory(config, keys, params_like, batches)``
 #: returns the additive :class:`Stage` over those batches (``batches`` omitted: the signature
@@ -83,7 +86,11 @@ class SoftYieldsStage(Stage):
     """
 
     def __init__(self, config: SoftConfig, keys: Sequence[Key], params_like: Mapping,
-                 batches: Mapping[Key, Sequence] | None = None, stage_id: str = STAGE_ID) -> None:
+                 batches: Mapping[Key, Sequence] | None = None, stage_id: str = STAGE_ID,
+                 apply_program: str = "auto") -> None:
+        if apply_program not in APPLY_PROGRAMS:
+            raise ValueError(f"apply_program must be one of {APPLY_PROGRAMS}, got {apply_program!r}")
+        self.apply_program = apply_program
         self.config = config
         self.keys = tuple(tuple(k) for k in keys)
         self.batches = {tuple(k): list(v) for k, v in (batches or {}).items() if v}
@@ -117,7 +124,7 @@ class SoftYieldsStage(Stage):
 
     # -- the contract ----------------------------------------------------------------------
     def apply(self, params: Arrays, inputs: Arrays) -> dict[str, np.ndarray]:
-        if self.mode == "jacobian":  # one compiled program per call shape serves values and Jacobians
+        if self.mode == "jacobian" and self.apply_program == "auto":  # one program per call shape serves both
             return self.jacobian(params, inputs, ())[0]
         tree, relax = self._tree(params, inputs)
         per_key = {key: (chunk_yields(tree, relax, self.batches[key], self.config) if key in self.batches

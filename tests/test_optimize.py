@@ -85,8 +85,8 @@ class CountingExecutor(InProcessExecutor):
 
     calls = 0
 
-    def stage(self, params_like=None):
-        stage, executor = super().stage(params_like), self
+    def stage(self, params_like=None, apply_program="auto"):
+        stage, executor = super().stage(params_like, apply_program), self
         if "counted" not in stage.__dict__:
             stage.counted, depth = True, [0]
             for name in ("apply", "jacobian", "vjp"):
