@@ -1,1 +1,1 @@
-"""jacana.analysis."""
+"""jacana.analysis: what to compute: the optimised chain, ``evaluate``, ``optimize`` and their plots."""

@@ -18,7 +18,8 @@ from jacana.stages.spec import NOMINAL, AnalysisSpec  # noqa: E402
 AXIS_LABELS = {"ht": r"$H_T$ [GeV]", "m_bjj": r"$m_{bjj}$ [GeV]", "nn": "NN output"}
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically, close it, and return ``path``."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -37,7 +38,7 @@ def objective_history(history: Sequence[Mapping], objective: str, path: Path) ->
     ax.set_xlabel("step")
     ax.set_ylabel(objective)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def parameter_trajectories(history: Sequence[Mapping], spec: AnalysisSpec, path: Path) -> Path:
@@ -60,7 +61,7 @@ def parameter_trajectories(history: Sequence[Mapping], spec: AnalysisSpec, path:
         ax.set_ylabel(f"{key}\n(bin edges)", fontsize=12)
         ax.tick_params(labelsize=11)
     axes[-1].set_xlabel("step")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def stacked_histograms(spec: AnalysisSpec, hists: Mapping, path: Path, title: str = "",
@@ -84,7 +85,7 @@ def stacked_histograms(spec: AnalysisSpec, hists: Mapping, path: Path, title: st
         ax.set_ylabel("events / bin")
         ax.set_title(f"{region} {title}".strip(), fontsize=16)
         ax.legend(fontsize=12)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def impact_ranking(impacts: Sequence[Mapping], poi: str, path: Path, top: int = 15) -> Path:
@@ -100,4 +101,4 @@ def impact_ranking(impacts: Sequence[Mapping], poi: str, path: Path, top: int = 
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlabel(rf"$\Delta$ {poi}")
     ax.legend(fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)

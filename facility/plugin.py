@@ -63,10 +63,10 @@ def raise_mmap_threshold(nbytes: int = MMAP_THRESHOLD_MAX) -> bool:
     dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``. Setting any of
     these parameters also stops glibc's dynamic mmap threshold, which then stays at
     128 KiB: every column array above that size is a new mmap, zero-filled page by page
-    on first touch and unmapped when freed. Reading and densifying the 1M-event
-    synthetic samples took 3.7 s of CPU in a worker that way and 2.0 s with this (the
-    same as a plain process). The trim threshold is kept, so freed memory at the top of
-    the heap still goes back to the system. Returns whether glibc accepted it.
+    on first touch and unmapped when freed, which makes a worker's reads markedly
+    slower than a plain process's (measured: ``docs/facility.md``, "The worker plugin").
+    The trim threshold is kept, so freed memory at the top of the heap still goes back
+    to the system. Returns whether glibc accepted it.
     """
     import ctypes
     import ctypes.util

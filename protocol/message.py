@@ -72,7 +72,8 @@ MAX_NDIM = 32
 _MAX_INT = 2**53 - 1
 #: A tensor name: an identifier, optionally prefixed by a role (``jacobian:y``).
 NAME_RE = re.compile(r"(?:(?:jacobian|tangent|cotangent):)?[A-Za-z_][A-Za-z0-9_.\-]{0,127}")
-_BASE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")
+#: A tensor name without a role prefix (parameter, input and output names, axis names).
+BASE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")
 _DIGEST_RE = re.compile(r"(?:sha256:[0-9a-f]{64})?")
 _VERSION_RE = re.compile(r"(\d{1,4})\.(\d{1,4})")
 _KEYS_REQUIRED = {"protocol", "version", "kind", "role", "tensors", "payload_nbytes"}
@@ -247,7 +248,7 @@ def encode(msg: Message) -> bytes:
             "nbytes": arr.nbytes,
         }
         if name in msg.axes:
-            axes = [_check_name(a, f"axis name of {name!r}", _BASE_NAME_RE) for a in msg.axes[name]]
+            axes = [_check_name(a, f"axis name of {name!r}", BASE_NAME_RE) for a in msg.axes[name]]
             if len(axes) != arr.ndim:
                 raise MalformedMessage(f"tensor {name!r} has {arr.ndim} dimensions but {len(axes)} axis names")
             entry["axes"] = axes
@@ -417,7 +418,7 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
             ax = entry["axes"]
             if not isinstance(ax, list) or len(ax) != len(shape):
                 raise MalformedMessage(f"tensor {name!r} axes must list one name per dimension")
-            axes[name] = tuple(_check_name(a, f"axis name of {name!r}", _BASE_NAME_RE) for a in ax)
+            axes[name] = tuple(_check_name(a, f"axis name of {name!r}", BASE_NAME_RE) for a in ax)
         offset = expected + nbytes
     if offset != payload_nbytes:
         raise MalformedMessage(f"payload_nbytes {payload_nbytes} != end of the last tensor {offset}")

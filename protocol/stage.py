@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from jacana.protocol.errors import MalformedMessage, ProtocolError, StageError
-from jacana.protocol.message import _BASE_NAME_RE, wire_dtype
+from jacana.protocol.message import BASE_NAME_RE, wire_dtype
 from jacana.protocol.provenance import Provenance
 
 Arrays = Mapping[str, Any]
@@ -69,7 +69,7 @@ class TensorSpec:
             if not isinstance(obj, Mapping) or not set(obj) <= {"name", "shape", "dtype", "axes", "differentiable"}:
                 raise TypeError("bad keys")
             name, shape, dtype = obj["name"], obj["shape"], obj["dtype"]
-            if not isinstance(name, str) or not _BASE_NAME_RE.fullmatch(name):
+            if not isinstance(name, str) or not BASE_NAME_RE.fullmatch(name):
                 raise TypeError(f"bad name {name!r}")
             if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
                 raise TypeError("bad shape")

@@ -1,1 +1,1 @@
-"""jacana.samples."""
+"""jacana.samples: the synthetic AGC-like event generator and the embedded default dataset."""

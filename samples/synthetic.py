@@ -1,119 +1,20 @@
 """Synthetic AGC-like NanoAOD samples: a small, vectorised, physics-motivated event generator.
 
 ``generate(out_dir, events, seed)`` writes NanoAOD-like ROOT files (TTree ``Events``) for the nine
-(process, variation) pairs of the AGC ttbar analysis, a fileset ``fileset.json`` in the shape of the
-AGC's ``nanoaod_inputs.json`` (process -> variation -> ``{"files": [{"path", "nevts"}], "nevts_total"}``,
-paths relative to the fileset's folder) and a sidecar ``generator.json`` with the generator's
-metadata. The output is a deterministic function of ``(seed, events, files_per_sample)``: every chunk
-of at most ``CHUNK_EVENTS`` events draws from its own ``numpy.random.SeedSequence([seed, process,
-variation, file, chunk])``, so the files' contents are bit-identical for the same arguments (the ROOT
-files' headers hold timestamps/UUIDs, their branch contents do not differ).
-
+(process, variation) pairs of the AGC ttbar analysis, a ``fileset.json`` in the shape of the
+AGC's ``nanoaod_inputs.json`` and a sidecar ``generator.json`` with the generator's metadata.
+Why: the default run and the tests need AGC-shaped events on any machine, with nothing to
+download; a toy with realistic shapes and correlations for the AGC selection serves.
 The model is fixed by physics and is NOT tuned to make any analysis or optimisation look better.
-It is a toy: parton kinematics and decays are approximately right, the detector is a handful of
-response/efficiency numbers. Its purpose is realistic *shapes and correlations* for the AGC
-selection (lepton ID/isolation/sip3d, jet pT/eta/jetId, b-tagging, the b-jet-jet trijet mass).
 
-Sample split of ``events`` (``SAMPLE_FRACTIONS``; remainder of the integer split goes to ttbar nominal)
-    ttbar nominal 30 %; ttbar scaleup, scaledown, ME_var, PS_var 6 % each; W+jets 30 %;
-    single top t-channel 8 %, tW 5 %, s-channel 3 %.
-W+jets is generated ``OVERSAMPLE`` (20) times its share and skimmed (``SKIMS``: >= 4 central tight
-jets and an electron or muon above 25 GeV; about 4 % pass), so its files hold ~0.25 x ``events`` and
-each of its events weighs 1/20 of an unskimmed one in the >= 4-jet regions; every other sample is
-written whole. ``nevts_total`` (the weight's denominator) counts *generated* events; a file's
-``nevts`` counts its entries. ``generator.json`` records the skim, and ``skim_conflicts(spec,
-fileset)`` names every cut a config can loosen beyond it (``jacana evaluate``, ``optimize``,
-``scan`` and ``baselines`` print those as warnings). Each (process, variation) is written as ``ceil(n / 50_000)`` files
-(n generated) clipped to 2..6 (or ``files_per_sample``), named ``{process}__{variation}__{i}.root``.
-Every pair gets at least one generated event, so a tiny ``events`` is rounded up; ``generator.json``
-records the events generated and written. Files and JSONs are written to ``*.tmp`` names in
-``out_dir`` and renamed (``os.replace``); ``fileset.json`` last.
-Cost: 1,000,000 events take about 30 s on one core (W+jets' 6 M generated events are two thirds
-of it) and 110 MB (uproot's default ZLIB level 1).
+The output is a deterministic function of ``(seed, events, files_per_sample)``: every chunk of at
+most ``CHUNK_EVENTS`` events draws from its own ``numpy.random.SeedSequence([seed, process,
+variation, file, chunk])``, so the files' branch contents are bit-identical for the same arguments.
+W+jets is generated ``OVERSAMPLE`` times its share and skimmed (``SKIMS``); ``skim_conflicts``
+names every cut a config can loosen beyond the skim.
 
-Event content (branch names and types as in CMS NanoAOD; counters ``nJet``/``nElectron``/``nMuon``
-are written by uproot as ``int32`` where NanoAOD has ``uint32``)
-    ``run`` (uint32, always 1 as in MC), ``luminosityBlock`` (uint32, ``(event-1)//100 + 1``),
-    ``event`` (uint64, 1..N unique within a (process, variation)), ``genWeight`` (float32).
-    ``Jet_{pt,eta,phi,mass,btagCSVV2}`` float32, ``Jet_{jetId,hadronFlavour}`` int32;
-    ``Electron_{pt,eta,phi,mass,sip3d}`` float32, ``Electron_{cutBased,charge}`` int32;
-    ``Muon_{pt,eta,phi,mass,sip3d,pfRelIso04_all}`` float32, ``Muon_tightId`` bool, ``Muon_charge`` int32.
-    Collections are sorted by pT (descending). Jet and lepton angles, jet pT/mass/b-tag and the
-    lepton sip3d/isolation are stored with a reduced float mantissa like NanoAOD (compresses better).
-
-genWeight
-    Constant magnitude per process, sign negative for a fixed fraction of events
-    (``NEG_WEIGHT_FRACTION``): ttbar (powheg-like) 1.5 %, single top s-channel and W+jets (aMC@NLO-
-    like) 13 %, t-channel and tW (powheg) 0. The 13 % is what the 200 real events in
-    ``shared/data/nanoAOD_2015_CMS_Open_Data_ttbar.root`` show; note that file's generator record
-    (``LHEPart_pdgId``: W -> l nu plus 0-3 partons, no top quarks) says it is in fact W+jets, not ttbar.
-    ttbar variations share the nominal fraction so that a variation's yield does not move by a sign
-    artefact.
-
-Parton-level physics (all four-vectors in GeV, float64)
-    * Resonances: top (172.5, width 1.42, truncated to [150, 195]) and W (80.38, width 2.09,
-      truncated to [60, 100]) masses are Breit-Wigner. Two-body decays are isotropic in the rest
-      frame and boosted to the lab exactly (no spin correlations).
-    * W decays by branching ratio: ud 33.8 %, cs 33.8 % (the c is a charm jet, i.e. half of the
-      hadronic Ws give one charm), e/mu/tau 10.8 % each. tau -> e (17.8 %), mu (17.4 %) with a
-      collinear momentum fraction ~ Beta(2, 3), else a hadronic tau jet with fraction ~ Beta(3, 2).
-      For ttbar this gives lepton+jets 43.8 %, dilepton 10.5 %, all-hadronic 45.7 % (counting taus as
-      leptons).
-    * ttbar: (t, tbar) pair of invariant mass m_t1 + m_t2 + Gamma(k=1.4, scale 90 GeV) (mean top pT
-      ~ 120 GeV), isotropic in the pair frame, pair rapidity ~ N(0, 0.9), pair pT balancing the
-      radiation jets plus a N(0, 5 GeV) intrinsic kT. Each top -> b W; the b and the W decay products
-      are partons. Radiation (ISR/FSR) jets: Poisson(3.0), pT Pareto(index 2.0) above 12 GeV,
-      eta ~ N(0, 1.8), flavour g->bb 2 %, g->cc 4 %, else light.
-    * single top s-channel: t + b pair (excess Gamma(1.5, 60)), radiation Poisson(1.5).
-      t-channel: t + light quark pair (excess Gamma(1.5, 90)) with cos(theta*) pushed to +-1
-      (``sign(u)|u|^0.4``) and pair rapidity ~ N(0, 1.2), so the light jet is forward; plus the
-      spectator b (pT 5 + Exp(15), eta ~ N(0, 2)) that is mostly below threshold; radiation
-      Poisson(1.8). tW: t + W pair (excess Gamma(1.4, 70)), both decayed; radiation Poisson(2.2).
-      Top/antitop 60/40.
-    * W+jets: W -> l nu only (e, mu, tau equally), W+ 58 %. Jets: geometric multiplicity
-      P(n) = 0.5 * 0.5^n above 15 GeV with pT Pareto(index 1.6), so each extra jet above 30 GeV
-      costs a factor ~0.25 (Berends-like scaling); eta ~ N(0, 2); flavour b 3 %, c 10 %, light 87 %.
-      The W's pT balances the jets (+ N(0, 6 GeV) kT), W rapidity ~ N(0, 1.8).
-
-Variations of ttbar (``TUNES``; modest, percent-level effects)
-    scaleup: radiation rate x1.1 and harder (Pareto index x0.98); scaledown: rate x0.9, softer
-    (index x1.02) -- about +-5 % on the 4j1b/4j2b ttbar yields (rate x1.2/x0.8 gave ~ +-10 %). ME_var (alternative matrix-element generator): pair-mass excess scale x0.96, i.e. a
-    few per cent softer top pT. PS_var (alternative shower/hadronisation): jet response x0.985,
-    stochastic resolution term 1.0 instead of 0.9, radiation index x1.02, b-jet b-tag Beta ``a``
-    parameter x0.95 (b fragmentation).
-
-Detector model
-    * Jets from partons: pT x N(response, sigma), response 0.98 (light/c) and 0.95 (b: neutrinos
-      in semileptonic b decays), sigma/pT = sqrt(0.9^2/pT + 0.05^2) (~13 % at 50 GeV); eta/phi
-      smeared by 0.02; jet mass = pT x lognormal (median 0.13 light, 0.15 b; width 0.35). No
-      merging of overlapping partons.
-    * Pileup/underlying-event jets in every event: Poisson(2.0), pT 15 + Exp(5 GeV), |eta| uniform
-      up to 4.7, mass/pT median 0.2, hadronFlavour 0.
-    * Leptons are also clustered into jets, as in NanoAOD (jets are not lepton-cleaned): a
-      reconstructed prompt lepton above 10 GeV gives (90 % e, 85 % mu) a jet at its direction with
-      pT x (1 + Exp(0.06)) and ``jetId`` 2 (fails the lepton veto) in 95 % of cases. This is what the
-      AGC's ``jetId == 6`` requirement removes.
-    * Stored jets: pT >= 15 GeV, |eta| < 4.7. ``jetId`` of other jets: 0 with 4 % (central) or 12 %
-      (|eta| > 2.7), 2 with 2 %, else 6 (the real file has 80 % 6, 11 % 2, 9 % 0).
-    * ``btagCSVV2``: -10 for |eta| > 2.4 and, for central jets, with probability 0.85 (jetId 0),
-      0.45 (jetId 2), 0.10 (b/c jets) or 0.18 (light jets) -- no tracks (the real file has ~26 % of
-      central jets at -10, mostly jetId 0/2 or few constituents). Otherwise b ~ Beta(3, 0.8)
-      (P(>0.5) = 0.91, P(>0.8) = 0.58), c ~ Beta(1.3, 2) (P(>0.5) = 0.33), light ~ Beta(1, 3.5)
-      (median 0.18 as in the real file, P(>0.5) = 0.09).
-    * Prompt leptons (W and W->tau decays): reconstruction efficiency 95 %, e |eta| < 2.5 and
-      pT > 5, mu |eta| < 2.4 and pT > 3; pT resolution 2 % (e) / 1.5 % (mu); sip3d = 0.4 x chi(3 dof)
-      (tau daughters x2.2) plus a 3 % tail 2 + Exp(4); muon pfRelIso04_all = 0 (35 %) or Exp(0.05);
-      muon tightId 96 %; electron cutBased 0..4 with probabilities 4/3/4/9/80 %.
-    * Non-prompt leptons: each b (c) parton yields a lepton (e or mu) with probability 20 % (10 %),
-      pT = parton pT x Beta(1.5, 5), close to the jet; sip3d 1.5 + Exp(5), iso 0.1 + Exp(0.6),
-      tightId 85 %, cutBased 45/20/15/10/10 %. Fakes: each light parton jet yields one with 2 %,
-      pT x Beta(2, 4), sip3d Exp(3), iso 0.05 + Exp(0.4), tightId 40 %, cutBased 60/20/10/6/4 %.
-      Random charge.
-
-Known limitations
-    No spin correlations or W polarisation, no merging of overlapping partons into one jet, no
-    MET/neutrino branches, no generator-truth branches (only ``Jet_hadronFlavour``), jets and leptons
-    are not cross-referenced, electron and muon from the same parent are independent draws.
+The model in full (sample split, event content, weights, parton-level physics, ttbar variations,
+detector model, known limitations) and its measured cost: ``docs/samples.md``.
 """
 
 from __future__ import annotations

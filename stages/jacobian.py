@@ -11,9 +11,10 @@ Both are additive over chunks (and over the jet-bucket parts of a chunk): sum th
 the chunks. Jacobian layout: ``jac[region]["sumw" | "sumw2"][param]`` with shape
 ``[variations, bins, *param_shape]``.
 
->>> # doctest: +SKIP
->>> ylds, jac = yields_and_jacobian(params, relax, batches, config)
->>> jac["4j1b"]["sumw"]["jet_pt_min"].shape      # (variations, bins)
+Example (needs the batches of a chunk)::
+
+    ylds, jac = yields_and_jacobian(params, relax, batches, config)
+    jac["4j1b"]["sumw"]["jet_pt_min"].shape      # (variations, bins)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Mapping
 
 import jax
 
-from jacana.stages.analysis import SoftConfig, _parts, add_yields, soft_yields
+from jacana.stages.analysis import SoftConfig, add_yields, batch_parts, soft_yields
 
 jax.config.update("jax_enable_x64", True)
 
@@ -49,7 +50,7 @@ def yields_and_jacobian(params: Mapping, relax: Mapping, batches, config: SoftCo
     """(yields, jacobian) of one chunk (an ``EventBatch``, a ``ChunkBatches`` or a list of parts)."""
     params = dict(params)
     total_y, total_j = None, None
-    for part in _parts(batches):
+    for part in batch_parts(batches):
         y, j = _yields_and_jacobian_one(params, relax, part, config)
         total_y, total_j = add_yields(total_y, y), add_yields(total_j, j)
     return total_y, total_j
@@ -59,7 +60,7 @@ def yields_vjp(params: Mapping, relax: Mapping, batches, config: SoftConfig, cot
     """(yields, d(cotangent . yields)/d(params)) of one chunk; ``cotangent`` is shaped like the yields."""
     params = dict(params)
     total_y, total_g = None, None
-    for part in _parts(batches):
+    for part in batch_parts(batches):
         y, g = _yields_vjp_one(params, relax, part, config, cotangent)
         total_y, total_g = add_yields(total_y, y), add_yields(total_g, g)
     return total_y, total_g

@@ -4,8 +4,9 @@ This is what an AGC coffea user writes: boolean masks on jagged arrays, ``ak.com
 for trijets, ``hist`` histograms with weighted storage. It is deliberately independent of
 jacana's differentiable stages, which must reproduce it exactly in their hard limit.
 
->>> # doctest: +SKIP
->>> hists = fill_histograms(read_chunk(chunk, spec), spec)   # {region: {variation: hist.Hist}}
+Example (needs a chunk of a fileset)::
+
+    hists = fill_histograms(read_chunk(chunk, spec), spec)   # {region: {variation: hist.Hist}}
 """
 
 from __future__ import annotations

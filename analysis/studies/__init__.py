@@ -1,1 +1,1 @@
-"""jacana.analysis.studies."""
+"""jacana.analysis.studies: is the optimum real? Hard scans, gradient-free baselines, multi-start."""

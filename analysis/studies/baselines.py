@@ -270,7 +270,7 @@ def scan_bootstrap(scan: str | Path | None, spec: AnalysisSpec, validation: File
     """(``{"replicas", "seed", "z", "best", "points"}``, None) of a finished bootstrap scan of the same
     config on the same held-out events, so each method's held-out point can be judged against the
     grid's best replica by replica (and the scan's points cost no pass); else (None, why not)."""
-    from jacana.analysis.studies.scan import _context, point_at
+    from jacana.analysis.studies.scan import point_at, reuse_context
 
     if not scan:
         return None, None
@@ -282,7 +282,7 @@ def scan_bootstrap(scan: str | Path | None, spec: AnalysisSpec, validation: File
         why = f"it scanned {doc.get('fileset')}, not the held-out {validation.source}"
     elif doc.get("events") != n_events:
         why = f"it had {doc.get('events')} events, the held-out fileset {n_events}"
-    elif (doc.get("context") or {}).get("config") != _context(spec, validation, n_events, {})["config"]:
+    elif (doc.get("context") or {}).get("config") != reuse_context(spec, validation, n_events, {})["config"]:
         why = "it was made with another config"
     else:
         why = None

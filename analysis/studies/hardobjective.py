@@ -95,9 +95,9 @@ def check_point(spec: AnalysisSpec, values: Mapping[str, float]) -> dict[str, fl
 def _key(point: Mapping[str, float], extra: Mapping | None = None, overrides: Sequence[str] | None = None) -> tuple:
     key = tuple(sorted((k, round(float(v), 12)) for k, v in point.items()))
     if extra or overrides:
-        from jacana.facility.atomic import _jsonable
+        from jacana.facility.atomic import jsonable
 
-        key += (json.dumps(_jsonable(dict(extra or {})), sort_keys=True), tuple(overrides or ()))
+        key += (json.dumps(jsonable(dict(extra or {})), sort_keys=True), tuple(overrides or ()))
     return key
 
 

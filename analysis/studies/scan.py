@@ -46,7 +46,7 @@ from jacana.stages.spec import AnalysisSpec
 SCAN_VERSION = 1
 MAX_AXES = 2
 #: points per axis when ``name=lo:hi`` gives none: 9 x 9 = 81 hard passes over the 1M held-out events
-#: took 24 min on a loaded 2-core machine (17 s a point; see docs/trust.md)
+#: (their measured time: docs/trust.md)
 DEFAULT_POINTS = 9
 #: grid points within this fraction of the best are listed as near-optimal (``near_best``)
 NEAR_BEST = 0.01
@@ -124,7 +124,7 @@ def parse_axes(texts: Sequence[str], spec: AnalysisSpec) -> list[Axis]:
     return axes
 
 
-def _context(spec: AnalysisSpec, fileset: Fileset, n_events: int, fixed: Mapping[str, float]) -> dict:
+def reuse_context(spec: AnalysisSpec, fileset: Fileset, n_events: int, fixed: Mapping[str, float]) -> dict:
     """What must match for stored points to be reused (the config without parameter values)."""
     raw = spec.to_dict()
     for p in raw.get("parameters", {}).values():
@@ -283,7 +283,7 @@ def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir
         raise ConfigError("give the bootstrap replicas to the objective passed in, not to run_scan")
     obj = objective or HardObjective(spec, fileset, chunk_size=chunk_size, on_bad_file=on_bad_file,
                                      bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
-    context = _context(spec, fileset, obj.n_events, fixed)
+    context = reuse_context(spec, fileset, obj.n_events, fixed)
     replicas = {"replicas": obj.bootstrap, "seed": obj.bootstrap_seed} if obj.bootstrap else None
     path = out / "scan.json"
     reused = 0

@@ -14,7 +14,7 @@ from matplotlib import patheffects  # noqa: E402
 import mplhep  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jacana.analysis.plots import _save  # noqa: E402
+from jacana.analysis.plots import save_figure  # noqa: E402
 from jacana.stages.spec import AnalysisSpec  # noqa: E402
 
 
@@ -149,7 +149,7 @@ def scan_landscape(result: Mapping, spec: AnalysisSpec, path: Path) -> Path:
         _legend(ax, fontsize=11)
     if held:
         ax.set_title(f"held: {held}", fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def multistart_spread(starts: Sequence[Mapping], spec: AnalysisSpec, path: Path) -> Path:
@@ -189,7 +189,7 @@ def multistart_spread(starts: Sequence[Mapping], spec: AnalysisSpec, path: Path)
     ax.tick_params(labelsize=10)
     ax.legend(fontsize=10)
     axes[0].set_yticks(ys, [f"start {s['start']}" for s in starts], fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def baseline_convergence(rows: Sequence[Mapping], path: Path, reference: float | None = None) -> Path:
@@ -208,4 +208,4 @@ def baseline_convergence(rows: Sequence[Mapping], path: Path, reference: float |
     ax.set_xlabel("full passes over the training events")
     ax.set_ylabel(r"best hard $\sigma_\mu$ so far (training events)")
     ax.legend(fontsize=12)
-    return _save(fig, path)
+    return save_figure(fig, path)

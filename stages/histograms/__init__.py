@@ -1,1 +1,1 @@
-"""jacana.stages.histograms."""
+"""jacana.stages.histograms: relaxed weighted histograms whose hard limit is hist's."""

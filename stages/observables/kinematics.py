@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jacana.stages.selection.soft import _safe_scale
+from jacana.stages.selection.soft import safe_scale
 
 jax.config.update("jax_enable_x64", True)
 
@@ -115,7 +115,7 @@ def _choose(score, weight, temperature, value):
             return e / den
         return jnp.sum(e * value, axis=-1) / den[..., 0]
 
-    is_soft, safe_t = _safe_scale(temperature)
+    is_soft, safe_t = safe_scale(temperature)
     # one branch runs (the predicate is a traced scalar: annealing to 0 does not recompile)
     return jax.lax.cond(is_soft, soft, hard, safe_t)
 
@@ -206,7 +206,7 @@ def _mass_terms(tpt, tmass, lp, lq, temperature, coefficients: bool, want_pi: bo
                 cp = cq = None
         return out, cp, cq, pi, r
 
-    is_soft, safe_t = _safe_scale(temperature)
+    is_soft, safe_t = safe_scale(temperature)
     return jax.lax.cond(is_soft, soft, hard, safe_t)
 
 
@@ -237,7 +237,7 @@ def _expected_mass_jvp(primals, tangents):
         tan = tan + jnp.sum(jnp.where(chosen, pi * d_tmass, 0.0), axis=-1)
     if not (_is_zero(d_tpt) and _is_zero(d_temp)):
         # log-score (tpt - top) / T: d = d_tpt / T - (tpt - top) dT / T^2 (top cancels in the softmax)
-        is_soft, safe_t = _safe_scale(temperature)
+        is_soft, safe_t = safe_scale(temperature)
         if not _is_zero(d_tpt):
             tan = tan + jnp.sum(jnp.where(chosen, r * d_tpt, 0.0), axis=-1) / safe_t
         if not _is_zero(d_temp):

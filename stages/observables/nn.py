@@ -10,7 +10,7 @@ initialisation (so the network starts as a monotone function of HT). Its output 
 
 The features are functions of the selected objects, so the same formula serves both modes:
 the soft analysis feeds it the expected values under the soft selection (exactly the hard
-values in the hard limit), the conventional hard analysis (:mod:`.reference`) the hard ones.
+values in the hard limit), the conventional hard analysis (:mod:`jacana.stages.reference`) the hard ones.
 :func:`mlp` is written for numpy and jax alike.
 
 Weights live in the parameters under ``"nn"`` (a dict of arrays) and in the analysis config
@@ -19,7 +19,7 @@ trained observable.
 
 >>> import numpy as np
 >>> w = init_weights((16, 16), seed=0)
->>> f = np.zeros((3, len(FEATURES))); f[:, 0] = np.array([230.0, 330.0, 430.0]) / FEATURE_SCALES[0]
+>>> f = np.zeros((3, len(FEATURES))); f[:, 0] = [230.0, 330.0, 430.0]   # HT in GeV (physical units)
 >>> np.round(mlp(w, f, np), 3).tolist()       # = sigmoid((HT - 330) / 100) at initialisation
 [0.269, 0.5, 0.731]
 """

@@ -1,1 +1,1 @@
-"""jacana.stages.selection."""
+"""jacana.stages.selection: soft cuts and soft multiplicity requirements with exact hard limits."""

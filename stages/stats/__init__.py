@@ -1,1 +1,1 @@
-"""jacana.stages.stats."""
+"""jacana.stages.stats: histograms -> pyhf workspace -> traced likelihood -> objective (and pyhf's own inference)."""

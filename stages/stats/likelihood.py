@@ -1,75 +1,26 @@
 """A pyhf model whose yields are traced JAX arrays.
 
-pyhf 0.7 builds every yield-dependent tensor of a HistFactory model once, in
-host-side Python, from the JSON numbers of the spec (pyhf issue 1654). Its
-*evaluation* (``logpdf``, ``expected_data``) is however plain tensor algebra on
-the active tensor backend. :class:`TracedModel` exploits that split:
+Why: pyhf 0.7 builds every yield-dependent tensor of a HistFactory model once, host-side, from
+the spec's JSON numbers (pyhf issue 1654), so its likelihood cannot be differentiated with
+respect to the yields. :class:`TracedModel` builds the :class:`pyhf.Model` once (the template:
+parameter layout, masks, constraint types, fixed parameters) and, on every call, recomputes the
+yield-dependent tensors in ``jax.numpy`` exactly as pyhf's builders do, on shallow copies of
+pyhf's own objects. pyhf's own ``logpdf`` / ``expected_data`` then run on them: pyhf's
+likelihood, bit for bit, as a pure function of ``(pars, data, yields)`` that works under
+``jax.jit``, ``jax.grad`` and ``jax.vmap``.
 
-1. The :class:`pyhf.Model` is built once, host-side, from a workspace spec
-   (the "template"). Everything structural comes from it and is never rebuilt:
-   parameter layout, masks, index maps, constraint types, fixed parameters.
-2. On every call, the tensors that depend on the yields are recomputed in
-   ``jax.numpy`` from a yields pytree exactly as pyhf's builders compute them
-   (``_nominal_builder``, ``histosys``/``normsys`` interpolator set-up,
-   ``staterror_builder.finalize`` sigmas, ``shapesys`` ``required_parset``
-   factors/auxdata) and installed on *shallow copies* of pyhf's own objects
-   (main model, modifier appliers, constraint terms). The interpolators are
-   constructed by pyhf's own ``__init__`` on the traced histogram sets.
-3. pyhf's own ``Model.logpdf`` / ``Model.expected_data`` run on those copies
-   with pyhf's JAX tensorlib. Nothing global is mutated except pyhf's backend
-   selection, which :func:`pyhf_jax_backend` switches and restores (below).
-
-So the result is pyhf's likelihood, bit for bit, but a pure function of
-``(pars, data, yields)`` that works under ``jax.jit``, ``jax.grad`` and
-``jax.vmap``.
-
-The yields pytree mirrors the yield-dependent numbers of the workspace spec::
+The yields pytree mirrors the yield-dependent numbers of the workspace spec
+(:data:`YIELD_FIELDS` lists the fields of each modifier type)::
 
     yields = {channel: {sample: {"data": arr[nbins],
                                  "modifiers": {modifier_name: {...fields...}}}}}
 
-with fields ``normsys: {"hi": scalar, "lo": scalar}``,
-``histosys: {"hi_data": arr, "lo_data": arr}``, ``staterror: {"data": arr}``,
-``shapesys: {"data": arr}``; ``normfactor``/``lumi``/``shapefactor`` carry no
-yield fields (omit them, or give an empty dict).
-
-Backend rule
-------------
-pyhf selects its tensor backend globally. Every entry point of this module
-that calls into pyhf runs inside :func:`pyhf_jax_backend`, which makes pyhf's
-*current and default* backends JAX (64-bit) and restores the previous ones on
-exit (also on error), so code around it keeps seeing the backend it set
-(numpy by default). pyhf is only called while JAX traces; a compiled (jitted)
-function never re-enters pyhf, and the public evaluators are jitted, so an
-eager call re-enters pyhf only on its first call per input shape. A
-re-entrant lock serialises the switches between threads; do not run numpy
-pyhf in another thread *while* a jacana likelihood function is being traced.
-
-Precision
----------
-Importing this module enables ``jax_enable_x64``: Poisson log-likelihoods of
-10^4-10^6 events are compared (parity with numpy pyhf to 1e-10, profile
-likelihood ratios, Hessian inverses) where float32's 7 digits are not enough.
-pyhf's JAX backend does the same when it is imported.
-
-Floors
-------
-Soft (relaxed) histograms can reach zero. Every sample yield is floored at
-``yield_floor`` (default 1e-10 events) before use, normsys factors at
-``yield_floor`` too, and the relative statistical uncertainties behind
-staterror sigmas and shapesys taus at ``stat_floor`` (default 1e-6), with
-``where``-style floors whose gradient is exactly zero below the floor, so
-there is no 0/0 or sqrt(0) anywhere and gradients stay finite. Above the
-floors (every realistic yield) the values are exactly pyhf's.
-
-Structure
----------
-What pyhf decides from the spec's structure is fixed at build time: which
-(channel, sample) pairs carry which modifier (hence which bins carry staterror
-or shapesys), and the parameters pyhf fixed because their uncertainty was zero
-in the template (staterror bins with zero relative error, shapesys bins with a
-zero yield or uncertainty). A yields pytree that adds, drops or reshapes
-anything raises :class:`~jacana.stages.errors.ModelStructureError`.
+Rules a caller relies on (each explained in ``docs/statistics.md``): every call into pyhf runs
+inside :func:`pyhf_jax_backend`, which switches pyhf's global backend to JAX and restores it;
+importing this module enables ``jax_enable_x64``; yields and statistical uncertainties are
+floored (``yield_floor``, ``stat_floor``) with a zero gradient below the floors and exactly
+pyhf's values above; the model's structure is fixed by the template, and yields that add, drop
+or reshape anything raise :class:`~jacana.stages.errors.ModelStructureError`.
 """
 
 from __future__ import annotations
@@ -83,7 +34,7 @@ from typing import Any
 
 import jax
 
-# 64-bit floats for all likelihood work (see "Precision" in the module docstring).
+# 64-bit floats for all likelihood work (why: "Precision" in docs/statistics.md).
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp

@@ -27,39 +27,12 @@ Convention: **lower is better** for the optimiser. :data:`OBJECTIVES` maps a
 name to the physics value; :func:`loss` returns the function to *minimise*
 (``sigma_mu``, ``-z0``, ``cls``, ``upper_limit``); :data:`SENSE` gives the sign.
 
-Fits and gradients
-------------------
-Profiled fits (``z0``, ``cls``, ``upper_limit``) minimise the NLL over the free
-nuisance parameters with a projected Newton method (:func:`_minimise_bounded`):
-each step takes the exact gradient and the exact Hessian, assembled cheaply from
-the Gauss-Newton matrix ``J^T diag(n/lam^2) J + hess(constraints)`` (``J``: the
-forward-mode Jacobian of the expected counts, its per-bin columns compressed into
-shared tangents, see :func:`_jacobian_coloring`), exact among the per-bin
-parameters, plus forward-over-reverse columns along the few global ones; it
-holds parameters on a bound whose gradient points outwards, projects the step
-into the box and backtracks it until the NLL decreases (Gauss-Newton steps where
-the Hessian is not positive definite). Started at the Asimov generating point it
-converges in 3-11 steps on the models tested (to a Newton decrement of
-``FitSettings.fit_tol``). Fixed
-parameters stay at their init. The fits and the root finder are plain
-``jax.lax`` loops: optimistix has no bound-constrained minimiser, and its
-unconstrained BFGS with bounds as penalties took hundreds of steps on the
-bound-active fits of the AGC model and about 15 times longer. The upper
-limit's root is found and differentiated by optimistix (Newton,
-``ImplicitAdjoint``). No jaxopt.
-
-The gradient of a profiled quantity uses the envelope theorem: for
-``g(y) = min_theta NLL(theta, y)``, ``dg/dy = dNLL/dy`` at
-``theta = theta_hat(y)``, because ``dNLL/dtheta = 0`` there (or, for a
-parameter sitting on a bound, ``theta_hat`` does not move with ``y``). So the
-fitted nuisances enter under ``jax.lax.stop_gradient`` -- mathematically exact
-at the optimum for first derivatives, and the fit itself is never
-differentiated (its inputs are also stop-gradient'd, so no tangents flow into
-the solver). Consequence: only *first* derivatives of ``z0``/``cls`` are
-exact (Hessians with respect to yields are not). The same argument gives the
-derivative with respect to the tested POI value, which the upper-limit root
-finder needs; the root itself is differentiated by the implicit function
-theorem (see :func:`upper_limit`).
+Profiled fits (``z0``, ``cls``, ``upper_limit``) use a projected Newton method in the
+parameter bounds (:func:`_minimise_bounded`), written as plain ``jax.lax`` loops because
+optimistix has no bound-constrained minimiser. Their gradients use the envelope theorem: the
+fitted nuisances enter under ``jax.lax.stop_gradient`` (``dg/dy = dNLL/dy`` at the optimum), so
+the fit is never differentiated and only *first* derivatives of profiled quantities are exact.
+The solver's design and its measured step counts: ``docs/statistics.md``.
 """
 
 from __future__ import annotations
@@ -326,7 +299,7 @@ def _minimise_bounded(nll, lam, cons, n_main, q0, lo, hi, coloring=None, local=N
     exact Hessian, or Gauss-Newton where it is not positive definite on the free set:
     a fit far from its data (the background-only fit of ``z0`` on a signal-dominated
     model) has residuals ``1 - n/lam`` of order one, and Gauss-Newton then creeps along
-    a curved valley (48 steps on the AGC model built from 1M events; 11 exact ones).
+    a curved valley (step counts measured on the AGC model: ``docs/statistics.md``).
     Without it (warm starts) the steps are Gauss-Newton, cheaper and quick near the
     optimum, until one shrinks the decrement by less than ``FitSettings.slow_ratio``.
     Stops when the Newton decrement ``g^T H^-1 g`` (about twice the

@@ -5,9 +5,10 @@ histograms in jacana's layout -> the AGC HistFactory model (cabinetry convention
 :mod:`.workspace`) -> pyhf likelihood on traced yields (:mod:`.likelihood`) -> an
 expected-sensitivity objective on Asimov data (:mod:`.objectives`).
 
->>> # doctest: +SKIP
->>> objective = Sensitivity(spec, config, template_yields, "sigma_mu")
->>> value, cotangent = jax.value_and_grad(objective)(yields)   # d(objective)/d(yields)
+Example (needs template yields)::
+
+    objective = Sensitivity(spec, config, template_yields, "sigma_mu")
+    value, cotangent = jax.value_and_grad(objective)(yields)   # d(objective)/d(yields)
 """
 
 from __future__ import annotations
