@@ -7,12 +7,14 @@ histograms of every region and every variation the batch carries::
 
 Per event, in blocks of events (``lax.scan``, so memory is bounded by the block size):
 
-1. soft object selection (:mod:`.soft`): lepton pT, jet pT, jet |eta| and b-tag cuts as weights;
-2. soft event selection (:mod:`.multiplicity`): P(exactly ``n_leptons`` leptons) x
+1. soft object selection (:mod:`.selection.soft`): lepton pT, jet pT, jet |eta| and b-tag cuts as weights;
+2. soft event selection (:mod:`.selection.multiplicity`): P(exactly ``n_leptons`` leptons) x
    P(>= ``min_jets`` jets and exactly one / at least two b-tags), from exact Poisson-binomial DPs;
-3. soft observables (:mod:`.observables`): weighted HT, soft-argmax m_bjj;
-4. relaxed histograms (:mod:`.histogram`) filled with ``weight x P(selection)``; ``sumw2`` with
-   ``weight^2 x P(selection)`` (the expectation of the hard ``sum w^2``).
+3. soft observables (:mod:`.observables.kinematics`): weighted HT, soft-argmax m_bjj;
+4. relaxed histograms (:mod:`.histograms.relaxed`) filled with ``weight x P(selection)``; ``sumw2`` with
+   ``weight^2 x P(selection)`` (the expectation of the hard ``sum w^2``); each block's
+   histograms are added to float64 accumulators, whatever the batch dtype (float32 batches:
+   mixed precision, float32 event arithmetic with float64 sums).
 
 Variations: every kinematic variation of the batch (nominal, JES, JER: the jets are re-selected
 with the varied pT) and, on nominal files, the b-tag weight variations
@@ -54,6 +56,9 @@ RELAX_NAMES = PARAM_NAMES + ("trijet_pt", "bandwidth")
 #: Default m_bjj softmax temperature (GeV) and histogram bandwidth (GeV) at relaxation scale 1.
 DEFAULT_TRIJET_PT_TEMPERATURE = 5.0
 DEFAULT_BANDWIDTH = 10.0
+#: dtype of the histogram accumulators and of the returned yields, whatever the batch dtype
+#: (float32 batches: float32 event arithmetic, float64 sums over events).
+ACCUMULATOR_DTYPE = jnp.float64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +215,8 @@ def soft_yields(params: Mapping, relax: Mapping, batch: EventBatch, config: Soft
     """Relaxed histograms of one dense batch: ``{region: {"sumw": [V, bins], "sumw2": [V, bins]}}``.
 
     The variations axis follows ``config.variations(batch.weight_variations, batch.kinematic)``.
+    The event arithmetic runs in the batch's dtype (float32 batches: mixed precision); the
+    histograms are accumulated, and returned, in float64 (:data:`ACCUMULATOR_DTYPE`) whatever it is.
     """
     dt = batch.jet_eta.dtype
     p = {k: jnp.asarray(params[k], dt) for k in PARAM_NAMES}
@@ -228,15 +235,17 @@ def soft_yields(params: Mapping, relax: Mapping, batch: EventBatch, config: Soft
     @jax.checkpoint
     def body(acc, blk):
         contrib = _block_yields(p, r, edges, nn_weights, blk, config)
-        return jax.tree.map(jnp.add, acc, contrib), None
+        # each block's contribution added in float64 (a no-op cast for float64 batches)
+        return jax.tree.map(lambda a, c: a + c.astype(ACCUMULATOR_DTYPE), acc, contrib), None
 
     n_var = len(config.variations(batch.weight_variations, batch.kinematic))
-    init = {reg.name: (jnp.zeros((n_var, len(reg.edges) - 1), dt),) * 2 for reg in config.regions}
+    init = {reg.name: (jnp.zeros((n_var, len(reg.edges) - 1), ACCUMULATOR_DTYPE),) * 2 for reg in config.regions}
     acc, _ = jax.lax.scan(body, init, blocks)
     return {k: {"sumw": v[0], "sumw2": v[1]} for k, v in acc.items()}
 
 
-def _parts(batches: ChunkBatches | EventBatch | Sequence[EventBatch]) -> tuple[EventBatch, ...]:
+def batch_parts(batches: ChunkBatches | EventBatch | Sequence[EventBatch]) -> tuple[EventBatch, ...]:
+    """The dense batches of a chunk (its jet-bucket parts), of one batch, or of a sequence of them."""
     if isinstance(batches, ChunkBatches):
         return batches.parts
     if isinstance(batches, EventBatch):
@@ -252,7 +261,7 @@ def add_yields(a, b):
 def chunk_yields(params: Mapping, relax: Mapping, batches, config: SoftConfig) -> dict:
     """:func:`soft_yields` summed over the jet-bucket parts of a chunk."""
     total = None
-    for part in _parts(batches):
+    for part in batch_parts(batches):
         total = add_yields(total, soft_yields(params, relax, part, config))
     return total
 
