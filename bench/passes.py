@@ -2,7 +2,7 @@
 
 On >= 1 M events (a synthetic AGC dataset, every sample and file variation), loaded the way the
 optimiser loads them (:class:`jacana.facility.executor.InProcessExecutor`: prefiltered, regrouped
-into fixed-shape calls of ``CALL_EVENTS`` events per jet bucket), so the real call pattern is
+into fixed-shape calls per jet bucket, sized for the device), so the real call pattern is
 measured:
 
 * ``seconds_forward``: the soft yields of every (sample, file variation);
@@ -11,12 +11,18 @@ measured:
 * ``seconds_vjp``: yields + VJP; ``vjp_over_forward``;
 * ``seconds_reference``: the conventional awkward + hist hard analysis
   (``reference.fill_histograms``) on the same in-memory columns; ``jacobian_over_reference``
-  (target <= 1);
+  (target <= 1); skipped with ``reference=False``;
+* the call pattern: ``calls_per_step`` (compiled-program calls of one gradient step: one per
+  fixed-shape part), ``events_per_call`` (event slots, padding included) and
+  ``selected_events_per_call``, ``call_shapes``, ``call_sizes``, ``block_sizes``; the warm-up
+  (compile or cache load) time of each mode; on an accelerator its peak memory;
 * compile times: per distinct call shape (jet bucket x file kind) and mode, the first call minus
   a second one (``compile_seconds_{forward,jacobian,vjp}``: sum and max over shapes);
 * ``per_bucket``: forward / Jacobian seconds per jet bucket (where the time goes);
-* with ``compare_float32``: the same Jacobian from float32 batches, and its largest deviation from
-  float64 relative to the largest float64 entry of the same (sample/variation, region, parameter);
+* with ``compare_float32``: the same step in the other precision (float32 batches when ``dtype`` is
+  float64, a float64 reference when it is float32: mixed precision, float32 event arithmetic with
+  float64 histogram sums) and float32's deviations from float64 (:func:`yields_deviation`,
+  :func:`jacobian_deviation`; issue 25's targets: 1e-5 and 1e-3);
 * ``hist_memory_ratio``: peak memory of ``relaxed.ops.hist`` / this package's relaxed histogram at
   1 M events and 25 bins, from XLA's compiled temporary-buffer size and from the RSS growth of a
   fresh subprocess (target >= 10).
@@ -149,6 +155,48 @@ def _compile_times(executor, params, relax) -> dict:
     return res
 
 
+def _rows(a) -> np.ndarray:
+    """A yields ``[V, bins]`` or Jacobian ``[V, bins, *param_shape]`` array as ``[V, bins, columns]``."""
+    a = np.asarray(a, dtype=np.float64)
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+def _paired_leaves(low: dict, ref: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The arrays of two trees of the same structure (``{key: {region: {kind: ...}}}``), in pairs."""
+    import jax
+
+    a, ta = jax.tree_util.tree_flatten(low)
+    b, tb = jax.tree_util.tree_flatten(ref)
+    if ta != tb:
+        raise ValueError(f"the trees differ in structure: {ta} vs {tb}")
+    return [(_rows(x), _rows(y)) for x, y in zip(a, b)]
+
+
+def _row_deviation(pairs) -> float:
+    """max over rows (one histogram's bins: axis 1) of max |low - ref| / max |ref| (a row of float64
+    zeros counts against the largest entry of its array, and absolutely if that is zero too)."""
+    worst = 0.0
+    for low, ref in pairs:
+        diff = np.max(np.abs(low - ref), axis=1)  # [V, columns]
+        scale = np.max(np.abs(ref), axis=1)
+        fallback = float(np.max(np.abs(ref))) or 1.0
+        worst = max(worst, float(np.max(diff / np.where(scale > 0, scale, fallback), initial=0.0)))
+    return worst
+
+
+def yields_deviation(ylds32: dict, ylds64: dict) -> float:
+    """Largest deviation of float32 yields from float64 ones, relative to the largest float64 bin of
+    the same histogram (sample/variation, region, sumw|sumw2, variation). Target (issue 25): 1e-5."""
+    return _row_deviation(_paired_leaves(ylds32, ylds64))
+
+
+def jacobian_deviation(jac32: dict, jac64: dict) -> float:
+    """Largest deviation of float32 Jacobian entries from float64 ones, relative to the largest float64
+    entry of their row: d(one histogram's bins)/d(one parameter component), for every sample/variation,
+    region, sumw|sumw2, variation and parameter. Target (issue 25): 1e-3."""
+    return _row_deviation(_paired_leaves(jac32, jac64))
+
+
 def _jacobian_deviation(jac32: dict, jac64: dict) -> float:
     """max over (key, region, kind, param) of max|J32 - J64| / max|J64|."""
     worst = 0.0
@@ -164,10 +212,67 @@ def _jacobian_deviation(jac32: dict, jac64: dict) -> float:
     return worst
 
 
+def _call_pattern(parts) -> dict:
+    """How a gradient step is cut into compiled calls: one call per fixed-shape part."""
+    calls = len(parts)
+    slots = sum(p.n_padded for p in parts)
+    selected = int(sum(int(np.sum(np.asarray(p.event_mask))) for p in parts))
+    shapes = {(p.n_jets, p.n_padded, p.lepton_pt.shape[1], p.kinematic, p.weight_variations, p.block_size,
+               str(p.dtype)) for p in parts}
+    return {"calls_per_step": calls, "events_in_calls": slots, "events_selected": selected,
+            "events_per_call": slots / max(calls, 1), "selected_events_per_call": selected / max(calls, 1),
+            "call_shapes": len(shapes), "call_sizes": sorted({p.n_padded for p in parts}),
+            "block_sizes": sorted({p.block_size for p in parts}), "call_events": max((p.n_padded for p in parts),
+                                                                                     default=0)}
+
+
+def warm_up_parallel(parts, params, relax, config, threads: int, forward: bool = True) -> int:
+    """Compile the Jacobian program (and the forward one) of each distinct call shape in ``parts``
+    side by side in ``threads`` threads (XLA compiles with the GIL released: on a many-core host the
+    compilations overlap), by calling them once on one part of that shape; the later warm-up and the
+    timed runs then find them compiled. Returns the number of shapes (0 with ``threads <= 1``: nothing
+    done). Calls what the executor's step calls (:func:`~jacana.stages.jacobian.yields_and_jacobian`,
+    :func:`~jacana.stages.analysis.chunk_yields`)."""
+    if threads <= 1:
+        return 0
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jax
+
+    from jacana.stages.analysis import chunk_yields
+    from jacana.stages.jacobian import yields_and_jacobian
+
+    distinct: dict = {}
+    for p in parts:
+        distinct.setdefault((p.n_jets, p.n_padded, p.lepton_pt.shape[1], p.kinematic, p.weight_variations,
+                             p.block_size, str(p.dtype)), p)
+    calls = [(yields_and_jacobian, p) for p in distinct.values()]
+    calls += [(chunk_yields, p) for p in distinct.values()] if forward else []
+    with ThreadPoolExecutor(min(threads, len(calls))) as pool:
+        list(pool.map(lambda c: jax.block_until_ready(c[0](params, relax, [c[1]], config)), calls))
+    return len(distinct)
+
+
+def _device_peak_bytes() -> int | None:
+    """Peak memory in use on the default device (accelerators; None on the CPU or where unknown)."""
+    from jacana.facility.devices import is_accelerator, platform_of_default_device
+
+    import jax
+
+    platform = platform_of_default_device()
+    if not is_accelerator(platform):
+        return None
+    dev = jax.config.jax_default_device
+    dev = dev if dev is not None and not isinstance(dev, str) else jax.devices(platform)[0]
+    stats = dev.memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
 def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, repeats: int = 2,
                   dtype: str = "float64", reference_repeats: int = 1, histogram: bool = True,
                   compare_float32: bool = False, chunk_size: int = 200_000, *, stat: str = "min",
-                  details: bool = True, interleave: bool = False, reference_histograms: dict | None = None) -> dict:
+                  details: bool = True, interleave: bool = False, reference_histograms: dict | None = None,
+                  reference: bool = True, forward: bool = True, warm_threads: int = 1) -> dict:
     """Measure the stages on a synthetic dataset of ``events`` events (generated if ``fileset`` is None).
 
     ``stat`` picks the minimum or the median of the repeated runs; ``details=False`` skips the
@@ -177,10 +282,17 @@ def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, re
     machine; the awkward columns then stay in memory beside the dense batches). If
     ``reference_histograms`` is a dict, it receives the conventional analysis' hard histograms
     (``{region: {sample: {variation: ...}}}``, as :func:`~jacana.facility.hardrun.hard_histograms`).
+    ``reference=False`` does not time the conventional analysis (it runs once only to fill
+    ``reference_histograms``, if given); its figures are then absent, as are the forward pass's
+    with ``forward=False``. ``warm_threads > 1`` compiles the programs of the distinct call shapes
+    in that many threads before the warm-up (:func:`warm_up_parallel`; timings unchanged).
     """
+    if not forward and details:
+        raise ValueError("details=True needs the forward pass (forward=True)")
     import jax
 
-    from jacana.facility.executor import CALL_EVENTS, InProcessExecutor
+    from jacana.facility.devices import platform_of_default_device
+    from jacana.facility.executor import InProcessExecutor
     from jacana.facility.hardrun import ColumnStore, hard_histograms
 
     from jacana.stages.analysis import default_params, default_relax
@@ -196,16 +308,25 @@ def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, re
     chunks = [c for s in spec.samples for v in spec.file_variations(s) if fs.has(s, v)
               for c in fs.chunks(s, v, chunk_size=chunk_size)]
 
-    store = ColumnStore(spec)  # the conventional analysis' own reader, every chunk read once here
-    t0 = time.perf_counter()
-    n_events = sum(len(store.get(c)) for c in chunks)
-    t_read = time.perf_counter() - t0
     last: list = []
+    t_read = None
+    if reference or reference_histograms is not None:
+        store = ColumnStore(spec)  # the conventional analysis' own reader, every chunk read once here
+        t0 = time.perf_counter()
+        n_events = sum(len(store.get(c)) for c in chunks)
+        t_read = time.perf_counter() - t0
+    else:
+        store = None
+        n_events = sum(c.n_events for c in chunks)
 
     def reference():  # awkward + hist over the in-memory columns (no reading)
         last[:] = [hard_histograms(spec, chunks, store)]
 
-    if not interleave:
+    if not reference:
+        if reference_histograms is not None:
+            reference()  # once, for the histograms only
+        store = None
+    elif not interleave:
         t_reference, c_reference = _timed(reference, reference_repeats, stat)
         store = None  # free the awkward columns before the dense batches are built
     else:
@@ -219,9 +340,10 @@ def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, re
     t_load = time.perf_counter() - t0
     parts = [p for ps in executor.batches.values() for p in ps]
     params, relax = default_params(spec), default_relax(spec)
+    from jacana.stages.analysis import chunk_yields
 
-    def forward():
-        out = executor.yields(params, relax)
+    def forward_pass():  # the soft forward program alone, every (sample, file variation)
+        out = {key: chunk_yields(params, relax, ps, executor.config) for key, ps in executor.batches.items()}
         jax.block_until_ready(out)
         return out
 
@@ -231,20 +353,35 @@ def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, re
         return out
 
     compile_info = _compile_times(executor, params, relax) if details else {}
-    ylds = forward()  # warm-up (compiles, or loads from the persistent cache, every call shape)
+    t0 = time.perf_counter()
+    shapes_warmed = warm_up_parallel(parts, params, relax, executor.config, warm_threads, forward)
+    t_warm_parallel = time.perf_counter() - t0
+    # warm-up (compiles, or loads from the persistent cache, every call shape)
+    t_warm_forward = None
+    if forward:
+        t0 = time.perf_counter()
+        ylds = forward_pass()
+        t_warm_forward = time.perf_counter() - t0
+    t0 = time.perf_counter()
     jacobian()
+    t_warm_jacobian = time.perf_counter() - t0
+    timed = (("reference", reference),) if reference and interleave else ()
+    timed += (("forward", forward_pass),) if forward else ()
+    timed += (("jacobian", jacobian),)
     if interleave:
-        runs: dict = {"reference": [], "forward": [], "jacobian": []}
+        runs: dict = {name: [] for name, _ in timed}
         for _ in range(max(1, repeats)):
-            for name, fn in (("reference", reference), ("forward", forward), ("jacobian", jacobian)):
+            for name, fn in timed:
                 runs[name].append(_timed(fn, 1))
         pick = statistics.median if stat == "median" else min
-        (t_reference, c_reference), (t_forward, c_forward), (t_jacobian, c_jacobian) = (
-            (pick(w for w, _ in runs[k]), pick(c for _, c in runs[k])) for k in ("reference", "forward", "jacobian"))
+        picked = {k: (pick(w for w, _ in v), pick(c for _, c in v)) for k, v in runs.items()}
+        if reference:
+            t_reference, c_reference = picked["reference"]
         store = None
     else:
-        t_forward, c_forward = _timed(forward, repeats, stat)
-        t_jacobian, c_jacobian = _timed(jacobian, repeats, stat)
+        picked = {name: _timed(fn, repeats, stat) for name, fn in timed}
+    t_forward, c_forward = picked.get("forward", (None, None))
+    t_jacobian, c_jacobian = picked["jacobian"]
 
     per_bucket: dict = {}
     vjp_figures: dict = {}
@@ -256,7 +393,6 @@ def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, re
 
         t_vjp, c_vjp = _timed(vjp, repeats, stat)
         vjp_figures = {"seconds_vjp": t_vjp, "cpu_seconds_vjp": c_vjp, "vjp_over_forward": t_vjp / t_forward}
-        from jacana.stages.analysis import chunk_yields
         from jacana.stages.jacobian import yields_and_jacobian
 
         by_bucket: dict = {}
@@ -268,34 +404,49 @@ def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, re
                            1)
             per_bucket[str(k)] = {"calls": len(ps), "forward": tf, "jacobian": tj}
 
+    pattern = _call_pattern(parts)
     out = {
-        "events": n_events, "events_in_calls": sum(p.n_padded for p in parts),
-        "events_selected": int(sum(int(np.sum(np.asarray(p.event_mask))) for p in parts)),
-        "calls": len(parts), "call_events": CALL_EVENTS, "chunks": len(chunks), "dtype": dtype,
-        "cpu_count": os.cpu_count(),
+        "events": n_events, **pattern,
+        "calls": pattern["calls_per_step"], "chunks": len(chunks), "dtype": dtype,
+        "device": platform_of_default_device(), "cpu_count": os.cpu_count(),
         "seconds_read": t_read, "seconds_load_executor": t_load,
-        "seconds_reference": t_reference, "seconds_forward": t_forward,
-        "seconds_jacobian": t_jacobian,
-        "cpu_seconds_reference": c_reference, "cpu_seconds_forward": c_forward,
-        "cpu_seconds_jacobian": c_jacobian,
-        "jacobian_over_forward": t_jacobian / t_forward,
+        "seconds_warmup_forward": t_warm_forward, "seconds_warmup_jacobian": t_warm_jacobian,
+        **({"seconds_warmup_parallel": t_warm_parallel, "warm_threads": warm_threads,
+            "shapes_warmed_in_parallel": shapes_warmed} if shapes_warmed else {}),
+        "seconds_jacobian": t_jacobian, "cpu_seconds_jacobian": c_jacobian,
         **vjp_figures,
-        "jacobian_over_reference": t_jacobian / t_reference,
-        "forward_over_reference": t_forward / t_reference,
-        "khz_forward": n_events / t_forward / 1e3, "khz_jacobian": n_events / t_jacobian / 1e3,
-        "khz_reference": n_events / t_reference / 1e3,
+        "khz_jacobian": n_events / t_jacobian / 1e3,
         **compile_info,
         **({"per_bucket": per_bucket} if details else {}),
     }
-    if compare_float32 and dtype == "float64":
-        _, jac64 = jacobian()
-        ex32 = InProcessExecutor(spec, chunks, dtype=np.float32)
-        _, jac32 = ex32.yields_and_jacobian(params, relax)
-        jax.block_until_ready(jac32)
-        t32, c32 = _timed(lambda: jax.block_until_ready(ex32.yields_and_jacobian(params, relax)), repeats, stat)
-        out.update({"seconds_jacobian_float32": t32, "cpu_seconds_jacobian_float32": c32,
-                    "float32_jacobian_max_relative_deviation": _jacobian_deviation(jac32, jac64)})
-        ex32.close()
+    if forward:
+        out.update({"seconds_forward": t_forward, "cpu_seconds_forward": c_forward,
+                    "jacobian_over_forward": t_jacobian / t_forward, "khz_forward": n_events / t_forward / 1e3})
+    if reference:
+        out.update({"seconds_reference": t_reference, "cpu_seconds_reference": c_reference,
+                    "jacobian_over_reference": t_jacobian / t_reference,
+                    "khz_reference": n_events / t_reference / 1e3})
+        if forward:
+            out["forward_over_reference"] = t_forward / t_reference
+    if compare_float32:
+        other = "float32" if dtype == "float64" else "float64"
+        ylds_main, jac_main = jacobian()
+        ex_other = InProcessExecutor(spec, chunks, dtype=np.dtype(other))
+        warm_up_parallel([p for ps in ex_other.batches.values() for p in ps], params, relax, ex_other.config,
+                         warm_threads, forward=False)
+        t0 = time.perf_counter()
+        ylds_other, jac_other = jax.block_until_ready(ex_other.yields_and_jacobian(params, relax))
+        t_warm_other = time.perf_counter() - t0
+        t_o, c_o = _timed(lambda: jax.block_until_ready(ex_other.yields_and_jacobian(params, relax)), repeats, stat)
+        (y32, j32), (y64, j64) = (((ylds_other, jac_other), (ylds_main, jac_main)) if other == "float32"
+                                  else ((ylds_main, jac_main), (ylds_other, jac_other)))
+        out.update({f"seconds_jacobian_{other}": t_o, f"cpu_seconds_jacobian_{other}": c_o,
+                    f"seconds_warmup_jacobian_{other}": t_warm_other,
+                    "float32_yields_max_deviation": yields_deviation(y32, y64),
+                    "float32_jacobian_max_row_deviation": jacobian_deviation(j32, j64),
+                    "float32_jacobian_max_relative_deviation": _jacobian_deviation(j32, j64)})
+        ex_other.close()
+    out["device_peak_bytes"] = _device_peak_bytes()
     if histogram:
         out.update(histogram_benchmark())
     return out
@@ -311,7 +462,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     ap.add_argument("--compare-float32", action="store_true",
-                    help="also time the Jacobian on float32 batches and report its deviation from float64")
+                    help="also run the step in the other precision and report float32's deviation from float64")
     ap.add_argument("--no-histogram", action="store_true")
     a = ap.parse_args(argv)
     res = run_benchmark(a.fileset, events=a.events, repeats=a.repeats, dtype=a.dtype,

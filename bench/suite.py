@@ -24,6 +24,15 @@ the rows. The figures come from the benchmark modules, which can also be run on 
      benchmark events' own hard histograms.
 8.   :func:`first_pass`: the first (reading) pass of the in-process executor (read + densify +
      regroup + move to the device) vs a plain uproot read of the same branches and entries.
+9.   (``dtype="float32"``, or asked for in ``rows``) mixed precision: the gradient step on float32
+     batches (float32 event arithmetic, float64 histogram sums) vs float64: 9a the yields' largest
+     deviation (relative to their histogram's largest bin, target 1e-5), 9b the Jacobian's (relative
+     to the largest entry of its row, target 1e-3): :func:`jacana.bench.passes.yields_deviation`,
+     :func:`~jacana.bench.passes.jacobian_deviation`.
+
+``rows`` picks figures (e.g. ``{"1", "3", "5", "7", "9"}``, what a GPU needs); ``dtype`` the batches'
+precision of figures 1-3, 5 and 8. Rows 1 and 3 report the call pattern: compiled-program calls
+per gradient step and events per call.
 """
 
 from __future__ import annotations
@@ -67,6 +76,14 @@ HIST_EVENTS, HIST_BINS = 1_000_000, 25
 STREAM_FACTOR = 4
 CHUNK_SIZE = 100_000
 FIGURES = 8
+#: Figures ``rows`` may name: 6 is rows 6a-6d, 7 is 7a/7b, 9 (mixed precision) is 9a/9b.
+ALL_FIGURES = ("1", "2", "3", "4", "5", "6", "7", "8", "9")
+#: Figures of a run without ``rows`` (today's table); ``dtype="float32"`` adds figure 9.
+DEFAULT_FIGURES = ALL_FIGURES[:FIGURES]
+#: Mixed-precision targets (issue 25): float32 yields and Jacobians vs float64.
+FLOAT32_YIELDS_TOLERANCE = 1e-5
+FLOAT32_JACOBIAN_TOLERANCE = 1e-3
+DTYPES = ("float64", "float32")
 
 
 def _row(id_: str, name: str, value, baseline, ratio, target: str, met, unit: str, note: str = "") -> dict:
@@ -78,10 +95,29 @@ def _skipped(id_: str, name: str, target: str, unit: str, why: str) -> dict:
     return _row(id_, name, None, None, None, target, None, unit, f"skipped: {why}")
 
 
-def _progress(enabled: bool, t0: float, figure: int, what: str) -> None:
+def _progress(enabled: bool, t0: float, figure: int, what: str, total: int = FIGURES) -> None:
     if enabled:
-        print(f"jacana bench [{figure}/{FIGURES}] {what} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
+        print(f"jacana bench [{figure}/{total}] {what} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
               flush=True)
+
+
+def parse_rows(rows) -> tuple[str, ...]:
+    """Figures named by ``rows`` (``"1,3,5,7"``, or an iterable of ids; ``7a``/``7b`` name figure 7),
+    in table order. Raises ConfigError on an unknown figure."""
+    items = rows.split(",") if isinstance(rows, str) else list(rows)
+    picked = set()
+    for item in items:
+        name = str(item).strip().lower()
+        if not name:
+            continue
+        figure = name.rstrip("abcd") if len(name) > 1 else name
+        if figure not in ALL_FIGURES:
+            raise ConfigError(f"--rows: no figure {item!r} (figures: {', '.join(ALL_FIGURES)}; 6a-6d, 7a/7b and"
+                              " 9a/9b are rows of figures 6, 7 and 9)")
+        picked.add(figure)
+    if not picked:
+        raise ConfigError("--rows: name at least one figure, e.g. --rows 1,3,5,7")
+    return tuple(f for f in ALL_FIGURES if f in picked)
 
 
 def usable_cores() -> int:
@@ -196,7 +232,9 @@ def _stream_probe_main(argv=None) -> None:
     """Subprocess entry of :func:`streamed_memory`: prints one JSON line."""
     import resource
 
-    fileset, repeat, chunk_size, device = (argv or sys.argv[1:])[:4]
+    args = (argv or sys.argv[1:])
+    fileset, repeat, chunk_size, device = args[:4]
+    dtype = np.dtype(args[4] if len(args) > 4 else "float64")
     _configure_jax()
     import jax
 
@@ -210,7 +248,7 @@ def _stream_probe_main(argv=None) -> None:
     chunks = analysis_chunks(spec, load_fileset(fileset), int(chunk_size))
     rss0 = 1024 * (memory_kb("VmRSS") or 0)
     t0 = time.perf_counter()
-    ylds, _, events = streamed_step(spec, chunks, int(repeat))
+    ylds, _, events = streamed_step(spec, chunks, int(repeat), dtype=dtype)
     seconds = time.perf_counter() - t0
     peak = 1024 * (memory_kb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     stats = (jax.devices("gpu")[0].memory_stats() or {}) if device == "gpu" else {}
@@ -219,21 +257,22 @@ def _stream_probe_main(argv=None) -> None:
                       "device_peak_bytes": stats.get("peak_bytes_in_use"), "yield_sum": total}))
 
 
-def _stream_probe(fileset, repeat: int, chunk_size: int, device: str) -> dict:
+def _stream_probe(fileset, repeat: int, chunk_size: int, device: str, dtype: str = "float64") -> dict:
     code = "from jacana.bench.suite import _stream_probe_main; _stream_probe_main()"
-    res = subprocess.run([sys.executable, "-c", code, str(fileset), str(repeat), str(chunk_size), device],
-                         capture_output=True, text=True, check=False)
+    res = subprocess.run([sys.executable, "-c", code, str(fileset), str(repeat), str(chunk_size), device,
+                          np.dtype(dtype).name], capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise FacilityError(f"the streamed-pass probe failed (exit {res.returncode}): {res.stderr.strip()[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def streamed_memory(fileset, chunk_size: int = CHUNK_SIZE, factor: int = STREAM_FACTOR, device: str = "cpu") -> dict:
+def streamed_memory(fileset, chunk_size: int = CHUNK_SIZE, factor: int = STREAM_FACTOR, device: str = "cpu",
+                    dtype: str = "float64") -> dict:
     """Peak memory of a fresh process streaming one uncached gradient step over the fileset's events
     once and ``factor`` times (the same chunks again: nothing is kept between chunks, so this is
     ``factor`` x the events for memory). On a GPU the peak device memory is the figure."""
-    one = _stream_probe(fileset, 1, chunk_size, device)
-    many = _stream_probe(fileset, factor, chunk_size, device)
+    one = _stream_probe(fileset, 1, chunk_size, device, dtype)
+    many = _stream_probe(fileset, factor, chunk_size, device, dtype)
     key = "device_peak_bytes" if device == "gpu" and one["device_peak_bytes"] else "peak_rss_bytes"
     growth = [r["peak_rss_bytes"] - r["rss_before_pass_bytes"] for r in (one, many)]
     return {"factor": factor, "one": one, "many": many, "memory": key,
@@ -342,36 +381,71 @@ def likelihood_figures(spec, hists: dict, objectives=("sigma_mu", "z0"), repeats
 
 
 # -- the orchestrator ----------------------------------------------------------------------------
-def _fileset(events: int, data_dir, stack: contextlib.ExitStack) -> Path:
+def bench_fileset(events: int, data_dir) -> Path:
+    """The fileset of ``jacana bench --events N --data-dir D``: generated there (seed 1) unless it
+    already is; so a script can generate the events ahead, or beside other work."""
     from jacana.samples.synthetic import GENERATOR_VERSION, generate
 
-    if data_dir is None:
-        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="jacana-bench-")))
-    else:
-        folder = Path(data_dir) / f"agc_v{GENERATOR_VERSION}_seed1_events{events}"
-        if (folder / "fileset.json").is_file():
-            return folder / "fileset.json"
+    folder = Path(data_dir) / f"agc_v{GENERATOR_VERSION}_seed1_events{events}"
+    if (folder / "fileset.json").is_file():
+        return folder / "fileset.json"
     return generate(folder, events=events, seed=1, progress=False)
 
 
-def _stage_rows(st: dict, spec, chunks, work: int, cores: int, device: str) -> list[dict]:
-    """Figures 1-3 from :func:`~jacana.bench.passes.run_benchmark`'s output."""
+def _fileset(events: int, data_dir, stack: contextlib.ExitStack) -> Path:
+    if data_dir is None:
+        from jacana.samples.synthetic import generate
+
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="jacana-bench-")))
+        return generate(folder, events=events, seed=1, progress=False)
+    return bench_fileset(events, data_dir)
+
+
+def _call_note(st: dict) -> str:
+    """The call pattern of a gradient step (absent from canned or older measurements: empty)."""
+    if "calls_per_step" not in st:
+        return ""
+    note = (f"; {st['calls_per_step']} calls per step, {st['events_per_call']:,.0f} events per call"
+            f" ({st['selected_events_per_call']:,.0f} selected), {st['call_shapes']} call shapes")
+    if st.get("seconds_warmup_jacobian") is not None:
+        note += "; warm-up (compile or cache load)"
+        if st.get("seconds_warmup_parallel") is not None:
+            note += f" {st['seconds_warmup_parallel']:.1f} s in {st['warm_threads']} threads, then"
+        if st.get("seconds_warmup_forward") is not None:
+            note += f" forward {st['seconds_warmup_forward']:.1f} s,"
+        note += f" Jacobian {st['seconds_warmup_jacobian']:.1f} s"
+    if st.get("device_peak_bytes"):
+        note += f"; device peak {st['device_peak_bytes'] / 1e9:.2f} GB"
+    return note
+
+
+def _stage_rows(st: dict, spec, chunks, work: int, cores: int, device: str,
+                figures=("1", "2", "3")) -> list[dict]:
+    """Figures 1-3 (those in ``figures``) from :func:`~jacana.bench.passes.run_benchmark`'s output."""
     n_events = st["events"]
-    t_j, t_f, t_r = st["seconds_jacobian"], st["seconds_forward"], st["seconds_reference"]
+    t_j, t_f = st["seconds_jacobian"], st.get("seconds_forward")
     cpu_j = st["cpu_seconds_jacobian"]
-    rows = [
-        _row("1", "gradient step vs soft forward pass", t_j, t_f, t_j / t_f,
-             f"<= {TARGETS['jacobian_over_forward']:g}x", t_j / t_f <= TARGETS["jacobian_over_forward"], "s",
-             f"yields + d(yields)/d({len(spec.param_values())} params) of every sample and variation,"
-             f" {len(chunks)} chunks; CPU time ratio {cpu_j / st['cpu_seconds_forward']:.2f}"),
-        _row("2", "gradient step vs awkward + hist hard analysis", t_j, t_r, t_j / t_r,
-             f"<= {TARGETS['jacobian_over_reference']:g}x", t_j / t_r <= TARGETS["jacobian_over_reference"], "s",
-             f"same in-memory events, no reading; CPU time ratio {cpu_j / st['cpu_seconds_reference']:.2f}"),
-    ]
+    dtype = st.get("dtype", "float64")
+    precision = "" if dtype == "float64" else f"; {dtype} batches (float64 histogram sums)"
+    rows = []
+    if "1" in figures:
+        rows.append(_row("1", "gradient step vs soft forward pass", t_j, t_f, t_j / t_f,
+                         f"<= {TARGETS['jacobian_over_forward']:g}x", t_j / t_f <= TARGETS["jacobian_over_forward"],
+                         "s", f"yields + d(yields)/d({len(spec.param_values())} params) of every sample and variation,"
+                         f" {len(chunks)} chunks; CPU time ratio {cpu_j / st['cpu_seconds_forward']:.2f}"
+                         f"{_call_note(st)}{precision}"))
+    if "2" in figures:
+        t_r = st["seconds_reference"]
+        rows.append(_row("2", "gradient step vs awkward + hist hard analysis", t_j, t_r, t_j / t_r,
+                         f"<= {TARGETS['jacobian_over_reference']:g}x", t_j / t_r <= TARGETS["jacobian_over_reference"],
+                         "s", f"same in-memory events, no reading; CPU time ratio"
+                         f" {cpu_j / st['cpu_seconds_reference']:.2f}{precision}"))
+    if "3" not in figures:
+        return rows
     lo, hi = AGC_REFERENCE_HZ_PER_CORE
     common = (f"baseline: the AGC reference's {lo / 1e3:g}-{hi / 1e3:g} kHz/core (events, reading included);"
               f" {work / n_events:.1f} variations/event; {st['events_selected'] / n_events:.0%} of the events pass"
-              f" the prefilter, {st['events_in_calls']:,} event slots with padding")
+              f" the prefilter, {st['events_in_calls']:,} event slots with padding{_call_note(st)}{precision}")
     if device == "gpu":
         rate = work / t_j
         rows.append(_row("3", "gradient-step throughput (events x variations / s)", rate / 1e6, hi / 1e6, rate / hi,
@@ -386,6 +460,30 @@ def _stage_rows(st: dict, spec, chunks, work: int, cores: int, device: str) -> l
                          f"{common}; events alone {n_events / cpu_j / 1e3:.0f} kHz/core; by wall clock"
                          f" {work / t_j / cores / 1e6:.3g} MHz/core over {cores} cores"))
     return rows
+
+
+def _precision_rows(st: dict) -> list[dict]:
+    """Figure 9: float32 (mixed precision) vs float64, from run_benchmark(compare_float32=True)."""
+    names = ("mixed precision (float32 events, float64 sums): yields vs float64",
+             "mixed precision (float32 events, float64 sums): Jacobian vs float64")
+    targets = (f"<= {FLOAT32_YIELDS_TOLERANCE:g} of the histogram's largest bin",
+               f"<= {FLOAT32_JACOBIAN_TOLERANCE:g} of the largest entry of its row")
+    if "float32_yields_max_deviation" not in st:
+        why = "the float32 comparison did not run"
+        return [_skipped("9a", names[0], targets[0], "rel", why), _skipped("9b", names[1], targets[1], "rel", why)]
+    t32 = st["seconds_jacobian"] if st.get("dtype") == "float32" else st["seconds_jacobian_float32"]
+    t64 = st["seconds_jacobian"] if st.get("dtype", "float64") == "float64" else st["seconds_jacobian_float64"]
+    speed = f"gradient step float32 {t32:.3g} s vs float64 {t64:.3g} s ({t64 / t32:.2f}x faster)"
+    y, j = st["float32_yields_max_deviation"], st["float32_jacobian_max_row_deviation"]
+    return [
+        _row("9a", names[0], y, FLOAT32_YIELDS_TOLERANCE, y / FLOAT32_YIELDS_TOLERANCE, targets[0],
+             y <= FLOAT32_YIELDS_TOLERANCE, "rel",
+             f"max over every sample/variation, region, sumw|sumw2 and variation histogram; {speed}"),
+        _row("9b", names[1], j, FLOAT32_JACOBIAN_TOLERANCE, j / FLOAT32_JACOBIAN_TOLERANCE, targets[1],
+             j <= FLOAT32_JACOBIAN_TOLERANCE, "rel",
+             "row: d(one histogram's bins)/d(one parameter); relative to the largest float64 entry of the whole"
+             f" (sample/variation, region, parameter) block: {st['float32_jacobian_max_relative_deviation']:.3g}"),
+    ]
 
 
 def _histogram_row(h: dict | None, hist_events: int) -> dict:
@@ -488,17 +586,27 @@ def _first_pass_row(fp: dict, spec) -> dict:
 
 def run_bench(events: int = 1_000_000, workers: int | None = None, scheduler: str | None = None,
               device: str = "cpu", repeats: int = 3, out: str | Path | None = None, *, data_dir=None,
-              progress: bool = True, likelihood_repeats: int = 20, hist_events: int = HIST_EVENTS) -> dict:
+              progress: bool = True, likelihood_repeats: int = 20, hist_events: int = HIST_EVENTS,
+              dtype: str = "float64", rows=None, warm_threads: int = 1) -> dict:
     """Run every figure (see the module docstring); returns ``{"rows": [...], "setup": ..., "details": ...}``
     and, with ``out``, writes it there as JSON (atomically). ``data_dir``: generate (or reuse) the
     events there instead of in a temporary folder; ``hist_events``: values of figure 4 (smaller only
-    for smoke tests). Progress goes to stderr."""
+    for smoke tests); ``dtype``: the batches' precision ("float32": mixed precision, adds figure 9);
+    ``rows``: only these figures (:func:`parse_rows`; default figures 1-8); ``warm_threads``: compile
+    the step's programs in that many threads before figures 1-3 and 9 warm up (timings unchanged;
+    for many-core hosts of an accelerator). Progress goes to stderr."""
     if workers is not None and scheduler is not None:
         raise ConfigError("give --workers or --scheduler, not both")
     if events < 10_000:
         raise ConfigError(f"--events must be at least 10,000 (got {events:,}): fewer leave histograms empty")
     if repeats < 1:
         raise ConfigError(f"--repeats must be at least 1 (got {repeats})")
+    if warm_threads < 1:
+        raise ConfigError(f"--warm-threads must be at least 1 (got {warm_threads})")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    figures = parse_rows(rows) if rows is not None else DEFAULT_FIGURES + (("9",) if dtype == "float32" else ())
+    total = int(figures[-1])
     import jax
 
     from jacana.stages.fileset import load_fileset
@@ -509,57 +617,83 @@ def run_bench(events: int = 1_000_000, workers: int | None = None, scheduler: st
 
     t_start = time.perf_counter()
     cores = usable_cores()
-    rows: list[dict] = []
+    table: list[dict] = []
     details: dict = {}
     with contextlib.ExitStack() as stack:
         device_name = stack.enter_context(_jax_for_bench(device))
-        _progress(progress, t_start, 0, f"generating {events:,} synthetic AGC events")
+        _progress(progress, t_start, 0, f"generating {events:,} synthetic AGC events", total)
         fileset = _fileset(events, data_dir, stack)
         spec = load_spec()
         chunks = analysis_chunks(spec, load_fileset(fileset), CHUNK_SIZE)
         work = sum(c.n_events * variations_per_event(spec, c.variation) for c in chunks)
 
-        _progress(progress, t_start, 1, "gradient step, soft forward pass, awkward + hist analysis (figures 1-3)")
         hists: dict = {}
-        details["stages"] = run_benchmark(fileset, repeats=repeats, reference_repeats=repeats, histogram=False,
-                                          chunk_size=CHUNK_SIZE, stat="median", details=False, interleave=True,
-                                          reference_histograms=hists)
-        rows += _stage_rows(details["stages"], spec, chunks, work, cores, device)
+        stage_figures = [f for f in ("1", "2", "3") if f in figures]
+        if stage_figures or "9" in figures:
+            what = ", ".join(filter(None, ("gradient step" if {"1", "3"} & set(figures) else "",
+                                           "soft forward pass" if "1" in figures else "",
+                                           "awkward + hist analysis" if "2" in figures else "",
+                                           "float32 vs float64" if "9" in figures else "")))
+            _progress(progress, t_start, int((stage_figures or ["9"])[0]), f"{what} (figures"
+                      f" {', '.join(stage_figures + (['9'] if '9' in figures else []))})", total)
+            details["stages"] = run_benchmark(fileset, repeats=repeats, reference_repeats=repeats, histogram=False,
+                                              chunk_size=CHUNK_SIZE, stat="median", details=False, interleave=True,
+                                              reference_histograms=hists if "7" in figures else None,
+                                              dtype=dtype, reference="2" in figures, forward="1" in figures,
+                                              compare_float32="9" in figures, warm_threads=warm_threads)
+            table += _stage_rows(details["stages"], spec, chunks, work, cores, device, stage_figures)
 
-        _progress(progress, t_start, 4, f"relaxed histogram vs relaxed.ops.hist ({hist_events:,} values)")
-        if importlib.util.find_spec("relaxed") is not None:
-            details["histogram"] = histogram_benchmark(hist_events, HIST_BINS, repeats=repeats)
-        rows.append(_histogram_row(details.get("histogram"), hist_events))
+        if "4" in figures:
+            _progress(progress, t_start, 4, f"relaxed histogram vs relaxed.ops.hist ({hist_events:,} values)", total)
+            if importlib.util.find_spec("relaxed") is not None:
+                details["histogram"] = histogram_benchmark(hist_events, HIST_BINS, repeats=repeats)
+            table.append(_histogram_row(details.get("histogram"), hist_events))
 
-        _progress(progress, t_start, 5, f"streamed (uncached) gradient step, {STREAM_FACTOR}x vs 1x the events")
-        details["streamed"] = streamed_memory(fileset, CHUNK_SIZE, STREAM_FACTOR, device)
-        rows.append(_stream_row(details["streamed"]))
+        if "5" in figures:
+            _progress(progress, t_start, 5, f"streamed (uncached) gradient step, {STREAM_FACTOR}x vs 1x the events",
+                      total)
+            details["streamed"] = streamed_memory(fileset, CHUNK_SIZE, STREAM_FACTOR, device, dtype)
+            table.append(_stream_row(details["streamed"]))
 
-        _progress(progress, t_start, 6, "dask executor" + ("" if workers or scheduler else ": skipped"))
-        if workers is not None or scheduler is not None:
-            from jacana.bench.scaleout import bench_dask
+        if "6" in figures:
+            _progress(progress, t_start, 6, "dask executor" + ("" if workers or scheduler else ": skipped"), total)
+            if workers is not None or scheduler is not None:
+                from jacana.bench.scaleout import bench_dask
 
-            with contextlib.redirect_stdout(sys.stderr):
-                details["dask"] = bench_dask(fileset, workers=workers or 2, repeats=repeats, chunk_size=CHUNK_SIZE,
-                                             scheduler=scheduler)
-        rows += _dask_rows(details.get("dask"), cores, remote=scheduler is not None)
+                with contextlib.redirect_stdout(sys.stderr):
+                    details["dask"] = bench_dask(fileset, workers=workers or 2, repeats=repeats,
+                                                 chunk_size=CHUNK_SIZE, scheduler=scheduler)
+            table += _dask_rows(details.get("dask"), cores, remote=scheduler is not None)
 
-        _progress(progress, t_start, 7, "likelihood: jitted value_and_grad vs pyhf numpy")
-        details["likelihood"] = likelihood_figures(spec, hists, repeats=likelihood_repeats, pyhf_repeats=repeats)
-        rows += _likelihood_rows(details["likelihood"])
+        if "7" in figures:
+            _progress(progress, t_start, 7, "likelihood: jitted value_and_grad vs pyhf numpy", total)
+            if not hists and "stages" not in details:  # the events' hard histograms, for their workspace
+                from jacana.facility.hardrun import ColumnStore, hard_histograms
 
-        _progress(progress, t_start, 8, "first pass (read + densify) vs plain uproot read")
-        details["first_pass"] = first_pass(spec, chunks, repeats)
-        rows.append(_first_pass_row(details["first_pass"], spec))
+                hists = hard_histograms(spec, chunks, ColumnStore(spec))
+            details["likelihood"] = likelihood_figures(spec, hists, repeats=likelihood_repeats, pyhf_repeats=repeats)
+            table += _likelihood_rows(details["likelihood"])
 
-    result = {
-        "rows": rows,
-        "setup": {"events": details["stages"]["events"], "events_x_variations": work, "chunks": len(chunks),
-                  "chunk_size": CHUNK_SIZE, "device": device_name, "cores": cores, "repeats": repeats,
-                  "statistic": "median", "workers": workers, "scheduler": scheduler, "jax": jax.__version__,
-                  "python": sys.version.split()[0], "seconds": time.perf_counter() - t_start},
-        "details": details,
-    }
+        if "8" in figures:
+            _progress(progress, t_start, 8, "first pass (read + densify) vs plain uproot read", total)
+            details["first_pass"] = first_pass(spec, chunks, repeats, np.dtype(dtype))
+            table.append(_first_pass_row(details["first_pass"], spec))
+
+        if "9" in figures:
+            table += _precision_rows(details["stages"])
+
+    n_events = details["stages"]["events"] if "stages" in details else sum(c.n_events for c in chunks)
+    setup = {"events": n_events, "events_x_variations": work, "chunks": len(chunks),
+             "chunk_size": CHUNK_SIZE, "device": device_name, "cores": cores, "repeats": repeats,
+             "statistic": "median", "workers": workers, "scheduler": scheduler, "jax": jax.__version__,
+             "python": sys.version.split()[0], "seconds": time.perf_counter() - t_start}
+    if dtype != "float64" or rows is not None:
+        setup.update({"dtype": dtype, "figures": list(figures)})
+    st = details.get("stages", {})
+    if "calls_per_step" in st:
+        setup.update({k: st[k] for k in ("calls_per_step", "events_per_call", "selected_events_per_call",
+                                         "call_shapes")})
+    result = {"rows": table, "setup": setup, "details": details}
     if out is not None:
         from jacana.facility.atomic import write_json
 
@@ -579,7 +713,8 @@ def format_table(result: dict) -> str:
     """The rows as a text table, each figure's notes below it."""
     s = result["setup"]
     head = (f"jacana bench: {s['events']:,} synthetic AGC events ({s['events_x_variations']:,} events x variations),"
-            f" {s['device']}, {s['cores']} cores, median of {s['repeats']} runs, {s['seconds']:.0f} s")
+            f" {s['device']}, {s['cores']} cores, median of {s['repeats']} runs, {s['seconds']:.0f} s"
+            + (f", {s['dtype']} batches" if s.get("dtype", "float64") != "float64" else ""))
     cols = ("#", "figure", "value", "baseline", "ratio", "target", "verdict")
     body = []
     for r in result["rows"]:

@@ -158,7 +158,7 @@ def cmd_bench(args) -> int:
 
     result = run_bench(args.events, workers=args.workers, scheduler=args.scheduler, device=args.device,
                        repeats=args.repeats, out=args.out, data_dir=args.data_dir, progress=not args.quiet,
-                       dtype=args.dtype, rows=args.rows)
+                       dtype=args.dtype, rows=args.rows, warm_threads=args.warm_threads)
     print(format_table(result))
     if args.out:
         print(f"jacana: benchmark written to {Path(args.out).resolve()}")
@@ -289,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", metavar="FIGURES",
                    help="only these figures, comma-separated (e.g. 1,3,5,7,9: what a GPU run needs; 7 is rows 7a/7b,"
                         " 9 is 9a/9b); default 1-8 (and 9 with --dtype float32)")
+    p.add_argument("--warm-threads", type=int, default=1, metavar="N",
+                   help="compile the gradient step's programs in N threads before timing (default 1: one after"
+                        " another); on a many-core GPU host it shortens the run, not the figures")
     p.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported (default 3)")
     p.add_argument("--out", help="also write the rows and all measurements to this JSON file")
     p.add_argument("--data-dir", help="generate (or reuse) the events under this folder (default: a temporary one)")

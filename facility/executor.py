@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from jacana.protocol.stage import Stage
 from jacana.stages.analysis import SoftConfig, default_params, soft_config
-from jacana.stages.batch import ChunkBatches, EventBatch, block_size_for, regroupable_batches, to_device
+from jacana.stages.batch import ChunkBatches, EventBatch, regroupable_batches, to_device
 from jacana.stages.columns import read_ahead, read_chunk
 from jacana.stages.errors import FilesetError, InputFileError
 from jacana.stages.fileset import Chunk
@@ -33,6 +33,7 @@ from jacana.stages.spec import AnalysisSpec
 from jacana.stages.stats.sensitivity import yields_key
 from jacana.stages.stats.stage import analysis_keys
 
+from jacana.facility.devices import CPU_CALL_EVENTS, block_events_for, call_events_for, platform_of_default_device
 from jacana.facility.hardrun import InputReport
 
 
@@ -88,9 +89,9 @@ class ExecutorBase:
         return yields_by_key(outs), unflatten(grads)
 
 
-#: Events per compiled call: every call has this many events, so each (jet bucket, file kind)
-#: compiles once however many chunks and events there are.
-CALL_EVENTS = 4096
+#: Events per compiled call on the CPU: every call has this many events, so each (jet bucket, file
+#: kind) compiles once however many chunks and events there are (accelerators: see facility.devices).
+CALL_EVENTS = CPU_CALL_EVENTS
 #: Lepton slots of every batch (widened on demand to the next power of two).
 LEPTON_WIDTH = 4
 
@@ -107,20 +108,22 @@ def _aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
 
 
 def rebatch(parts: Iterable[EventBatch], lepton_width: int = LEPTON_WIDTH,
-            call_events: int = CALL_EVENTS) -> list[EventBatch]:
+            call_events: int | None = None, platform: str | None = None) -> list[EventBatch]:
     """Regroup dense batches into fixed-shape calls: one shape per (jet bucket, kinematic set).
 
     Events of the same jet bucket from any number of chunks are concatenated (padding events
-    dropped), lepton slots widened to a common width, and cut into calls of exactly
-    ``call_events`` events (the last padded with zero-weight events), processed in blocks of
-    :func:`~jacana.stages.batch.block_size_for` events.
+    dropped), lepton slots widened to a common width, and cut into calls of ``call_events``
+    events (the last padded with zero-weight events), processed in blocks. The call and block
+    sizes suit the ``platform`` (default: JAX's default device; :mod:`jacana.facility.devices`):
+    on the CPU calls of 4096 events in cache-sized blocks, on an accelerator one large call per group.
     """
+    platform = platform or platform_of_default_device()
     groups: dict[tuple, list[EventBatch]] = {}
     for p in parts:
         groups.setdefault((p.n_jets, p.kinematic, p.weight_variations), []).append(p)
     out = []
     for (n_jets, kinematic, wv), members in sorted(groups.items(), key=lambda kv: kv[0][0]):
-        block = min(block_size_for(n_jets), call_events)
+        block = block_events_for(n_jets, platform)
         width = max([lepton_width] + [m.lepton_pt.shape[1] for m in members])
         width = 1 << (width - 1).bit_length()
         # each field written once into its zero-padded [n_calls * call, ...] array (padding is 0/False);
@@ -128,7 +131,8 @@ def rebatch(parts: Iterable[EventBatch], lepton_width: int = LEPTON_WIDTH,
         masks = [np.asarray(m.event_mask) for m in members]
         counts = [int(k.sum()) for k in masks]
         rows = [slice(None, c) if k[:c].all() else k for k, c in zip(masks, counts)]  # real events first
-        call = call_events
+        call = call_events or call_events_for(platform, sum(counts), block)
+        block = min(block, call)
         n_calls = max(1, -(-sum(counts) // call))
         fields = {}
         for f in dataclasses.fields(EventBatch):

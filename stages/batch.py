@@ -77,10 +77,13 @@ def nice_size(n: int, minimum: int = 1) -> int:
     return three if p >= 4 and three >= n else p
 
 
-def block_size_for(n_jets: int) -> int:
-    """Events per processing block for a jet bucket: about BLOCK_ELEMENTS event x trijet elements."""
-    n_trijets = max(math.comb(n_jets, 3), 1)
-    b = max(MIN_BLOCK, BLOCK_ELEMENTS // n_trijets)
+def block_size_for(n_jets: int, *, elements: int = BLOCK_ELEMENTS, min_per_event: int = 1) -> int:
+    """Events per processing block for a jet bucket: about ``elements`` event x trijet elements
+    (a power of two, at least MIN_BLOCK), counting each event as at least ``min_per_event``
+    elements. The defaults are the CPU's (cache-sized blocks); :mod:`jacana.facility.devices`
+    passes larger budgets on accelerators."""
+    n_trijets = max(math.comb(n_jets, 3), min_per_event, 1)
+    b = max(MIN_BLOCK, elements // n_trijets)
     return 1 << (b.bit_length() - 1)
 
 

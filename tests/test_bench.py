@@ -133,3 +133,42 @@ def test_bench_gpu_without_gpu_is_a_clear_error():
         pass
     with pytest.raises(FacilityError, match="no GPU"):
         use_device("gpu")
+
+
+def test_bench_rows_and_mixed_precision(tmp_path, monkeypatch):
+    """--rows runs only the figures named (what a GPU check needs); --dtype float32 adds figure 9."""
+    from jacana.bench import passes as bench_stages
+    from jacana.bench.suite import parse_rows
+    from jacana.stages.errors import ConfigError
+
+    calls: list = []
+    _canned(monkeypatch, calls)
+    canned = bench_stages.run_benchmark
+    monkeypatch.setattr(bench_stages, "run_benchmark", lambda fileset, **kw: dict(
+        canned(fileset, **kw), dtype=kw["dtype"], seconds_jacobian_float64=3.0, calls_per_step=50,
+        events_per_call=8_000.0, selected_events_per_call=7_000.0, call_shapes=31, seconds_warmup_forward=1.0,
+        seconds_warmup_jacobian=2.0, float32_yields_max_deviation=2e-6, float32_jacobian_max_row_deviation=2e-3,
+        float32_jacobian_max_relative_deviation=1e-4))
+    result = run_bench(10_000, repeats=1, data_dir=tmp_path, progress=False, rows="1,3,7a")
+    assert [r["id"] for r in result["rows"]] == ["1", "3", "7a", "7b"]
+    assert calls[-1]["reference"] is False and calls[-1]["forward"] is True and calls[-1]["compare_float32"] is False
+    assert "50 calls per step, 8,000 events per call" in result["rows"][0]["note"]
+    assert result["setup"]["calls_per_step"] == 50 and result["setup"]["figures"] == ["1", "3", "7"]
+
+    result = run_bench(10_000, repeats=1, data_dir=tmp_path, progress=False, dtype="float32", rows="3,9")
+    rows = {r["id"]: r for r in result["rows"]}
+    assert list(rows) == ["3", "9a", "9b"] and calls[-1]["dtype"] == "float32" and calls[-1]["forward"] is False
+    assert calls[-1]["compare_float32"] is True
+    assert rows["9a"]["met"] is True and rows["9b"]["met"] is False and rows["9b"]["ratio"] == pytest.approx(2.0)
+    assert "float32 2 s vs float64 3 s" in rows["9a"]["note"]
+    assert "float32 batches" in format_table(result)
+
+    default32 = run_bench(10_000, repeats=1, data_dir=tmp_path, progress=False, dtype="float32")
+    assert [r["id"] for r in default32["rows"]] == FIGURES + ["9a", "9b"]
+
+    assert parse_rows("1, 3,5,7b,9") == ("1", "3", "5", "7", "9") and parse_rows(["6a", "2"]) == ("2", "6")
+    for bad in ("10", "x", ",", "7e"):
+        with pytest.raises(ConfigError, match="--rows"):
+            parse_rows(bad)
+    with pytest.raises(ConfigError, match="--dtype"):
+        run_bench(10_000, data_dir=tmp_path, progress=False, dtype="float16")
