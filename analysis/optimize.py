@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from jacana.facility.atomic import write_json
 from jacana.analysis.chain import AnalysisChain, analysis_chain
+from jacana.analysis.results import OptimizationResult, pass_count
 from jacana.facility.hardrun import DEFAULT_CHUNK_SIZE, ColumnStore, InputReport, analysis_chunks
 from jacana.stages.analysis import PARAM_NAMES, default_relax, hard_relax
 from jacana.stages.errors import ConfigError, JacanaError
@@ -430,21 +431,14 @@ def relaxation_gap(history) -> dict:
             "relaxed_over_hard_step": h["step"]}
 
 
-def pass_count(total: int, history, per_step: int) -> dict:
-    """The ``total`` full passes over the training events a run made, by kind (``jacana baselines``
-    counts these); ``per_step``: passes per step (:attr:`OptimizeSettings.passes_per_step`)."""
-    hard = sum(1 for h in history if h.get("hard_objective") is not None)
-    return {"train": int(total), "steps": len(history), "passes_per_step": per_step, "hard_evaluations": hard,
-            "other": int(total) - per_step * len(history) - hard}
-
-
 def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_dir: str | Path,
                  settings: OptimizeSettings, resume: bool = False, progress: bool = True,
                  on_bad_file: str = "fail", plots: bool = True, impacts: bool = True,
                  workers: int | None = None, scheduler: str | None = None, client=None,
                  profile: str | None = None, remote: Mapping[str, str] | None = None,
-                 token_file: str | None = None) -> dict:
-    """The main job: optimise on ``train``, validate before and after on ``validation``, write everything.
+                 token_file: str | None = None) -> OptimizationResult:
+    """The main job: optimise on ``train``, validate before and after on ``validation``, write everything
+    (``result.json`` is the returned result's :meth:`~OptimizationResult.to_json`).
 
     ``workers`` / ``scheduler`` / ``client`` / ``profile`` choose a dask executor (see
     :func:`jacana.facility.factory.make_executor`); none of them runs in this process.
@@ -481,35 +475,36 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
     final_spec = spec.with_params(final)
     after = validate(final_spec)
     b, a = before["result"]["expected"]["sigma_mu"], after["result"]["expected"]["sigma_mu"]
-    result = {
-        "objective": settings.objective,
-        "initial_params": params_summary(initial),
-        "final_params": params_summary(final),
-        "stopped": outcome["stopped"],
-        "free_params": list(opt.free),
-        **({"selected": outcome["selected"]} if "selected" in outcome else {}),
-        "history": outcome["history"],
-        "final_objective": {"hard_limit": hard_end, **relaxation_gap(outcome["history"])},
-        "passes": pass_count(opt.passes, outcome["history"], opt.passes_per_step),
-        "validation": {"before": before["result"], "after": after["result"],
-                       "sigma_mu_ratio_after_over_before": a / b},
-        "settings": settings.to_json(),
-        "events": {"train": executor.n_events, "validation_fileset": validation.source,
-                   "train_fileset": train.source},
-        "inputs": {"train": train_report.to_dict(), "validation": val_report.to_dict()},
-        "seconds": time.perf_counter() - t_start,
-    }
-    overrides = nn_overrides(settings.nn_region, settings.nn_bins) if settings.nn else []
-    write_json(out / "params.json", {"params": params_to_json(final), "overrides": overrides})
+    result = OptimizationResult(
+        objective=settings.objective,
+        initial_params=params_summary(initial),
+        final_params=params_summary(final),
+        stopped=outcome["stopped"],
+        free_params=list(opt.free),
+        selected=outcome.get("selected"),
+        history=outcome["history"],
+        final_objective={"hard_limit": hard_end, **relaxation_gap(outcome["history"])},
+        passes=pass_count(opt.passes, outcome["history"], opt.passes_per_step),
+        before=before["result"], after=after["result"], sigma_mu_ratio=a / b,
+        settings=settings.to_json(),
+        events={"train": executor.n_events, "validation_fileset": validation.source, "train_fileset": train.source},
+        inputs={"train": train_report.to_dict(), "validation": val_report.to_dict()},
+        seconds=time.perf_counter() - t_start,
+        complete_params=params_to_json(final),
+        overrides=nn_overrides(settings.nn_region, settings.nn_bins) if settings.nn else [],
+        source=str(out / "result.json"),
+    )
+    write_json(out / "params.json", result.params_json())
     write_json(out / "workspace.json", after["workspace"])
     write_json(out / "histograms.json", histograms_to_json(after["histograms"]), indent=None)
     if plots:
-        result["plots"] = make_plots(reference_spec, final_spec, out, result, before, after, impacts=impacts)
-    write_json(out / "result.json", result)
+        result = dataclasses.replace(result, plots=make_plots(reference_spec, final_spec, out, result, before, after,
+                                                              impacts=impacts))
+    write_json(out / "result.json", result.to_json())
     return result
 
 
-def make_plots(spec: AnalysisSpec, final_spec: AnalysisSpec, out: Path, result: Mapping, before: Mapping,
+def make_plots(spec: AnalysisSpec, final_spec: AnalysisSpec, out: Path, result: OptimizationResult, before: Mapping,
                after: Mapping, impacts: bool = True) -> dict[str, str]:
     from jacana.analysis import plots
     from jacana.stages.stats.inference import impacts as np_impacts
@@ -517,8 +512,8 @@ def make_plots(spec: AnalysisSpec, final_spec: AnalysisSpec, out: Path, result: 
 
     d = out / "plots"
     paths = {
-        "objective": plots.objective_history(result["history"], result["objective"], d / "objective.png"),
-        "parameters": plots.parameter_trajectories(result["history"], spec, d / "parameters.png"),
+        "objective": plots.objective_history(result.history, result.objective, d / "objective.png"),
+        "parameters": plots.parameter_trajectories(result.history, spec, d / "parameters.png"),
         "before": plots.stacked_histograms(spec, before["histograms"], d / "histograms_before.png",
                                            "(AGC cuts)", pseudo_data(spec, before["histograms"])),
         "after": plots.stacked_histograms(final_spec, after["histograms"], d / "histograms_after.png",

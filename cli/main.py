@@ -126,26 +126,25 @@ def cmd_optimize(args) -> int:
                           workers=args.workers, scheduler=args.scheduler, profile=args.profile,
                           remote=remote, token_file=args.token_file)
     out = Path(args.out).resolve()
-    v = result["validation"]
-    b, a = v["before"]["expected"]["sigma_mu"], v["after"]["expected"]["sigma_mu"]
-    print(f"jacana optimize: {result['objective']} over {len(result['history'])} steps ({result['stopped']}),"
-          f" {result['seconds']:.0f} s")
-    print("  parameters: " + ", ".join(f"{k} {result['initial_params'][k]:.4g} -> {v_:.4g}"
-                                       for k, v_ in result["final_params"].items() if not isinstance(v_, list)))
-    for k, v_ in result["final_params"].items():
+    b, a = result.sigma_mu_before, result.sigma_mu_after
+    print(f"jacana optimize: {result.objective} over {len(result.history)} steps ({result.stopped}),"
+          f" {result.seconds:.0f} s")
+    print("  parameters: " + ", ".join(f"{k} {result.initial_params[k]:.4g} -> {v_:.4g}"
+                                       for k, v_ in result.final_params.items() if not isinstance(v_, list)))
+    for k, v_ in result.final_params.items():
         if isinstance(v_, list):
             print(f"  {k}: " + " ".join(f"{e:.4g}" for e in v_))
-    if result.get("free_params") and len(result["free_params"]) < len(result["initial_params"]):
-        print("  free: " + ", ".join(result["free_params"]) + " (the other cuts stay at their start values)")
-    sel = result.get("selected")
+    if result.free_params and len(result.free_params) < len(result.initial_params):
+        print("  free: " + ", ".join(result.free_params) + " (the other cuts stay at their start values)")
+    sel = result.selected
     if sel and sel["point"] != "last":
         print(f"  kept the best hard-limit check on the training events: step {sel['step']}"
               f" ({sel['hard_objective']:.5g})")
-    fo = result["final_objective"]
+    fo = result.final_objective
     gap = (f", relaxed/hard {fo['relaxed_over_hard']:.3f} at step {fo['relaxed_over_hard_step']}"
            if fo.get("relaxed_over_hard") is not None else "")
-    print(f"  hard-limit objective at the end {fo['hard_limit']:.5g} (training events){gap};"
-          f" {result['passes']['train']} passes over the training events")
+    print(f"  hard-limit objective at the end {result.hard_limit:.5g} (training events){gap};"
+          f" {result.train_passes} passes over the training events")
     print(f"  held-out hard analysis (pyhf): expected sigma_ttbar_norm {b:.4f} -> {a:.4f}"
           f" (ratio {a / b:.3f})")
     print(f"jacana: results in {out} (result.json, params.json, workspace.json, histograms.json,"

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from jacana.analysis.results import GradientOptimum, OptimizationResult, recorded_passes
 from jacana.analysis.studies.hardobjective import HardObjective, check_names
 from jacana.facility.atomic import atomic_path, write_json
 from jacana.facility.hardrun import DEFAULT_CHUNK_SIZE, ColumnStore, analysis_chunks
@@ -201,54 +202,46 @@ def grid_search(objective: HardObjective, axes: Sequence, heldout: HardObjective
     return run.finish(grid=[a.to_dict() for a in axes])
 
 
-def gradient_passes(result: Mapping) -> dict:
-    """Full passes over the training events a ``jacana optimize`` result used (see the module docstring)."""
-    if isinstance(result.get("passes"), Mapping) and "train" in result["passes"]:
-        return dict(result["passes"])
-    from jacana.analysis.optimize import pass_count
-
-    history = result.get("history", [])
-    settings = result.get("settings") or {}
-    # Jacobian mode (the cuts): yields and Jacobian in one pass; VJP mode (bin edges, NN): yields, then the VJP
-    per_step = 2 if settings.get("binning") or settings.get("nn") else 1
-    hard = sum(1 for h in history if h.get("hard_objective") is not None)
-    extra = 1 + 2  # results before the count was recorded: the template; relaxed and hard objectives at the end
-    return pass_count(per_step * len(history) + hard + extra, history, per_step)
+def gradient_passes(result: OptimizationResult | Mapping) -> dict:
+    """Full passes over the training events a ``jacana optimize`` result used (see the module docstring);
+    for a result.json made before the count was recorded, reconstructed
+    (:func:`~jacana.analysis.results.recorded_passes`)."""
+    return dict(result.passes) if isinstance(result, OptimizationResult) else recorded_passes(result)
 
 
-def gradient_row(gradient: str | Path | Mapping, heldout: HardObjective | None = None, spec: AnalysisSpec | None = None,
-                 grid_best: Mapping | None = None, method: str = "gradient (jacana)") -> dict:
+def gradient_row(gradient: str | Path | GradientOptimum, heldout: HardObjective | None = None,
+                 spec: AnalysisSpec | None = None, grid_best: Mapping | None = None,
+                 method: str = "gradient (jacana)") -> dict:
     """The comparison row of a gradient run (its result.json, or it loaded by
     :func:`~jacana.analysis.studies.scan.load_gradient_result`); re-evaluated on ``heldout`` when given (and,
     with the held-out ``grid_best`` point of a bootstrap scan, judged against it: ``heldout_noise``).
     ``train_fileset``: the events it was trained on."""
     from jacana.analysis.studies.scan import load_gradient_result
 
-    g = gradient if isinstance(gradient, Mapping) else load_gradient_result(gradient)
-    result = g["result"]
-    passes = gradient_passes(result)
-    params = {k: v for k, v in g["params"].items() if spec is None or k in spec.parameters}
-    extra = {**g["extra"], **{k: v for k, v in g["params"].items() if k not in params}}
-    own = (result.get("validation", {}).get("after", {}).get("expected", {}) or {}).get("sigma_mu")
-    entry = (heldout.evaluate(params, extra or None, overrides=g["overrides"] or None)
+    g = gradient if isinstance(gradient, GradientOptimum) else load_gradient_result(gradient)
+    if spec is not None:
+        g = g.for_parameters(spec.parameters)
+    result = g.result
+    passes = result.passes
+    own = result.sigma_mu_after
+    entry = (heldout.evaluate(g.params, g.extra or None, overrides=g.overrides or None)
              if heldout is not None else {"sigma_mu": own})
     held = entry["sigma_mu"]
-    hist = result.get("history", [])
     trace, best, used = [], math.inf, 1  # older results: template, then per step 1 or 2 (+1 with a hard check)
-    for h in hist:
-        used = h.get("passes", used + passes.get("passes_per_step", 1) + (h.get("hard_objective") is not None))
+    for h in result.history:
+        used = h.get("passes", used + result.passes_per_step + (h.get("hard_objective") is not None))
         if h.get("hard_objective") is not None and h["hard_objective"] < best:
             best = h["hard_objective"]
             trace.append((used, best))
-    final_hard = (result.get("final_objective") or {}).get("hard_limit")
+    final_hard = result.hard_limit
     if final_hard is not None and final_hard < best:
-        trace.append((passes["train"], final_hard))
-    events = result.get("events") or {}
-    return {"method": method, "passes": passes["train"], "passes_detail": passes,
-            "events_per_pass": events.get("train"), "train_fileset": events.get("train_fileset"), "params": params,
+        trace.append((result.train_passes, final_hard))
+    events = result.events or {}
+    return {"method": method, "passes": result.train_passes, "passes_detail": dict(passes),
+            "events_per_pass": events.get("train"), "train_fileset": events.get("train_fileset"), "params": g.params,
             "train_sigma_mu": final_hard, "heldout_sigma_mu": held, "heldout_sigma_mu_own_validation": own,
-            "best_so_far": trace, "seconds": result.get("seconds"), "source": g["path"],
-            "objective": result.get("objective"), "heldout_noise": _noise(entry, grid_best)}
+            "best_so_far": trace, "seconds": result.seconds, "source": g.path,
+            "objective": result.objective, "heldout_noise": _noise(entry, grid_best)}
 
 
 def _same_fileset(a: str, b: str) -> bool:
@@ -451,7 +444,7 @@ def run_baselines(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_d
     gradients = load_gradient_results(gradient_results)
     for g in gradients:
         row = gradient_row(g, heldout=heldout, spec=spec, grid_best=ref["best"] if ref else None,
-                           method="gradient (jacana)" if len(gradients) == 1 else f"gradient (jacana, {g['label']})")
+                           method="gradient (jacana)" if len(gradients) == 1 else f"gradient (jacana, {g.label})")
         if row["train_fileset"] and not _same_fileset(row["train_fileset"], train.source):
             row["other_training_events"] = row["train_fileset"]
         rows.append(row)

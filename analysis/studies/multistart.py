@@ -16,7 +16,6 @@ parameters and of the held-out sigma_mu; ``OUT/plots/multistart.png`` plots them
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from jacana.analysis.results import OptimizationResult
 from jacana.analysis.studies.hardobjective import check_names
 from jacana.facility.atomic import write_json
 from jacana.stages.errors import ConfigError, JacanaError
@@ -63,32 +63,30 @@ def start_points(spec: AnalysisSpec, starts: int, seed: int = 0, spread: float =
     return points
 
 
-def _summary(k: int, point: Mapping, out: Path, result: Mapping | None, error: str | None) -> dict:
-    from jacana.analysis.studies.baselines import gradient_passes
-
+def _summary(k: int, point: Mapping, out: Path, result: OptimizationResult | None, error: str | None) -> dict:
     entry = {"start": k, "out": str(out), "initial_params": dict(point)}
     if result is None:
         return {**entry, "error": error}
-    v = result["validation"]
-    return {**entry, "final_params": result["final_params"],
-            "heldout_sigma_mu_initial": v["before"]["expected"]["sigma_mu"],
-            "heldout_sigma_mu": v["after"]["expected"]["sigma_mu"],
-            "train_hard_objective": result["final_objective"]["hard_limit"],
-            "objective": result["objective"], "stopped": result["stopped"], "steps": len(result["history"]),
-            "passes": gradient_passes(result)["train"], "seconds": result.get("seconds")}
+    return {**entry, "final_params": result.final_params,
+            "heldout_sigma_mu_initial": result.sigma_mu_before,
+            "heldout_sigma_mu": result.sigma_mu_after,
+            "train_hard_objective": result.hard_limit,
+            "objective": result.objective, "stopped": result.stopped, "steps": len(result.history),
+            "passes": result.train_passes, "seconds": result.seconds}
 
 
-def _reusable(out: Path, point: Mapping, settings) -> dict | None:
+def _reusable(out: Path, point: Mapping, settings) -> OptimizationResult | None:
     path = out / "result.json"
     if not path.is_file():
         return None
     try:
-        result = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        result = OptimizationResult.load(path)
+    except ConfigError:  # not valid JSON, or not a jacana optimize result
         return None
-    same_start = all(math.isclose(float(result.get("initial_params", {}).get(k, math.nan)), float(v), rel_tol=1e-12,
-                                  abs_tol=1e-12) for k, v in point.items())
-    return result if same_start and result.get("settings") == settings.to_json() else None
+    initial = result.initial_params or {}
+    same_start = all(math.isclose(float(initial.get(k, math.nan)), float(v), rel_tol=1e-12, abs_tol=1e-12)
+                     for k, v in point.items())
+    return result if same_start and result.settings == settings.to_json() else None
 
 
 def run_start(k: int, spec_dict: Mapping, point: Mapping, train: Fileset, validation: Fileset, out: str,
@@ -105,7 +103,7 @@ def run_start(k: int, spec_dict: Mapping, point: Mapping, train: Fileset, valida
         result = run_optimize(spec, train, validation, out, settings, **options.get("run", {}))
     except JacanaError as exc:
         return _summary(k, point, out, None, f"{type(exc).__name__}: {exc}")
-    return _summary(k, point, out, result, None)
+    return _summary(k, point, out, OptimizationResult.of(result, out / "result.json"), None)
 
 
 def _stats(values: Sequence[float]) -> dict:

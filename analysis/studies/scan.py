@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from jacana.analysis.results import GradientOptimum, OptimizationResult, read_json
 from jacana.analysis.studies.hardobjective import HardObjective, check_names
 from jacana.facility.atomic import write_json
 from jacana.facility.hardrun import DEFAULT_CHUNK_SIZE
@@ -170,42 +171,14 @@ def paired_noise(entry: Mapping, best: Mapping, z: float = NOISE_Z) -> dict | No
             "diff_std": float(np.std(diffs, ddof=1))}
 
 
-def _read_json(path: Path, what: str):
-    if not path.is_file():
-        raise ConfigError(f"{what} {str(path)!r} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{what} {str(path)!r} is not valid JSON: {exc}") from None
+def load_gradient_result(path: str | Path) -> GradientOptimum:
+    """The optimum of a ``jacana optimize`` run (its result.json, or the folder holding it; see
+    :class:`~jacana.analysis.results.GradientOptimum`): the named cuts, what else it optimised
+    (from the ``params.json`` beside it when there is one) and the config overrides it needs."""
+    return GradientOptimum.load(path)
 
 
-def load_gradient_result(path: str | Path) -> dict:
-    """The optimum of a ``jacana optimize`` run (its result.json, or the folder holding it).
-
-    ``params``: the named cuts; ``extra``: what else it optimised (bin edges ``edges_<region>``,
-    network weights ``nn``; these come from the ``params.json`` beside it when there is one);
-    ``overrides``: config overrides the optimum needs (e.g. a region's observable set to the network).
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "result.json"
-    raw = _read_json(path, "gradient result")
-    params = (raw.get("final_params") or raw.get("params")) if isinstance(raw, dict) else None
-    if not isinstance(params, dict):
-        raise ConfigError(f"gradient result {str(path)!r} has no final_params (a jacana optimize result.json)")
-    overrides: list[str] = []
-    beside = path.parent / "params.json"
-    if path.name != "params.json" and beside.is_file():  # the complete optimum (with the network weights)
-        full = _read_json(beside, "params file")
-        if isinstance(full, dict) and isinstance(full.get("params"), dict):
-            params = {**params, **full["params"]}
-            overrides = [str(o) for o in full.get("overrides", [])]
-    scalars = {k: float(v) for k, v in params.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    extra = {k: v for k, v in params.items() if k not in scalars}  # bin edges, network weights
-    return {"params": scalars, "extra": extra, "overrides": overrides, "path": str(path), "result": raw}
-
-
-def load_gradient_results(paths: str | Path | Sequence[str | Path]) -> list[dict]:
+def load_gradient_results(paths: str | Path | Sequence[str | Path]) -> list[GradientOptimum]:
     """Every optimum to judge, each a :func:`load_gradient_result` with a ``label`` (none for no paths).
 
     A path is a ``jacana optimize`` result (``result.json`` or its folder) or a multi-start run
@@ -214,7 +187,7 @@ def load_gradient_results(paths: str | Path | Sequence[str | Path]) -> list[dict
     after its run's folder name when several paths are given), made unique with the full path.
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    found: list[tuple[str, str, dict]] = []  # (short label, long label, result)
+    found: list[tuple[str, str, GradientOptimum]] = []  # (short label, long label, optimum)
     for raw in paths:
         path = Path(raw)
         if path.is_dir() and not (path / "result.json").is_file():
@@ -224,11 +197,11 @@ def load_gradient_results(paths: str | Path | Sequence[str | Path]) -> list[dict
             path = path / "multistart.json"
         if path.name != "multistart.json":
             g = load_gradient_result(path)
-            file = Path(g["path"])
+            file = Path(g.path)
             short = file.parent.name if file.name == "result.json" else file.stem
-            found.append((short or str(file.parent), g["path"], g))
+            found.append((short or str(file.parent), g.path, g))
             continue
-        doc = _read_json(path, "multi-start result")
+        doc = read_json(path, "multi-start result")
         runs = [r for r in (doc.get("runs") if isinstance(doc, dict) else None) or [] if r.get("final_params")]
         if not runs:
             raise ConfigError(f"multi-start result {str(path)!r} has no start that finished (nothing to judge)")
@@ -240,7 +213,7 @@ def load_gradient_results(paths: str | Path | Sequence[str | Path]) -> list[dict
             prefix = f"{path.parent.name} " if len(paths) > 1 else ""
             found.append((f"{prefix}start {k}", f"{path.parent} start {k}", load_gradient_result(folder)))
     shorts = [short for short, _, _ in found]
-    return [{**g, "label": short if shorts.count(short) == 1 else long} for short, long, g in found]
+    return [dataclasses.replace(g, label=short if shorts.count(short) == 1 else long) for short, long, g in found]
 
 
 def grid_points(axes: Sequence[Axis]) -> list[tuple[tuple[int, ...], dict[str, float]]]:
@@ -266,10 +239,8 @@ def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir
     axes = list(axes)
     if hold not in ("config", "gradient"):
         raise ConfigError(f"hold must be 'config' or 'gradient', got {hold!r}")
-    gradients = load_gradient_results(gradient_results)
-    for gradient in gradients:  # named cuts this config tunes; bin edges / network weights apply as they are
-        gradient["extra"].update({k: v for k, v in gradient["params"].items() if k not in spec.parameters})
-        gradient["params"] = {k: v for k, v in gradient["params"].items() if k in spec.parameters}
+    # named cuts this config tunes; bin edges / network weights apply as they are
+    gradients = [g.for_parameters(spec.parameters) for g in load_gradient_results(gradient_results)]
     if hold == "gradient" and len(gradients) != 1:
         raise ConfigError("holding the other parameters at the gradient optimum needs one gradient result,"
                           f" got {len(gradients)}" + (" (a multi-start run gives one per start)" if gradients else ""))
@@ -277,7 +248,7 @@ def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir
     scanned = [a.name for a in axes]
     fixed = {k: v for k, v in agc.items() if k not in scanned}
     if hold == "gradient":
-        fixed.update({k: v for k, v in gradients[0]["params"].items() if k in fixed})
+        fixed.update({k: v for k, v in gradients[0].params.items() if k in fixed})
     if objective is not None and (bootstrap, bootstrap_seed) not in ((0, 0), (objective.bootstrap,
                                                                          objective.bootstrap_seed)):
         raise ConfigError("give the bootstrap replicas to the objective passed in, not to run_scan")
@@ -367,39 +338,37 @@ def run_scan(spec: AnalysisSpec, fileset: Fileset, axes: Sequence[Axis], out_dir
     return result
 
 
-def _judge(obj: HardObjective, gradient: Mapping, grid_best: Mapping, axes: Sequence[Axis],
+def _judge(obj: HardObjective, gradient: GradientOptimum, grid_best: Mapping, axes: Sequence[Axis],
            fixed: Mapping[str, float]) -> dict:
     """A gradient optimum on the scan's events, against the grid's best: grid steps away, ratio, noise."""
-    g = obj.evaluate(gradient["params"], gradient["extra"] or None, overrides=gradient["overrides"] or None)
+    g = obj.evaluate(gradient.params, gradient.extra or None, overrides=gradient.overrides or None)
     g.pop("cached", None)
-    g["label"], g["source"] = gradient["label"], gradient["path"]
-    path = _trajectory(gradient["result"], [a.name for a in axes])
+    g["label"], g["source"] = gradient.label, gradient.path
+    path = _trajectory(gradient.result, [a.name for a in axes])
     if path:
         g["path"] = path
-    if gradient["extra"] or gradient["overrides"]:
-        g["also_set"] = sorted(gradient["extra"]) + list(gradient["overrides"])
-    steps = {a.name: abs(gradient["params"][a.name] - grid_best["params"][a.name]) / a.step
-             for a in axes if a.step > 0 and a.name in gradient["params"]}
+    if gradient.extra or gradient.overrides:
+        g["also_set"] = sorted(gradient.extra) + list(gradient.overrides)
+    steps = {a.name: abs(gradient.params[a.name] - grid_best["params"][a.name]) / a.step
+             for a in axes if a.step > 0 and a.name in gradient.params}
     g["grid_steps_from_best"] = steps
     g["within_one_grid_step"] = all(s <= 1.0 + 1e-9 for s in steps.values())
     g["over_grid_best"] = g["sigma_mu"] / grid_best["sigma_mu"] if g["sigma_mu"] else None
     g["within_near_best"] = g["over_grid_best"] is not None and g["over_grid_best"] <= 1 + NEAR_BEST
     scanned = {a.name for a in axes}
-    g["other_params_differ_from_grid"] = {k: v for k, v in gradient["params"].items()
+    g["other_params_differ_from_grid"] = {k: v for k, v in gradient.params.items()
                                           if k not in scanned and abs(v - fixed.get(k, v)) > 1e-12}
     if obj.bootstrap:
         g["bootstrap"] = paired_noise(g, grid_best)
     return g
 
 
-def _trajectory(result, names: Sequence[str]) -> dict[str, list[float]] | None:
+def _trajectory(result: OptimizationResult, names: Sequence[str]) -> dict[str, list[float]] | None:
     """The scanned parameters' values at each step of an optimisation result (its history), for the
     plot's path from start to optimum; None when the result does not record them."""
-    if not isinstance(result, Mapping):
-        return None
-    steps = [h.get("params") for h in result.get("history") or [] if isinstance(h, Mapping)]
+    steps = [h.get("params") for h in result.history if isinstance(h, Mapping)]
     if not steps:
-        steps = [result.get("initial_params")]
+        steps = [result.initial_params]
     steps = [p for p in steps if isinstance(p, Mapping) and all(isinstance(p.get(n), (int, float)) for n in names)]
     return {n: [float(p[n]) for p in steps] for n in names} if steps else None
 
