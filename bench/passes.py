@@ -123,7 +123,7 @@ def _compile_times(executor, params, relax) -> dict:
     import jax
 
     from jacana.stages.analysis import soft_yields
-    from jacana.stages.jacobian import _yields_and_jacobian_one, _yields_vjp_one
+    from jacana.stages.jacobian import yields_and_jacobian_call, yields_vjp_call
 
     config = executor.config
     seen, out = set(), {"forward": [], "jacobian": [], "vjp": []}
@@ -145,9 +145,9 @@ def _compile_times(executor, params, relax) -> dict:
             seen.add(shape)
             y, t = twice(lambda part=part: soft_yields(params, relax, part, config))
             out["forward"].append(t)
-            out["jacobian"].append(twice(lambda part=part: _yields_and_jacobian_one(params, relax, part, config))[1])
+            out["jacobian"].append(twice(lambda part=part: yields_and_jacobian_call(params, relax, part, config))[1])
             cot = jax.tree.map(lambda a: a * 0 + 1.0, y)
-            out["vjp"].append(twice(lambda part=part, cot=cot: _yields_vjp_one(params, relax, part, config, cot))[1])
+            out["vjp"].append(twice(lambda part=part, cot=cot: yields_vjp_call(params, relax, part, config, cot))[1])
     res = {"call_shapes": len(seen)}
     for mode, times in out.items():
         res[f"compile_seconds_{mode}"] = float(sum(times))

@@ -30,7 +30,10 @@ jax.config.update("jax_enable_x64", True)
 
 
 @partial(jax.jit, static_argnames=("config",))
-def _yields_and_jacobian_one(params, relax, batch, config):
+def yields_and_jacobian_call(params, relax, batch, config):
+    """(yields, Jacobian) of ONE fixed-shape batch: one compiled program per call shape (what the
+    benchmarks time call by call; :func:`yields_and_jacobian` sums these over a chunk's parts)."""
+
     def f(p):
         y = soft_yields(p, relax, batch, config)
         return y, y
@@ -40,7 +43,8 @@ def _yields_and_jacobian_one(params, relax, batch, config):
 
 
 @partial(jax.jit, static_argnames=("config",))
-def _yields_vjp_one(params, relax, batch, config, cotangent):
+def yields_vjp_call(params, relax, batch, config, cotangent):
+    """(yields, VJP) of ONE fixed-shape batch (see :func:`yields_and_jacobian_call`)."""
     ylds, pullback = jax.vjp(lambda p: soft_yields(p, relax, batch, config), params)
     (grad,) = pullback(cotangent)
     return ylds, grad
@@ -51,7 +55,7 @@ def yields_and_jacobian(params: Mapping, relax: Mapping, batches, config: SoftCo
     params = dict(params)
     total_y, total_j = None, None
     for part in batch_parts(batches):
-        y, j = _yields_and_jacobian_one(params, relax, part, config)
+        y, j = yields_and_jacobian_call(params, relax, part, config)
         total_y, total_j = add_yields(total_y, y), add_yields(total_j, j)
     return total_y, total_j
 
@@ -61,7 +65,7 @@ def yields_vjp(params: Mapping, relax: Mapping, batches, config: SoftConfig, cot
     params = dict(params)
     total_y, total_g = None, None
     for part in batch_parts(batches):
-        y, g = _yields_vjp_one(params, relax, part, config, cotangent)
+        y, g = yields_vjp_call(params, relax, part, config, cotangent)
         total_y, total_g = add_yields(total_y, y), add_yields(total_g, g)
     return total_y, total_g
 
