@@ -52,6 +52,7 @@ from jacana.protocol.errors import JacanaError, ProvenanceError
 from jacana.protocol.message import Message, decode, encode
 from jacana.protocol.provenance import Provenance, merge
 from jacana.protocol.rpc import MessageStage, raise_if_error
+from jacana.protocol.transport import DaskTransport
 from jacana.stages.errors import FilesetError, InputFileError
 from jacana.stages.fileset import Chunk
 from jacana.stages.spec import AnalysisSpec
@@ -319,8 +320,8 @@ class DaskExecutor(ExecutorBase):
         t0 = time.perf_counter()
         self._step += 1
         step, data = self._step, encode(request)
-        level = [self.client.submit(step_task, shard, data, pure=False, key=f"jacana-step-{self._token}-{step}-{i}",
-                                    resources=self.resources or None)
+        level = [DaskTransport(shard, self.client).submit(data, key=f"jacana-step-{self._token}-{step}-{i}",
+                                                          resources=self.resources or None)
                  for i, shard in enumerate(self.shards)]
         n_tasks, depth = len(level), 0
         while len(level) > 1:

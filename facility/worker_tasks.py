@@ -114,6 +114,10 @@ class WorkerShard:
     keys: tuple = ()  # every (sample, file variation) the analysis needs: each response carries all of them
     stage_factory: Any = None  # what runs on the batches (default: jacana.stages.soft_stage.SoftYieldsStage)
 
+    def serve_bytes(self, request: bytes) -> bytes:
+        """Answer one encoded request (:func:`step_task`): what :func:`jacana.protocol.transport.serve_task` calls."""
+        return step_task(self, request)
+
 
 def build_shard_task(index: int, n_shards: int, spec_dict: Mapping, units: Sequence, owned: Sequence[Mapping],
                      n_chunks: int, stage_factory: Any, *loads: ChunkLoad) -> WorkerShard:

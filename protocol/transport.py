@@ -98,39 +98,53 @@ def _cached_stage(ref: str) -> Stage:
     return load_stage(ref)
 
 
-def handle_ref(stage_ref: str, data: bytes) -> bytes:
-    """Module-level task for dask: serve ``data`` with the stage named ``stage_ref``
-    (``"module:factory"``, loaded once per worker process). Bytes in, bytes out."""
-    try:
-        stage = _cached_stage(stage_ref)
-    except Exception as exc:
-        from jacana.protocol.rpc import error_message
+def serve_task(target: Any, data: bytes) -> bytes:
+    """Module-level task for dask: serve ``data`` with ``target`` and answer bytes.
 
-        return encode(error_message(exc))
-    return handle_bytes(stage, data)
+    ``target`` is a ``"module:factory"`` reference (the stage is loaded once per worker process),
+    a :class:`Stage`, or an object that serves messages itself (``target.serve_bytes(data)``:
+    the dask executor's worker-resident shards, which add their provenance and ledger)."""
+    if isinstance(target, str):
+        try:
+            target = _cached_stage(target)
+        except Exception as exc:
+            from jacana.protocol.rpc import error_message
+
+            return encode(error_message(exc))
+    if hasattr(target, "serve_bytes"):
+        return target.serve_bytes(data)
+    return handle_bytes(target, data)
+
+
+def handle_ref(stage_ref: str, data: bytes) -> bytes:
+    """:func:`serve_task` for a stage reference (the task name SPEC.md gives)."""
+    return serve_task(stage_ref, data)
 
 
 class DaskTransport(Transport):
-    """Send encoded messages as dask tasks calling :func:`handle_ref`.
+    """Send encoded messages as dask tasks calling :func:`serve_task` on ``target``.
 
-    With a ``distributed.Client`` the task is ``client.submit(handle_ref, stage_ref,
-    data)``; without one, ``dask.delayed`` on the default scheduler. Only the
-    stage reference string and the message bytes travel with the task.
+    ``target``: a stage reference (``"module:factory"``), or, with a ``distributed.Client``, a
+    future of an object living on a worker (a stage, or anything with ``serve_bytes``: only the
+    message bytes travel, the object stays where it is). With a client the task is
+    ``client.submit(serve_task, target, data)``; without one, ``dask.delayed`` on the default
+    scheduler. This is jacana's one dask path: the dask executor's shards are served through it.
     """
 
-    def __init__(self, stage_ref: str, client: Any = None, *, timeout: float | None = 600.0,
+    def __init__(self, target: Any, client: Any = None, *, timeout: float | None = 600.0,
                  max_bytes: int = DEFAULT_MAX_BYTES, **submit_kwargs: Any) -> None:
-        self.stage_ref = stage_ref
+        self.target = target
+        self.stage_ref = target if isinstance(target, str) else None
         self.client = client
         self.timeout = timeout
         self.max_bytes = max_bytes
         self.submit_kwargs = submit_kwargs
 
-    def submit(self, data: bytes) -> Any:
+    def submit(self, data: bytes, **submit_kwargs: Any) -> Any:
         """Submit without waiting (distributed only); returns a future of bytes."""
         if self.client is None:
             raise TransportError("submit needs a distributed Client")
-        return self.client.submit(handle_ref, self.stage_ref, data, pure=False, **self.submit_kwargs)
+        return self.client.submit(serve_task, self.target, data, pure=False, **{**self.submit_kwargs, **submit_kwargs})
 
     def request_bytes(self, data: bytes) -> bytes:
         try:
@@ -139,11 +153,11 @@ class DaskTransport(Transport):
             else:
                 import dask
 
-                out = dask.delayed(handle_ref, pure=False)(self.stage_ref, data).compute()
+                out = dask.delayed(serve_task, pure=False)(self.target, data).compute()
         except TransportError:
             raise
         except Exception as exc:
-            raise TransportError(f"dask task for {self.stage_ref!r} failed: {exc}") from exc
+            raise TransportError(f"dask task for {self.target!r:.80} failed: {exc}") from exc
         if not isinstance(out, (bytes, bytearray)):
             raise TransportError(f"dask task returned {type(out).__name__}, not bytes")
         return bytes(out)

@@ -68,15 +68,3 @@ def yields_vjp(params: Mapping, relax: Mapping, batches, config: SoftConfig, cot
         y, g = yields_vjp_call(params, relax, part, config, cotangent)
         total_y, total_g = add_yields(total_y, y), add_yields(total_g, g)
     return total_y, total_g
-
-
-def contract(jacobian: Mapping, cotangent: Mapping) -> dict:
-    """``sum over outputs of cotangent x jacobian`` per parameter: what a VJP returns, from a Jacobian."""
-    out: dict = {}
-    for region, by_kind in jacobian.items():
-        for kind, by_param in by_kind.items():
-            ct = cotangent[region][kind]
-            for name, jac in by_param.items():
-                val = (jac * ct.reshape(ct.shape + (1,) * (jac.ndim - ct.ndim))).sum(axis=tuple(range(ct.ndim)))
-                out[name] = val if name not in out else out[name] + val
-    return out

@@ -20,7 +20,21 @@ from jacana.stages.analysis import (chunk_yields, default_params, default_relax,
 from jacana.stages.batch import make_batches
 from jacana.stages.columns import read_chunk
 from jacana.stages.fileset import load_fileset
-from jacana.stages.jacobian import contract, yields_and_jacobian, yields_vjp
+from jacana.stages.jacobian import yields_and_jacobian, yields_vjp
+
+
+def contract(jacobian, cotangent):
+    """sum over (region, kind, variation, bin) of cotangent x Jacobian, per parameter (independent of
+    the pipeline's own contraction, protocol.pipeline.Pipeline.jacobian, which the chain tests cover)."""
+    out = {}
+    for region, by_kind in jacobian.items():
+        for kind, by_param in by_kind.items():
+            ct = np.asarray(cotangent[region][kind])
+            for name, jac in by_param.items():
+                jac = np.asarray(jac)
+                val = np.tensordot(ct, jac, axes=ct.ndim)
+                out[name] = val if name not in out else out[name] + val
+    return out
 from jacana.stages.spec import load_spec
 
 FD_STEP = {"lepton_pt_min": 0.002, "jet_pt_min": 0.002, "jet_eta_max": 2e-5, "btag_min": 2e-5, "edges_4j1b": 0.002}
