@@ -32,7 +32,7 @@ from jacana.facility.atomic import write_json
 from jacana.analysis.chain import AnalysisChain, analysis_chain
 from jacana.analysis.results import OptimizationResult, pass_count
 from jacana.facility.hardrun import DEFAULT_CHUNK_SIZE, ColumnStore, InputReport, analysis_chunks
-from jacana.stages.analysis import PARAM_NAMES, default_relax, hard_relax
+from jacana.stages.analysis import default_relax, hard_relax, param_names
 from jacana.stages.errors import ConfigError, JacanaError
 from jacana.stages.fileset import Fileset
 from jacana.stages.stats.objectives import SENSE
@@ -303,7 +303,7 @@ class Optimizer:
 
     def hard_loss(self, params: Mapping) -> float:
         """The loss in the exact hard limit on the optimisation events (same pipeline, zero temperatures)."""
-        return self.loss(params, hard_relax())
+        return self.loss(params, hard_relax(self.spec))
 
     # -- the loop -------------------------------------------------------------------------
     def run(self, initial: Mapping[str, float], resume: bool = False,
@@ -366,7 +366,7 @@ class Optimizer:
                                            jax.tree.map(np.asarray, updates)), self.spec, s)
             self._save_checkpoint(step, params, opt_state, history, best, stale, first_loss, best_point)
             bar.set_postfix_str(f"{s.objective}={entry['objective']:.5g} " + " ".join(
-                f"{k}={params[k]:.3g}" for k in PARAM_NAMES if k in params))
+                f"{k}={params[k]:.3g}" for k in param_names(self.spec) if k in params))
             if on_step is not None:
                 on_step(entry)
             if annealed and stale >= s.patience:

@@ -33,8 +33,29 @@ def _fileset_from_args(args, role: str):
     from jacana.samples.datasets import DEFAULT_EVENTS, default_fileset
     from jacana.stages.fileset import load_fileset
 
-    path = args.fileset or default_fileset(role, events=args.events or DEFAULT_EVENTS)
+    spec = _spec_from_args(args)
+    path = args.fileset or default_fileset(role, events=args.events or DEFAULT_EVENTS, **synthetic_preset(spec))
     return load_fileset(path)
+
+
+def preset_names() -> list[str]:
+    from jacana.samples.synthetic import PRESETS
+
+    return sorted(PRESETS)
+
+
+def objective_names() -> list[str]:
+    """The objectives the CLI offers: the registry's (:data:`jacana.stages.stats.objectives.OBJECTIVES`)."""
+    from jacana.stages.stats.objectives import OBJECTIVES
+
+    return sorted(OBJECTIVES)
+
+
+def synthetic_preset(spec) -> dict:
+    """The embedded synthetic samples an analysis runs on by default: its config's ``synthetic`` preset
+    (default "agc"), regenerated if cached before the MET branches existed and the analysis reads them."""
+    return {"preset": spec.raw.get("synthetic", "agc"),
+            "require_met": any(b.startswith("MET_") for b in spec.needed_branches())}
 
 
 def _warn_skims(spec, *filesets) -> None:
@@ -48,7 +69,7 @@ def _warn_skims(spec, *filesets) -> None:
 def cmd_generate(args) -> int:
     from jacana.samples.synthetic import generate
 
-    path = generate(args.out, events=args.events, seed=args.seed, progress=not args.quiet)
+    path = generate(args.out, events=args.events, seed=args.seed, progress=not args.quiet, preset=args.preset)
     print(f"jacana: wrote synthetic AGC samples; fileset: {path}")
     return 0
 
@@ -109,9 +130,9 @@ def cmd_optimize(args) -> int:
             train, validation = train.split_alternate()
     else:
         train = load_fileset(default_fileset("optimize", events=args.events or DEFAULT_TRAIN_EVENTS,
-                                             progress=not args.quiet))
+                                             progress=not args.quiet, **synthetic_preset(spec)))
         validation = load_fileset(args.validation_fileset or default_fileset(
-            "validate", events=args.events or DEFAULT_EVENTS, progress=not args.quiet))
+            "validate", events=args.events or DEFAULT_EVENTS, progress=not args.quiet, **synthetic_preset(spec)))
     _warn_skims(spec, train, validation)
     settings = OptimizeSettings(steps=args.steps, objective=args.objective, binning=args.binning, nn=args.nn,
                                 free=free, step_fraction=args.step_fraction, step_schedule=args.step_schedule,
@@ -145,7 +166,7 @@ def cmd_optimize(args) -> int:
            if fo.get("relaxed_over_hard") is not None else "")
     print(f"  hard-limit objective at the end {result.hard_limit:.5g} (training events){gap};"
           f" {result.train_passes} passes over the training events")
-    print(f"  held-out hard analysis (pyhf): expected sigma_ttbar_norm {b:.4f} -> {a:.4f}"
+    print(f"  held-out hard analysis (pyhf): expected sigma_{spec.poi['name']} {b:.4f} -> {a:.4f}"
           f" (ratio {a / b:.3f})")
     print(f"jacana: results in {out} (result.json, params.json, workspace.json, histograms.json,"
           f" checkpoint.json); plots in {out / 'plots'}")
@@ -211,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--events", type=int, default=1_000_000, help="total events over all samples (default 1,000,000)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--preset", default="agc", choices=preset_names(),
+                   help="which samples: the AGC ttbar analysis's (default) or the single-top t-channel analysis's")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -227,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out fileset for the hard validation (default: the embedded validation samples,"
                         " or every other file of --fileset)")
     p.add_argument("--steps", type=int, default=40, help="optimisation steps (default 40)")
-    p.add_argument("--objective", choices=("sigma_mu", "z0", "cls", "upper_limit"), default="sigma_mu",
-                   help="what to optimise (default: the expected uncertainty on ttbar_norm)")
+    p.add_argument("--objective", choices=objective_names(), default="sigma_mu",
+                   help="what to optimise (default: the expected uncertainty on the config's POI)")
     p.add_argument("--binning", action="store_true",
                    help="optimise the interior bin edges of every region too (gradient by VJP: 2 passes a step)")
     p.add_argument("--nn", action="store_true",

@@ -19,7 +19,7 @@ blocks of the 2^k / 3 x 2^(k-1) form, up to the cap.
 
 from __future__ import annotations
 
-from jacana.stages.batch import BLOCK_ELEMENTS, block_size_for, padded_events
+from jacana.stages.shapes import BLOCK_ELEMENTS, block_size_for, padded_events
 
 #: Platform name of JAX's CPU devices; every other platform counts as an accelerator.
 CPU_PLATFORM = "cpu"

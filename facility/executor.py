@@ -18,12 +18,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Mapping, Protocol, runtime_checkable
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from jacana.protocol.stage import Stage
 from jacana.stages.analysis import SoftConfig, default_params, soft_config
-from jacana.stages.batch import ChunkBatches, EventBatch, regroupable_batches, to_device
+from jacana.stages.batch import EventBatch, regroupable_batches, to_device
+from jacana.stages.shapes import ChunkBatches
 from jacana.stages.columns import read_ahead, read_chunk
 from jacana.stages.errors import FilesetError, InputFileError
 from jacana.stages.fileset import Chunk
@@ -107,25 +109,27 @@ def _aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def rebatch(parts: Iterable[EventBatch], lepton_width: int = LEPTON_WIDTH,
-            call_events: int | None = None, platform: str | None = None) -> list[EventBatch]:
-    """Regroup dense batches into fixed-shape calls: one shape per (jet bucket, kinematic set).
+def rebatch(parts: Iterable, lepton_width: int = LEPTON_WIDTH,
+            call_events: int | None = None, platform: str | None = None) -> list:
+    """Regroup dense batches into fixed-shape calls: one shape per group (bucket width, kinematic set).
 
-    Events of the same jet bucket from any number of chunks are concatenated (padding events
-    dropped), lepton slots widened to a common width, and cut into calls of ``call_events``
-    events (the last padded with zero-weight events), processed in blocks. The call and block
+    Works on any batch type with a leading event axis on every array, a ``group_key()``, a
+    ``bucket_width`` and a ``widened(path)`` rule (:class:`~jacana.stages.batch.EventBatch`,
+    :class:`~jacana.stages.dense.DenseBatch`). Events of one group from any number of chunks are
+    concatenated (padding events dropped), the object axes that may differ (the AGC's leptons, a
+    general analysis's object sets) widened to a common power of two (at least ``lepton_width``), and cut into calls of
+    ``call_events`` events (the last padded with zero-weight events), processed in blocks. The call and block
     sizes suit the ``platform`` (default: JAX's default device; :mod:`jacana.facility.devices`):
     on the CPU calls of 4096 events in cache-sized blocks, on an accelerator one large call per group.
     """
     platform = platform or platform_of_default_device()
-    groups: dict[tuple, list[EventBatch]] = {}
+    groups: dict[tuple, list] = {}
     for p in parts:
-        groups.setdefault((p.n_jets, p.kinematic, p.weight_variations), []).append(p)
+        groups.setdefault((type(p).__name__,) + p.group_key(), []).append(p)
     out = []
-    for (n_jets, kinematic, wv), members in sorted(groups.items(), key=lambda kv: kv[0][0]):
-        block = block_events_for(n_jets, platform)
-        width = max([lepton_width] + [m.lepton_pt.shape[1] for m in members])
-        width = 1 << (width - 1).bit_length()
+    for key, members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        first_batch = members[0]
+        block = block_events_for(first_batch.bucket_width, platform)
         # each field written once into its zero-padded [n_calls * call, ...] array (padding is 0/False);
         # a call's slice starts at a multiple of call x row bytes, so it keeps the 64-byte alignment
         masks = [np.asarray(m.event_mask) for m in members]
@@ -134,28 +138,31 @@ def rebatch(parts: Iterable[EventBatch], lepton_width: int = LEPTON_WIDTH,
         call = call_events or call_events_for(platform, sum(counts), block)
         block = min(block, call)
         n_calls = max(1, -(-sum(counts) // call))
-        fields = {}
-        for f in dataclasses.fields(EventBatch):
-            if f.metadata.get("static"):
-                continue
-            first = np.asarray(getattr(members[0], f.name))
+        flat = [jax.tree_util.tree_flatten_with_path(m) for m in members]
+        treedef = flat[0][1]
+        leaves = []
+        for i, (path, first) in enumerate(flat[0][0]):
+            first = np.asarray(first)
+            keys = tuple(getattr(k, "name", getattr(k, "key", None)) for k in path)
             shape = [n_calls * call, *first.shape[1:]]
-            if f.name.startswith("lepton_"):
-                shape[1] = width
+            widen = first_batch.widened(keys)
+            if widen:
+                width = max([lepton_width] + [np.shape(f[0][i][1])[-1] for f in flat])
+                shape[-1] = 1 << (width - 1).bit_length()
             dense = _aligned_zeros(shape, first.dtype)
             at = 0
-            for m, r, c in zip(members, rows, counts):
-                a = np.asarray(getattr(m, f.name))[r]
-                if f.name.startswith("lepton_"):
-                    dense[at:at + c, :a.shape[1]] = a
+            for f, r, c in zip(flat, rows, counts):
+                a = np.asarray(f[0][i][1])[r]
+                if widen:
+                    dense[at:at + c, ..., :a.shape[-1]] = a
                 else:
                     dense[at:at + c] = a
                 at += c
-            fields[f.name] = dense
+            leaves.append(dense)
         for i in range(n_calls):
             sl = slice(i * call, (i + 1) * call)
-            out.append(EventBatch(**{k: v[sl] for k, v in fields.items()}, kinematic=kinematic,
-                                  weight_variations=wv, block_size=block))
+            batch = jax.tree_util.tree_unflatten(treedef, [v[sl] for v in leaves])
+            out.append(dataclasses.replace(batch, block_size=block))
     return out
 
 

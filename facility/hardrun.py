@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import numpy as np
 from tqdm.auto import tqdm
 
+from jacana.stages.analysis import hard_mode_histograms
 from jacana.stages.columns import Columns, read_chunk
 from jacana.stages.errors import ConfigError, FilesetError, InputFileError
 from jacana.stages.fileset import Chunk, Fileset
@@ -107,8 +108,9 @@ def hard_histograms(spec: AnalysisSpec, chunks: Iterable[Chunk], store: ColumnSt
             report.file_failed(chunk, exc)
             continue
         report.columns_read(columns)
+        fill = hard_mode_histograms if spec.is_general else fill_histograms
         add_histograms(per_sample.setdefault(chunk.sample, {}),
-                       fill_histograms(columns, spec, None if replicas is None else replicas(chunk)))
+                       fill(columns, spec, None if replicas is None else replicas(chunk)))
     missing = [s for s in spec.samples if s not in per_sample]
     if missing:
         raise FilesetError(f"no readable file left for samples {missing}; skipped: "

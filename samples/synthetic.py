@@ -1,20 +1,24 @@
 """Synthetic AGC-like NanoAOD samples: a small, vectorised, physics-motivated event generator.
 
-``generate(out_dir, events, seed)`` writes NanoAOD-like ROOT files (TTree ``Events``) for the nine
-(process, variation) pairs of the AGC ttbar analysis, a ``fileset.json`` in the shape of the
-AGC's ``nanoaod_inputs.json`` and a sidecar ``generator.json`` with the generator's metadata.
+``generate(out_dir, events, seed, preset="agc")`` writes NanoAOD-like ROOT files (TTree ``Events``)
+for the samples of a preset (``PRESETS``): "agc", the nine (process, variation) pairs of the AGC ttbar
+analysis, or "single_top", those of a single-top t-channel measurement (t-channel signal, ttbar and
+its scale variations, W+jets, tW); a ``fileset.json`` in the shape of the AGC's
+``nanoaod_inputs.json`` and a sidecar ``generator.json`` with the generator's metadata (and preset).
 Why: the default run and the tests need AGC-shaped events on any machine, with nothing to
 download; a toy with realistic shapes and correlations for the AGC selection serves.
 The model is fixed by physics and is NOT tuned to make any analysis or optimisation look better.
 
-The output is a deterministic function of ``(seed, events, files_per_sample)``: every chunk of at
-most ``CHUNK_EVENTS`` events draws from its own ``numpy.random.SeedSequence([seed, process,
-variation, file, chunk])``, so the files' branch contents are bit-identical for the same arguments.
-W+jets is generated ``OVERSAMPLE`` times its share and skimmed (``SKIMS``); ``skim_conflicts``
-names every cut a config can loosen beyond the skim.
+The output is a deterministic function of ``(seed, events, files_per_sample, preset)``: every chunk
+of at most ``CHUNK_EVENTS`` events draws from its own ``numpy.random.SeedSequence([seed, process,
+variation, file, chunk])`` (the single_top preset's and the MET's streams add a ``spawn_key``, so
+the "agc" preset's pre-MET branches are what generator 1.1.0 wrote before MET existed), so the files'
+branch contents are bit-identical for the same arguments. W+jets is generated ``oversample`` times
+its share and skimmed (``skims`` of the preset; the AGC's: ``OVERSAMPLE``, ``SKIMS``);
+``skim_conflicts`` names every cut a config can loosen beyond the skim.
 
 The model in full (sample split, event content, weights, parton-level physics, ttbar variations,
-detector model, known limitations) and its measured cost: ``docs/samples.md``.
+detector model, MET, presets, known limitations) and its measured cost: ``docs/samples.md``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import math
 import os
 import pathlib
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -45,6 +50,17 @@ SAMPLES: tuple[tuple[str, str, float], ...] = (
     ("wjets", "nominal", 0.30),
 )
 SAMPLE_FRACTIONS = {(p, v): f for p, v, f in SAMPLES}
+#: The "single_top" preset's samples (t-channel measurement): signal and W+jets (its dominant
+#: background at 2-3 jets, oversampled) get the most; ttbar (the background at 3 jets and >= 2 b-tags)
+#: with its scale variations, and tW. The first sample takes the remainder of the integer split.
+SINGLE_TOP_SAMPLES: tuple[tuple[str, str, float], ...] = (
+    ("single_top_t_chan", "nominal", 0.25),
+    ("ttbar", "nominal", 0.20),
+    ("ttbar", "scaledown", 0.05),
+    ("ttbar", "scaleup", 0.05),
+    ("single_top_tW", "nominal", 0.10),
+    ("wjets", "nominal", 0.35),
+)
 PROCESS_INDEX = {"ttbar": 0, "single_top_s_chan": 1, "single_top_t_chan": 2, "single_top_tW": 3, "wjets": 4}
 VARIATION_INDEX = {"nominal": 0, "scaledown": 1, "scaleup": 2, "ME_var": 3, "PS_var": 4}
 
@@ -96,6 +112,10 @@ SKIMS = {"wjets": Skim()}
 EVENTS_PER_FILE = 50_000
 MIN_FILES, MAX_FILES = 2, 6
 CHUNK_EVENTS = 100_000
+
+#: MET: the neutrinos' summed transverse momentum plus a Gaussian resolution term of this many GeV
+#: per component (x and y), drawn from a stream of its own (docs/samples.md: why 15 GeV).
+MET_SIGMA = 15.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +224,7 @@ class _Event:
         self.rng, self.n, self.tune = rng, n, tune
         self.partons = []   # (ev, pt, eta, phi, flav)
         self.leptons = []   # (ev, pt, eta, phi, pdg, charge, origin)
+        self.invisible = []  # (ev, px, py): neutrinos (recorded without drawing a random number)
 
     def add_partons(self, ev, p4, flav):
         pt, eta, phi, _ = _ptetaphim(p4)
@@ -215,6 +236,15 @@ class _Event:
     def add_leptons(self, ev, pt, eta, phi, pdg, charge, origin):
         b = lambda a, t: np.broadcast_to(np.asarray(a, t), ev.shape)  # noqa: E731
         self.leptons.append((ev, pt, eta, phi, b(pdg, np.int32), b(charge, np.int32), b(origin, np.int32)))
+
+    def add_invisible(self, ev, pt, phi):
+        self.invisible.append((ev, pt * np.cos(phi), pt * np.sin(phi)))
+
+    def invisible_pt(self):
+        """Per event: the vector sum (px, py) of the neutrinos' transverse momenta."""
+        ev = _cat(self.invisible, 0, np.int64)
+        return (np.bincount(ev, _cat(self.invisible, 1), minlength=self.n),
+                np.bincount(ev, _cat(self.invisible, 2), minlength=self.n))
 
     # -- physics building blocks ------------------------------------------------------------
     def radiation(self, ev_all, lam, index, pt0=12.0, eta_sigma=1.8):
@@ -247,6 +277,8 @@ class _Event:
         had = mode < 2
         self.add_partons(ev[had], p1[:, had], np.where(mode[had] == 1, 4, 0))
         self.add_partons(ev[had], p2[:, had], 0)
+        nu_pt, _, nu_phi, _ = _ptetaphim(p2[:, ~had])  # the W's neutrino
+        self.add_invisible(ev[~had], nu_pt, nu_phi)
         lep = (mode == 2) | (mode == 3)
         pt, eta, phi, _ = _ptetaphim(p1[:, lep])
         self.add_leptons(ev[lep], pt, eta, phi, np.where(mode[lep] == 2, 11, 13), charge[lep], PROMPT)
@@ -257,9 +289,11 @@ class _Event:
         x = rng.beta(2.0, 3.0, int(tl.sum()))
         self.add_leptons(ev[tau][tl], pt[tl] * x, eta[tl], phi[tl], np.where(u[tl] < 0.178, 11, 13),
                          charge[tau][tl], FROM_TAU)
+        self.add_invisible(ev[tau][tl], pt[tl] * (1.0 - x), phi[tl])  # the tau's two neutrinos, collinear
         th = ~tl
         x = rng.beta(3.0, 2.0, int(th.sum()))
         self.add_partons_ptetaphi(ev[tau][th], pt[th] * x, eta[th], phi[th], 0)
+        self.add_invisible(ev[tau][th], pt[th] * (1.0 - x), phi[th])  # the tau's neutrino, collinear
 
     def decay_top(self, ev, t4, charge):
         rng = self.rng
@@ -320,6 +354,35 @@ def _single_top_t(e: _Event):
                            rng.uniform(-np.pi, np.pi, e.n), 5)
 
 
+def _single_top_t_forward(e: _Event):
+    """t-channel with a realistically forward spectator quark (the "single_top" preset's signal).
+
+    ``_single_top_t`` (kept as it is for the "agc" preset) decays a (t, q) pair with cos(theta*)
+    pushed to +-1 in its frame, which still leaves the light quark with mean |eta| ~ 1.4; in real
+    t-channel events the quark that emitted the W keeps most of its (valence) momentum: |eta| ~ 2-3,
+    pT ~ m_W / 2. Here its pT follows the W propagator, dN/dpT^2 ~ 1 / (pT^2 + (m_W/2)^2)^2 (median
+    40 GeV), and its |eta| ~ |N(2.3, 0.9)| on either side; the top (rapidity ~ N(0, 1.1)) balances
+    the quark and the radiation in pT, plus a N(0, 5 GeV) intrinsic kT.
+    """
+    rng = e.rng
+    n = e.n
+    ev = np.arange(n)
+    rx, ry = e.radiation(ev, 1.8, 2.0)
+    u = rng.random(n)
+    qpt = np.minimum(0.5 * M_W * np.sqrt(u / (1.0 - u)), 1000.0)
+    qeta = np.where(rng.random(n) < 0.5, 1.0, -1.0) * np.abs(rng.normal(2.3, 0.9, n))
+    qphi = rng.uniform(-np.pi, np.pi, n)
+    e.add_partons_ptetaphi(ev, qpt, qeta, qphi, 0)
+    tpx = -(qpt * np.cos(qphi) + rx) + rng.normal(0.0, 5.0, n)
+    tpy = -(qpt * np.sin(qphi) + ry) + rng.normal(0.0, 5.0, n)
+    mt = np.sqrt(e.top_mass(n) ** 2 + tpx ** 2 + tpy ** 2)
+    y = rng.normal(0.0, 1.1, n)
+    e.decay_top(ev, np.stack([mt * np.cosh(y), tpx, tpy, mt * np.sinh(y)]), e.top_charge(n))
+    # spectator b from the initial-state gluon splitting, mostly soft
+    e.add_partons_ptetaphi(ev, 5.0 + rng.exponential(15.0, n), rng.normal(0.0, 2.0, n),
+                           rng.uniform(-np.pi, np.pi, n), 5)
+
+
 def _single_top_tw(e: _Event):
     ev = np.arange(e.n)
     rec = e.radiation(ev, 2.2, 2.0)
@@ -352,6 +415,48 @@ def _wjets(e: _Event):
 
 PROCESSES = {"ttbar": _ttbar, "single_top_s_chan": _single_top_s, "single_top_t_chan": _single_top_t,
              "single_top_tW": _single_top_tw, "wjets": _wjets}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A set of samples to generate: which (process, variation) pairs and their share of ``events``,
+    which are oversampled and skimmed, and the process models used.
+
+    ``stream`` is the ``spawn_key`` prefix of its random streams: ``index`` 0 ("agc") draws its
+    events from the bare ``SeedSequence([seed, process, variation, file, chunk])`` (as generator
+    1.1.0 always did), every other preset from a stream of its own, so no two presets share events.
+    """
+
+    name: str
+    index: int
+    samples: tuple[tuple[str, str, float], ...]
+    oversample: Mapping[str, int]
+    skims: Mapping[str, Skim]
+    processes: Mapping[str, Callable[[_Event], None]]
+
+    @property
+    def fractions(self) -> dict[tuple[str, str], float]:
+        return {(p, v): f for p, v, f in self.samples}
+
+
+PRESETS: dict[str, Preset] = {
+    "agc": Preset("agc", 0, SAMPLES, OVERSAMPLE, SKIMS, PROCESSES),
+    #: 1-lepton, 2-3 jets, >= 1 b-tag with a forward jet: the W+jets skim keeps events with >= 2
+    #: tight jets (stored, so pT >= 15 GeV; |eta| < 4.7) and a lepton above 25 GeV in the tracker
+    #: (~30 % pass). Oversampled 10 times, a W+jets event weighs about as much as a ttbar event
+    #: and the preset costs less time than the AGC's (docs/samples.md).
+    "single_top": Preset("single_top", 1, SINGLE_TOP_SAMPLES, {"wjets": 10},
+                         {"wjets": Skim(min_jets=2, jet_eta_max=4.7)},
+                         {**PROCESSES, "single_top_t_chan": _single_top_t_forward}),
+}
+
+
+def _preset(preset: str | Preset) -> Preset:
+    if isinstance(preset, Preset):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    return PRESETS[preset]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,18 +592,40 @@ def _sorted_collection(ev, pt, keep, fields, n):
     return counts, {k: np.asarray(v)[keep][order].astype(_DTYPES[k]) for k, v in fields.items()}
 
 
-def _make_chunk(seed, process, variation, file_index, chunk_index, first_event, n, skim=True):
+#: the second spawn_key word of a preset's streams (the "agc" preset's events have no spawn_key)
+STREAM_EVENTS, STREAM_MET = 0, 1
+_PI32 = np.nextafter(np.float32(np.pi), np.float32(0.0))  # the largest float32 <= pi
+
+
+def _rng(seed, process, variation, file_index, chunk_index, spawn_key=()):
+    ss = np.random.SeedSequence([seed, PROCESS_INDEX[process], VARIATION_INDEX[variation], file_index, chunk_index],
+                                spawn_key=spawn_key)
+    return np.random.Generator(np.random.PCG64(ss))
+
+
+def _met(e: _Event, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(MET_pt, MET_phi) float32 per event: the neutrinos' pT sum + N(0, MET_SIGMA) per component."""
+    px, py = e.invisible_pt()
+    px = px + rng.normal(0.0, MET_SIGMA, e.n)
+    py = py + rng.normal(0.0, MET_SIGMA, e.n)
+    pt = _round_mantissa(np.hypot(px, py), 10)
+    phi = np.clip(_round_mantissa(np.arctan2(py, px), 12), -_PI32, _PI32)
+    return pt, phi
+
+
+def _make_chunk(seed, process, variation, file_index, chunk_index, first_event, n, skim=True, preset="agc"):
     """Columns of the events of one chunk of n generated ones (a dict for uproot's TTree writer).
 
-    With ``skim`` (and a skim for ``process``), only the events that pass ``SKIMS[process]`` are
-    returned; they are the very same events (same random stream) as without it.
+    With ``skim`` (and a skim for ``process`` in ``preset``), only the events that pass the preset's
+    skim are returned; they are the very same events (same random stream) as without it.
     """
     import awkward as ak
 
-    ss = np.random.SeedSequence([seed, PROCESS_INDEX[process], VARIATION_INDEX[variation], file_index, chunk_index])
-    rng = np.random.Generator(np.random.PCG64(ss))
+    preset = _preset(preset)
+    stream = (seed, process, variation, file_index, chunk_index)
+    rng = _rng(*stream, () if preset.index == 0 else (preset.index, STREAM_EVENTS))
     e = _Event(rng, n, TUNES[variation])
-    PROCESSES[process](e)
+    preset.processes[process](e)
     jets, ele, mu = _detector(e)
     event = np.arange(first_event, first_event + n, dtype=np.uint64)
     sign = np.where(rng.random(n) < NEG_WEIGHT_FRACTION[process], -1.0, 1.0)
@@ -510,20 +637,24 @@ def _make_chunk(seed, process, variation, file_index, chunk_index, first_event, 
     }
     for name, (counts, cols) in (("Jet", jets), ("Electron", ele), ("Muon", mu)):
         out[name] = ak.zip({k: ak.unflatten(v, counts) for k, v in cols.items()})
-    if skim and process in SKIMS:
-        keep = SKIMS[process].keep(jets, ele, mu)
+    # after every draw of the event stream, from a stream of its own: the other branches do not move
+    out["MET_pt"], out["MET_phi"] = _met(e, _rng(*stream, (preset.index, STREAM_MET)))
+    if skim and process in preset.skims:
+        keep = preset.skims[process].keep(jets, ele, mu)
         out = {k: v[keep] for k, v in out.items()}
     return out
 
 
 # ---------------------------------------------------------------------------------------------
-def _split(events, files_per_sample):
+def _split(events, files_per_sample, preset="agc"):
     """(process, variation) -> list of per-file counts of generated events (before any skim)."""
-    counts = {(p, v): int(math.floor(events * f)) for p, v, f in SAMPLES}
-    counts[("ttbar", "nominal")] += events - sum(counts.values())
+    preset = _preset(preset)
+    counts = {(p, v): int(math.floor(events * f)) for p, v, f in preset.samples}
+    first = (preset.samples[0][0], preset.samples[0][1])  # "agc": ttbar nominal
+    counts[first] += events - sum(counts.values())
     out = {}
     for key, n in counts.items():
-        n = max(n, 1) * OVERSAMPLE.get(key[0], 1)
+        n = max(n, 1) * preset.oversample.get(key[0], 1)
         nf = files_per_sample or min(max(math.ceil(n / EVENTS_PER_FILE), MIN_FILES), MAX_FILES)
         nf = max(1, min(nf, n))
         base, rem = divmod(n, nf)
@@ -531,7 +662,7 @@ def _split(events, files_per_sample):
     return out
 
 
-def _write_file(path: pathlib.Path, seed, process, variation, file_index, first_event, n) -> int:
+def _write_file(path: pathlib.Path, seed, process, variation, file_index, first_event, n, preset="agc") -> int:
     """Generate n events into ``path`` (atomically); returns the number written (after the skim)."""
     import uproot
 
@@ -542,7 +673,7 @@ def _write_file(path: pathlib.Path, seed, process, variation, file_index, first_
             tree = None
             for ci, start in enumerate(range(0, n, CHUNK_EVENTS)):
                 m = min(CHUNK_EVENTS, n - start)
-                data = _make_chunk(seed, process, variation, file_index, ci, first_event + start, m)
+                data = _make_chunk(seed, process, variation, file_index, ci, first_event + start, m, preset=preset)
                 if tree is None:
                     tree = f.mktree("Events", {k: (v.type if hasattr(v, "layout") else v.dtype)
                                                for k, v in data.items()}, title="Events")
@@ -563,17 +694,20 @@ def _write_json(path: pathlib.Path, obj):
 
 
 def generate(out_dir, events: int = 1_000_000, seed: int = 1, files_per_sample: int | None = None,
-             progress: bool = True) -> pathlib.Path:
-    """Write synthetic AGC-like NanoAOD files, ``generator.json`` and ``fileset.json`` into ``out_dir``.
+             progress: bool = True, preset: str = "agc") -> pathlib.Path:
+    """Write synthetic NanoAOD-like files, ``generator.json`` and ``fileset.json`` into ``out_dir``.
 
-    ``events`` is the total over all (process, variation) pairs (split by ``SAMPLE_FRACTIONS``; every
-    pair gets at least one event). Returns the path of ``fileset.json``, which is written last.
+    ``preset`` names the sample set (``PRESETS``): "agc" (the AGC ttbar analysis' nine samples) or
+    "single_top" (a t-channel measurement's). ``events`` is the total over its (process, variation)
+    pairs (split by the preset's fractions, ``SAMPLE_FRACTIONS`` for "agc"; every pair gets at least
+    one event). Returns the path of ``fileset.json``, which is written last.
     """
     from tqdm.auto import tqdm
 
+    spec = _preset(preset)
     events = int(events)
-    if events < len(SAMPLES):
-        raise ValueError(f"events must be at least {len(SAMPLES)}, got {events}")
+    if events < len(spec.samples):
+        raise ValueError(f"events must be at least {len(spec.samples)}, got {events}")
     if files_per_sample is not None and int(files_per_sample) < 1:
         raise ValueError(f"files_per_sample must be positive, got {files_per_sample}")
     seed = int(seed)
@@ -581,7 +715,7 @@ def generate(out_dir, events: int = 1_000_000, seed: int = 1, files_per_sample: 
         raise ValueError(f"seed must be non-negative, got {seed}")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    split = _split(events, files_per_sample and int(files_per_sample))
+    split = _split(events, files_per_sample and int(files_per_sample), spec)
     fileset: dict = {}
     with tqdm(total=sum(len(v) for v in split.values()), unit="file", desc="jacana generate",
               disable=not progress) as bar:
@@ -589,7 +723,7 @@ def generate(out_dir, events: int = 1_000_000, seed: int = 1, files_per_sample: 
             files, first = [], 1
             for i, n in enumerate(per_file):
                 name = f"{process}__{variation}__{i}.root"
-                written = _write_file(out / name, seed, process, variation, i, first, n)
+                written = _write_file(out / name, seed, process, variation, i, first, n, spec)
                 files.append({"path": name, "nevts": written})
                 first += n
                 bar.update(1)
@@ -597,14 +731,17 @@ def generate(out_dir, events: int = 1_000_000, seed: int = 1, files_per_sample: 
     _write_json(out / "generator.json", {
         "generator": "jacana.samples.synthetic",
         "version": GENERATOR_VERSION,
+        "preset": spec.name,
         "seed": seed,
         "events": sum(f["nevts"] for vs in fileset.values() for b in vs.values() for f in b["files"]),
         "events_generated": sum(sum(v) for v in split.values()),
         "events_requested": events,
-        "oversample": OVERSAMPLE,
-        "skims": {p: dataclasses.asdict(k) for p, k in SKIMS.items()},
+        "oversample": dict(spec.oversample),
+        "skims": {p: dataclasses.asdict(k) for p, k in spec.skims.items()},
         "files_per_sample": files_per_sample,
-        "sample_fractions": {f"{p}/{v}": f for p, v, f in SAMPLES},
+        "sample_fractions": {f"{p}/{v}": f for p, v, f in spec.samples},
+        "processes": {p: f.__name__ for p, f in spec.processes.items() if any(p == s[0] for s in spec.samples)},
+        "met": {"branches": ["MET_pt", "MET_phi"], "resolution_per_component_gev": MET_SIGMA},
         "negative_weight_fraction": NEG_WEIGHT_FRACTION,
         "genWeight_magnitude": GENWEIGHT_MAGNITUDE,
         "tunes": {k: dataclasses.asdict(v) for k, v in TUNES.items()},
@@ -647,7 +784,7 @@ def skim_conflicts(spec, fileset) -> list[str]:
             out.append(f"jet_id_value is {cuts['jet_id_value']}, but {where} to jets with jetId {skim['jet_id']}")
         if int(cuts.get("min_jets", skim["min_jets"])) < skim["min_jets"]:
             out.append(f"min_jets is {cuts['min_jets']}, but {where} to events with at least {skim['min_jets']}"
-                       " tight central jets")
+                       f" tight jets within |eta| < {skim['jet_eta_max']:g}")
         if int(cuts.get("n_leptons", skim["min_leptons"])) < skim["min_leptons"]:
             out.append(f"n_leptons is {cuts['n_leptons']}, but {where} to events with a lepton")
         if (float(cuts.get("electron_eta_max", 0)) > skim["electron_eta_max"]

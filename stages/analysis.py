@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jacana.stages.observables import nn
-from jacana.stages.batch import ChunkBatches, EventBatch
+from jacana.stages.batch import EventBatch
+from jacana.stages.shapes import ChunkBatches
 from jacana.stages.histograms.relaxed import bin_mass
 from jacana.stages.selection.multiplicity import jet_region_probs, nth_selected_value, prob_exactly
 from jacana.stages.observables.kinematics import soft_ht, soft_mbjj
@@ -93,6 +94,14 @@ class SoftConfig:
     def uses_nn(self) -> bool:
         return any(r.observable == "nn" for r in self.regions)
 
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        return PARAM_NAMES
+
+    @property
+    def relax_names(self) -> tuple[str, ...]:
+        return RELAX_NAMES
+
     def region(self, name: str) -> RegionDef:
         return next(r for r in self.regions if r.name == name)
 
@@ -102,8 +111,13 @@ class SoftConfig:
         return kin + (self.weight_variations if nominal_file else ())
 
 
-def soft_config(spec: AnalysisSpec, kernel: str = "normal", flow: bool = False) -> SoftConfig:
-    """The static soft-analysis configuration of ``spec``."""
+def soft_config(spec: AnalysisSpec, kernel: str = "normal", flow: bool = False):
+    """The static soft-analysis configuration of ``spec``: a :class:`SoftConfig` for the AGC-specific
+    config form, a :class:`~jacana.stages.definition.Definition` for the general one."""
+    if spec.is_general:
+        from jacana.stages.definition import build_definition
+
+        return build_definition(spec.raw, kernel=kernel, flow=flow)
     c = spec.cuts
     regions = tuple(RegionDef(r.name, r.observable, r.btag, tuple(float(e) for e in r.edges))
                     for r in spec.regions.values())
@@ -117,10 +131,20 @@ def soft_config(spec: AnalysisSpec, kernel: str = "normal", flow: bool = False) 
                       weight_variations=tuple(spec.weight_variations()), btag=btag, kernel=kernel, flow=flow)
 
 
+def param_names(spec: AnalysisSpec) -> tuple[str, ...]:
+    """The tunable cut parameters the soft analysis of ``spec`` takes, in config order."""
+    return tuple(spec.parameters) if spec.is_general else PARAM_NAMES
+
+
+def relax_names(spec: AnalysisSpec) -> tuple[str, ...]:
+    """The relaxation inputs: one temperature per cut parameter, the trijet-pT temperature, the bandwidth."""
+    return param_names(spec) + ("trijet_pt", "bandwidth")
+
+
 def default_params(spec: AnalysisSpec) -> dict:
     """The spec's parameter values as a dict of float64 scalars."""
     vals = spec.param_values()
-    out = {k: jnp.asarray(float(vals[k]), jnp.float64) for k in PARAM_NAMES}
+    out = {k: jnp.asarray(float(vals[k]), jnp.float64) for k in param_names(spec)}
     if spec.uses_nn():
         out["nn"] = {k: jnp.asarray(v, jnp.float64) for k, v in spec.nn_weights().items()}
     return out
@@ -129,15 +153,15 @@ def default_params(spec: AnalysisSpec) -> dict:
 def default_relax(spec: AnalysisSpec, scale: float = 1.0, trijet_pt: float = DEFAULT_TRIJET_PT_TEMPERATURE,
                   bandwidth: float = DEFAULT_BANDWIDTH) -> dict:
     """Temperatures from the spec (times ``scale``), the trijet-pT temperature and the bandwidth."""
-    out = {k: jnp.asarray(scale * spec.parameters[k].temperature, jnp.float64) for k in PARAM_NAMES}
+    out = {k: jnp.asarray(scale * spec.parameters[k].temperature, jnp.float64) for k in param_names(spec)}
     out["trijet_pt"] = jnp.asarray(scale * trijet_pt, jnp.float64)
     out["bandwidth"] = jnp.asarray(scale * bandwidth, jnp.float64)
     return out
 
 
-def hard_relax() -> dict:
-    """Every temperature and the bandwidth at zero: the exact hard analysis."""
-    return {k: jnp.asarray(0.0, jnp.float64) for k in RELAX_NAMES}
+def hard_relax(spec: AnalysisSpec | None = None) -> dict:
+    """Every temperature and the bandwidth at zero: the exact hard analysis (of ``spec``; default: the AGC's names)."""
+    return {k: jnp.asarray(0.0, jnp.float64) for k in (relax_names(spec) if spec is not None else RELAX_NAMES)}
 
 
 def region_edges(params: Mapping, config: SoftConfig, dtype=jnp.float64) -> dict:
@@ -211,22 +235,30 @@ def _block_yields(p, r, edges, nn_weights, b: EventBatch, config: SoftConfig):
 
 
 @partial(jax.jit, static_argnames=("config",))
-def soft_yields(params: Mapping, relax: Mapping, batch: EventBatch, config: SoftConfig) -> dict:
+def soft_yields(params: Mapping, relax: Mapping, batch, config) -> dict:
     """Relaxed histograms of one dense batch: ``{region: {"sumw": [V, bins], "sumw2": [V, bins]}}``.
 
+    ``config`` is a :class:`SoftConfig` (the AGC-specific program, :class:`EventBatch` batches) or a
+    general :class:`~jacana.stages.definition.Definition` (:class:`~jacana.stages.dense.DenseBatch`).
     The variations axis follows ``config.variations(batch.weight_variations, batch.kinematic)``.
     The event arithmetic runs in the batch's dtype (float32 batches: mixed precision); the
     histograms are accumulated, and returned, in float64 (:data:`ACCUMULATOR_DTYPE`) whatever it is.
     """
-    dt = batch.jet_eta.dtype
-    p = {k: jnp.asarray(params[k], dt) for k in PARAM_NAMES}
-    r = {k: jnp.asarray(relax[k], dt) for k in RELAX_NAMES}
+    from jacana.stages.definition import Definition
+    from jacana.stages.engine import block_yields as general_block_yields
+
+    dt = batch.dtype
+    p = {k: jnp.asarray(params[k], dt) for k in config.parameters}
+    r = {k: jnp.asarray(relax[k], dt) for k in config.relax_names}
     edges = region_edges(params, config, dt)
-    nn_weights = None
+    extra = None
     if config.uses_nn:
         if "nn" not in params:
             raise ValueError("a region uses the nn observable: params must hold its weights under 'nn'")
-        nn_weights = {k: jnp.asarray(params["nn"][k], dt) for k in nn.WEIGHT_NAMES}
+        extra = {k: jnp.asarray(params["nn"][k], dt) for k in nn.WEIGHT_NAMES}
+    block_fn = general_block_yields if isinstance(config, Definition) else _block_yields
+    if isinstance(config, Definition):
+        extra = {"nn": extra} if extra is not None else {}
     n, bsize = batch.n_padded, batch.block_size
     if n % bsize:
         raise ValueError(f"batch of {n} events is not a whole number of blocks of {bsize}")
@@ -234,7 +266,7 @@ def soft_yields(params: Mapping, relax: Mapping, batch: EventBatch, config: Soft
 
     @jax.checkpoint
     def body(acc, blk):
-        contrib = _block_yields(p, r, edges, nn_weights, blk, config)
+        contrib = block_fn(p, r, edges, extra, blk, config)
         # each block's contribution added in float64 (a no-op cast for float64 batches)
         return jax.tree.map(lambda a, c: a + c.astype(ACCUMULATOR_DTYPE), acc, contrib), None
 
@@ -303,7 +335,7 @@ def soft_histograms(batches: ChunkBatches, spec: AnalysisSpec, params: Mapping |
     """
     config = config or soft_config(spec)
     params = default_params(spec) if params is None else params
-    relax = hard_relax() if relax is None else relax
+    relax = hard_relax(spec) if relax is None else relax
     ylds = chunk_yields(params, relax, batches, config)
     if ylds is None:  # no events survive the prefilter
         ylds = _empty_yields(config, batches.variation == NOMINAL)
@@ -315,3 +347,25 @@ def _empty_yields(config: SoftConfig, nominal_file: bool) -> dict:
     nv = len(config.variations(nominal_file))
     return {r.name: {"sumw": np.zeros((nv, len(r.edges) - 1)), "sumw2": np.zeros((nv, len(r.edges) - 1))}
             for r in config.regions}
+
+
+def hard_mode_histograms(columns, spec: AnalysisSpec, replicas=None) -> dict:
+    """Hard-mode histograms of one chunk of a general analysis, ``{region: {variation: hist.Hist}}``
+    (the counterpart of :func:`~jacana.stages.reference.fill_histograms`): the soft analysis at the
+    hard limit, where every weight is 0 or 1, so the same observable functions serve both modes."""
+    from jacana.stages.batch import make_batches
+    from jacana.stages.reference import new_histogram
+
+    if replicas is not None:
+        raise NotImplementedError(f"{spec.source}: bootstrap replicas are not yet available for general"
+                                  " analysis configs (use --bootstrap 0)")
+    hists = soft_histograms(make_batches(columns, spec, prefilter=True), spec, relax=hard_relax(spec))
+    out: dict = {}
+    for region, by_var in hists.items():
+        for var, h in by_var.items():
+            hh = new_histogram(np.asarray(h["edges"]))
+            view = hh.view(flow=False)
+            view.value = np.asarray(h["sumw"], np.float64)
+            view.variance = np.asarray(h["sumw2"], np.float64)
+            out.setdefault(region, {})[var] = hh
+    return out

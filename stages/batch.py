@@ -37,7 +37,6 @@ the executors' reads then write, and the dask executor moves, about a fifth fewe
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Sequence
 
 import awkward as ak
@@ -45,55 +44,11 @@ import jax
 import numpy as np
 
 from jacana.stages.columns import Columns, flat_counts, per_event_count
+from jacana.stages.shapes import MIN_BLOCK, ChunkBatches, block_size_for, jet_bucket, padded_events
 from jacana.stages.reference import event_weight as event_weights  # one definition of the event weight for both modes
 from jacana.stages.spec import NOMINAL, AnalysisSpec
 
 jax.config.update("jax_enable_x64", True)
-
-JET_BUCKETS_MIN = 4
-#: Target number of (event x trijet) elements per processing block (bounds temporary memory).
-BLOCK_ELEMENTS = 1 << 16  # ~0.5 MB per float64 array: stays in cache
-MIN_BLOCK = 128
-
-
-def jet_bucket(n: int, minimum: int = JET_BUCKETS_MIN) -> int:
-    """Smallest bucket size >= n from 4, 6, 8, 12, 16, 24, 32, 48, ... (2^k and 3 x 2^(k-1))."""
-    size = minimum
-    while size < n:
-        size = _next_size(size)
-    return size
-
-
-def _next_size(size: int) -> int:
-    p = 1 << (size.bit_length() - 1)
-    return p * 3 // 2 if size == p and p >= 4 else (p * 2)
-
-
-def nice_size(n: int, minimum: int = 1) -> int:
-    """Smallest number >= n (and >= minimum) of the form 2^k or 3 x 2^(k-1)."""
-    n = max(n, minimum, 1)
-    p = 1 << (n - 1).bit_length()  # next power of two
-    three = (p // 4) * 3
-    return three if p >= 4 and three >= n else p
-
-
-def block_size_for(n_jets: int, *, elements: int = BLOCK_ELEMENTS, min_per_event: int = 1) -> int:
-    """Events per processing block for a jet bucket: about ``elements`` event x trijet elements
-    (a power of two, at least MIN_BLOCK), counting each event as at least ``min_per_event``
-    elements. The defaults are the CPU's (cache-sized blocks); :mod:`jacana.facility.devices`
-    passes larger budgets on accelerators."""
-    n_trijets = max(math.comb(n_jets, 3), min_per_event, 1)
-    b = max(MIN_BLOCK, elements // n_trijets)
-    return 1 << (b.bit_length() - 1)
-
-
-def padded_events(n: int, block: int) -> tuple[int, int]:
-    """(padded event count, block size): one block of ``nice_size(n)`` if small, else whole blocks."""
-    if n <= block:
-        size = nice_size(n, MIN_BLOCK)
-        return size, size
-    return nice_size(-(-n // block)) * block, block
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -133,25 +88,24 @@ class EventBatch:
     def dtype(self):
         return self.jet_eta.dtype
 
+    @property
+    def bucket_width(self) -> int:
+        """Objects per event of the grouping collection (the jets)."""
+        return self.n_jets
+
+    def group_key(self) -> tuple:
+        """Batches with equal keys regroup into one fixed-shape call (:func:`~jacana.facility.executor.rebatch`)."""
+        return (self.n_jets, self.kinematic, self.weight_variations)
+
+    def widened(self, path: tuple) -> bool:
+        """Whether a field's object axis (its last) may differ between batches of one group: the leptons'."""
+        return path[0].startswith("lepton_")
+
     def slice_events(self, start: int, stop: int) -> "EventBatch":
         """Events [start, stop) (for tests and benchmarks); keeps the static fields."""
         fields = {f.name: getattr(self, f.name)[start:stop] for f in dataclasses.fields(self)
                   if not f.metadata.get("static")}
         return dataclasses.replace(self, **fields)
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkBatches:
-    """The dense batches of one chunk of one (sample, file variation)."""
-
-    sample: str
-    variation: str  # the file variation: "nominal", "ME_var", ...
-    n_events: int  # events of the chunk (before padding and prefiltering)
-    parts: tuple[EventBatch, ...]
-
-    @property
-    def n_padded(self) -> int:
-        return sum(p.n_padded for p in self.parts)
 
 
 class _Jagged:
@@ -239,7 +193,12 @@ def _kinematic_jet_pt(columns: Columns, spec: AnalysisSpec, jet_pt: np.ndarray,
 
 def make_batches(columns: Columns, spec: AnalysisSpec, dtype=np.float64, prefilter: bool = False,
                  pad: bool = True) -> ChunkBatches:
-    """Dense, bucketed event batches of one chunk (see the module docstring)."""
+    """Dense, bucketed event batches of one chunk (see the module docstring); a general analysis's
+    (:mod:`.definition`) come from :func:`~jacana.stages.dense.make_dense_batches`."""
+    if spec.is_general:
+        from jacana.stages.dense import make_dense_batches
+
+        return make_dense_batches(columns, spec, dtype=dtype, prefilter=prefilter, pad=pad)
     c = spec.cuts
     flat = {name: flat_counts(columns[name]) for name in (
         "electron_pt", "electron_eta", "electron_id", "electron_sip3d",

@@ -27,9 +27,6 @@ from jacana.stages.errors import InputFileError, MissingBranchError
 from jacana.stages.fileset import Chunk
 from jacana.stages.spec import AnalysisSpec
 
-#: Logical columns that are per-event scalars; every other column is per-object (jagged).
-EVENT_COLUMNS = ("gen_weight",)
-COLLECTIONS = ("electron", "muon", "jet")
 
 
 @dataclasses.dataclass
@@ -214,8 +211,7 @@ def _check_branches(tree, path: str, spec: AnalysisSpec) -> None:
             raise MissingBranchError(path, branch, difflib.get_close_matches(branch, sorted(keys), n=3, cutoff=0.5))
 
 
-def _check_type(path: str, logical: str, branch: str, array: ak.Array) -> ak.Array:
-    jagged = logical not in EVENT_COLUMNS
+def _check_type(path: str, logical: str, branch: str, array: ak.Array, jagged: bool) -> ak.Array:
     layout = ak.to_layout(array)
     depth = layout.minmax_depth[1] if hasattr(layout, "minmax_depth") else layout.purelist_depth
     if jagged and depth != 2:
@@ -283,17 +279,22 @@ def columns_from_arrays(chunk: Chunk, spec: AnalysisSpec, raw) -> Columns:
     """:class:`Columns` from arrays keyed by branch name (from uproot, or coffea's NanoEvents):
     type and multiplicity checks, non-finite masking, and the JER smearing factors."""
     branch_of = spec.branches
-    arrays = {logical: _check_type(chunk.path, logical, branch, raw[branch]) for logical, branch in branch_of.items()}
-    _check_multiplicities(chunk.path, arrays, branch_of)
-    arrays, nonfinite = _mask_nonfinite(arrays, branch_of)
+    scalar = set(spec.event_columns())
+    arrays = {logical: _check_type(chunk.path, logical, branch, raw[branch], logical not in scalar)
+              for logical, branch in branch_of.items()}
+    _check_multiplicities(chunk.path, arrays, branch_of, spec.collections())
+    arrays, nonfinite = _mask_nonfinite(arrays, branch_of, spec.collections(), spec.event_columns())
     jer = [s for s in spec.systematics if s.kind == "jet_pt_smear"]
     return Columns(chunk=chunk, arrays=arrays, nonfinite=nonfinite,
                    jer=(float(jer[0].options["sigma"]), int(jer[0].options["seed"])) if jer else None)
 
 
-def _check_multiplicities(path: str, arrays: dict[str, ak.Array], branch_of: dict[str, str]) -> None:
-    for coll in COLLECTIONS:
+def _check_multiplicities(path: str, arrays: dict[str, ak.Array], branch_of: dict[str, str],
+                          collections: tuple[str, ...]) -> None:
+    for coll in collections:
         names = [n for n in arrays if n.startswith(coll + "_")]
+        if not names:
+            continue
         ref = flat_counts(arrays[names[0]])[1]
         for n in names[1:]:
             if not np.array_equal(flat_counts(arrays[n])[1], ref):
@@ -305,15 +306,16 @@ def _check_multiplicities(path: str, arrays: dict[str, ak.Array], branch_of: dic
 _MASKED_VALUE = {"pt": 0.0, "btag": -10.0}
 
 
-def _mask_nonfinite(arrays: dict[str, ak.Array], branch_of: dict[str, str]) -> tuple[dict[str, ak.Array], dict[str, int]]:
+def _mask_nonfinite(arrays: dict[str, ak.Array], branch_of: dict[str, str], collections: tuple[str, ...],
+                    event_columns: tuple[str, ...]) -> tuple[dict[str, ak.Array], dict[str, int]]:
     """Neutralise NaN/inf values: the object fails every cut, the event weight becomes 0.
 
     Counted per branch and reported, never silently propagated (a NaN would poison every
-    sum and every gradient it touches).
+    sum and every gradient it touches). A non-finite per-event number (genWeight, MET) becomes 0.
     """
     counts: dict[str, int] = {}
     out = dict(arrays)
-    for coll in COLLECTIONS:
+    for coll in collections:
         names = [n for n in arrays if n.startswith(coll + "_")]
         bad = None
         for n in names:
@@ -329,10 +331,11 @@ def _mask_nonfinite(arrays: dict[str, ak.Array], branch_of: dict[str, str]) -> t
                 flat, num = flat_counts(arrays[n])
                 value = _MASKED_VALUE.get(n[len(coll) + 1:], 0)
                 out[n] = ak.unflatten(np.where(bad, np.asarray(value).astype(flat.dtype), flat), num)
-    gw = ak.to_numpy(arrays["gen_weight"])
-    if np.issubdtype(gw.dtype, np.floating):
-        bad = ~np.isfinite(gw)
-        if bad.any():
-            counts[branch_of["gen_weight"]] = int(bad.sum())
-            out["gen_weight"] = ak.Array(np.where(bad, 0.0, gw).astype(gw.dtype))
+    for name in event_columns:
+        gw = ak.to_numpy(arrays[name])
+        if np.issubdtype(gw.dtype, np.floating):
+            bad = ~np.isfinite(gw)
+            if bad.any():
+                counts[branch_of[name]] = int(bad.sum())
+                out[name] = ak.Array(np.where(bad, 0.0, gw).astype(gw.dtype))
     return out, counts

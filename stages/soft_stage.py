@@ -24,7 +24,7 @@ import numpy as np
 from jacana.protocol.pipeline import gradient_mode
 from jacana.protocol.stage import Arrays, Stage, StageSpec, TensorSpec
 from jacana.protocol.tree import flatten, join, unflatten
-from jacana.stages.analysis import RELAX_NAMES, SoftConfig, add_yields, chunk_yields
+from jacana.stages.analysis import SoftConfig, add_yields, chunk_yields
 from jacana.stages.jacobian import yields_and_jacobian, yields_vjp
 from jacana.stages.spec import NOMINAL
 
@@ -69,8 +69,8 @@ def yields_tree(flat: Mapping) -> dict:
 
 
 def relax_inputs(relax: Mapping) -> dict[str, np.ndarray]:
-    """The relaxation as the stage's inputs (``relax.<name>``, float64 scalars)."""
-    return {join(RELAX, k): np.asarray(relax[k], np.float64) for k in RELAX_NAMES}
+    """The relaxation as the stage's inputs (``relax.<name>``, float64 scalars; every entry of ``relax``)."""
+    return {join(RELAX, k): np.asarray(v, np.float64) for k, v in relax.items()}
 
 
 def params_inputs(params: Mapping) -> dict[str, np.ndarray]:
@@ -100,7 +100,7 @@ class SoftYieldsStage(Stage):
         self.stage_id = stage_id
         params = tuple(TensorSpec.of(n, np.asarray(v, np.float64), differentiable=True)
                        for n, v in params_inputs(params_like).items())
-        inputs = tuple(TensorSpec(join(RELAX, k), (), "float64") for k in RELAX_NAMES)
+        inputs = tuple(TensorSpec(join(RELAX, k), (), "float64") for k in config.relax_names)
         self._spec = StageSpec(stage_id, params, inputs, yields_specs(config, self.keys))
         self.mode = gradient_mode(sum(t.size for t in params))
 
@@ -110,7 +110,7 @@ class SoftYieldsStage(Stage):
     # -- helpers ---------------------------------------------------------------------------
     def _tree(self, params: Arrays, inputs: Arrays) -> tuple[dict, dict]:
         tree = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), unflatten(dict(params)))
-        relax = {k: jnp.asarray(inputs[join(RELAX, k)], jnp.float64) for k in RELAX_NAMES}
+        relax = {k: jnp.asarray(inputs[join(RELAX, k)], jnp.float64) for k in self.config.relax_names}
         return tree, relax
 
     def _zeros(self, key: Key, extra: tuple[int, ...] = ()) -> dict:

@@ -28,6 +28,8 @@ import numpy as np
 import yaml
 
 from jacana.stages.errors import ConfigError
+from jacana.stages.registry import import_plugins
+from jacana.stages.systematics import SYSTEMATICS
 
 DEFAULT_CONFIG = "agc_ttbar"
 NOMINAL = "nominal"
@@ -67,8 +69,9 @@ class Systematic:
     options: Mapping[str, Any]
 
 
-def _schema() -> dict:
-    text = resources.files("jacana.stages").joinpath("schemas/analysis.schema.json").read_text()
+def _schema(general: bool = False) -> dict:
+    name = "general" if general else "analysis"
+    text = resources.files("jacana.stages").joinpath(f"schemas/{name}.schema.json").read_text()
     return json.loads(text)
 
 
@@ -155,7 +158,7 @@ class AnalysisSpec:
 
     # -- construction -------------------------------------------------------------
     def _validate(self) -> None:
-        validator = jsonschema.Draft202012Validator(_schema())
+        validator = jsonschema.Draft202012Validator(_schema(self.is_general))
         errors = sorted(validator.iter_errors(self.raw), key=lambda e: list(e.absolute_path))
         if errors:
             lines = [_format_schema_error(e, self.raw) for e in errors[:10]]
@@ -179,11 +182,33 @@ class AnalysisSpec:
             for s in ([] if names == "all" else names):
                 if s not in samples:
                     raise ConfigError(f"systematics.{key}: sample {s!r} is not one of {sorted(samples)}")
-        for s in self.raw["pseudo_data"]:
+        for s in self.raw.get("pseudo_data", {}):
             if s not in samples:
                 raise ConfigError(f"pseudo_data: sample {s!r} is not one of {sorted(samples)}")
+        for key, syst in self.raw["systematics"].items():
+            kind = SYSTEMATICS[syst["kind"]]  # a ConfigError naming the closest kind if unknown
+            missing = [o for o in kind.required if o not in syst]
+            if missing:
+                raise ConfigError(f"systematics.{key} ({syst['kind']}): missing option(s) {missing}")
+        if self.is_general:
+            self._validate_general()
         if self.uses_nn():
             self.nn_weights()
+
+    def _validate_general(self) -> None:
+        from jacana.stages.definition import build_definition
+
+        source = Path(self.source.split(" + ")[0])
+        import_plugins(self.raw.get("plugins", []), base=source.parent if source.is_file() else None)
+        if self.use_genweight_sign and "gen_weight" not in self.raw.get("event_fields", {}):
+            raise ConfigError(f"{self.source}: use_genweight_sign needs event_fields.gen_weight (e.g. genWeight),"
+                              " or set use_genweight_sign: false")
+        self.definition = build_definition(self.raw)
+
+    @property
+    def is_general(self) -> bool:
+        """The general config form (object sets, observables by kind) rather than the AGC-specific one."""
+        return "objects" in self.raw
 
     def with_overrides(self, overrides: Iterable[str] | Mapping[str, Any] | None) -> "AnalysisSpec":
         """A new spec with ``name=value`` overrides (see :func:`apply_overrides`)."""
@@ -221,6 +246,8 @@ class AnalysisSpec:
             raise ConfigError(f"{self.source}: {exc}") from None
 
     def uses_nn(self) -> bool:
+        if self.is_general:
+            return any(o["kind"] == "nn" for o in self.raw["observables"].values())
         return any(r["observable"] == "nn" for r in self.raw["regions"].values())
 
     # -- views ----------------------------------------------------------------------
@@ -242,11 +269,24 @@ class AnalysisSpec:
 
     @property
     def branches(self) -> dict[str, str]:
+        """Logical column -> file branch (general form: ``<collection>_<field>`` and the event fields)."""
+        if self.is_general:
+            from jacana.stages.definition import logical_branches
+
+            return logical_branches(self.raw)
         return dict(self.raw["branches"])
+
+    def event_columns(self) -> tuple[str, ...]:
+        """The logical columns that hold one number per event (the others are per object)."""
+        return tuple(self.raw.get("event_fields", {})) if self.is_general else ("gen_weight",)
+
+    def collections(self) -> tuple[str, ...]:
+        """The object collections (logical prefixes of the per-object columns)."""
+        return tuple(self.raw["collections"]) if self.is_general else ("electron", "muon", "jet")
 
     @property
     def cuts(self) -> dict[str, float]:
-        return dict(self.raw["cuts"])
+        return dict(self.raw.get("cuts", {}))
 
     @cached_property
     def parameters(self) -> dict[str, Parameter]:
@@ -269,7 +309,7 @@ class AnalysisSpec:
             e = r["edges"]
             edges = (np.linspace(e["low"], e["high"], e["bins"] + 1) if isinstance(e, dict)
                      else np.asarray(e, dtype=np.float64))
-            out[name] = Region(name=name, observable=r["observable"], btag=r["btag"], edges=edges)
+            out[name] = Region(name=name, observable=r["observable"], btag=r.get("btag", ""), edges=edges)
         return out
 
     @property
@@ -291,25 +331,17 @@ class AnalysisSpec:
 
     # -- variations -----------------------------------------------------------------
     def kinematic_variations(self) -> list[str]:
-        """Jet-pT variations evaluated on nominal files: ``nominal`` first, then JES/JER names."""
-        return [NOMINAL] + [s.options["variation"] for s in self.systematics
-                            if s.kind in ("jet_pt_scale", "jet_pt_smear")]
+        """Object-pT variations evaluated on nominal files: ``nominal`` first, then JES/JER names."""
+        return [NOMINAL] + [v for s in self.systematics for v in SYSTEMATICS[s.kind].kinematic_variations(s.options)]
 
     def weight_variations(self) -> list[str]:
-        """Event-weight variations evaluated on nominal files with nominal jets (b-tag NPs)."""
-        out = []
-        for s in self.systematics_of("btag_weight"):
-            for i in range(int(s.options["n_jets"])):
-                out += [f"btag_var_{i}_up", f"btag_var_{i}_down"]
-        return out
+        """Event-weight variations evaluated on nominal files with nominal objects (b-tag NPs, ...)."""
+        return [v for s in self.systematics for v in SYSTEMATICS[s.kind].weight_variations(s.options)]
 
     def alternative_variations(self, sample: str) -> list[str]:
         """File-level variations of ``sample`` (alternative generator, shower, scale samples)."""
-        out: list[str] = []
-        for s in self.systematics_of("alternative_sample"):
-            if s.options["sample"] == sample:
-                out += [s.options["up"]] + ([s.options["down"]] if "down" in s.options else [])
-        for s, variations in self.raw["pseudo_data"].items():
+        out: list[str] = [v for s in self.systematics for v in SYSTEMATICS[s.kind].file_variations(s.options, sample)]
+        for s, variations in self.raw.get("pseudo_data", {}).items():
             if s == sample:
                 out += list(variations)
         return list(dict.fromkeys(out))

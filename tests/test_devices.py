@@ -8,7 +8,7 @@ import pytest
 from jacana.facility import devices
 from jacana.facility.devices import (ACCELERATOR_CALL_EVENTS, CPU_CALL_EVENTS, block_events_for, call_events_for,
                                      is_accelerator, platform_of_default_device)
-from jacana.stages.batch import MIN_BLOCK, block_size_for
+from jacana.stages.shapes import MIN_BLOCK, block_size_for
 
 JETS = (4, 6, 8, 12, 16, 24, 32, 48, 64)
 

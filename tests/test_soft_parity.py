@@ -13,7 +13,8 @@ import pytest
 
 from jacana.stages import reference
 from jacana.stages.analysis import soft_histograms
-from jacana.stages.batch import jet_bucket, make_batches
+from jacana.stages.batch import make_batches
+from jacana.stages.shapes import jet_bucket
 from jacana.stages.columns import Columns, jer_factors, read_chunk
 from jacana.stages.fileset import Chunk, load_fileset
 from jacana.stages.spec import NOMINAL, load_spec

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jacana.stages.batch import jet_bucket, nice_size, padded_events
+from jacana.stages.shapes import jet_bucket, nice_size, padded_events
 from jacana.stages.histograms.relaxed import bin_mass, ordered_edges, soft_histogram
 from jacana.stages.selection.multiplicity import (count_distribution, jet_region_probs, jet_tag_distribution,
                                         nth_selected_value, prob_at_least, prob_exactly)
@@ -225,22 +225,25 @@ def test_soft_mbjj_custom_derivatives_match_plain_autodiff():
         q = soft_step(jnp.asarray(btag), th[1], tau[1])
         return soft_mbjj(*kin, p, q, tau[3])
 
+    # compiled once, called at every temperature (op by op, these derivatives took most of a minute)
+    value_c, value_p = jax.jit(custom), jax.jit(plain)
+    jac_c, jac_p, rev_c = jax.jit(jax.jacfwd(custom)), jax.jit(jax.jacfwd(plain)), jax.jit(jax.jacrev(custom))
     th = jnp.array([30.0, 0.5, 2.4])
     for tau in ([2.0, 0.02, 0.05, 5.0], [0.5, 0.01, 0.01, 1.0], [0.0, 0.0, 0.0, 0.0], [2.0, 0.02, 0.05, 0.0]):
         tau = jnp.asarray(tau)
-        np.testing.assert_allclose(custom(th, tau, kin), plain(th, tau, kin), rtol=1e-12, atol=1e-9)
-        jc = jax.jacfwd(custom)(th, tau, kin)
-        jp = jax.jacfwd(plain)(th, tau, kin)
-        jr = jax.jacrev(custom)(th, tau, kin)
+        np.testing.assert_allclose(value_c(th, tau, kin), value_p(th, tau, kin), rtol=1e-12, atol=1e-9)
+        jc = jac_c(th, tau, kin)
+        jp = jac_p(th, tau, kin)
+        jr = rev_c(th, tau, kin)
         scale = max(float(jnp.max(jnp.abs(jp))), 1e-300)
         assert float(jnp.max(jnp.abs(jc - jp))) <= 1e-9 * scale
         assert float(jnp.max(jnp.abs(jr - jc))) <= 1e-9 * scale
         assert np.all(np.isfinite(np.asarray(jc)))
     # derivatives with respect to the data (jet pT, through the trijet pT and mass) and the temperature
     tau = jnp.asarray([2.0, 0.02, 0.05, 5.0])
-    f = lambda x, t: custom(th, tau.at[3].set(t), [x] + kin[1:])
+    f = jax.jit(lambda x, t: custom(th, tau.at[3].set(t), [x] + kin[1:]))
     h = 1e-5
-    g = jax.jacfwd(f, argnums=(0, 1))(kin[0], tau[3])
+    g = jax.jit(jax.jacfwd(f, argnums=(0, 1)))(kin[0], tau[3])
     d = jnp.zeros_like(kin[0]).at[:, 1].set(h)
     fd_pt = (f(kin[0] + d, tau[3]) - f(kin[0] - d, tau[3])) / (2 * h)
     np.testing.assert_allclose(g[0][jnp.arange(n), jnp.arange(n), 1], fd_pt, rtol=1e-5, atol=1e-6)

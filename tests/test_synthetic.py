@@ -99,6 +99,7 @@ def test_branch_names_and_types_match_real_nanoaod(gen, real_nanoaod):
     expected |= {f"Jet_{k}" for k in ("pt", "eta", "phi", "mass", "btagCSVV2", "jetId", "hadronFlavour")}
     expected |= {f"Electron_{k}" for k in ("pt", "eta", "phi", "mass", "sip3d", "cutBased", "charge")}
     expected |= {f"Muon_{k}" for k in ("pt", "eta", "phi", "mass", "sip3d", "pfRelIso04_all", "tightId", "charge")}
+    expected |= {"MET_pt", "MET_phi"}
     assert set(ours.keys()) == expected
     for name in expected:
         if name.startswith("n") and name[1:] in ("Jet", "Electron", "Muon"):

@@ -51,9 +51,9 @@ REACH_TOLERANCE = 0.01
 
 def default_names(spec: AnalysisSpec) -> list[str]:
     """The parameters the gradient optimiser tunes (the cut thresholds) that ``spec`` has."""
-    from jacana.stages.analysis import PARAM_NAMES
+    from jacana.stages.analysis import param_names
 
-    return [n for n in PARAM_NAMES if n in spec.parameters]
+    return [n for n in param_names(spec) if n in spec.parameters]
 
 
 class _Run:

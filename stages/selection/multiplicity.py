@@ -120,6 +120,19 @@ def jet_tag_distribution(p_sel, q_tag, jet_cap: int, tag_cap: int = 2):
     return jnp.stack(rows, axis=-2)
 
 
+def count_states(p_sel, q_tag, count_cap: int, tag_cap: int = 0) -> dict:
+    """{(count, tag count): probability [...]} of the capped states (the cap state means "cap or more").
+
+    Without a tag (``q_tag`` None or ``tag_cap == 0``) the tag count is always 0 and this is
+    :func:`count_distribution`; with one, the joint programme over (selected, selected and tagged).
+    """
+    p_sel = jnp.asarray(p_sel)
+    if q_tag is None or tag_cap == 0:
+        dist = count_distribution(p_sel, cap=count_cap)
+        return {(n, 0): dist[..., n] for n in range(count_cap + 1)}
+    return _jet_tag_states(p_sel, jnp.asarray(q_tag), count_cap, tag_cap)
+
+
 def jet_region_probs(p_sel, q_tag, min_jets: int):
     """{"exactly_1": P(n_jets >= min_jets and n_tag == 1), "at_least_2": P(n_jets >= min_jets and n_tag >= 2)}."""
     p_sel, q_tag = jnp.asarray(p_sel), jnp.asarray(q_tag)

@@ -46,6 +46,7 @@ import jax.scipy.stats as jstats
 import numpy as np
 import scipy.stats
 
+from jacana.stages.registry import Registry
 from jacana.stages.stats.likelihood import TracedModel, pyhf_jax_backend
 
 __all__ = [
@@ -571,12 +572,10 @@ def upper_limit(model: TracedModel, yields, cl: float = 0.95):
     return jnp.where(sol.result == optx.RESULTS.successful, sol.value, jnp.nan)
 
 
-OBJECTIVES = {
-    "sigma_mu": sigma_mu,
-    "z0": z0,
-    "cls": cls,
-    "upper_limit": upper_limit,
-}
+#: The objective registry (the CLI's ``--objective`` choices): name -> ``f(model, yields, ...)``.
+OBJECTIVES: Registry = Registry("objective")
+for _name, _fn in {"sigma_mu": sigma_mu, "z0": z0, "cls": cls, "upper_limit": upper_limit}.items():
+    OBJECTIVES.register(_name)(_fn)
 
 #: +1 if lower is better, -1 if higher is better.
 SENSE = {"sigma_mu": 1.0, "z0": -1.0, "cls": 1.0, "upper_limit": 1.0}

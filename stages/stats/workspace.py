@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from jacana.stages.spec import NOMINAL, AnalysisSpec
+from jacana.stages.systematics import SYSTEMATICS
 
 #: Smallest yield used as a denominator: keeps ratios finite when a template is empty.
 YIELD_FLOOR = 1e-9
@@ -32,16 +33,7 @@ Histograms = Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]]
 
 def shape_systematics(spec: AnalysisSpec, sample: str) -> list[tuple[str, str, str | None]]:
     """``(modifier name, up variation, down variation or None to symmetrise)`` for ``sample``."""
-    out: list[tuple[str, str, str | None]] = []
-    for s in spec.systematics:
-        if s.kind in ("jet_pt_scale", "jet_pt_smear"):
-            out.append((s.key, s.options["variation"], None))
-        elif s.kind == "btag_weight":
-            for i in range(int(s.options["n_jets"])):
-                out.append((f"{s.key}_{i}", f"btag_var_{i}_up", f"btag_var_{i}_down"))
-        elif s.kind == "alternative_sample" and s.options["sample"] == sample:
-            out.append((s.key, s.options["up"], s.options.get("down")))
-    return out
+    return [m for s in spec.systematics for m in SYSTEMATICS[s.kind].modifiers(s.key, s.options, sample)]
 
 
 def norm_plus_shape(nominal, up, down=None, xp=np) -> tuple[dict, dict]:
@@ -110,7 +102,7 @@ def pseudo_data(spec: AnalysisSpec, hists: Histograms, xp=np) -> dict[str, Any]:
     for region in spec.regions:
         total = 0.0
         for sample in spec.samples:
-            variations = spec.raw["pseudo_data"].get(sample, [NOMINAL])
+            variations = spec.raw.get("pseudo_data", {}).get(sample, [NOMINAL])
             h = hists[region][sample]
             total = total + sum(h[v]["sumw"] for v in variations) / len(variations)
         out[region] = total

@@ -1,0 +1,165 @@
+"""The soft analysis of a general definition (:mod:`.definition`) on one block of dense events.
+
+For each kinematic variation (one compiled body, looped over the variation axis):
+
+1. per object set, the selection weight ``w = prod(soft cuts on pT) x prod(other soft cuts) x mask``
+   and the tag probability ``q`` (:func:`~.selection.soft.soft_step`: exact steps at zero temperature);
+2. per region, the probability of its count requirements: per object set the exact joint distribution
+   of (selected, selected-and-tagged) counts (:func:`~.selection.multiplicity.count_states`), summed over
+   the states the requirements allow, multiplied over object sets;
+3. the observables (:mod:`.observables.library`), binned by the relaxed histograms (kernel width:
+   :func:`bandwidth_unit`, the same fraction of a bin in every region).
+
+Weight variations (:mod:`.systematics`) reweight the nominal variation. The AGC ttbar analysis written
+in this form gives the AGC-specific program's yields (``tests/test_definition.py``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jacana.stages.definition import Definition, thaw
+from jacana.stages.histograms.relaxed import bin_mass
+from jacana.stages.observables.library import compute
+from jacana.stages.observables.objects import ObservableContext, Objects
+from jacana.stages.selection.multiplicity import count_states
+from jacana.stages.selection.soft import soft_step
+from jacana.stages.systematics import SYSTEMATICS
+
+
+#: The relaxation's ``bandwidth`` is given for bins of this width (the AGC's 40 GeV): a region's kernel
+#: width is ``bandwidth x (its mean bin width / REFERENCE_BIN_WIDTH)``, the same fraction of a bin in
+#: any observable's units (GeV, |eta|, a network's (0, 1)).
+REFERENCE_BIN_WIDTH = 40.0
+
+
+def bandwidth_unit(region) -> float:
+    """Kernel width per unit of the ``bandwidth`` relaxation in ``region``'s observable units."""
+    return (region.edges[-1] - region.edges[0]) / (len(region.edges) - 1) / REFERENCE_BIN_WIDTH
+
+
+def _cut(cut, values, p, r):
+    x = jnp.abs(values) if cut.abs else values
+    return soft_step(x, p[cut.param], r[cut.param]) if cut.above else soft_step(p[cut.param], x, r[cut.param])
+
+
+def _caps(definition: Definition) -> dict:
+    """Per object set: (count cap, tag cap) that decide every requirement on it (0: none)."""
+    caps = {}
+    for reg in definition.regions:
+        for q in reg.require:
+            n, t = caps.get(q.target, (0, 0))
+            caps[q.target] = (n, max(t, q.cap)) if q.tagged else (max(n, q.cap), t)
+    return {k: (max(n, t, 1), t) for k, (n, t) in caps.items()}
+
+
+def _region_probability(states: dict, caps: dict, requirements, objset_order):
+    """P(all ``requirements``) from per-set count states (sets independent)."""
+    prob = None
+    for name in objset_order:
+        reqs = [q for q in requirements if q.target == name]
+        if not reqs:
+            continue
+        n_cap, t_cap = caps[name]
+        total = None
+        for (n, t), v in states[name].items():
+            if all(q.passes(t if q.tagged else n, t_cap if q.tagged else n_cap) for q in reqs):
+                total = v if total is None else total + v
+        if total is None:
+            total = jnp.zeros_like(next(iter(states[name].values())))
+        prob = total if prob is None else prob * total
+    return prob
+
+
+def block_yields(p, r, edges, extra, b, definition: Definition):
+    """Histogram contributions of one block of dense events: {region: (sumw [V, bins], sumw2 [V, bins])}."""
+    caps = _caps(definition)
+    order = [o.name for o in definition.objects]
+    obs_defs = {name: (kind, thaw(opts) if opts else {}) for name, kind, opts in definition.observables}
+    needed = list(dict.fromkeys([reg.observable for reg in definition.regions]
+                                + [c.observable for reg in definition.regions for c in reg.cuts]))
+
+    static_w, q_tag, fields = {}, {}, {}
+    for o in definition.objects:
+        d = b.objects[o.name]
+        fields[o.name] = {k: v for k, v in d.items() if k != "pt"}
+        w = d["mask"].astype(d["pt"].dtype)
+        for cut in o.cuts:
+            if cut.field != "pt":
+                w = _cut(cut, d[cut.field], p, r) * w
+        static_w[o.name] = w
+        q_tag[o.name] = _cut(o.tag, d[o.tag.field], p, r) if o.tag is not None and o.tag.field != "pt" else None
+
+    # the sets whose pT varies are looped over the variation axis; the others keep their nominal pT
+    xs = {}
+    for o in definition.objects:
+        slots = definition.set_variations(o.name, b.kinematic)
+        pt = b.objects[o.name]["pt"]
+        if len(slots) > 1:
+            idx = [slots.index(v) if v in slots else 0 for v in b.kinematic]
+            xs[o.name] = jnp.moveaxis(pt if idx == list(range(pt.shape[1])) else pt[:, idx, :], 1, 0)
+    if not xs:
+        xs[definition.bucket] = jnp.moveaxis(b.objects[definition.bucket]["pt"][:, :1, :], 1, 0)
+
+    def objects_at(pts):
+        objs, p_sel = {}, {}
+        for o in definition.objects:
+            pt = pts[o.name] if o.name in pts else b.objects[o.name]["pt"][:, 0, :]
+            w = None
+            for cut in o.cuts:
+                if cut.field == "pt":
+                    c = _cut(cut, pt, p, r)
+                    w = c if w is None else w * c
+            w = static_w[o.name] if w is None else w * static_w[o.name]
+            q = q_tag[o.name] if not (o.tag is not None and o.tag.field == "pt") else _cut(o.tag, pt, p, r)
+            objs[o.name] = Objects({**fields[o.name], "pt": pt}, w=w, q=q)
+            p_sel[o.name] = w
+        return objs, p_sel
+
+    def per_kinematic(pts):
+        objs, p_sel = objects_at(pts)
+        ctx = ObservableContext(objs, b.event, r, extra, {})
+        values = compute(needed, obs_defs, ctx)
+        masses = {}
+        for reg in definition.regions:
+            masses[reg.name] = bin_mass(values[reg.observable], edges[reg.name], r["bandwidth"] * bandwidth_unit(reg),
+                                        definition.flow, definition.kernel)
+        states = {}
+        for name, (n_cap, t_cap) in caps.items():
+            states[name] = count_states(objs[name].w, objs[name].q if t_cap else None, n_cap, t_cap)
+        sel = {}
+        for reg in definition.regions:
+            prob = _region_probability(states, caps, reg.require, order)
+            for cut in reg.cuts:  # event-level cuts on observables
+                x = values[cut.observable]
+                theta, tau = (p[cut.param], r[cut.param]) if cut.param else (jnp.asarray(cut.value, x.dtype), 0.0)
+                c = soft_step(x, theta, tau) if cut.above else soft_step(theta, x, tau)
+                prob = c if prob is None else prob * c
+            sel[reg.name] = jnp.ones_like(b.weight) if prob is None else prob
+        return masses, sel, p_sel
+
+    masses, sel, p_sel = jax.lax.map(per_kinematic, xs)  # [V, B, ...]
+    factors = [jnp.ones_like(b.weight)]
+    if b.weight_variations and definition.weight_systematics:
+        nominal = {}
+        for o in definition.objects:
+            pt = xs[o.name][0] if o.name in xs else b.objects[o.name]["pt"][:, 0, :]
+            q = q_tag[o.name] if not (o.tag is not None and o.tag.field == "pt") else _cut(o.tag, pt, p, r)
+            nominal[o.name] = Objects({**fields[o.name], "pt": pt}, w=p_sel[o.name][0], q=q)
+        for key, kind, opts in definition.weight_systematics:
+            for up, down in SYSTEMATICS[kind].factors(thaw(opts), nominal, b.event):
+                factors += [up] + ([down] if down is not None else [])
+    wf = b.weight[:, None] * jnp.stack(factors, axis=-1)  # [B, 1 + weight variations]
+    out = {}
+    for reg in definition.regions:
+        m, s = masses[reg.name], sel[reg.name]  # [V, B, bins], [V, B]
+        w_kin = b.weight[None, :] * s
+        sumw = [jnp.einsum("vb,vbk->vk", w_kin, m)]
+        sumw2 = [jnp.einsum("vb,vbk->vk", b.weight[None, :] * w_kin, m)]
+        if wf.shape[1] > 1:
+            wv = wf[:, 1:] * s[0][:, None]
+            sumw.append(wv.T @ m[0])
+            sumw2.append((wf[:, 1:] * wv).T @ m[0])
+        out[reg.name] = (jnp.concatenate(sumw), jnp.concatenate(sumw2))
+    return out
