@@ -18,6 +18,12 @@ from jacana.stages.spec import NOMINAL, AnalysisSpec  # noqa: E402
 AXIS_LABELS = {"ht": r"$H_T$ [GeV]", "m_bjj": r"$m_{bjj}$ [GeV]", "nn": "NN output"}
 
 
+def axis_label(spec, observable: str) -> str:
+    """The x-axis label of an observable: the config's ``label`` (general form), else a known one, else its name."""
+    own = spec.raw.get("observables", {}).get(observable, {}).get("label") if spec.is_general else None
+    return own or AXIS_LABELS.get(observable, observable)
+
+
 def save_figure(fig, path: Path) -> Path:
     """Write ``fig`` as a PNG at ``path`` atomically, close it, and return ``path``."""
     with atomic_path(path) as tmp:
@@ -81,7 +87,7 @@ def stacked_histograms(spec: AnalysisSpec, hists: Mapping, path: Path, title: st
             centres = 0.5 * (edges[1:] + edges[:-1])
             obs = np.asarray(observations[region])
             ax.errorbar(centres, obs, yerr=np.sqrt(np.maximum(obs, 0)), fmt="ko", label="pseudo-data")
-        ax.set_xlabel(AXIS_LABELS.get(spec.regions[region].observable, region))
+        ax.set_xlabel(axis_label(spec, spec.regions[region].observable))
         ax.set_ylabel("events / bin")
         ax.set_title(f"{region} {title}".strip(), fontsize=16)
         ax.legend(fontsize=12)

@@ -44,7 +44,7 @@ import numpy as np
 from jacana.stages.observables import nn
 from jacana.stages.batch import EventBatch
 from jacana.stages.shapes import ChunkBatches
-from jacana.stages.histograms.relaxed import bin_mass
+from jacana.stages.histograms.relaxed import bin_mass, fill_variations
 from jacana.stages.selection.multiplicity import jet_region_probs, nth_selected_value, prob_exactly
 from jacana.stages.observables.kinematics import soft_ht, soft_mbjj
 from jacana.stages.selection.soft import soft_step
@@ -212,26 +212,14 @@ def _block_yields(p, r, edges, nn_weights, b: EventBatch, config: SoftConfig):
     # kinematic variations share one program: vmapped over the variation axis of jet_pt
     # kinematic variations share one compiled body (a loop over the variation axis of jet_pt)
     masses, sel, p_sel = jax.lax.map(per_kinematic, jnp.moveaxis(b.jet_pt, 1, 0))  # [V, B, ...]
-    factors = [jnp.ones_like(b.weight)]
+    factors = []
     if b.weight_variations:
         for bt in config.btag:  # expected pT of the i-th selected nominal jet
             lead = nth_selected_value(b.jet_pt[:, 0, :], p_sel[0], bt.n_jets)  # [B, n]
             for i in range(bt.n_jets):
                 shift = bt.rate * lead[:, i] / bt.pt_ref
                 factors += [1.0 + shift, 1.0 - shift]
-    wf = b.weight[:, None] * jnp.stack(factors, axis=-1)  # [B, 1 + weight variations]
-    out = {}
-    for reg in config.regions:
-        m, s = masses[reg.name], sel[reg.name]  # [V, B, bins], [V, B]
-        w_kin = b.weight[None, :] * s  # nominal weight, every kinematic variation
-        sumw = [jnp.einsum("vb,vbk->vk", w_kin, m)]
-        sumw2 = [jnp.einsum("vb,vbk->vk", b.weight[None, :] * w_kin, m)]
-        if wf.shape[1] > 1:  # weight variations on the nominal jets
-            wv = wf[:, 1:] * s[0][:, None]
-            sumw.append(wv.T @ m[0])
-            sumw2.append((wf[:, 1:] * wv).T @ m[0])
-        out[reg.name] = (jnp.concatenate(sumw), jnp.concatenate(sumw2))
-    return out
+    return fill_variations(masses, sel, b.weight, factors, [reg.name for reg in config.regions])
 
 
 @partial(jax.jit, static_argnames=("config",))

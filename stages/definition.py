@@ -239,7 +239,7 @@ def build_definition(raw: Mapping, kernel: str = "normal", flow: bool = False) -
     reads: dict[str, set] = {name: set() for name in objects_raw}
     event_reads: set = set()
     for name, o in raw["observables"].items():
-        opts = {k: v for k, v in o.items() if k not in ("kind", "read")}
+        opts = {k: v for k, v in o.items() if k not in ("kind", "read", "label")}
         for target, fields in (o.get("read") or {}).items():  # extra fields a user's observable reads
             reads.setdefault(target, set()).update(fields)
         entry = OBSERVABLES[o["kind"]]

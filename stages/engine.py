@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jacana.stages.definition import Definition, thaw
-from jacana.stages.histograms.relaxed import bin_mass
+from jacana.stages.histograms.relaxed import bin_mass, fill_variations
 from jacana.stages.observables.library import compute
 from jacana.stages.observables.objects import ObservableContext, Objects
 from jacana.stages.selection.multiplicity import count_states
@@ -140,7 +140,7 @@ def block_yields(p, r, edges, extra, b, definition: Definition):
         return masses, sel, p_sel
 
     masses, sel, p_sel = jax.lax.map(per_kinematic, xs)  # [V, B, ...]
-    factors = [jnp.ones_like(b.weight)]
+    factors = []
     if b.weight_variations and definition.weight_systematics:
         nominal = {}
         for o in definition.objects:
@@ -150,16 +150,4 @@ def block_yields(p, r, edges, extra, b, definition: Definition):
         for key, kind, opts in definition.weight_systematics:
             for up, down in SYSTEMATICS[kind].factors(thaw(opts), nominal, b.event):
                 factors += [up] + ([down] if down is not None else [])
-    wf = b.weight[:, None] * jnp.stack(factors, axis=-1)  # [B, 1 + weight variations]
-    out = {}
-    for reg in definition.regions:
-        m, s = masses[reg.name], sel[reg.name]  # [V, B, bins], [V, B]
-        w_kin = b.weight[None, :] * s
-        sumw = [jnp.einsum("vb,vbk->vk", w_kin, m)]
-        sumw2 = [jnp.einsum("vb,vbk->vk", b.weight[None, :] * w_kin, m)]
-        if wf.shape[1] > 1:
-            wv = wf[:, 1:] * s[0][:, None]
-            sumw.append(wv.T @ m[0])
-            sumw2.append((wf[:, 1:] * wv).T @ m[0])
-        out[reg.name] = (jnp.concatenate(sumw), jnp.concatenate(sumw2))
-    return out
+    return fill_variations(masses, sel, b.weight, factors, [reg.name for reg in definition.regions])

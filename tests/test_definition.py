@@ -202,3 +202,59 @@ def test_the_single_top_config_loads_with_its_regions_and_variations():
                                          {"observable": "eta_lj", "above": 1.5}]
     d2 = AnalysisSpec(raw).definition
     assert d2.region("2j1t").cuts[-1].value == 1.5
+
+
+@pytest.fixture(scope="module")
+def single_top_samples(tmp_path_factory):
+    """Two small independent single-top samples (training, held-out), one file per (sample, variation)."""
+    from jacana.samples.synthetic import generate
+
+    out = tmp_path_factory.mktemp("single_top")
+    return (generate(out / "train", events=20_000, seed=21, files_per_sample=1, progress=False, preset="single_top"),
+            generate(out / "validate", events=20_000, seed=22, files_per_sample=1, progress=False, preset="single_top"))
+
+
+def test_single_top_optimize_end_to_end(single_top_samples, tmp_path):
+    """`jacana optimize --config single_top_tchan.yaml`: two steps, the held-out hard analysis before and after."""
+    import json
+
+    from jacana.cli.main import main
+
+    train, validate = single_top_samples
+    out = tmp_path / "opt"
+    assert main(["optimize", "--config", _config(SINGLE_TOP), "--fileset", str(train), "--validation-fileset",
+                 str(validate), "--steps", "2", "--no-plots", "--quiet", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert set(result["final_params"]) == {"lepton_pt_min", "jet_pt_min", "jet_eta_max", "btag_min", "mt_min"}
+    before, after = (result["validation"][k]["expected"]["sigma_mu"] for k in ("before", "after"))
+    assert np.isfinite(before) and np.isfinite(after) and before > 0 and after > 0
+    assert result["validation"]["before"]["tchan_norm"]["converged"]
+    assert any(result["final_params"][k] != result["initial_params"][k] for k in result["final_params"])
+    ws = json.loads((out / "workspace.json").read_text())
+    assert ws["measurements"][0]["config"]["poi"] == "tchan_norm"
+    assert [c["name"] for c in ws["channels"]] == ["2j1t", "3j2t", "2j0t"]
+
+
+def test_event_weight_systematic_reweights_the_nominal_selection(reference_sample):
+    """An ``event_weight`` kind takes its weight ratio from an event field: its template is the nominal
+    selection filled with weight x ratio. With genWeight (+-g) as the ratio, weight x ratio is
+    |weight| x g: the nominal histogram without the sign convention, times g."""
+    from jacana.stages.analysis import hard_mode_histograms
+    from jacana.stages.reference import to_arrays
+
+    raw = _raw(GENERAL_AGC)
+    raw["event_fields"]["w_ratio"] = "genWeight"
+    raw["systematics"]["gw"] = {"kind": "event_weight", "name": "test", "up": "w_ratio", "variation": "gw"}
+    spec = AnalysisSpec(raw)
+    assert spec.weight_variations()[-1] == "gw_up"
+    chunk = reference_sample["fileset"].chunks("wjets", "nominal", chunk_size=1500)[0]
+    columns = read_chunk(chunk, spec)
+    ratio = np.unique(np.asarray(columns["w_ratio"], np.float64))
+    assert len(ratio) == 2 and ratio[0] == -ratio[1]  # negative weights present: a real reweighting
+    h = hard_mode_histograms(columns, spec)
+    unsigned = AnalysisSpec({**raw, "use_genweight_sign": False})
+    h_abs = hard_mode_histograms(read_chunk(chunk, unsigned), unsigned)
+    for region in spec.regions:
+        np.testing.assert_allclose(to_arrays(h[region]["gw_up"])["sumw"],
+                                   ratio[1] * to_arrays(h_abs[region]["nominal"])["sumw"], rtol=1e-12)
+    assert sum(to_arrays(h[region]["gw_up"])["sumw"].sum() for region in spec.regions) > 0

@@ -25,19 +25,19 @@ def gen(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("syn"), events=EVENTS, seed=3, progress=False)
 
 
-def _load(fileset: Path, process: str, variation: str = "nominal") -> ak.Array:
+def load_events(fileset: Path, process: str, variation: str = "nominal") -> ak.Array:
     fs = json.loads(fileset.read_text())
     return ak.concatenate([uproot.open(fileset.parent / f["path"])["Events"].arrays()
                            for f in fs[process][variation]["files"]])
 
 
-def _collection(a: ak.Array, name: str) -> ak.Array:
+def collection(a: ak.Array, name: str) -> ak.Array:
     return ak.zip({k[len(name) + 1:]: a[k] for k in a.fields if k.startswith(name + "_")})
 
 
 def _agc_selection(a: ak.Array):
     """Per event: (exactly one tight lepton & >= 4 jets, number of b-tags, selected jets)."""
-    el, mu, jet = _collection(a, "Electron"), _collection(a, "Muon"), _collection(a, "Jet")
+    el, mu, jet = collection(a, "Electron"), collection(a, "Muon"), collection(a, "Jet")
     sel_e = (el.pt > 30) & (abs(el.eta) < 2.1) & (el.cutBased == 4) & (el.sip3d < 4)
     sel_m = ((mu.pt > 30) & (abs(mu.eta) < 2.1) & mu.tightId & (mu.sip3d < 4)
              & (mu.pfRelIso04_all < 0.15))
@@ -128,18 +128,18 @@ def test_deterministic_for_a_seed(tmp_path):
                 for k in xa.fields:
                     assert ak.array_equal(xa[k], xb[k]), (f["path"], k)
     # a different seed gives different events
-    xa = _load(a, "ttbar")
-    xc = _load(c, "ttbar")
+    xa = load_events(a, "ttbar")
+    xc = load_events(c, "ttbar")
     assert not np.array_equal(ak.to_numpy(xa.nJet), ak.to_numpy(xc.nJet))
 
 
 def test_nanoaod_conventions(gen):
     for process in ("ttbar", "wjets"):
-        a = _load(gen, process)
+        a = load_events(gen, process)
         for name in ("Jet", "Electron", "Muon"):
             pt = a[f"{name}_pt"]
             assert ak.all(pt[:, 1:] <= pt[:, :-1]), name  # sorted by pT, descending
-        jet = _collection(a, "Jet")
+        jet = collection(a, "Jet")
         assert ak.min(jet.pt) >= 15.0 and ak.max(abs(jet.eta)) < 4.7
         flat = ak.flatten(jet)
         assert np.all(ak.to_numpy(flat.btagCSVV2[abs(flat.eta) > 2.4]) == -10.0)
@@ -150,7 +150,7 @@ def test_nanoaod_conventions(gen):
         ids, counts = np.unique(ak.to_numpy(flat.jetId), return_counts=True)
         assert set(ids) == {0, 2, 6} and counts[ids == 6][0] / counts.sum() > 0.75
         assert set(np.unique(ak.to_numpy(flat.hadronFlavour))) <= {0, 4, 5}
-        el, mu = _collection(a, "Electron"), _collection(a, "Muon")
+        el, mu = collection(a, "Electron"), collection(a, "Muon")
         assert np.allclose(ak.to_numpy(ak.flatten(el.mass)), 0.000511)
         assert np.allclose(ak.to_numpy(ak.flatten(mu.mass)), 0.1057)
         assert set(np.unique(ak.to_numpy(ak.flatten(el.cutBased)))) == {0, 1, 2, 3, 4}
@@ -161,14 +161,14 @@ def test_nanoaod_conventions(gen):
 
 def test_negative_weight_fractions(gen):
     for process, frac in synthetic.NEG_WEIGHT_FRACTION.items():
-        w = ak.to_numpy(_load(gen, process).genWeight)
+        w = ak.to_numpy(load_events(gen, process).genWeight)
         assert len(np.unique(np.abs(w))) == 1
         n = len(w)
         assert abs(np.mean(w < 0) - frac) < 4 * np.sqrt(frac * (1 - frac) / n) + 1e-9, process
 
 
 def test_btag_by_flavour(gen):
-    jet = ak.flatten(_collection(_load(gen, "ttbar"), "Jet"))
+    jet = ak.flatten(collection(load_events(gen, "ttbar"), "Jet"))
     jet = jet[jet.btagCSVV2 >= 0]
     mean = {f: float(ak.mean(jet.btagCSVV2[jet.hadronFlavour == f])) for f in (0, 4, 5)}
     assert mean[5] > 0.7 > mean[4] > mean[0]
@@ -185,7 +185,7 @@ def _generated(fileset: Path, process: str, variation: str = "nominal") -> int:
 def test_ttbar_has_more_btags_than_wjets(gen):
     btags = {}
     for process in ("ttbar", "wjets"):  # per selected event (one lepton, >= 4 jets), which the skim keeps
-        base, nb, _ = _agc_selection(_load(gen, process))
+        base, nb, _ = _agc_selection(load_events(gen, process))
         btags[process] = float(ak.mean(nb[base]))
     assert btags["ttbar"] > 3 * btags["wjets"]
     assert btags["ttbar"] > 1.0
@@ -194,7 +194,7 @@ def test_ttbar_has_more_btags_than_wjets(gen):
 def test_agc_selection_prefers_ttbar(gen):
     rate = {}
     for process in VARIATIONS:  # per generated event
-        base, nb, _ = _agc_selection(_load(gen, process))
+        base, nb, _ = _agc_selection(load_events(gen, process))
         rate[process] = float(ak.sum(base & (nb >= 1))) / _generated(gen, process)
     assert 0.03 < rate["ttbar"] < 0.2
     assert rate["ttbar"] > 20 * rate["wjets"]
@@ -205,7 +205,7 @@ def test_agc_selection_prefers_ttbar(gen):
 
 def test_ttbar_trijet_mass_peaks_at_top_mass(gen):
     """The AGC's m_bjj (highest-pT trijet with a b-tag) in 4j2b ttbar events peaks near m_top."""
-    base, nb, jets = _agc_selection(_load(gen, "ttbar"))
+    base, nb, jets = _agc_selection(load_events(gen, "ttbar"))
     jets = jets[base & (nb >= 2)]
     tri = ak.combinations(jets, 3, fields=["a", "b", "c"])
     pa, pb, pc = _p4(tri.a), _p4(tri.b), _p4(tri.c)
@@ -224,7 +224,7 @@ def test_ttbar_trijet_mass_peaks_at_top_mass(gen):
 def test_ttbar_variations_are_modest(gen):
     """Alternative ttbar samples move the >= 4 jet acceptance and jet multiplicity by per cents only."""
     def stats(variation):
-        a = _load(gen, "ttbar", variation)
+        a = load_events(gen, "ttbar", variation)
         _, _, jets = _agc_selection(a)
         return float(ak.mean(ak.num(jets) >= 4)), float(ak.mean(a.nJet))
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import uproot
 
+from test_synthetic import collection, load_events  # the same file readers
 from jacana.samples import synthetic
 from jacana.samples.synthetic import generate
 
@@ -51,16 +52,6 @@ def agc(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single_top(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("single_top"), events=4000, seed=3, progress=False, preset="single_top")
-
-
-def _load(fileset: Path, process: str, variation: str = "nominal") -> ak.Array:
-    fs = json.loads(fileset.read_text())
-    return ak.concatenate([uproot.open(fileset.parent / f["path"])["Events"].arrays()
-                           for f in fs[process][variation]["files"]])
-
-
-def _collection(a: ak.Array, name: str) -> ak.Array:
-    return ak.zip({k[len(name) + 1:]: a[k] for k in a.fields if k.startswith(name + "_")})
 
 
 # -- (a) the AGC preset is generator 1.1.0's output, plus MET ---------------------------------------------
@@ -99,10 +90,10 @@ def test_met_branch_types_match_real_nanoaod(agc, real_nanoaod):
 def test_met_follows_the_neutrinos(single_top):
     """Single top: MET from the W's neutrino (leptonic decays only) plus resolution. W+jets (W -> l nu
     only): the transverse mass of the lepton and MET has its Jacobian edge at m_W."""
-    t_chan = ak.to_numpy(_load(single_top, "single_top_t_chan").MET_pt)
+    t_chan = ak.to_numpy(load_events(single_top, "single_top_t_chan").MET_pt)
     assert 20 < t_chan.mean() < 60
-    a = _load(single_top, "wjets")
-    el, mu = _collection(a, "Electron"), _collection(a, "Muon")
+    a = load_events(single_top, "wjets")
+    el, mu = collection(a, "Electron"), collection(a, "Muon")
     lep = ak.concatenate([el[["pt", "phi"]][(el.pt > 30) & (el.cutBased == 4)],
                           mu[["pt", "phi"]][(mu.pt > 30) & mu.tightId & (mu.pfRelIso04_all < 0.15)]], axis=1)
     one = ak.num(lep) == 1
@@ -162,8 +153,8 @@ def test_single_top_fileset_shape_and_loader(single_top):
 
 
 def test_single_top_wjets_skim_keeps_two_forward_jets(single_top):
-    a = _load(single_top, "wjets")
-    jet, el, mu = _collection(a, "Jet"), _collection(a, "Electron"), _collection(a, "Muon")
+    a = load_events(single_top, "wjets")
+    jet, el, mu = collection(a, "Jet"), collection(a, "Electron"), collection(a, "Muon")
     tight = (jet.jetId == 6) & (jet.pt >= 15) & (abs(jet.eta) < 4.7)
     n_jets = ak.to_numpy(ak.sum(tight, axis=1))
     n_lep = ak.to_numpy(ak.sum((el.pt >= 25) & (abs(el.eta) < 2.5), axis=1)
@@ -183,8 +174,8 @@ def test_t_channel_light_jet_is_forward(single_top):
     |eta| ~ 2-2.5 in real events), a W or radiation jet in ttbar (central)."""
     mean = {}
     for process in ("single_top_t_chan", "ttbar"):
-        a = _load(single_top, process)
-        el, mu, jet = _collection(a, "Electron"), _collection(a, "Muon"), _collection(a, "Jet")
+        a = load_events(single_top, process)
+        el, mu, jet = collection(a, "Electron"), collection(a, "Muon"), collection(a, "Jet")
         lepton = ak.to_numpy(ak.any(el.pt > 25, axis=1) | ak.any(mu.pt > 25, axis=1))
         jet = jet[(jet.pt > 30) & (abs(jet.eta) < 4.7) & (jet.jetId == 6) & (jet.btagCSVV2 < 0.5)]
         lead = ak.firsts(jet[lepton])

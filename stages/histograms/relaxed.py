@@ -92,3 +92,26 @@ def soft_histogram(x, edges, bandwidth, weights=None, weights2=None, flow: bool 
     if squeeze:
         sumw, sumw2 = sumw[0], sumw2[0]
     return sumw, sumw2
+
+
+def fill_variations(masses, selection, weight, factors, regions) -> dict:
+    """Histogram contributions of a block: ``{region: (sumw [V + W, bins], sumw2 [V + W, bins])}``.
+
+    ``masses[region]`` [V, B, bins] are the events' bin masses under each of V kinematic variations,
+    ``selection[region]`` [V, B] their selection probabilities, ``weight`` [B] the nominal weights and
+    ``factors`` the W weight-variation factors [B] each, applied to the nominal (first) variation.
+    ``sumw2`` is the expectation of the hard ``sum w^2`` (``w^2 x P(selection)``).
+    """
+    wf = weight[:, None] * jnp.stack([jnp.ones_like(weight)] + list(factors), axis=-1)  # [B, 1 + W]
+    out = {}
+    for name in regions:
+        m, s = masses[name], selection[name]
+        w_kin = weight[None, :] * s  # nominal weight, every kinematic variation
+        sumw = [jnp.einsum("vb,vbk->vk", w_kin, m)]
+        sumw2 = [jnp.einsum("vb,vbk->vk", weight[None, :] * w_kin, m)]
+        if wf.shape[1] > 1:  # weight variations on the nominal objects
+            wv = wf[:, 1:] * s[0][:, None]
+            sumw.append(wv.T @ m[0])
+            sumw2.append((wf[:, 1:] * wv).T @ m[0])
+        out[name] = (jnp.concatenate(sumw), jnp.concatenate(sumw2))
+    return out

@@ -9,7 +9,9 @@ shape systematic a correlated ``normsys`` + ``histosys`` pair ("NormPlusShape": 
 normsys carries sum(var)/sum(nominal), the histosys the variation scaled to the nominal
 yield); one-sided variations are symmetrised after that split (down = 2 nominal - up,
 norm_down = 2 - norm_up); normalisation systematics are plain ``normsys``; every sample
-carries the channel's ``staterror`` with data sqrt(sumw2).
+carries the channel's ``staterror`` with data sqrt(sumw2). Every NormPlusShape pair then
+passes :func:`rate_floor`, which keeps each sample's expected rate in each bin positive for
+``|alpha| <= 5`` under pyhf's default interpolations (:func:`floored_templates` lists what it changed).
 
 Histogram layout everywhere in jacana: ``{region: {sample: {variation: {"edges", "sumw", "sumw2"}}}}``.
 """
@@ -27,6 +29,22 @@ from jacana.stages.systematics import SYSTEMATICS
 YIELD_FLOOR = 1e-9
 #: Smallest normsys factor: pyhf's code4 interpolation takes its logarithm.
 NORM_FLOOR = 1e-3
+#: The range of every alpha (pyhf's default bounds of a normsys/histosys parameter) over which the
+#: rate floor keeps each sample's expected rate in each bin positive.
+ALPHA_MAX = 5.0
+#: The smallest rate, as a fraction of the nominal, a histosys template may extrapolate to at
+#: ``|alpha| = ALPHA_MAX``.
+RATE_FLOOR_FRACTION = 0.01
+#: Smallest histosys template per bin, as a fraction of the nominal: pyhf's code4p extrapolates
+#: linearly beyond ``|alpha| = 1`` (``nominal + |alpha| (template - nominal)``), which stays above
+#: ``RATE_FLOOR_FRACTION * nominal`` up to ``ALPHA_MAX`` only for templates above this.
+SHAPE_FLOOR = 1.0 - (1.0 - RATE_FLOOR_FRACTION) / ALPHA_MAX
+#: Largest histosys template per bin, as a multiple of the nominal: above about 12 code4p's
+#: polynomial (``|alpha| < 1``) swings below zero on the opposite side.
+SHAPE_CAP = 10.0
+#: Largest normsys factor: above about 19 code4's polynomial (``|alpha| < 1``) swings below zero
+#: when the other factor is at :data:`NORM_FLOOR`.
+NORM_CAP = 10.0
 
 Histograms = Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]]
 
@@ -36,12 +54,14 @@ def shape_systematics(spec: AnalysisSpec, sample: str) -> list[tuple[str, str, s
     return [m for s in spec.systematics for m in SYSTEMATICS[s.kind].modifiers(s.key, s.options, sample)]
 
 
-def norm_plus_shape(nominal, up, down=None, xp=np) -> tuple[dict, dict]:
+def norm_plus_shape(nominal, up, down=None, xp=np, floor=True) -> tuple[dict, dict]:
     """cabinetry's NormPlusShape split: ``({"hi", "lo"}, {"hi_data", "lo_data"})``.
 
     Guards where cabinetry would give NaN or negative rates (only with very sparse
     templates): an empty nominal gives no normalisation effect, normalisation factors stay
-    above :data:`NORM_FLOOR`, and symmetrised templates are floored at zero.
+    above :data:`NORM_FLOOR`, and symmetrised templates are floored at zero. With ``floor``
+    (always, in the model) the result then passes through :func:`rate_floor`, which keeps
+    every expected rate positive for ``|alpha| <= ALPHA_MAX``.
     """
     total = xp.sum(nominal)
     present = total > YIELD_FLOOR
@@ -58,7 +78,31 @@ def norm_plus_shape(nominal, up, down=None, xp=np) -> tuple[dict, dict]:
     else:
         norm_down = norm_of(down)
         lo_data = down / norm_down
-    return {"hi": norm_up, "lo": norm_down}, {"hi_data": hi_data, "lo_data": lo_data}
+    norm, shape = {"hi": norm_up, "lo": norm_down}, {"hi_data": hi_data, "lo_data": lo_data}
+    return rate_floor(nominal, norm, shape, xp) if floor else (norm, shape)
+
+
+def rate_floor(nominal, norm: Mapping, shape: Mapping, xp=np) -> tuple[dict, dict]:
+    """Clip a NormPlusShape pair so that pyhf's rates stay positive for ``|alpha| <= ALPHA_MAX``.
+
+    pyhf's default interpolations (the workspace sets none: normsys code4, histosys code4p)
+    multiply the nominal-plus-histosys rate by the normsys factor, so both must stay positive:
+
+    * histosys templates are clipped per bin to ``[SHAPE_FLOOR, SHAPE_CAP] * nominal`` (code4p's
+      linear extrapolation reaches ``RATE_FLOOR_FRACTION * nominal`` at ``|alpha| = ALPHA_MAX``
+      at worst, and its polynomial stays positive); where the nominal is empty the templates
+      are 0 (a shape effect there would swing negative);
+    * normsys factors are clipped to ``[NORM_FLOOR, NORM_CAP]`` (code4 is exponential outside
+      ``|alpha| <= 1`` and its polynomial stays positive inside).
+
+    Identical where nothing reaches a bound; the clip is ``max``/``min``, so in soft mode the
+    gradient is that of the template inside the bounds and 0 outside, never NaN.
+    :func:`floored_templates` lists what it changed.
+    """
+    nominal = xp.maximum(nominal, 0.0)
+    low, high = SHAPE_FLOOR * nominal, SHAPE_CAP * nominal
+    return ({k: xp.minimum(xp.maximum(norm[k], NORM_FLOOR), NORM_CAP) for k in ("hi", "lo")},
+            {k: xp.minimum(xp.maximum(shape[k], low), high) for k in ("hi_data", "lo_data")})
 
 
 def _sqrt_floored(x, xp):
@@ -94,6 +138,40 @@ def build_channels(spec: AnalysisSpec, hists: Histograms, xp=np) -> list[dict]:
             samples.append({"name": sample, "data": nominal, "modifiers": modifiers})
         channels.append({"name": region, "samples": samples})
     return channels
+
+
+def floored_templates(spec: AnalysisSpec, hists: Histograms) -> list[dict]:
+    """What :func:`rate_floor` changed in the model :func:`build_channels` builds from ``hists``.
+
+    One entry per (region, sample, modifier, template) with a changed value:
+    ``{"region", "sample", "modifier", "template": "hi"|"lo"|"hi_data"|"lo_data", "bins",
+    "before", "after"}`` (``bins`` is None for the normsys factors). Computed from the same
+    inputs as :func:`build_channels` (numpy), once without and once with the floor.
+    """
+    out = []
+    for region in spec.regions:
+        for sample in spec.samples:
+            h = hists[region][sample]
+            nominal = np.maximum(np.asarray(h[NOMINAL]["sumw"], dtype=np.float64), 0.0)
+            for name, up, down in shape_systematics(spec, sample):
+                args = (nominal, np.maximum(np.asarray(h[up]["sumw"], dtype=np.float64), 0.0),
+                        None if down is None else np.maximum(np.asarray(h[down]["sumw"], dtype=np.float64), 0.0))
+                raw = norm_plus_shape(*args, floor=False)
+                kept = norm_plus_shape(*args)
+                for part in (0, 1):
+                    for key in raw[part]:
+                        before, after = np.asarray(raw[part][key]), np.asarray(kept[part][key])
+                        changed = before != after
+                        if not np.any(changed):
+                            continue
+                        entry = {"region": region, "sample": sample, "modifier": name, "template": key}
+                        if before.ndim:
+                            bins = np.flatnonzero(changed)
+                            entry.update(bins=bins.tolist(), before=before[bins].tolist(), after=after[bins].tolist())
+                        else:
+                            entry.update(bins=None, before=float(before), after=float(after))
+                        out.append(entry)
+    return out
 
 
 def pseudo_data(spec: AnalysisSpec, hists: Histograms, xp=np) -> dict[str, Any]:
