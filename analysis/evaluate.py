@@ -1,8 +1,10 @@
 """``jacana evaluate``: the AGC ttbar analysis in hard mode, ending in pyhf's own fit.
 
 Writes ``histograms.json`` (region -> sample -> variation -> edges, sumw, sumw2),
-``workspace.json`` (a valid pyhf workspace) and ``result.json`` (fitted ttbar_norm, the
-expected uncertainty and significance on Asimov data, the parameters, region compositions).
+``workspace.json`` (a valid pyhf workspace) and ``result.json`` (fitted ttbar_norm with the fit's
+diagnostics, the expected uncertainty and significance on Asimov data, the parameters, region
+compositions, the +-5 sigma validity check of the workspace (``workspace_check``), the model's
+warnings before any fit (``model_warnings``) and what the rate floor clipped (``template_floor``)).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from jacana.facility.atomic import write_json
 from jacana.facility.hardrun import DEFAULT_CHUNK_SIZE, ColumnStore, InputReport, analysis_chunks, hard_histograms
 from jacana.stages.errors import ConfigError
 from jacana.stages.fileset import Fileset
-from jacana.stages.stats.inference import evaluate_workspace
+from jacana.stages.stats.health import check_workspace, histogram_warnings, prefit_warnings
+from jacana.stages.stats.inference import FitError, evaluate_workspace
 from jacana.stages.spec import NOMINAL, AnalysisSpec
-from jacana.stages.stats.workspace import build_workspace, histograms_to_json
+from jacana.stages.stats.workspace import build_workspace, floored_templates, histograms_to_json
 
 
 def load_params_file(path: str | Path) -> tuple[dict, list[str]]:
@@ -61,16 +64,76 @@ def compositions(spec: AnalysisSpec, hists: Mapping) -> dict[str, dict[str, floa
     return {r: {s: float(np.sum(hists[r][s][NOMINAL]["sumw"])) for s in spec.samples} for r in spec.regions}
 
 
+def check_model(spec: AnalysisSpec, hists: Mapping, workspace: Mapping) -> dict:
+    """The checks before any fit: ``{"workspace_check", "model_warnings", "template_floor"}``.
+
+    ``workspace_check`` is :func:`~jacana.stages.stats.health.check_workspace` of ``workspace``
+    (the +-5 sigma grid; its warning lines are moved into ``model_warnings``), ``model_warnings``
+    the lines naming empty or negative-yield regions and samples, negative bins, parameters
+    without effect, bins of low MC statistics and grid problems, and ``template_floor`` what
+    the rate floor clipped (:func:`~jacana.stages.stats.workspace.floored_templates`). Raises
+    :class:`~jacana.stages.stats.inference.FitError` naming them when an unconstrained parameter
+    (the POI) has no effect: no fit could determine it.
+    """
+    hist_warnings = histogram_warnings(spec, hists)
+    check = check_workspace(workspace)
+    warnings = prefit_warnings(hist_warnings, check)
+    if check["undetermined"]:
+        idle = ", ".join(check["undetermined"])
+        raise FitError(f"the model cannot be fitted: {idle} {'have' if len(check['undetermined']) > 1 else 'has'} "
+                       f"no effect on any expected rate (its Fisher information is zero)"
+                       + _context(hist_warnings, check, exclude=check["undetermined"]))
+    check = {k: v for k, v in check.items() if k != "warnings"}
+    floored = floored_templates(spec, hists)
+    if floored:
+        where: dict[str, list[str]] = {}
+        for f in floored:
+            label = f"{f['sample']} in {f['region']}"
+            if label not in where.setdefault(f["modifier"], []):
+                where[f["modifier"]].append(label)
+        warnings.append(f"the rate floor clipped {len(floored)} templates (result.json: template_floor) of "
+                        + ", ".join(f"{m} ({', '.join(w)})" if len(w) <= 2 else f"{m} ({len(w)} samples and regions)"
+                                    for m, w in where.items()))
+    return {"workspace_check": check, "model_warnings": warnings, "template_floor": floored}
+
+
+def _context(hist_warnings: list[dict], check: Mapping, exclude=()) -> str:
+    """The empty or negative regions and samples and the parameters without effect, for an error message."""
+    lines = [w["message"] for w in hist_warnings if w["kind"] != "negative_bins"]
+    idle = [name for name in check["no_effect"] if name not in exclude]
+    if idle:
+        lines.append(f"without effect on any expected rate: {', '.join(idle)}")
+    return f"; {'; '.join(lines)}" if lines else ""
+
+
 def hard_evaluation(spec: AnalysisSpec, fileset: Fileset, store: ColumnStore | None = None,
                     chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = False, significance: bool = False,
                     on_bad_file: str = "fail") -> dict:
-    """Histograms, workspace and pyhf result of the hard analysis (nothing written)."""
+    """Histograms, workspace and pyhf result of the hard analysis (nothing written): :func:`evaluate_histograms`
+    of the hard histograms, with the input report in ``result["inputs"]``."""
     report = InputReport(on_bad_file)
     hists = hard_histograms(spec, analysis_chunks(spec, fileset, chunk_size), store=store, progress=progress,
                             report=report)
+    evaluation = evaluate_histograms(spec, hists, significance=significance)
+    evaluation["result"]["inputs"] = report.to_dict()
+    return evaluation
+
+
+def evaluate_histograms(spec: AnalysisSpec, hists: Mapping, significance: bool = False) -> dict:
+    """Workspace and pyhf result of histograms: ``{"histograms", "workspace", "result"}``.
+
+    The model is checked before any fit (:func:`check_model`: ``result["workspace_check"]``,
+    ``"model_warnings"``, ``"template_floor"``); the fit's entry carries its diagnostics. An
+    Asimov Fisher information that is singular is an error naming the parameters without effect
+    and the empty or negative regions and samples.
+    """
     workspace = build_workspace(spec, hists)
-    fit = evaluate_workspace(workspace, significance=significance)
-    result = {**fit, "params": spec.param_values(), "regions": compositions(spec, hists), "inputs": report.to_dict()}
+    checks = check_model(spec, hists, workspace)
+    try:
+        fit = evaluate_workspace(workspace, significance=significance)
+    except FitError as exc:  # the Asimov information is singular: say what in the model is empty
+        raise FitError(f"{exc}{_context(histogram_warnings(spec, hists), checks['workspace_check'])}") from None
+    result = {**fit, **checks, "params": spec.param_values(), "regions": compositions(spec, hists)}
     return {"histograms": hists, "workspace": workspace, "result": result}
 
 
@@ -85,6 +148,10 @@ def write_evaluation(out_dir: str | Path, evaluation: Mapping, extra: Mapping | 
     }
 
 
+#: Model warnings printed by :func:`format_summary` (all are in result.json).
+MAX_WARNING_LINES = 10
+
+
 def format_summary(spec: AnalysisSpec, result: Mapping) -> str:
     poi = spec.poi["name"]
     lines = []
@@ -94,10 +161,27 @@ def format_summary(spec: AnalysisSpec, result: Mapping) -> str:
         lines.append(f"  {region}: total {total:,.0f}: {parts}")
     fit = result[poi]
     exp = result["expected"]
-    if fit.get("converged", True):
-        lines.append(f"  fit to pseudo-data: {poi} = {fit['value']:.4f} +/- {fit['uncertainty']:.4f}")
+    if fit.get("value") is None:
+        lines.append(f"  fit to pseudo-data FAILED: {fit.get('error')}")
     else:
-        lines.append(f"  fit to pseudo-data FAILED: {fit['error']}")
+        source = f" (uncertainty from {fit['uncertainty_from']})" if fit.get("uncertainty_from") else ""
+        state = "" if fit.get("converged", True) else " NOT CONVERGED"
+        lines.append(f"  fit to pseudo-data{state}: {poi} = {fit['value']:.4f} +/- {fit['uncertainty']:.4f}{source}")
+        edm = (fit.get("fit") or {}).get("edm")
+        if edm is not None:
+            lines.append(f"    edm {edm:.2g}, {len(fit.get('at_bounds', []))} parameters at bounds, "
+                         f"{len(fit.get('pulls', []))} pulled beyond 3 sigma")
+        for warning in fit.get("warnings", []) if not fit.get("converged", True) else []:
+            lines.append(f"    WARNING: {warning}")
     z0 = f", expected Z0 = {exp['z0']:.1f}" if exp.get("z0") is not None else ""
     lines.append(f"  expected (Asimov): sigma_{poi} = {exp['sigma_mu']:.4f}{z0}")
+    check = result.get("workspace_check")
+    if check is not None:
+        verdict = "passed" if check["passed"] else f"FAILED ({check['problem_count']} problems)"
+        lines.append(f"  workspace check (+-{check['sigmas']:g} sigma, {check['parameters']} parameters): {verdict}")
+    warnings = result.get("model_warnings", [])
+    for warning in warnings[:MAX_WARNING_LINES]:
+        lines.append(f"  WARNING: {warning}")
+    if len(warnings) > MAX_WARNING_LINES:
+        lines.append(f"  ... {len(warnings) - MAX_WARNING_LINES} more warnings in result.json (model_warnings)")
     return "\n".join(lines)

@@ -168,6 +168,15 @@ def cmd_optimize(args) -> int:
           f" {result.train_passes} passes over the training events")
     print(f"  held-out hard analysis (pyhf): expected sigma_{spec.poi['name']} {b:.4f} -> {a:.4f}"
           f" (ratio {a / b:.3f})")
+    after = result.after or {}
+    check, fit = after.get("workspace_check"), after.get(spec.poi["name"], {})
+    if check is not None:
+        print(f"  held-out workspace check (+-{check['sigmas']:g} sigma): "
+              + ("passed" if check["passed"] else f"FAILED ({check['problem_count']} problems)"))
+    if fit and not fit.get("converged", True):
+        print("  WARNING: held-out fit to pseudo-data not converged: " + "; ".join(fit.get("warnings", [])[:3]))
+    for w in after.get("model_warnings", [])[:5]:
+        print(f"  WARNING: {w}")
     print(f"jacana: results in {out} (result.json, params.json, workspace.json, histograms.json,"
           f" checkpoint.json); plots in {out / 'plots'}")
     return 0

@@ -16,6 +16,7 @@ import json
 import time
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from jacana.protocol.message import Message, decode, encode
@@ -51,8 +52,7 @@ class ChunkLoad:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(np.asarray(getattr(p, f.name)).nbytes) for p in self.parts
-                   for f in dataclasses.fields(p) if not f.metadata.get("static"))
+        return sum(int(np.asarray(a).nbytes) for p in self.parts for a in jax.tree.leaves(p))
 
 
 def load_chunk_task(index: int, chunk: Mapping, spec_dict: Mapping, dtype: str = "float64") -> ChunkLoad:
@@ -76,7 +76,7 @@ def load_chunk_task(index: int, chunk: Mapping, spec_dict: Mapping, dtype: str =
 def chunk_summary_task(load: ChunkLoad) -> dict:
     """What the planner needs of a loaded chunk: events per jet bucket, errors, masked values."""
     return {"index": load.index, "error": load.error, "nonfinite": load.nonfinite,
-            "parts": [[p.n_jets, int(np.asarray(p.event_mask).sum()), len(p.kinematic)] for p in load.parts],
+            "parts": [[p.bucket_width, int(np.asarray(p.event_mask).sum()), len(p.kinematic)] for p in load.parts],
             "nbytes": load.nbytes}
 
 
@@ -90,7 +90,7 @@ def _parts_in(load: ChunkLoad, wanted: set) -> tuple[str, tuple]:
     from jacana.stages.stats.sensitivity import yields_key
 
     key = yields_key(load.chunk.sample, load.chunk.variation)
-    return key, tuple(p for p in load.parts if (key, p.n_jets) in wanted)
+    return key, tuple(p for p in load.parts if (key, p.bucket_width) in wanted)
 
 
 def select_parts_task(load: ChunkLoad, units: Sequence) -> ChunkLoad:
@@ -147,7 +147,8 @@ def build_shard_task(index: int, n_shards: int, spec_dict: Mapping, units: Seque
 
 
 def _arrays(batch) -> list:
-    return [getattr(batch, f.name) for f in dataclasses.fields(batch) if not f.metadata.get("static")]
+    """Every array of a batch (any batch type: its pytree leaves)."""
+    return jax.tree.leaves(batch)
 
 
 #: Tensors a shard adds to every response: events and parts counted per chunk, the shard's times.

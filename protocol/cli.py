@@ -23,7 +23,17 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", default=None,
                    help="file whose first line is the token (default: $JACANA_STAGE_TOKEN)")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest accepted message in bytes")
-    p.add_argument("--timeout", type=float, default=60.0, help="socket timeout in seconds")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="socket timeout in seconds (a frame may take this plus one second per MiB)")
+    p.add_argument("--hello-timeout", type=float, default=5.0,
+                   help="seconds a new connection has to authenticate (default 5)")
+    p.add_argument("--idle-timeout", type=float, default=300.0,
+                   help="close an authenticated connection after this many seconds without a request (default 300)")
+    p.add_argument("--max-connections", type=int, default=32, help="authenticated connections at once (default 32)")
+    p.add_argument("--max-pending", type=int, default=64,
+                   help="connections waiting to authenticate at once; the oldest makes room (default 64)")
+    p.add_argument("--max-inflight-bytes", type=int, default=None,
+                   help="bytes of requests received or served at once (default 1 GiB, at least --max-bytes)")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many seconds without a connection")
 
 
@@ -57,8 +67,11 @@ def run_serve_stage(args: argparse.Namespace) -> int:
             kwargs[key] = value
         stage = load_stage(args.stage, **kwargs)
         server = StageServer(stage, token_file=args.token_file, host=args.host, port=args.port,
-                             max_bytes=args.max_bytes, timeout=args.timeout, idle_exit=args.idle_exit)
-    except (JacanaError, OSError) as exc:
+                             max_bytes=args.max_bytes, timeout=args.timeout, idle_exit=args.idle_exit,
+                             hello_timeout=args.hello_timeout, idle_timeout=args.idle_timeout,
+                             max_connections=args.max_connections, max_pending=args.max_pending,
+                             max_inflight_bytes=args.max_inflight_bytes)
+    except (JacanaError, OSError, ValueError) as exc:
         print(f"jacana serve-stage: {exc}", file=sys.stderr)
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1"):

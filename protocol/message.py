@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -221,6 +222,13 @@ def _check_common(kind: Any, role: Any, stage: Any, step: Any, digest: Any) -> N
 
 def encode(msg: Message) -> bytes:
     """Encode a :class:`Message` to bytes (canonical: equal messages, equal bytes)."""
+    return b"".join(encode_parts(msg))
+
+
+def encode_parts(msg: Message) -> list[Any]:
+    """The encoding of ``msg`` as a list of buffers (prefix and header, then the tensors' own
+    memory, zero gaps between them): ``b"".join(encode_parts(msg)) == encode(msg)``. A stream
+    writes them one after the other without copying the tensors into one message."""
     if not isinstance(msg, Message):
         raise MalformedMessage(f"expected a Message, got {type(msg).__name__}")
     _check_common(msg.kind, msg.role, msg.stage, msg.step, msg.params_digest)
@@ -280,6 +288,7 @@ def encode(msg: Message) -> bytes:
         if not isinstance(msg.meta, Mapping):
             raise MalformedMessage("meta must be a JSON object")
         header["meta"] = dict(msg.meta)
+        _check_json_numbers(header["meta"], "meta")
     try:
         text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -288,11 +297,42 @@ def encode(msg: Message) -> bytes:
     hbytes += b" " * (_align(PREFIX.size + len(hbytes)) - PREFIX.size - len(hbytes))
     if len(hbytes) > MAX_HEADER_BYTES:
         raise MessageTooLarge(f"header of {len(hbytes)} bytes exceeds {MAX_HEADER_BYTES}")
-    return b"".join([PREFIX.pack(MAGIC, len(hbytes)), hbytes, *parts])
+    return [PREFIX.pack(MAGIC, len(hbytes)) + hbytes, *parts]
+
+
+def _check_json_numbers(value: Any, what: str) -> None:
+    """SPEC.md's number rules for what goes into a header: integers of magnitude below 2^53,
+    finite floats (checked without recursion, so any depth is safe)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, Mapping):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, int) and not isinstance(v, bool) and not -_MAX_INT <= v <= _MAX_INT:
+            raise MalformedMessage(f"{what} holds an integer of {v.bit_length()} bits, beyond 2**53 "
+                                   f"(SPEC.md: integers below 2^53)")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise MalformedMessage(f"{what} holds the non-finite number {v}")
 
 
 def _reject_constant(name: str) -> Any:
     raise MalformedMessage(f"header contains the non-JSON constant {name}")
+
+
+def _parse_int(text: str) -> int:
+    # SPEC.md: integers in the header are below 2^53 (16 digits at most; no 4300-digit parse)
+    if len(text.lstrip("-")) > 16 or not -_MAX_INT <= int(text) <= _MAX_INT:
+        raise MalformedMessage(f"header integer {text[:24]}{'...' if len(text) > 24 else ''} is beyond 2**53")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise MalformedMessage(f"header number {text[:24]}{'...' if len(text) > 24 else ''} is not finite")
+    return value
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -323,7 +363,8 @@ def decode_header(data: bytes | bytearray | memoryview, *, max_bytes: int | None
         raise TruncatedMessage(f"header of {hlen} bytes runs past the end of a {len(mv)}-byte message")
     try:
         text = bytes(mv[PREFIX.size : PREFIX.size + hlen]).decode("utf-8")
-        header = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+        header = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int,
+                            parse_float=_parse_float, object_pairs_hook=_no_duplicate_keys)
     except ProtocolError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -399,9 +440,12 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
         shape = entry["shape"]
         if not isinstance(shape, list) or len(shape) > MAX_NDIM:
             raise MalformedMessage(f"tensor {name!r} shape must be a list of at most {MAX_NDIM} sizes")
-        count = 1
+        count, span = 1, dtype.itemsize
         for d in shape:
             count *= _check_int(d, f"tensor {name!r} dimension")
+            span *= max(d, 1)
+            if span > _MAX_INT:  # an empty tensor too: numpy cannot even describe such a shape
+                raise MalformedMessage(f"tensor {name!r} shape {shape!r:.80} spans more than 2**53 bytes")
         nbytes = _check_int(entry["nbytes"], f"tensor {name!r} nbytes")
         if nbytes != count * dtype.itemsize:
             raise MalformedMessage(f"tensor {name!r}: nbytes {nbytes} != prod(shape) * itemsize {count * dtype.itemsize}")

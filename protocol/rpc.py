@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from jacana.protocol.errors import MalformedMessage, ProtocolError, StageError, error_class
-from jacana.protocol.message import Message, decode, encode, params_digest
+from jacana.protocol.message import Message, decode, encode, encode_parts, params_digest
 from jacana.protocol.provenance import Provenance
 from jacana.protocol.stage import Arrays, Stage, StageSpec, TensorSpec
 
@@ -94,8 +94,71 @@ def split_request(req: Message) -> tuple[dict, dict, dict[str, dict]]:
     return params, inputs, derived
 
 
-def handle(stage: Stage, req: Message) -> Message:
-    """Serve one request with ``stage``; errors become ``error`` messages."""
+def _describe_arg(spec: TensorSpec) -> str:
+    return f"shape {list(spec.shape)} and dtype {spec.dtype}"
+
+
+def _conform_one(stage: str, what: str, name: str, value: Any, decl: TensorSpec, seed: bool) -> np.ndarray:
+    arr = np.asarray(value)
+    given = arr.dtype.name
+    if tuple(arr.shape) != decl.shape:
+        raise MalformedMessage(f"stage {stage!r}: {what} {name!r} has shape {list(arr.shape)} and dtype {given}; "
+                               f"the stage declares {_describe_arg(decl)}")
+    if given == decl.dtype:
+        return arr
+    # a lossless widening (e.g. float32 -> float64, from a client running JAX without x64) is
+    # converted to the declared dtype; a tangent or cotangent (a derivative seed) may also be
+    # narrowed within its kind, as every stage casts seeds to its own dtype anyway
+    if np.can_cast(arr.dtype, decl.dtype, "same_kind" if seed else "safe"):
+        return arr.astype(decl.dtype)
+    raise MalformedMessage(f"stage {stage!r}: {what} {name!r} has dtype {given}; the stage declares "
+                           f"{_describe_arg(decl)} (only a lossless widening is converted)")
+
+
+def conform(spec: StageSpec, params: Arrays, inputs: Arrays, derived: Mapping[str, Arrays]
+            ) -> tuple[dict, dict, dict[str, dict]]:
+    """Check a request's tensors against the stage's declared signature ``spec``: every parameter
+    and input present, none other, each of the declared shape and dtype; tangents of declared
+    arguments and cotangents of declared outputs of their shapes. Raise :class:`MalformedMessage`
+    naming the tensor otherwise. The stage then only ever sees its declared signature, so it
+    compiles nothing new for a client's whim."""
+    sid = spec.stage
+    declared = {"parameter": {t.name: t for t in spec.params}, "input": {t.name: t for t in spec.inputs}}
+    kinds = (("parameter", params, "input"), ("input", inputs, "parameter"))
+    for what, given, other in kinds:
+        for name in given:
+            if name in declared[what]:
+                continue
+            if name in declared[other]:
+                hint = ("; it is a parameter: list it in params.names" if other == "parameter"
+                        else "; it is an input, not a parameter")
+            else:
+                hint = f"; it declares {sorted(declared[what])[:20]}"
+            raise MalformedMessage(f"stage {sid!r} has no {what} {name!r}{hint}")
+    for what, given, _ in kinds:
+        missing = [n for n in declared[what] if n not in given]
+        if missing:
+            raise MalformedMessage(f"stage {sid!r}: the request lacks the {what}s {missing[:20]}")
+    out = [{n: _conform_one(sid, what, n, v, declared[what][n], False) for n, v in given.items()}
+           for what, given, _ in kinds]
+    args, outputs = spec.args, {t.name: t for t in spec.outputs}
+    seeds: dict[str, dict] = {p: {} for p in DERIVATIVE_PREFIXES}
+    for prefix, values in derived.items():
+        if values and prefix == "jacobian:":
+            raise MalformedMessage(f"stage {sid!r}: a request carries no jacobian: tensors")
+        table, kind = (args, "argument") if prefix == "tangent:" else (outputs, "output")
+        for name, value in values.items():
+            if name not in table:
+                raise MalformedMessage(f"stage {sid!r}: {prefix}{name} names no {kind} of the stage")
+            seeds[prefix][name] = _conform_one(sid, prefix[:-1], prefix + name, value, table[name], True)
+    return out[0], out[1], seeds
+
+
+def handle(stage: Stage, req: Message, *, check_signature: bool = False) -> Message:
+    """Serve one request with ``stage``; errors become ``error`` messages.
+
+    ``check_signature``: refuse (``malformed``) tensors that are not of the stage's declared
+    signature (:func:`conform`) instead of passing them on; the network server does."""
     try:
         if req.role != "request":
             raise MalformedMessage(f"expected a request, got a {req.role}")
@@ -115,6 +178,8 @@ def handle(stage: Stage, req: Message) -> Message:
         if req.provenance:
             stage = stage.for_chunk(req.provenance)
         spec = stage.describe()
+        if check_signature:
+            params, inputs, derived = conform(spec, params, inputs, derived)
         axes = {t.name: t.axes for t in spec.outputs if t.axes is not None}
         if req.kind == "apply":
             outs = stage.apply(params, inputs)
@@ -136,17 +201,23 @@ def handle(stage: Stage, req: Message) -> Message:
         return error_message(exc, req)
 
 
-def handle_bytes(stage: Stage, data: bytes, *, max_bytes: int | None = None) -> bytes:
+def handle_bytes(stage: Stage, data: bytes, *, max_bytes: int | None = None, check_signature: bool = False) -> bytes:
     """Decode, serve, encode. Never raises for bad input: answers an error message."""
+    return b"".join(handle_parts(stage, data, max_bytes=max_bytes, check_signature=check_signature))
+
+
+def handle_parts(stage: Stage, data: Any, *, max_bytes: int | None = None, check_signature: bool = False) -> list:
+    """:func:`handle_bytes` answering the buffers of :func:`~jacana.protocol.message.encode_parts`
+    (a stream writes them in turn: the outputs are not copied into one message first)."""
     try:
         req = decode(data, max_bytes=max_bytes)
     except Exception as exc:
-        return encode(error_message(exc))
-    resp = handle(stage, req)
+        return encode_parts(error_message(exc))
+    resp = handle(stage, req, check_signature=check_signature)
     try:
-        return encode(resp)
+        return encode_parts(resp)
     except Exception as exc:  # e.g. a stage returned an unsupported dtype
-        return encode(error_message(exc, req))
+        return encode_parts(error_message(exc, req))
 
 
 class MessageStage(Stage):

@@ -286,6 +286,19 @@ def contract_columns(jac: np.ndarray, flat: np.ndarray) -> np.ndarray:
     return (jac.reshape(-1, jac.shape[-1]) @ flat).reshape(jac.shape[:-1]).astype(jac.dtype, copy=False)
 
 
+#: Jitted programs a :class:`JaxStage` keeps (one per call kind, ``wrt`` and argument signature).
+COMPILE_CACHE_SIZE = 32
+
+
+def _signature(arrays: Arrays) -> tuple:
+    """Names, shapes and dtypes of ``arrays`` (what a jitted program is specialised on)."""
+    def dtype(v: Any) -> str:
+        dt = getattr(v, "dtype", None)  # (a numpy dtype is falsy: compare with None)
+        return str(dt if dt is not None else np.asarray(v).dtype)
+
+    return tuple(sorted((k, tuple(np.shape(v)), dtype(v)) for k, v in arrays.items()))
+
+
 class JaxStage(Stage):
     """A stage from a JAX function ``fn(params: dict, inputs: dict) -> dict``.
 
@@ -344,10 +357,18 @@ class JaxStage(Stage):
         out_specs = tuple(TensorSpec.of(n, v, axes=self._axes.get(n)) for n, v in outs.items())
         return StageSpec(self.stage_id, self._param_specs, in_specs, out_specs)
 
-    def _compiled(self, key: Any, build: Callable[[], Callable]) -> Callable:
-        if key not in self._cache:
-            self._cache[key] = self._jax.jit(build())
-        return self._cache[key]
+    def _compiled(self, key: Any, build: Callable[[], Callable], *args: Arrays) -> Callable:
+        """The jitted program for ``key`` and the shapes/dtypes of ``args``: one program per
+        signature, at most :data:`COMPILE_CACHE_SIZE` kept (least recently used dropped, and with
+        it its compiled code), so callers varying shapes cannot grow memory without bound."""
+        key = (key, *(_signature(a) for a in args))
+        fn = self._cache.pop(key, None)
+        if fn is None:
+            fn = self._jax.jit(build())
+            while len(self._cache) >= COMPILE_CACHE_SIZE:
+                self._cache.pop(next(iter(self._cache)), None)
+        self._cache[key] = fn
+        return fn
 
     def _split(self, wrt: Sequence[str]) -> Callable:
         """g(x, params, inputs) -> fn output, with the wrt arguments taken from x."""
@@ -373,7 +394,7 @@ class JaxStage(Stage):
 
     def apply(self, params: Arrays, inputs: Arrays) -> dict[str, np.ndarray]:
         self._check(params, inputs)
-        f = self._compiled("apply", lambda: lambda p, i: dict(self.fn(p, i)))
+        f = self._compiled("apply", lambda: lambda p, i: dict(self.fn(p, i)), params, inputs)
         return self._np(f(dict(params), dict(inputs)))
 
     def jacobian(self, params, inputs, wrt=None):
@@ -405,7 +426,7 @@ class JaxStage(Stage):
 
             return run
 
-        outs, jac = self._compiled(("jacobian", wrt), build)(dict(params), dict(inputs))
+        outs, jac = self._compiled(("jacobian", wrt), build, params, inputs)(dict(params), dict(inputs))
         return self._np(outs), self._np(jac)
 
     def jvp(self, params, inputs, tangents):
@@ -423,7 +444,8 @@ class JaxStage(Stage):
 
             return run
 
-        outs, touts = self._compiled(("jvp", wrt), build)(dict(params), dict(inputs), dict(tangents))
+        outs, touts = self._compiled(("jvp", wrt), build, params, inputs, tangents)(
+            dict(params), dict(inputs), dict(tangents))
         return self._np(outs), self._np(touts)
 
     def vjp(self, params, inputs, cotangents, wrt=None):
@@ -446,7 +468,8 @@ class JaxStage(Stage):
             return run
 
         key = ("vjp", wrt, tuple(sorted(cotangents)))
-        return self._np(self._compiled(key, build)(dict(params), dict(inputs), dict(cotangents)))
+        fn = self._compiled(key, build, params, inputs, cotangents)
+        return self._np(fn(dict(params), dict(inputs), dict(cotangents)))
 
 
 def load_stage(ref: str, **kwargs: Any) -> Stage:

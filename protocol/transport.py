@@ -32,24 +32,60 @@ FRAME = struct.Struct("<Q")
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
 
+#: Below this size a frame is read in one piece and written as one buffer.
+_SMALL = 1 << 16
+
+
 def frame(data: bytes) -> bytes:
     """Prefix ``data`` with its u64 little-endian length."""
     return FRAME.pack(len(data)) + data
 
 
-def read_exact(read_some: Callable[[int], bytes], n: int, what: str = "frame") -> bytes:
-    """Read exactly ``n`` bytes with ``read_some`` (b"" means end of stream)."""
-    chunks, got = [], 0
+def frame_parts(parts: Sequence[Any]) -> list[Any]:
+    """The buffers of one frame holding the concatenation of ``parts`` (e.g.
+    :func:`~jacana.protocol.message.encode_parts`): the length first, small buffers coalesced,
+    large ones left as they are (no copy of the tensors)."""
+    views = [memoryview(p).cast("B") for p in parts]
+    out: list[Any] = []
+    small = bytearray(FRAME.pack(sum(len(v) for v in views)))
+    for v in views:
+        if len(v) < _SMALL:
+            small += v
+            continue
+        out.append(bytes(small))
+        small = bytearray()
+        out.append(v)
+    if small:
+        out.append(bytes(small))
+    return [b for b in out if len(b)]
+
+
+def read_exact(read_some: Callable[[int], bytes], n: int, what: str = "frame") -> bytes | bytearray:
+    """Read exactly ``n`` bytes with ``read_some`` (b"" means end of stream).
+
+    A large read fills one preallocated buffer (a :class:`bytearray`): the message is in
+    memory once, not once in pieces and again joined."""
+    if n <= _SMALL:
+        chunks, got = [], 0
+        while got < n:
+            chunk = read_some(n - got)
+            if not chunk:
+                raise TruncatedMessage(f"stream closed after {got} of {n} bytes of a {what}")
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
     while got < n:
         chunk = read_some(min(n - got, 1 << 20))
         if not chunk:
             raise TruncatedMessage(f"stream closed after {got} of {n} bytes of a {what}")
-        chunks.append(chunk)
+        view[got : got + len(chunk)] = chunk
         got += len(chunk)
-    return b"".join(chunks)
+    return buf
 
 
-def read_frame(read_some: Callable[[int], bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> bytes | None:
+def read_frame(read_some: Callable[[int], bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> bytes | bytearray | None:
     """Read one frame; ``None`` on a clean end of stream before a frame starts."""
     first = read_some(FRAME.size)
     if not first:

@@ -32,7 +32,8 @@ from jacana.stages.systematics import SYSTEMATICS
 @dataclasses.dataclass(frozen=True)
 class DenseBatch:
     """Dense events of one bucket. ``objects[set][field]`` is [N, K_set] (``pt``: [N, V_set, K_set]),
-    ``objects[set]["mask"]`` marks real objects; ``event[field]`` [N]; padded events have weight 0."""
+    ``objects[set]["mask"]`` marks real objects (``fixed_pass`` [N, V_set, K], where present, whether each
+    passes the set's fixed pT cuts under each variation); ``event[field]`` [N]; padded events have weight 0."""
 
     objects: dict
     event: dict
@@ -104,7 +105,11 @@ def make_dense_batches(columns: Columns, spec, dtype=np.float64, prefilter: bool
     nominal_file = columns.chunk.variation == NOMINAL
     kinematic = definition.kinematic if nominal_file else (NOMINAL,)
 
-    # per set and source: flat values of the objects passing the fixed cuts, and per-event counts
+    # per set and source: flat values of the objects passing the fixed cuts, and per-event counts.
+    # A fixed cut on the pT of a set that kinematic variations act on is decided per variation (the
+    # varied pT): the objects kept are those passing under any variation, and ``fixed_pass``
+    # [N, V_set, K] says under which (the soft program multiplies it into the selection weight).
+    varied_sets = {name for _, name in definition.kinematic_target} if nominal_file else set()
     sets: dict[str, list] = {}
     counts: dict[str, np.ndarray] = {}
     for objset in definition.objects:
@@ -113,10 +118,16 @@ def make_dense_batches(columns: Columns, spec, dtype=np.float64, prefilter: bool
             flat = {f: flat_counts(columns[f"{coll}_{f}"]) for f in
                     set(objset.fields) | {c.field for c in fixed}}
             n = flat["pt"][1]
+            per_variation = [c for c in fixed if c.field == "pt"] if objset.name in varied_sets else []
             ok = np.ones(len(flat["pt"][0]), dtype=bool)
             for c in fixed:
-                ok &= c.mask(flat[c.field][0])
-            parts.append((coll, {f: flat[f][0] for f in objset.fields}, n, ok))
+                if c not in per_variation:
+                    ok &= c.mask(flat[c.field][0])
+            if per_variation:
+                idx = np.flatnonzero(ok)
+                varied = _varied_pt(columns, spec, definition, objset, coll, flat["pt"][0][idx], idx)
+                ok[idx] = np.logical_or.reduce([_passes(per_variation, pt) for pt in varied.values()])
+            parts.append((coll, {f: flat[f][0] for f in objset.fields}, n, ok, per_variation))
             total = total + per_event_count(n, ok)
         sets[objset.name] = parts
         counts[objset.name] = total
@@ -135,7 +146,9 @@ def make_dense_batches(columns: Columns, spec, dtype=np.float64, prefilter: bool
         slot_offset = np.zeros(n_events, np.int64)
         ev_all, slot_all, values = [], [], {f: [] for f in objset.fields}
         pts: dict[str, list] = {}
-        for coll, flat, n, ok in sets[objset.name]:
+        passes: dict[str, list] = {}
+        has_pass = any(part[4] for part in sets[objset.name])
+        for coll, flat, n, ok, per_variation in sets[objset.name]:
             ok = ok & np.repeat(keep, n)
             idx = np.flatnonzero(ok)
             event = np.repeat(np.arange(n_events), n)[idx]
@@ -149,6 +162,8 @@ def make_dense_batches(columns: Columns, spec, dtype=np.float64, prefilter: bool
                 values[f].append(flat[f][idx])
             for v, pt in _varied_pt(columns, spec, definition, objset, coll, flat["pt"][idx], idx).items():
                 pts.setdefault(v, []).append(pt)
+                if has_pass:
+                    passes.setdefault(v, []).append(_passes(per_variation, pt))
         remap = np.full(n_events, -1, np.int64)
         remap[rows] = np.arange(len(rows))
         ev = np.concatenate(ev_all) if ev_all else np.zeros(0, np.int64)
@@ -156,6 +171,7 @@ def make_dense_batches(columns: Columns, spec, dtype=np.float64, prefilter: bool
             "row": remap[ev], "slot": np.concatenate(slot_all) if slot_all else np.zeros(0, np.int64),
             "values": {f: np.concatenate(v) for f, v in values.items()},
             "pt": {v: np.concatenate(p) for v, p in pts.items()},
+            "fixed_pass": {v: np.concatenate(p) for v, p in passes.items()},
             "count": counts[objset.name][rows] if prefilter else counts[objset.name],
         }
 
@@ -190,12 +206,18 @@ def make_dense_batches(columns: Columns, spec, dtype=np.float64, prefilter: bool
                 a[target] = src["values"][f][sel]
                 fields[f] = a.reshape(n_pad, width)
             set_vars = definition.set_variations(objset.name, kinematic)
-            pt = np.zeros((n_pad, len(set_vars), width), dtype)
-            for i, v in enumerate(set_vars):
-                col = np.zeros(n_pad * width, dtype)
-                col[target] = src["pt"][v][sel]
-                pt[:, i, :] = col.reshape(n_pad, width)
-            fields["pt"] = pt
+
+            def by_variation(values: dict, kind) -> np.ndarray:  # [n_pad, variations, width]
+                out = np.zeros((n_pad, len(set_vars), width), kind)
+                for i, v in enumerate(set_vars):
+                    col = np.zeros(n_pad * width, kind)
+                    col[target] = values[v][sel]
+                    out[:, i, :] = col.reshape(n_pad, width)
+                return out
+
+            fields["pt"] = by_variation(src["pt"], dtype)
+            if src["fixed_pass"]:
+                fields["fixed_pass"] = by_variation(src["fixed_pass"], bool)
             mask = np.zeros(n_pad * width, bool)
             mask[target] = True
             fields["mask"] = mask.reshape(n_pad, width)
@@ -217,6 +239,14 @@ def make_dense_batches(columns: Columns, spec, dtype=np.float64, prefilter: bool
                                 weight_variations=nominal_file, block_size=block, bucket=definition.bucket))
     return ChunkBatches(sample=columns.chunk.sample, variation=columns.chunk.variation, n_events=n_events,
                         parts=tuple(parts))
+
+
+def _passes(cuts, pt: np.ndarray) -> np.ndarray:
+    """Whether each object's (varied) pT passes every fixed pT cut."""
+    ok = np.ones(len(pt), dtype=bool)
+    for c in cuts:
+        ok &= c.mask(pt)
+    return ok
 
 
 def _plain_block(n_objects: int) -> int:

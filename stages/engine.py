@@ -83,7 +83,7 @@ def block_yields(p, r, edges, extra, b, definition: Definition):
     static_w, q_tag, fields = {}, {}, {}
     for o in definition.objects:
         d = b.objects[o.name]
-        fields[o.name] = {k: v for k, v in d.items() if k != "pt"}
+        fields[o.name] = {k: v for k, v in d.items() if k not in ("pt", "fixed_pass")}
         w = d["mask"].astype(d["pt"].dtype)
         for cut in o.cuts:
             if cut.field != "pt":
@@ -91,27 +91,32 @@ def block_yields(p, r, edges, extra, b, definition: Definition):
         static_w[o.name] = w
         q_tag[o.name] = _cut(o.tag, d[o.tag.field], p, r) if o.tag is not None and o.tag.field != "pt" else None
 
-    # the sets whose pT varies are looped over the variation axis; the others keep their nominal pT
+    # the sets whose pT varies are looped over the variation axis (their pT and, with fixed pT cuts,
+    # which objects pass them); the others keep their nominal pT
     xs = {}
     for o in definition.objects:
         slots = definition.set_variations(o.name, b.kinematic)
-        pt = b.objects[o.name]["pt"]
         if len(slots) > 1:
             idx = [slots.index(v) if v in slots else 0 for v in b.kinematic]
-            xs[o.name] = jnp.moveaxis(pt if idx == list(range(pt.shape[1])) else pt[:, idx, :], 1, 0)
+            for key in ("pt", "fixed_pass"):
+                if key in b.objects[o.name]:
+                    a = b.objects[o.name][key]
+                    xs.setdefault(o.name, {})[key] = jnp.moveaxis(a if idx == list(range(a.shape[1])) else a[:, idx, :], 1, 0)
     if not xs:
-        xs[definition.bucket] = jnp.moveaxis(b.objects[definition.bucket]["pt"][:, :1, :], 1, 0)
+        xs[definition.bucket] = {"pt": jnp.moveaxis(b.objects[definition.bucket]["pt"][:, :1, :], 1, 0)}
 
-    def objects_at(pts):
+    def objects_at(per_set):
         objs, p_sel = {}, {}
         for o in definition.objects:
-            pt = pts[o.name] if o.name in pts else b.objects[o.name]["pt"][:, 0, :]
+            pt = per_set[o.name]["pt"] if o.name in per_set else b.objects[o.name]["pt"][:, 0, :]
             w = None
             for cut in o.cuts:
                 if cut.field == "pt":
                     c = _cut(cut, pt, p, r)
                     w = c if w is None else w * c
             w = static_w[o.name] if w is None else w * static_w[o.name]
+            if o.name in per_set and "fixed_pass" in per_set[o.name]:
+                w = w * per_set[o.name]["fixed_pass"].astype(w.dtype)
             q = q_tag[o.name] if not (o.tag is not None and o.tag.field == "pt") else _cut(o.tag, pt, p, r)
             objs[o.name] = Objects({**fields[o.name], "pt": pt}, w=w, q=q)
             p_sel[o.name] = w
@@ -144,7 +149,7 @@ def block_yields(p, r, edges, extra, b, definition: Definition):
     if b.weight_variations and definition.weight_systematics:
         nominal = {}
         for o in definition.objects:
-            pt = xs[o.name][0] if o.name in xs else b.objects[o.name]["pt"][:, 0, :]
+            pt = xs[o.name]["pt"][0] if o.name in xs else b.objects[o.name]["pt"][:, 0, :]
             q = q_tag[o.name] if not (o.tag is not None and o.tag.field == "pt") else _cut(o.tag, pt, p, r)
             nominal[o.name] = Objects({**fields[o.name], "pt": pt}, w=p_sel[o.name][0], q=q)
         for key, kind, opts in definition.weight_systematics:

@@ -16,12 +16,9 @@ from jacana.stages.spec import load_spec
 
 
 @pytest.fixture(scope="module")
-def filesets(tmp_path_factory):
-    from jacana.samples.synthetic import generate
-
-    out = tmp_path_factory.mktemp("baselines")  # seeds whose AGC point has a finite sigma_mu (20k events are few)
-    return (generate(out / "train", events=20_000, seed=11, files_per_sample=1, progress=False),
-            generate(out / "validate", events=20_000, seed=32, files_per_sample=1, progress=False))
+def filesets(train_validate_20k):
+    """The session's 20k-event training and held-out datasets (conftest.py)."""
+    return train_validate_20k
 
 
 def _inside(spec, params):

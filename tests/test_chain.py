@@ -13,25 +13,17 @@ import pytest
 from jacana.analysis.chain import analysis_chain, parse_remote
 from jacana.analysis.optimize import OptimizeSettings, Optimizer
 from jacana.facility.executor import Executor, InProcessExecutor
-from jacana.facility.hardrun import analysis_chunks
 from jacana.protocol.pipeline import gradient_mode
 from jacana.stages.analysis import default_params, default_relax
 from jacana.stages.errors import ConfigError
-from jacana.stages.fileset import load_fileset
-from jacana.stages.spec import load_spec
 
 TOKEN = "chain-test-token-0123456789"
 
 
 @pytest.fixture(scope="module")
-def executor(tmp_path_factory):
-    from jacana.samples.synthetic import generate
-
-    path = generate(tmp_path_factory.mktemp("chain"), events=12_000, seed=21, progress=False)
-    spec = load_spec()
-    ex = InProcessExecutor(spec, analysis_chunks(spec, load_fileset(path), chunk_size=4000))
-    yield ex
-    ex.close()
+def executor(reference_sample):
+    """The session's in-process executor (8k synthetic events; conftest.py): read and compiled once."""
+    return reference_sample["ref"]
 
 
 def test_executor_meets_the_protocol_and_declares_its_stage(executor):

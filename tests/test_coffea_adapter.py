@@ -13,12 +13,8 @@ processor = pytest.importorskip("coffea.processor")
 
 from jacana.facility.coffea_adapter import (JacanaProcessor, check_provenance, coffea_fileset, columns_from_events,
                                             executor_output)
-from jacana.facility.executor import InProcessExecutor
 from jacana.facility.hardrun import analysis_chunks
 from jacana.protocol.errors import ProvenanceError
-from jacana.stages.analysis import default_params, default_relax
-from jacana.stages.fileset import load_fileset
-from jacana.stages.spec import load_spec
 
 RTOL = 1e-9
 
@@ -33,19 +29,14 @@ def assert_trees_close(a, b, rtol=RTOL):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(reference_sample, tmp_path_factory):
+    """The session's reference sample: jacana's own in-process yields and Jacobians to compare with."""
     from jacana.facility.jaxsetup import configure_jax
-    from jacana.samples.synthetic import generate
 
     if not os.environ.get("JACANA_CACHE"):
         os.environ["JACANA_CACHE"] = str(tmp_path_factory.mktemp("jacana_cache"))
     configure_jax()
-    path = generate(tmp_path_factory.mktemp("coffea_data"), events=8_000, seed=11, progress=False)
-    spec, fileset = load_spec(), load_fileset(path)
-    params, relax = default_params(spec), default_relax(spec)
-    ref = InProcessExecutor(spec, analysis_chunks(spec, fileset, chunk_size=1500))
-    y0, j0 = ref.yields_and_jacobian(params, relax)
-    return {"spec": spec, "fileset": fileset, "params": params, "relax": relax, "y0": y0, "j0": j0}
+    return {k: reference_sample[k] for k in ("spec", "fileset", "params", "relax", "y0", "j0")}
 
 
 def _run(setup, executor, chunksize=100_000):

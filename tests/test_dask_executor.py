@@ -22,13 +22,9 @@ from jacana.facility.factory import make_executor
 from jacana.facility.dask_executor import (DaskExecutor, FacilityError, place_chunks, plan_shards,
                                            step_task, sum_messages_task)
 from jacana.facility.executor import InProcessExecutor
-from jacana.facility.hardrun import analysis_chunks
 from jacana.protocol.errors import ProtocolError, ProvenanceError
 from jacana.protocol.message import Message, encode
 from jacana.protocol.provenance import Provenance
-from jacana.stages.analysis import default_params, default_relax
-from jacana.stages.fileset import load_fileset
-from jacana.stages.spec import load_spec
 
 RTOL = 1e-9
 
@@ -50,20 +46,14 @@ def assert_trees_equal(a, b):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(reference_sample, tmp_path_factory):
+    """The session's reference sample (8k events, chunks of 1500) and its in-process yields and Jacobians."""
     from jacana.facility.jaxsetup import configure_jax
-    from jacana.samples.synthetic import generate
 
     if not os.environ.get("JACANA_CACHE"):
         os.environ["JACANA_CACHE"] = str(tmp_path_factory.mktemp("jacana_cache"))
     configure_jax()
-    fs = generate(tmp_path_factory.mktemp("dask_data"), events=8_000, seed=11, progress=False)
-    spec = load_spec()
-    chunks = analysis_chunks(spec, load_fileset(fs), chunk_size=1500)
-    params, relax = default_params(spec), default_relax(spec)
-    ref = InProcessExecutor(spec, chunks)
-    y0, j0 = ref.yields_and_jacobian(params, relax)
-    return {"spec": spec, "chunks": chunks, "params": params, "relax": relax, "ref": ref, "y0": y0, "j0": j0}
+    return {k: reference_sample[k] for k in ("spec", "chunks", "params", "relax", "ref", "y0", "j0")}
 
 
 @pytest.fixture(scope="module")
@@ -198,10 +188,10 @@ def test_select_parts_keeps_only_the_wanted_units():
     from jacana.facility.worker_tasks import ChunkLoad, select_parts_task
     from jacana.stages.fileset import Chunk
 
-    parts = tuple(SimpleNamespace(n_jets=n) for n in (4, 5, 6))
+    parts = tuple(SimpleNamespace(bucket_width=n) for n in (4, 5, 6))
     load = ChunkLoad(3, Chunk("ttbar", "nominal", "x.root", 0, 10, 10), parts, {})
     picked = select_parts_task(load, [["ttbar/nominal", 5], ["ttbar/nominal", 6], ["wjets/nominal", 4]])
-    assert [p.n_jets for p in picked.parts] == [5, 6] and picked.index == 3 and picked.chunk == load.chunk
+    assert [p.bucket_width for p in picked.parts] == [5, 6] and picked.index == 3 and picked.chunk == load.chunk
     assert select_parts_task(load, [["wjets/nominal", 4]]).parts == ()
 
 
@@ -227,3 +217,21 @@ def test_two_workers_vjp_and_yields_match_in_process(setup, dask_ex):
     assert_trees_close(yv, yr)
     assert_trees_close(gv, jax.tree.map(np.asarray, gr))
     assert_trees_close(dask_ex.yields(s["params"], s["relax"]), s["ref"].yields(s["params"], s["relax"]))
+
+
+def test_a_general_analysis_config_runs_on_the_same_workers(setup, dask_ex):
+    """The AGC analysis in the general config form (DenseBatch parts, stages/engine.py), served by the
+    same cluster's workers: the in-process AGC program's yields and Jacobians (the programs are equal)."""
+    from importlib import resources
+
+    from jacana.stages.analysis import default_params, default_relax
+    from jacana.stages.spec import load_spec
+
+    spec = load_spec(str(resources.files("jacana.stages").joinpath("configs/agc_ttbar_general.yaml")))
+    ex = DaskExecutor(spec, setup["chunks"], client=dask_ex.client)
+    try:
+        y, j = ex.yields_and_jacobian(default_params(spec), default_relax(spec))
+    finally:
+        ex.close()
+    assert_trees_close(y, setup["y0"], rtol=1e-12)
+    assert_trees_close(j, setup["j0"], rtol=1e-12)

@@ -214,6 +214,7 @@ def single_top_samples(tmp_path_factory):
             generate(out / "validate", events=20_000, seed=22, files_per_sample=1, progress=False, preset="single_top"))
 
 
+@pytest.mark.slow
 def test_single_top_optimize_end_to_end(single_top_samples, tmp_path):
     """`jacana optimize --config single_top_tchan.yaml`: two steps, the held-out hard analysis before and after."""
     import json
@@ -223,7 +224,7 @@ def test_single_top_optimize_end_to_end(single_top_samples, tmp_path):
     train, validate = single_top_samples
     out = tmp_path / "opt"
     assert main(["optimize", "--config", _config(SINGLE_TOP), "--fileset", str(train), "--validation-fileset",
-                 str(validate), "--steps", "2", "--no-plots", "--quiet", "--out", str(out)]) == 0
+                 str(validate), "--steps", "2", "--last-point", "--no-plots", "--quiet", "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
     assert set(result["final_params"]) == {"lepton_pt_min", "jet_pt_min", "jet_eta_max", "btag_min", "mt_min"}
     before, after = (result["validation"][k]["expected"]["sigma_mu"] for k in ("before", "after"))

@@ -20,6 +20,9 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     monkeypatch.setenv("JACANA_NOTEBOOK_STEPS", "3")
     monkeypatch.setenv("JACANA_NOTEBOOK_DIR", str(tmp_path / "work"))
     monkeypatch.setenv("JACANA_NOTEBOOK_WORKERS", "1")
+    # no impact plot: its refits took about 40 % of the quickstart's time; run_optimize's impact plot
+    # is checked by test_optimize.py::test_outputs (the same make_plots)
+    monkeypatch.setenv("JACANA_NOTEBOOK_IMPACTS", "0")
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,9 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def tiny_filesets(tmp_path_factory):
+    """20k events to optimise on and 20k held-out events. Not conftest.py's train_validate_20k: the
+    post-fit impact plot of test_outputs refits pyhf models of the held-out events, and with those held-out
+    events test_outputs' setup took 50 s instead of 30 s (the refits' cost varies several-fold between samples)."""
     from jacana.samples.synthetic import generate
 
     out = tmp_path_factory.mktemp("tiny")
@@ -101,61 +105,78 @@ class CountingExecutor(InProcessExecutor):
         return stage
 
 
-def _run(spec, fileset, out, steps, resume=False, hard_every=0, on_step=None):
-    """(optimizer, executor, outcome) of one run over ``fileset``."""
-    executor = CountingExecutor(spec, analysis_chunks(spec, load_fileset(fileset)))
+@pytest.fixture(scope="module")
+def counting_executor(tiny_filesets):
+    """One executor over the training events for every run below (its count is reset per run)."""
+    spec = load_spec()
+    executor = CountingExecutor(spec, analysis_chunks(spec, load_fileset(tiny_filesets[0])))
+    yield executor
+    executor.close()
+
+
+def _run(spec, executor, out, steps, resume=False, hard_every=0, on_step=None):
+    """(optimizer, outcome) of one run on ``executor``, whose pass count starts again at zero."""
+    executor.calls = 0
     opt = Optimizer(spec, executor, OptimizeSettings(steps=steps, hard_every=hard_every), out, progress=False)
-    return opt, executor, opt.run(spec.param_values(), resume=resume, on_step=on_step)
+    return opt, opt.run(spec.param_values(), resume=resume, on_step=on_step)
 
 
-def test_resume_reproduces_the_uninterrupted_run_and_counts_every_pass(tiny_filesets, tmp_path):
+@pytest.fixture(scope="module")
+def runs(counting_executor, tmp_path_factory):
+    """One run of STEPS steps with a hard-limit check every 2 steps, and its checkpoint as written after
+    step 1 (in ``part``: what a run stopped there leaves, the checkpoint being written before anything
+    else happens after a step): the resume, keep-best and refused-resume tests read them."""
+    spec = load_spec()
+    base = tmp_path_factory.mktemp("runs")
+    part = base / "part"
+
+    def keep_checkpoint_of_step_one(entry):
+        if entry["step"] == 1:
+            part.mkdir()
+            shutil.copy(base / "full" / "checkpoint.json", part / "checkpoint.json")
+
+    opt, full = _run(spec, counting_executor, base / "full", STEPS, hard_every=2, on_step=keep_checkpoint_of_step_one)
+    return {"spec": spec, "executor": counting_executor, "full_opt": opt, "full": full, "full_passes": opt.passes,
+            "full_calls": counting_executor.calls, "part": part}
+
+
+def test_resume_reproduces_the_uninterrupted_run_and_counts_every_pass(runs, tmp_path):
     """Bit-exact resume; the pass count is what the executor did: the objective's template comes
     from step 0 (no pass of its own), steps, hard-limit checks (steps 0, 2 and the last) and the
     end's check are counted, and a resume goes on counting."""
-    spec = load_spec()
-    train, _ = tiny_filesets
-    opt, executor, full = _run(spec, train, tmp_path / "full", STEPS, hard_every=2)
-    assert STEPS == 4 and opt.passes == executor.calls == 4 + 3 + 1
+    spec, executor, full = runs["spec"], runs["executor"], runs["full"]
+    assert STEPS == 4 and runs["full_passes"] == runs["full_calls"] == 4 + 3 + 1
     assert [h["passes"] for h in full["history"]] == [2, 3, 5, 7]
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_two(entry):
-        if entry["step"] == 1:
-            raise Interrupt
-
     part_dir = tmp_path / "part"
-    with pytest.raises(Interrupt):
-        _run(spec, train, part_dir, STEPS, hard_every=2, on_step=stop_after_two)
+    shutil.copytree(runs["part"], part_dir)
     checkpoint = json.loads((part_dir / "checkpoint.json").read_text())
-    opt, executor, resumed = _run(spec, train, part_dir, STEPS, resume=True, hard_every=2)
+    assert checkpoint["step"] == 1
+    opt, resumed = _run(spec, executor, part_dir, STEPS, resume=True, hard_every=2)
     assert resumed["params"] == full["params"]  # bit for bit
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
     assert executor.calls == 1 + 2 + 2 + 1  # the template, steps 2 and 3 with their checks, the end
     assert opt.passes == 3 + executor.calls
-    # a checkpoint written before the count: estimated as runs then went (a template pass of its own)
+    # a checkpoint written before the count: estimated as runs then went (a template pass of its own);
+    # resumed with no step left (steps=2), the run is the template and the end's check
     del checkpoint["passes"]
     (part_dir / "checkpoint.json").write_text(json.dumps(checkpoint))
-    opt, executor, _ = _run(spec, train, part_dir, STEPS, resume=True, hard_every=2)
+    opt, _ = _run(spec, executor, part_dir, 2, resume=True, hard_every=2)
+    assert executor.calls == 1 + 1
     assert opt.passes == 4 + executor.calls
 
 
-def test_resume_refuses_a_checkpoint_of_other_settings(tiny_filesets, tmp_path):
-    spec = load_spec()
-    train, _ = tiny_filesets
-    _run(spec, train, tmp_path, 1)
-    executor = InProcessExecutor(spec, analysis_chunks(spec, load_fileset(train)))
-    opt = Optimizer(spec, executor, OptimizeSettings(steps=3, objective="z0", hard_every=0), tmp_path, progress=False)
+def test_resume_refuses_a_checkpoint_of_other_settings(runs, tmp_path):
+    spec = runs["spec"]
+    shutil.copytree(runs["part"], tmp_path / "part")
+    opt = Optimizer(spec, runs["executor"], OptimizeSettings(steps=3, objective="z0", hard_every=2), tmp_path / "part",
+                    progress=False)
     with pytest.raises(OptimizationError, match="different settings.*objective"):
         opt.run(spec.param_values(), resume=True)
 
 
-def test_nan_objective_stops_cleanly_and_keeps_the_last_good_checkpoint(tiny_filesets, tmp_path):
+def test_nan_objective_stops_cleanly_and_keeps_the_last_good_checkpoint(counting_executor, tmp_path):
     spec = load_spec()
-    train, _ = tiny_filesets
-    executor = InProcessExecutor(spec, analysis_chunks(spec, load_fileset(train)))
-    opt = Optimizer(spec, executor, OptimizeSettings(steps=5, hard_every=0), tmp_path, progress=False)
+    opt = Optimizer(spec, counting_executor, OptimizeSettings(steps=5, hard_every=0), tmp_path, progress=False)
     real = opt.value_and_grad
     calls = {"n": 0}
 
@@ -281,16 +302,14 @@ def test_free_refuses_unknown_names_before_reading_any_data(tmp_path, capsys):
         Optimizer(spec, None, OptimizeSettings(free=("eta",)), tmp_path, progress=False)
 
 
-def test_keep_best_ends_at_the_best_hard_limit_check(tiny_filesets, tmp_path):
-    spec = load_spec()
-    train, _ = tiny_filesets
-    executor = InProcessExecutor(spec, analysis_chunks(spec, load_fileset(train)))
-    opt = Optimizer(spec, executor, OptimizeSettings(steps=4, hard_every=1), tmp_path, progress=False)
-    outcome = opt.run(spec.param_values())
-    checks = [(h["hard_objective"], h["step"]) for h in outcome["history"]]
-    assert all(v is not None for v, _ in checks)
+def test_keep_best_ends_at_the_best_hard_limit_check(runs):
+    """The run ends at the best of its hard-limit checks (steps 0, 2 and 3 of the uninterrupted run of
+    ``runs``) and the end's check of the last point."""
+    opt, outcome = runs["full_opt"], runs["full"]
+    checks = [(h["hard_objective"], h["step"]) for h in outcome["history"] if h["hard_objective"] is not None]
+    assert [step for _, step in checks] == [0, 2, 3]
     sel = outcome["selected"]
-    best = min(checks + [(sel["last_point_hard_objective"], len(checks))])
+    best = min(checks + [(sel["last_point_hard_objective"], len(outcome["history"]))])
     assert sel["hard_objective"] == best[0] and sel["step"] == best[1]
     assert opt.physical(opt.hard_loss(outcome["params"])) == pytest.approx(best[0], rel=1e-12)
     if sel["point"] != "last":

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from jacana.protocol import errors
-from jacana.protocol.message import MAGIC, PREFIX, Message, decode, encode
+from jacana.protocol.message import DTYPES, MAGIC, PREFIX, Message, decode, encode
 from jacana.protocol.provenance import Provenance
 from jacana.protocol.rpc import handle_bytes
 from jacana.protocol.server import StageServer
@@ -131,6 +131,89 @@ def test_bool_tensor_with_non_boolean_byte_is_refused():
     data[start] = 7
     with pytest.raises(errors.MalformedMessage, match="bool"):
         decode(bytes(data))
+
+
+# --- mutants that pass every earlier check -----------------------------------------------------
+# The fuzzers above change one field at a time, so an early check (nbytes, offset) stops almost
+# every mutant before the later ones run. These keep the layout consistent (nbytes = size x
+# itemsize, canonical offsets, payload_nbytes = the bytes present) so that only the check under
+# test can refuse them: deleting "tensor runs past the payload" then lets numpy's ValueError out.
+
+def consistent_layout(tensors: list[dict]) -> tuple[list[dict], int]:
+    """The entries with nbytes and offsets recomputed canonically; the end of the last one."""
+    out, offset = [], 0
+    for t in tensors:
+        start = -(-offset // 8) * 8
+        nbytes = int(np.prod(t["shape"], dtype=np.int64)) * np.dtype(t["dtype"]).itemsize
+        out.append({**t, "offset": start, "nbytes": nbytes})
+        offset = start + nbytes
+    return out, offset
+
+
+def mutant(index: int, dtype: str, shape: list[int], payload_mode: str) -> tuple[bytes, int, int]:
+    """(message, end of the tensors, payload bytes present) for tensor ``index`` changed to
+    ``dtype``/``shape``, every other field consistent. ``payload_mode``: ``keep`` the payload,
+    ``fit`` it to the new tensors (zero bytes), or ``declare`` the new end without changing it."""
+    tensors = [dict(t) for t in HEADER["tensors"]]
+    tensors[index].update(dtype=dtype, shape=shape)
+    tensors[index].pop("axes", None) if len(shape) != len(tensors[index].get("axes", shape)) else None
+    tensors, end = consistent_layout(tensors)
+    payload = VALID[8 + HEADER_LEN :]
+    declared = len(payload)
+    if payload_mode == "fit":
+        payload, declared = bytes(end), end
+    elif payload_mode == "declare":
+        declared = end
+    return with_header({**HEADER, "tensors": tensors, "payload_nbytes": declared}, payload), end, len(payload)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2), st.sampled_from(DTYPES), st.lists(st.integers(0, 7), max_size=3),
+       st.sampled_from(["keep", "fit", "declare"]))
+def test_layout_consistent_mutants_raise_only_protocol_errors(index, dtype, shape, payload_mode):
+    data, end, present = mutant(index, dtype, shape, payload_mode)
+    if payload_mode == "keep" and end > present:  # (a bool tensor over float bytes may be refused first)
+        with pytest.raises(errors.MalformedMessage):
+            decode(data)
+    else:
+        decode_or_protocol_error(data)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("extra", [1, 4, 8, 64, 10**6])
+def test_a_tensor_running_past_the_payload_is_refused_by_that_check(index, extra):
+    """Every tensor in turn grown past the payload by ``extra`` elements, all else consistent."""
+    payload_len = len(VALID) - 8 - HEADER_LEN
+    data, end, present = mutant(index, "uint8", [payload_len + extra], "keep")
+    assert end > present
+    with pytest.raises(errors.MalformedMessage, match="runs past the payload"):
+        decode(data)
+
+
+def with_meta_number(raw: bytes) -> bytes:
+    """VALID with ``meta.note`` set to the JSON text ``raw`` (any number literal, kept verbatim)."""
+    text = json.dumps({**HEADER, "meta": {"note": "@"}}).encode().replace(b'"@"', raw)
+    text += b" " * (-(8 + len(text)) % 8)
+    return PREFIX.pack(MAGIC, len(text)) + text + VALID[8 + HEADER_LEN :]
+
+
+def test_header_numbers_follow_spec_md():
+    """Integers of magnitude below 2^53 (in meta too), finite numbers, shapes numpy can represent:
+    each a MalformedMessage, not a ValueError or an inf that cannot be encoded again."""
+    empty_but_huge = [0, 2**53 - 1, 2**53 - 1]
+    bad = [with_header({**HEADER, "tensors": [{**HEADER["tensors"][0], "shape": empty_but_huge, "nbytes": 0}]
+                        + HEADER["tensors"][1:]})]
+    bad += [with_meta_number(raw) for raw in (b"1e400", b"-1e400", b"9" * 4300, str(2**53).encode(),
+                                              b"[-" + str(2**53).encode() + b"]", b'{"a":[[1e999]]}')]
+    for data in bad:
+        with pytest.raises(errors.MalformedMessage):
+            decode(data)
+    ok = decode(with_meta_number(b"[9007199254740991,-9007199254740991,-1e300,0.5]"))
+    assert ok.meta["note"] == [2**53 - 1, -(2**53 - 1), -1e300, 0.5]
+    encode(ok)
+    for meta in ({"n": 2**53}, {"n": [float("inf")]}, {"n": {"deep": -(2**60)}}, {"n": float("nan")}):
+        with pytest.raises(errors.MalformedMessage):
+            encode(Message("describe", meta=meta))
 
 
 STAGE = JaxStage(lambda p, i: {"y": p["a"] * i["x"] * i["m"][:, None]}, {"a": np.float32(1)},

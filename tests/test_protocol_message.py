@@ -201,13 +201,7 @@ def test_error_codes_map_back_to_classes():
     assert errors.error_class("no-such-code") is errors.RemoteError
 
 
-def test_no_pickle_or_eval_in_the_protocol_package():
-    pattern = re.compile(r"\b(import\s+(c?pickle|marshal|shelve|dill|cloudpickle)|from\s+(c?pickle|marshal)\b|\beval\(|\bexec\(|allow_pickle\s*=\s*True)")
-    offenders = [
-        f"{p.name}:{i}" for p in PROTOCOL_DIR.rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
-        if pattern.search(line)
-    ]
-    assert offenders == []
+# (no pickle, eval, exec, importlib or __import__ on the wire path: tests/test_protocol_static.py, on the AST)
 
 
 def test_spec_documents_every_kind_and_dtype():

@@ -106,6 +106,7 @@ def test_wrong_or_missing_token_is_refused(server):
 def test_token_sources_and_minimum_length(tmp_path, monkeypatch):
     path = tmp_path / "token"
     path.write_text(TOKEN + "\n")
+    path.chmod(0o600)
     assert load_token(token_file=str(path)) == TOKEN
     assert load_token(environ={"JACANA_STAGE_TOKEN": TOKEN}) == TOKEN
     with pytest.raises(errors.AuthenticationError, match="required"):

@@ -15,11 +15,10 @@ from jacana.stages.spec import load_spec
 
 
 @pytest.fixture(scope="module")
-def fileset(tmp_path_factory):
-    from jacana.samples.synthetic import generate
-
-    # one file per (sample, variation): a hard pass costs per chunk, and these tests make ~10 of them
-    return generate(tmp_path_factory.mktemp("scan"), events=20_000, seed=21, files_per_sample=1, progress=False)
+def fileset(train_validate_20k):
+    """The session's 20k-event training dataset (conftest.py): one file per (sample, variation), since a
+    hard pass costs per chunk and these tests make ~10 of them."""
+    return train_validate_20k[0]
 
 
 @pytest.fixture

@@ -24,7 +24,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from jacana.stages.spec import NOMINAL, AnalysisSpec
-from jacana.stages.stats.inference import constraint_widths, model_and_data, numpy_backend, par_names
+from jacana.stages.stats.inference import (
+    constraint_widths,
+    model_and_data,
+    numpy_backend,
+    par_names,
+)
 from jacana.stages.stats.workspace import ALPHA_MAX
 
 #: Points of each parameter's grid (odd: the nominal is one; 41 gives steps of 0.25 sigma).
@@ -39,43 +44,47 @@ MAX_LISTED = 20
 def histogram_warnings(spec: AnalysisSpec, hists: Mapping) -> list[dict]:
     """Empty or negative-yield regions and samples, and samples with negative bins, before any fit.
 
-    ``[{"kind": "empty_region"|"negative_region"|"empty_sample"|"negative_sample"|
-    "negative_bins"|"sample_empty_everywhere", "region", "sample", "yield"|"bins", "message"}]``.
+    ``[{"kind", "message", ...}]`` with kinds ``"empty_region"``, ``"negative_region"`` (``region``,
+    ``yield``), ``"sample_empty_everywhere"`` (``sample``), ``"empty_sample"``, ``"negative_sample"``
+    (``region``, ``sample``, ``yield``) and ``"negative_bins"`` (``region``, ``sample``, ``bins``).
+    An empty region is not repeated per sample, nor a sample empty everywhere per region.
     """
+    totals = {r: {s: np.asarray(hists[r][s][NOMINAL]["sumw"], dtype=np.float64) for s in spec.samples}
+              for r in spec.regions}
+    empty = {r: {s for s, w in by_s.items() if not np.any(w != 0)} for r, by_s in totals.items()}
+    dead_regions = {r for r in spec.regions if empty[r] == set(spec.samples)}
+    dead_samples = {s for s in spec.samples if all(s in empty[r] for r in spec.regions)}
     out = []
-    totals: dict[str, float] = {}
-    empty_in: dict[str, list[str]] = {s: [] for s in spec.samples}
     for region in spec.regions:
-        region_total = 0.0
-        for sample in spec.samples:
-            sumw = np.asarray(hists[region][sample][NOMINAL]["sumw"], dtype=np.float64)
+        region_total = float(sum(np.sum(w) for w in totals[region].values()))
+        if region in dead_regions:
+            out.append({"kind": "empty_region", "region": region, "yield": 0.0,
+                        "message": f"region {region} is empty: no event passes its selection in any sample"})
+            continue
+        if region_total <= 0:
+            out.append({"kind": "negative_region", "region": region, "yield": region_total,
+                        "message": f"region {region} has a {'negative' if region_total < 0 else 'zero'} total "
+                                   f"yield ({region_total:,.6g})"})
+        for sample, sumw in totals[region].items():
             total = float(np.sum(sumw))
-            region_total += total
+            negative = np.flatnonzero(sumw < 0)
             if total < 0:
                 out.append({"kind": "negative_sample", "region": region, "sample": sample, "yield": total,
-                            "message": f"sample {sample} in region {region} has a negative total yield ({total:,.4g}); "
-                                       f"its bins are floored at 0 in the model"})
-            elif not np.any(sumw > 0):
-                empty_in[sample].append(region)
+                            "message": f"sample {sample} in region {region} has a negative total yield "
+                                       f"({total:,.6g}); its negative bins are floored at 0 in the model"})
+            elif sample in empty[region] and sample not in dead_samples:
                 out.append({"kind": "empty_sample", "region": region, "sample": sample, "yield": total,
                             "message": f"sample {sample} is empty in region {region}"})
-            negative = np.flatnonzero(sumw < 0)
-            if len(negative) and total >= 0:
+            elif len(negative):
                 out.append({"kind": "negative_bins", "region": region, "sample": sample, "bins": negative.tolist(),
                             "message": f"sample {sample} in region {region} has negative yields in bins "
                                        f"{negative.tolist()} (floored at 0 in the model)"})
-        totals[region] = region_total
-        if region_total < 0:
-            out.append({"kind": "negative_region", "region": region, "yield": region_total,
-                        "message": f"region {region} has a negative total yield ({region_total:,.4g})"})
-        elif region_total == 0:
-            out.append({"kind": "empty_region", "region": region, "yield": 0.0,
-                        "message": f"region {region} is empty: no event passes its selection in any sample"})
-    for sample, regions in empty_in.items():
-        if regions and len(regions) == len(spec.regions):
-            out.append({"kind": "sample_empty_everywhere", "sample": sample,
-                        "message": f"sample {sample} is empty in every region: parameters acting only on it "
-                                   f"have no effect"})
+    if len(dead_regions) < len(spec.regions):
+        for sample in spec.samples:
+            if sample in dead_samples:
+                out.append({"kind": "sample_empty_everywhere", "sample": sample,
+                            "message": f"sample {sample} is empty in every region: parameters acting only on "
+                                       f"it have no effect"})
     return out
 
 

@@ -4,6 +4,11 @@ These are non-differentiable reference numbers: the fitted POI with its uncertai
 observations, the expected (Asimov) uncertainty on the POI, and the expected discovery
 significance. pyhf's backend is process-global state, so every call here switches to
 numpy (scipy optimiser) and restores whatever backend was active before.
+
+The fit to the observations carries its diagnostics (:func:`fit_diagnostics`: minimiser status,
+edm, where the uncertainty came from, parameters at bounds, pulls beyond 3 sigma), and is
+"converged" only when all are fine; a singular or indefinite information matrix is an error
+that names the parameters responsible (docs/statistics.md, "Model health").
 """
 
 from __future__ import annotations
@@ -105,7 +110,8 @@ def constraint_widths(model) -> tuple[np.ndarray, np.ndarray]:
         if not getattr(ps, "constrained", False):
             continue
         if ps.pdf_type == "poisson":
-            factors = np.asarray(getattr(ps, "factors", None) or [1.0] * ps.n_parameters, dtype=np.float64)
+            factors = getattr(ps, "factors", None)
+            factors = np.asarray(factors if factors is not None else [1.0] * ps.n_parameters, dtype=np.float64)
             sigma[sl] = 1.0 / np.sqrt(np.where(factors > 0, factors, np.inf))
         else:
             sigmas = getattr(ps, "sigmas", None)
@@ -152,8 +158,10 @@ def fit_diagnostics(model, data, best, method: str, hess: np.ndarray, result=Non
             kind = "staterror gamma" if names[i].startswith("staterror") else "nuisance parameter"
             warnings.append(f"{kind} {names[i]} = {best[i]:.4g} is pulled {pull:+.1f} sigma (constraint width {sigma[i]:.3g})")
     fit["edm"] = _edm(model, data, best, free, hess, {b["parameter"] for b in at_bounds}, names)
-    if fit["edm"] is None or not fit["edm"] <= MAX_EDM:
-        warnings.append(f"estimated distance to the minimum {fit['edm']} exceeds {MAX_EDM}")
+    if fit["edm"] is None:
+        warnings.append("the estimated distance to the minimum (edm) could not be computed")
+    elif not fit["edm"] <= MAX_EDM:
+        warnings.append(f"the estimated distance to the minimum (edm) {fit['edm']:.3g} exceeds {MAX_EDM:g}")
     if method != "hessian":
         warnings.append("the NLL Hessian at the best fit is not positive definite: uncertainties from the "
                         "Fisher information instead")
@@ -168,9 +176,11 @@ def _edm(model, data, best, free, hess, skip: set, names: list[str], step: float
     keep = np.array([names[i] not in skip for i in idx], dtype=bool)
     if not np.any(keep):
         return 0.0
-    grad = np.empty(len(idx))
+    grad = np.zeros(len(idx))
     h = step * np.maximum(1.0, np.abs(best))
     for k, i in enumerate(idx):
+        if not keep[k]:
+            continue
         up, down = best.copy(), best.copy()
         up[i] += h[i]
         down[i] -= h[i]
@@ -308,7 +318,7 @@ def evaluate_workspace(workspace_spec: Mapping[str, Any], significance: bool = F
             raise FitError(f"{exc}" + (f"; empty in the workspace: {'; '.join(empty)}" if empty else "")) from None
         out = {"expected": {"sigma_mu": float(asimov_unc[idx])}}
         try:
-            best, unc, method, diagnostics = _fit(data, model)
+            best, unc, _, diagnostics = _fit(data, model)
             out[poi] = {"value": float(best[idx]), "uncertainty": float(unc[idx]), **diagnostics}
         except FitError as exc:  # keep the expected figures: they are what optimisation is judged on
             out[poi] = {"value": None, "uncertainty": None, "converged": False, "error": str(exc),
