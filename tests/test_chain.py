@@ -35,6 +35,7 @@ def test_executor_meets_the_protocol_and_declares_its_stage(executor):
     assert gradient_mode(4) == "jacobian" and gradient_mode(40) == "vjp"
 
 
+@pytest.mark.slow  # (53 s; forward == reverse is also checked per chunk in tests/test_soft_gradients.py)
 def test_forward_and_reverse_mode_give_the_same_gradient(executor):
     """The pipeline's forward mode (Jacobians composed) equals its reverse mode (VJPs pulled back)."""
     params, relax = default_params(executor.spec), default_relax(executor.spec)

@@ -260,6 +260,7 @@ def test_binning_and_nn_are_optimised_and_evaluate_reproduces_them(optimized_bin
                                                           rel=1e-9)
 
 
+@pytest.mark.slow  # (53 s)
 def test_free_moves_only_the_named_cuts_and_resume_keeps_the_selection(tiny_filesets, tmp_path, capsys):
     train, validate = tiny_filesets
     out = tmp_path / "free"
