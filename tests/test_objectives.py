@@ -197,6 +197,7 @@ def test_losses_lower_is_better(small):
         O.loss("nope")
 
 
+@pytest.mark.slow  # (42 s; the small model's tests check the same objectives against pyhf by default)
 def test_agc_like_model():
     """The benchmark's AGC-like model (stages.bench_likelihood): sigma_mu against the exact
     Hessian and finite differences; z0 against pyhf in a regime where the background-only
@@ -270,7 +271,8 @@ def test_gauss_newton_steps_reach_the_same_fit(monkeypatch):
         assert float(nll) == pytest.approx(float(twice_nll) / 2.0, abs=1e-6)  # pyhf: twice the NLL
 
 
-@pytest.mark.parametrize("workspace, n_local", [(agc_like_workspace, 22), (small_workspace, 0)])
+@pytest.mark.parametrize("workspace, n_local", [pytest.param(agc_like_workspace, 22, marks=pytest.mark.slow),
+                                                (small_workspace, 0)])
 def test_exact_hessian_from_global_columns(workspace, n_local):
     """The fits' exact Hessian -- forward-over-reverse columns along the global parameters,
     the Gauss-Newton block among the linear per-bin ones -- equals jax.hessian of pyhf's NLL.
