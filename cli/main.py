@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from jacana.stages.errors import JacanaError
+from jacana.stages.errors import ConfigError, JacanaError
 
 
 def _add_analysis_options(p: argparse.ArgumentParser) -> None:
@@ -15,7 +15,7 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="analysis config YAML (default: the embedded AGC ttbar config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                    help="override a parameter or config entry, e.g. jet_pt_min=25 or branches.jet_btag=Jet_btagDeepFlavB")
-    p.add_argument("--events", type=int, default=None,
+    p.add_argument("--events", type=_positive_int, default=None,
                    help="events of the embedded synthetic samples (default: 1,000,000 to evaluate and validate on,"
                         " 250,000 to optimise on)")
     p.add_argument("--on-bad-file", choices=("fail", "skip"), default="fail",
@@ -69,7 +69,10 @@ def _warn_skims(spec, *filesets) -> None:
 def cmd_generate(args) -> int:
     from jacana.samples.synthetic import generate
 
-    path = generate(args.out, events=args.events, seed=args.seed, progress=not args.quiet, preset=args.preset)
+    try:
+        path = generate(args.out, events=args.events, seed=args.seed, progress=not args.quiet, preset=args.preset)
+    except ValueError as exc:  # e.g. too few events for one per (sample, variation) file
+        raise ConfigError(f"jacana generate: {exc}") from None
     print(f"jacana: wrote synthetic AGC samples; fileset: {path}")
     return 0
 
@@ -91,6 +94,23 @@ def cmd_evaluate(args) -> int:
         print(f"  WARNING: skipped {skipped['path']}: {skipped['error']}")
     print(f"jacana: results in {Path(args.out).resolve()} ({', '.join(p.name for p in paths.values())})")
     return 0
+
+
+def _int_at_least(minimum: int):
+    """argparse type: a whole number >= ``minimum`` (checked before any data is read)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _in_unit_interval(text: str, expected: str) -> float:
@@ -236,10 +256,11 @@ def cmd_baselines(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jacana", description=__doc__ or "jacana")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.subcommands = sub.choices  # name -> its parser (unknown options get a suggestion from it)
 
     p = sub.add_parser("generate", help="write synthetic AGC NanoAOD-like samples and their fileset")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--events", type=int, default=1_000_000, help="total events over all samples (default 1,000,000)")
+    p.add_argument("--events", type=_positive_int, default=1_000_000, help="total events over all samples (default 1,000,000)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--preset", default="agc", choices=preset_names(),
                    help="which samples: the AGC ttbar analysis's (default) or the single-top t-channel analysis's")
@@ -258,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-fileset",
                    help="held-out fileset for the hard validation (default: the embedded validation samples,"
                         " or every other file of --fileset)")
-    p.add_argument("--steps", type=int, default=40, help="optimisation steps (default 40)")
+    p.add_argument("--steps", type=_positive_int, default=40, help="optimisation steps (default 40)")
     p.add_argument("--objective", choices=objective_names(), default="sigma_mu",
                    help="what to optimise (default: the expected uncertainty on the config's POI)")
     p.add_argument("--binning", action="store_true",
@@ -277,14 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the cuts' relaxation narrows from the config's widths (1) to SCALE x them over the first"
                         " three quarters of the steps (default 0.1; 1: it stays as wide: see docs/trust.md for"
                         " when that does better)")
-    p.add_argument("--hard-every", type=int, default=5,
+    p.add_argument("--hard-every", type=_non_negative_int, default=5,
                    help="evaluate the hard-limit objective on the training events every N steps and at the last"
                         " (each is one more pass; default 5; 0: never)")
     p.add_argument("--last-point", action="store_true",
                    help="end at the last point, not at the best hard-limit check on the training events")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.json")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=_positive_int, default=None,
                    help="run on a local dask cluster of N worker processes (default: in this process)")
     p.add_argument("--scheduler", help="run on an existing dask scheduler (e.g. tcp://host:8786)")
     p.add_argument("--profile", help="facility profile: local, coffea-casa, fermilab-eaf, purdue-af, htcondor-gpu,"
@@ -297,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                         " (default: $JACANA_STAGE_TOKEN)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--starts", type=int, default=1,
+    p.add_argument("--starts", type=_positive_int, default=1,
                    help="run K optimisations from spread starting points (start 0: the config's) into OUT/start_<k>/"
                         " and report their spread in OUT/multistart.json (parallel with --workers/--scheduler)")
     p.add_argument("--start-spread", type=float, default=0.25,
@@ -307,9 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("bench", help="measure every performance figure against its baseline (see docs/bench.md)")
-    p.add_argument("--events", type=int, default=1_000_000, help="synthetic AGC events (default 1,000,000)")
+    p.add_argument("--events", type=_positive_int, default=1_000_000, help="synthetic AGC events (default 1,000,000)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, default=None,
+    where.add_argument("--workers", type=_positive_int, default=None,
                        help="also benchmark a local dask cluster of N worker processes (figure 6)")
     where.add_argument("--scheduler", help="also benchmark the workers of this dask scheduler (figure 6; they must"
                                            " see --data-dir)")
@@ -323,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm-threads", type=int, default=1, metavar="N",
                    help="compile the gradient step's programs in N threads before timing (default 1: one after"
                         " another); on a many-core GPU host it shortens the run, not the figures")
-    p.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported (default 3)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="runs per figure; the median is reported (default 3)")
     p.add_argument("--out", help="also write the rows and all measurements to this JSON file")
     p.add_argument("--data-dir", help="generate (or reuse) the events under this folder (default: a temporary one)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -355,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 " every other file of --fileset)")
     p.add_argument("--method", nargs="+", choices=("random", "cmaes", "grid"), default=["random", "cmaes"],
                    help="methods to run (default: random cmaes)")
-    p.add_argument("--budget", type=int, default=60,
+    p.add_argument("--budget", type=_positive_int, default=60,
                    help="full passes over the training events per method (default 60)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--params", nargs="+", default=None, metavar="NAME",
@@ -381,9 +402,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_before_any_data(parser, args) -> None:
+    """What the command line alone decides, refused at once (not after minutes of reading events)."""
+    out = getattr(args, "out", None)
+    if out and Path(out).exists() and not Path(out).is_dir() and args.command != "bench":
+        parser.error(f"--out {out}: an existing file, not a folder")
+    if getattr(args, "resume", False) and not (Path(out) / "checkpoint.json").is_file():
+        parser.error(f"--resume: no checkpoint to resume in {out} (no {Path(out) / 'checkpoint.json'});"
+                     " run without --resume to start afresh")
+
+
+def _parse(parser, argv):
+    """Parse, and for an unknown option of a subcommand name the closest one it has."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        import difflib
+
+        options = [o for a in parser.subcommands[args.command]._actions for o in a.option_strings]
+        hints = []
+        for e in extra:
+            close = difflib.get_close_matches(e.split("=")[0], options, n=1) if e.startswith("-") else []
+            hints.append(f"{e} (did you mean {close[0]}?)" if close else e)
+        parser.error(f"jacana {args.command}: unrecognized arguments: {' '.join(hints)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
+    _check_before_any_data(parser, args)
     if args.command in ("optimize", "evaluate"):
         from jacana.facility.jaxsetup import configure_jax
 

@@ -379,4 +379,14 @@ def load_spec(path: str | Path | None = None, overrides: Iterable[str] | Mapping
         raise ConfigError(f"analysis config {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"analysis config {str(path)!r} must be a mapping at the top level")
-    return AnalysisSpec(apply_overrides(raw, overrides), source=str(path))
+    try:
+        return AnalysisSpec(apply_overrides(raw, overrides), source=str(path))
+    except ConfigError as exc:
+        if not overrides:
+            raise
+        try:  # the file alone is valid: the overrides caused it, so the error names them
+            AnalysisSpec(raw, source=str(path))
+        except ConfigError:
+            raise exc from None
+        shown = list(overrides) if not isinstance(overrides, Mapping) else [f"{k}={v}" for k, v in overrides.items()]
+        raise ConfigError(f"{exc}\n  (caused by the override(s) {', '.join(shown)})") from None
