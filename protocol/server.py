@@ -361,12 +361,17 @@ class StageServer:
                 pass
 
     @staticmethod
-    def _forget(sel: selectors.BaseSelector, table: dict, conn: socket.socket) -> None:
+    def _unwatch(sel: selectors.BaseSelector, table: dict, conn: socket.socket) -> None:
+        """Stop tracking ``conn`` (in ``table`` and the selector); the socket stays open."""
         table.pop(conn, None)
         try:
             sel.unregister(conn)
         except (KeyError, ValueError, OSError):
             pass
+
+    @classmethod
+    def _forget(cls, sel: selectors.BaseSelector, table: dict, conn: socket.socket) -> None:
+        cls._unwatch(sel, table, conn)
         try:
             conn.close()
         except OSError:
@@ -457,11 +462,7 @@ class StageServer:
         """Answer ``exc`` (best effort, never blocking), stop writing, and drain what the peer
         still sends for up to :data:`LINGER_S` before closing (closing with unread bytes would
         reset the connection and could destroy the answer before the peer reads it)."""
-        table.pop(conn, None)
-        try:
-            sel.unregister(conn)
-        except (KeyError, ValueError, OSError):
-            pass
+        self._unwatch(sel, table, conn)
         try:
             conn.setblocking(False)
             conn.send(frame(b"".join(encode_parts(error_message(exc)))))
