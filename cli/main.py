@@ -38,6 +38,16 @@ def _fileset_from_args(args, role: str):
     return load_fileset(path)
 
 
+def installed_version() -> str:
+    """The installed distribution's version (``pip install -e .`` included)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jacana")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def preset_names() -> list[str]:
     from jacana.samples.synthetic import PRESETS
 
@@ -255,6 +265,7 @@ def cmd_baselines(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jacana", description=__doc__ or "jacana")
+    parser.add_argument("--version", action="version", version=f"jacana {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.subcommands = sub.choices  # name -> its parser (unknown options get a suggestion from it)
 

@@ -50,3 +50,10 @@ def test_generate_with_too_few_events_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", "--events", "5", "--out", str(tmp_path / "g"), "--quiet"]) in (0, 2)
     err = capsys.readouterr().err
     assert "Traceback" not in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("jacana 0.")
