@@ -263,6 +263,7 @@ def test_robust_sd_ignores_a_single_outlier_replica():
     assert robust_sd(spiked) == pytest.approx(robust_sd(normal), rel=0.15)
 
 
+@pytest.mark.slow  # (17 s; tests/test_baselines.py's bootstrap test runs a bootstrap scan by default)
 def test_bootstrap_scan_is_the_plain_scan_plus_paired_noise(fileset, tmp_path, gradient_result):
     spec = load_spec()
     fs = load_fileset(fileset)

@@ -59,6 +59,7 @@ def test_workspace_is_valid_and_loads_in_pyhf_and_cabinetry():
     assert cab_model.config.npars == model.config.npars
 
 
+@pytest.mark.slow  # (15 s; tests/test_evaluate.py checks result.json against pyhf's fit by default)
 def test_pyhf_reproduces_the_fit():
     """result.json's numbers are pyhf's: its numpy fit, and the exact Fisher information."""
     import jax
