@@ -29,11 +29,10 @@ def _spec_from_args(args):
     return load_spec(args.config, overrides=args.overrides)
 
 
-def _fileset_from_args(args, role: str):
+def _fileset_from_args(args, role: str, spec):
     from jacana.samples.datasets import DEFAULT_EVENTS, default_fileset
     from jacana.stages.fileset import load_fileset
 
-    spec = _spec_from_args(args)
     path = args.fileset or default_fileset(role, events=args.events or DEFAULT_EVENTS, **synthetic_preset(spec))
     return load_fileset(path)
 
@@ -94,7 +93,7 @@ def cmd_evaluate(args) -> int:
     if args.params:
         values, overrides = load_params_file(args.params)
         spec = spec.with_overrides(overrides).with_params(values)
-    fileset = _fileset_from_args(args, "validate")
+    fileset = _fileset_from_args(args, "validate", spec)
     _warn_skims(spec, fileset)
     evaluation = hard_evaluation(spec, fileset, progress=not args.quiet, on_bad_file=args.on_bad_file)
     paths = write_evaluation(args.out, evaluation, extra={"fileset": fileset.source, "config": spec.source})
@@ -231,7 +230,7 @@ def cmd_scan(args) -> int:
     spec = _spec_from_args(args)
     axes = parse_axes(args.params, spec)  # bad names / ranges fail before any data is generated or read
     check_bootstrap(args.bootstrap)
-    fileset = _fileset_from_args(args, "validate")
+    fileset = _fileset_from_args(args, "validate", spec)
     _warn_skims(spec, fileset)
     result = run_scan(spec, fileset, axes, args.out, gradient_results=args.gradient_result or (), hold=args.hold,
                       progress=not args.quiet, plots=not args.no_plots, on_bad_file=args.on_bad_file,

@@ -239,14 +239,15 @@ def soft_yields(params: Mapping, relax: Mapping, batch, config) -> dict:
     p = {k: jnp.asarray(params[k], dt) for k in config.parameters}
     r = {k: jnp.asarray(relax[k], dt) for k in config.relax_names}
     edges = region_edges(params, config, dt)
-    extra = None
+    nn_weights = None
     if config.uses_nn:
         if "nn" not in params:
             raise ValueError("a region uses the nn observable: params must hold its weights under 'nn'")
-        extra = {k: jnp.asarray(params["nn"][k], dt) for k in nn.WEIGHT_NAMES}
-    block_fn = general_block_yields if isinstance(config, Definition) else _block_yields
-    if isinstance(config, Definition):
-        extra = {"nn": extra} if extra is not None else {}
+        nn_weights = {k: jnp.asarray(params["nn"][k], dt) for k in nn.WEIGHT_NAMES}
+    if isinstance(config, Definition):  # the general program takes the extra parameters by name
+        block_fn, extra = general_block_yields, ({"nn": nn_weights} if nn_weights is not None else {})
+    else:
+        block_fn, extra = _block_yields, nn_weights
     n, bsize = batch.n_padded, batch.block_size
     if n % bsize:
         raise ValueError(f"batch of {n} events is not a whole number of blocks of {bsize}")

@@ -18,13 +18,12 @@ compile against, as :class:`~.analysis.SoftConfig` is for the AGC-specific form:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from jacana.stages.errors import ConfigError
-from jacana.stages.observables.library import KINEMATIC_FIELDS, OBSERVABLES
+from jacana.stages.observables.library import OBSERVABLES
 from jacana.stages.systematics import SYSTEMATICS
 
 NOMINAL = "nominal"
@@ -155,16 +154,10 @@ class Definition:
         kin = tuple(kinematic) if kinematic is not None else (self.kinematic if nominal_file else (NOMINAL,))
         return kin + (self.weight_variations if nominal_file else ())
 
-    def object_set(self, name: str) -> ObjectSet:
-        return next(o for o in self.objects if o.name == name)
-
     def set_variations(self, name: str, kinematic: Sequence[str]) -> tuple[str, ...]:
         """The pT variations an object set carries in a batch of ``kinematic`` variations (nominal first)."""
         target = dict(self.kinematic_target)
         return (NOMINAL,) + tuple(v for v in kinematic if v != NOMINAL and target.get(v) == name)
-
-    def observable_options(self, name: str) -> dict:
-        return next(thaw(o) if o else {} for n, _, o in self.observables if n == name)
 
     @property
     def combinatorial(self) -> bool:
@@ -255,7 +248,7 @@ def build_definition(raw: Mapping, kernel: str = "normal", flow: bool = False) -
         for key in ("of",):
             if key in opts and opts[key] not in objects_raw:
                 raise ConfigError(f"observables.{name}: 'of' {opts[key]!r} is not an object set; sets: {sorted(objects_raw)}")
-        observables.append((name, entry_name(o["kind"]), freeze(opts)))
+        observables.append((name, OBSERVABLES.canonical(o["kind"]), freeze(opts)))
 
     sets = []
     for name, o in objects_raw.items():
@@ -330,10 +323,6 @@ def build_definition(raw: Mapping, kernel: str = "normal", flow: bool = False) -
                       bucket=bucket, event_fields=tuple(sorted(event_reads)), kernel=kernel, flow=flow)
 
 
-def entry_name(kind: str) -> str:
-    return OBSERVABLES.canonical(kind)
-
-
 def logical_branches(raw: Mapping) -> dict[str, str]:
     """Logical column name -> file branch: ``<collection>_<field>`` for object fields, the event fields as named."""
     out = {}
@@ -342,19 +331,3 @@ def logical_branches(raw: Mapping) -> dict[str, str]:
             out[f"{coll}_{field}"] = f"{c['prefix']}_{branch}"
     out.update(raw.get("event_fields", {}))
     return out
-
-
-def read_columns(raw: Mapping) -> list[str]:
-    """The logical columns a general analysis reads: the fields its object sets use, and event fields."""
-    definition_sets = raw["objects"]
-    cols: list[str] = []
-    for name, o in definition_sets.items():
-        for coll in o["from"]:
-            cols += [f"{coll}_{f}" for f in raw["collections"][coll]["fields"]]
-    cols += list(raw.get("event_fields", {}))
-    return list(dict.fromkeys(cols))
-
-
-def block_cost(n_objects: int, combinatorial: bool) -> int:
-    """Elements per event of a bucket (trijet combinatorics or the objects themselves)."""
-    return max(math.comb(n_objects, 3), 1) if combinatorial else max(n_objects, 1)

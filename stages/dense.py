@@ -15,7 +15,7 @@ cuts than a count requirement's minimum): their soft yield is exactly zero.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import awkward as ak
 import jax
@@ -141,6 +141,8 @@ def make_dense_batches(columns: Columns, spec, dtype=np.float64, prefilter: bool
     rows = np.flatnonzero(keep)
 
     # per set: dense-ready object lists (event index among kept events, slot, values)
+    remap = np.full(n_events, -1, np.int64)  # event -> its row among the kept events
+    remap[rows] = np.arange(len(rows))
     dense_src: dict[str, dict] = {}
     for objset in definition.objects:
         slot_offset = np.zeros(n_events, np.int64)
@@ -164,15 +166,13 @@ def make_dense_batches(columns: Columns, spec, dtype=np.float64, prefilter: bool
                 pts.setdefault(v, []).append(pt)
                 if has_pass:
                     passes.setdefault(v, []).append(_passes(per_variation, pt))
-        remap = np.full(n_events, -1, np.int64)
-        remap[rows] = np.arange(len(rows))
         ev = np.concatenate(ev_all) if ev_all else np.zeros(0, np.int64)
         dense_src[objset.name] = {
             "row": remap[ev], "slot": np.concatenate(slot_all) if slot_all else np.zeros(0, np.int64),
             "values": {f: np.concatenate(v) for f, v in values.items()},
             "pt": {v: np.concatenate(p) for v, p in pts.items()},
             "fixed_pass": {v: np.concatenate(p) for v, p in passes.items()},
-            "count": counts[objset.name][rows] if prefilter else counts[objset.name],
+            "count": counts[objset.name][rows],
         }
 
     weight = weight[rows]
