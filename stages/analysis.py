@@ -47,6 +47,7 @@ from jacana.stages.shapes import ChunkBatches
 from jacana.stages.histograms.relaxed import bin_mass, fill_variations
 from jacana.stages.selection.multiplicity import jet_region_probs, nth_selected_value, prob_exactly
 from jacana.stages.observables.kinematics import soft_ht, soft_mbjj
+from jacana.stages.observables.objects import exact_divide
 from jacana.stages.selection.soft import soft_step
 from jacana.stages.spec import NOMINAL, AnalysisSpec
 
@@ -217,9 +218,31 @@ def _block_yields(p, r, edges, nn_weights, b: EventBatch, config: SoftConfig):
         for bt in config.btag:  # expected pT of the i-th selected nominal jet
             lead = nth_selected_value(b.jet_pt[:, 0, :], p_sel[0], bt.n_jets)  # [B, n]
             for i in range(bt.n_jets):
-                shift = bt.rate * lead[:, i] / bt.pt_ref
+                shift = exact_divide(bt.rate * lead[:, i], bt.pt_ref)
                 factors += [1.0 + shift, 1.0 - shift]
     return fill_variations(masses, sel, b.weight, factors, [reg.name for reg in config.regions])
+
+
+def _typed_inputs(params: Mapping, relax: Mapping, batch, config):
+    """(cut parameters, relaxations, bin edges, network weights or None) in the batch's dtype."""
+    dt = batch.dtype
+    p = {k: jnp.asarray(params[k], dt) for k in config.parameters}
+    r = {k: jnp.asarray(relax[k], dt) for k in config.relax_names}
+    edges = region_edges(params, config, dt)
+    nn_weights = None
+    if config.uses_nn:
+        if "nn" not in params:
+            raise ValueError("a region uses the nn observable: params must hold its weights under 'nn'")
+        nn_weights = {k: jnp.asarray(params["nn"][k], dt) for k in nn.WEIGHT_NAMES}
+    return p, r, edges, nn_weights
+
+
+def _blocks(batch):
+    """The batch's arrays split into [blocks, block size, ...] (the unit of ``lax.scan``/``lax.map``)."""
+    n, bsize = batch.n_padded, batch.block_size
+    if n % bsize:
+        raise ValueError(f"batch of {n} events is not a whole number of blocks of {bsize}")
+    return jax.tree.map(lambda a: jnp.reshape(a, (n // bsize, bsize) + a.shape[1:]), batch)
 
 
 @partial(jax.jit, static_argnames=("config",))
@@ -235,23 +258,11 @@ def soft_yields(params: Mapping, relax: Mapping, batch, config) -> dict:
     from jacana.stages.definition import Definition
     from jacana.stages.engine import block_yields as general_block_yields
 
-    dt = batch.dtype
-    p = {k: jnp.asarray(params[k], dt) for k in config.parameters}
-    r = {k: jnp.asarray(relax[k], dt) for k in config.relax_names}
-    edges = region_edges(params, config, dt)
-    nn_weights = None
-    if config.uses_nn:
-        if "nn" not in params:
-            raise ValueError("a region uses the nn observable: params must hold its weights under 'nn'")
-        nn_weights = {k: jnp.asarray(params["nn"][k], dt) for k in nn.WEIGHT_NAMES}
+    p, r, edges, nn_weights = _typed_inputs(params, relax, batch, config)
     if isinstance(config, Definition):  # the general program takes the extra parameters by name
         block_fn, extra = general_block_yields, ({"nn": nn_weights} if nn_weights is not None else {})
     else:
         block_fn, extra = _block_yields, nn_weights
-    n, bsize = batch.n_padded, batch.block_size
-    if n % bsize:
-        raise ValueError(f"batch of {n} events is not a whole number of blocks of {bsize}")
-    blocks = jax.tree.map(lambda a: jnp.reshape(a, (n // bsize, bsize) + a.shape[1:]), batch)
 
     @jax.checkpoint
     def body(acc, blk):
@@ -261,8 +272,24 @@ def soft_yields(params: Mapping, relax: Mapping, batch, config) -> dict:
 
     n_var = len(config.variations(batch.weight_variations, batch.kinematic))
     init = {reg.name: (jnp.zeros((n_var, len(reg.edges) - 1), ACCUMULATOR_DTYPE),) * 2 for reg in config.regions}
-    acc, _ = jax.lax.scan(body, init, blocks)
+    acc, _ = jax.lax.scan(body, init, _blocks(batch))
     return {k: {"sumw": v[0], "sumw2": v[1]} for k, v in acc.items()}
+
+
+@partial(jax.jit, static_argnames=("config",))
+def hard_events(params: Mapping, batch, config) -> tuple:
+    """Per-event terms of one dense batch of a general analysis at the hard limit (:func:`hard_relax`):
+    ``(values {region: [V, N]}, selected {region: [V, N]} booleans, factors [W, N])``
+    (:func:`~jacana.stages.engine.block_events`), the input of the hard mode's histogram fill."""
+    from jacana.stages.engine import block_events
+
+    relax = {k: 0.0 for k in config.relax_names}
+    p, r, _, nn_weights = _typed_inputs(params, relax, batch, config)
+    extra = {"nn": nn_weights} if nn_weights is not None else {}
+    values, sel, factors = jax.lax.map(lambda blk: block_events(p, r, extra, blk, config), _blocks(batch))
+    # [blocks, V, block] -> [V, N]; factors [blocks, W, block] -> [W, N]
+    join = lambda a: jnp.moveaxis(a, 0, -2).reshape(a.shape[1:-1] + (a.shape[0] * a.shape[-1],))  # noqa: E731
+    return ({k: join(v) for k, v in values.items()}, {k: join(v) == 1 for k, v in sel.items()}, join(factors))
 
 
 def batch_parts(batches: ChunkBatches | EventBatch | Sequence[EventBatch]) -> tuple[EventBatch, ...]:
@@ -338,23 +365,55 @@ def _empty_yields(config: SoftConfig, nominal_file: bool) -> dict:
             for r in config.regions}
 
 
-def hard_mode_histograms(columns, spec: AnalysisSpec, replicas=None) -> dict:
+def hard_mode_histograms(columns, spec: AnalysisSpec, replicas: np.ndarray | None = None) -> dict:
     """Hard-mode histograms of one chunk of a general analysis, ``{region: {variation: hist.Hist}}``
-    (the counterpart of :func:`~jacana.stages.reference.fill_histograms`): the soft analysis at the
-    hard limit, where every weight is 0 or 1, so the same observable functions serve both modes."""
-    from jacana.stages.batch import make_batches
-    from jacana.stages.reference import new_histogram
+    (the counterpart of :func:`~jacana.stages.reference.fill_histograms`, ``replicas`` as there).
 
-    if replicas is not None:
-        raise NotImplementedError(f"{spec.source}: bootstrap replicas are not yet available for general"
-                                  " analysis configs (use --bootstrap 0)")
-    hists = soft_histograms(make_batches(columns, spec, prefilter=True), spec, relax=hard_relax(spec))
-    out: dict = {}
-    for region, by_var in hists.items():
-        for var, h in by_var.items():
-            hh = new_histogram(np.asarray(h["edges"]))
-            view = hh.view(flow=False)
-            view.value = np.asarray(h["sumw"], np.float64)
-            view.variance = np.asarray(h["sumw2"], np.float64)
-            out.setdefault(region, {})[var] = hh
+    The same observable and selection functions as the soft mode, at the hard limit (every selection
+    weight exactly 0 or 1, :func:`hard_events`), give each event's observable value, selection and
+    weight factors; the selected events then fill ``hist`` histograms in file order, the conventional
+    way, so the AGC written in the general form reproduces the AGC's hard histograms bit for bit.
+    """
+    from jacana.stages.dense import make_dense_batches
+    from jacana.stages.reference import event_weight, fill_selected
+
+    config = soft_config(spec)
+    n = len(columns)
+    if replicas is not None and (replicas.ndim != 2 or replicas.shape[1] != n):
+        raise ValueError(f"{columns.chunk.path}: replicas must be [R, {n}] (one row per replica, one column per"
+                         f" event of the chunk), got {replicas.shape}")
+    batches = make_dense_batches(columns, spec, prefilter=True)
+    params = default_params(spec)
+    nominal_file = batches.variation == NOMINAL
+    names = config.variations(True) if nominal_file else (batches.variation,)
+    n_kin = len(config.kinematic) if nominal_file else 1
+    # per part: the real events' terms, then all parts put back in file order
+    rows, values, selected, factors = [], {}, {}, []
+    for part, part_rows in zip(batches.parts, batches.rows):
+        v, sel, f = jax.device_get(hard_events(params, part, config))
+        k = len(part_rows)
+        rows.append(part_rows)
+        for reg in config.regions:
+            values.setdefault(reg.name, []).append(v[reg.name][:, :k])
+            selected.setdefault(reg.name, []).append(sel[reg.name][:, :k])
+        factors.append(f[:, :k])
+    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    order = np.argsort(rows, kind="stable")
+    rows = rows[order]
+    weight = event_weight(columns, spec)
+    n_factors = len(names) - n_kin
+    f_all = np.concatenate(factors, axis=1)[:, order] if factors else np.zeros((n_factors, 0))
+    out: dict = {reg.name: {} for reg in config.regions}
+    for reg in config.regions:
+        val = np.concatenate(values[reg.name], axis=1)[:, order] if rows.size else np.zeros((n_kin, 0))
+        sel = np.concatenate(selected[reg.name], axis=1)[:, order] if rows.size else np.zeros((n_kin, 0), bool)
+        for i in range(n_kin):
+            m = sel[i]
+            events = rows[m]
+            w = weight[events]
+            weights = {names[i]: w}
+            if i == 0 and nominal_file:
+                weights.update({names[n_kin + j]: w * f_all[j][m] for j in range(n_factors)})
+            out[reg.name].update(fill_selected(np.asarray(reg.edges), val[i][m], weights,
+                                               None if replicas is None else replicas[:, events]))
     return out

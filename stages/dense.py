@@ -182,9 +182,10 @@ def make_dense_batches(columns: Columns, spec, dtype=np.float64, prefilter: bool
     bucket_of = sizes[b_counts] if n_kept else np.zeros(0, np.int64)
     event_values = {f: ak.to_numpy(columns[f]).astype(np.float64)[rows] for f in definition.event_fields}
 
-    parts = []
+    parts, part_rows = [], []
     for k in sorted(set(bucket_of.tolist())):
         members = np.flatnonzero(bucket_of == k)
+        part_rows.append(rows[members])
         n = len(members)
         block = block_size_for(k) if definition.combinatorial else _plain_block(k)
         n_pad, block = padded_events(n, block) if pad else (n, block)
@@ -238,7 +239,7 @@ def make_dense_batches(columns: Columns, spec, dtype=np.float64, prefilter: bool
         parts.append(DenseBatch(objects=objects, event=event, weight=w, event_mask=ev_mask, kinematic=tuple(kinematic),
                                 weight_variations=nominal_file, block_size=block, bucket=definition.bucket))
     return ChunkBatches(sample=columns.chunk.sample, variation=columns.chunk.variation, n_events=n_events,
-                        parts=tuple(parts))
+                        parts=tuple(parts), rows=tuple(part_rows))
 
 
 def _passes(cuts, pt: np.ndarray) -> np.ndarray:

@@ -74,6 +74,22 @@ def _region_probability(states: dict, caps: dict, requirements, objset_order):
 
 def block_yields(p, r, edges, extra, b, definition: Definition):
     """Histogram contributions of one block of dense events: {region: (sumw [V, bins], sumw2 [V, bins])}."""
+    masses, sel, factors = _event_terms(p, r, edges, extra, b, definition)
+    return fill_variations(masses, sel, b.weight, factors, [reg.name for reg in definition.regions])
+
+
+def block_events(p, r, extra, b, definition: Definition):
+    """Per-event terms of one block (the hard mode's input): ``(values, selection, factors)`` with
+    ``values[region]`` [V, B] the region's observable and ``selection[region]`` [V, B] its selection
+    weight under each kinematic variation, and ``factors`` [W, B] the weight variations' factors (on
+    the nominal variation). At the hard limit every selection weight is exactly 0 or 1."""
+    values, sel, factors = _event_terms(p, r, None, extra, b, definition)
+    return values, sel, (jnp.stack(factors) if factors else jnp.zeros((0,) + b.weight.shape, b.weight.dtype))
+
+
+def _event_terms(p, r, edges, extra, b, definition: Definition):
+    """(per-region bin masses [V, B, bins], or the observable values [V, B] when ``edges`` is None;
+    per-region selection weights [V, B]; weight-variation factors, a list of [B])."""
     caps = _caps(definition)
     order = [o.name for o in definition.objects]
     obs_defs = {name: (kind, thaw(opts) if opts else {}) for name, kind, opts in definition.observables}
@@ -126,10 +142,12 @@ def block_yields(p, r, edges, extra, b, definition: Definition):
         objs, p_sel = objects_at(pts)
         ctx = ObservableContext(objs, b.event, r, extra, {})
         values = compute(needed, obs_defs, ctx)
-        masses = {}
-        for reg in definition.regions:
-            masses[reg.name] = bin_mass(values[reg.observable], edges[reg.name], r["bandwidth"] * bandwidth_unit(reg),
-                                        definition.flow, definition.kernel)
+        if edges is None:
+            masses = {reg.name: values[reg.observable] for reg in definition.regions}
+        else:
+            masses = {reg.name: bin_mass(values[reg.observable], edges[reg.name],
+                                         r["bandwidth"] * bandwidth_unit(reg), definition.flow, definition.kernel)
+                      for reg in definition.regions}
         states = {}
         for name, (n_cap, t_cap) in caps.items():
             states[name] = count_states(objs[name].w, objs[name].q if t_cap else None, n_cap, t_cap)
@@ -155,4 +173,4 @@ def block_yields(p, r, edges, extra, b, definition: Definition):
         for key, kind, opts in definition.weight_systematics:
             for up, down in SYSTEMATICS[kind].factors(thaw(opts), nominal, b.event):
                 factors += [up] + ([down] if down is not None else [])
-    return fill_variations(masses, sel, b.weight, factors, [reg.name for reg in definition.regions])
+    return masses, sel, factors

@@ -157,21 +157,33 @@ def fill_histograms(columns: Columns, spec: AnalysisSpec,
                     weights[f"btag_var_{i}_down"] = weight * (1.0 - shift)
         for name, region in spec.regions.items():
             m = masks[name]
-            x = obs[region.observable][m]
-            if replicas is not None:
-                # an event drawn k times is k entries of weight w (sumw2 gains k w^2, not (k w)^2);
-                # replica-major, so each replica's bins add up in event order as without replicas
-                k = replicas[:, m].astype(np.intp)
-                copies = np.repeat(np.tile(np.arange(len(x)), len(k)), k.ravel())
-                replica_of, x_copies = np.repeat(np.arange(len(k)), k.sum(axis=1)), x[copies]
-            for var, w in weights.items():
-                if replicas is None:
-                    h = new_histogram(region.edges)
-                    h.fill(observable=x, weight=w[m])
-                else:
-                    h = new_histogram(region.edges, len(k))
-                    h.fill(replica=replica_of, observable=x_copies, weight=w[m][copies])
-                out[name][var] = h
+            out[name].update(fill_selected(region.edges, obs[region.observable][m], {v: w[m] for v, w in weights.items()},
+                                           None if replicas is None else replicas[:, m]))
+    return out
+
+
+def fill_selected(edges, x: np.ndarray, weights: Mapping[str, np.ndarray],
+                  replicas: np.ndarray | None = None) -> dict[str, hist.Hist]:
+    """One weighted histogram per entry of ``weights`` ({variation: [n]}) of the selected events'
+    observable ``x`` [n], filled in event order; with ``replicas`` ([R, n] multipliers of those events)
+    a leading replica axis where replica r holds each event as many times as row r says."""
+    if replicas is None:
+        out = {}
+        for var, w in weights.items():
+            h = new_histogram(edges)
+            h.fill(observable=x, weight=w)
+            out[var] = h
+        return out
+    # an event drawn k times is k entries of weight w (sumw2 gains k w^2, not (k w)^2);
+    # replica-major, so each replica's bins add up in event order as without replicas
+    k = replicas.astype(np.intp)
+    copies = np.repeat(np.tile(np.arange(len(x)), len(k)), k.ravel())
+    replica_of, x_copies = np.repeat(np.arange(len(k)), k.sum(axis=1)), x[copies]
+    out = {}
+    for var, w in weights.items():
+        h = new_histogram(edges, len(k))
+        h.fill(replica=replica_of, observable=x_copies, weight=w[copies])
+        out[var] = h
     return out
 
 

@@ -61,6 +61,8 @@ class ChunkBatches:
     variation: str  # the file variation: "nominal", "ME_var", ...
     n_events: int  # events of the chunk (before padding and prefiltering)
     parts: tuple  # EventBatch or DenseBatch parts, one per bucket
+    #: per part, the chunk indices of its real (unpadded) events, in the part's order; () where not kept
+    rows: tuple = ()
 
     @property
     def n_padded(self) -> int:

@@ -83,6 +83,7 @@ def _leading_names(o: Options) -> list[str]:
 
 def _leading_factors(o: Options, objects, event) -> list:
     """``1 +/- rate x pT_i / pt_ref`` of the i-th selected object (AGC's b-tag nuisance parameters)."""
+    from jacana.stages.observables.objects import exact_divide
     from jacana.stages.selection.multiplicity import nth_selected_value
 
     rate, ref = float(o["rate"]), float(o["pt_ref"])
@@ -90,7 +91,7 @@ def _leading_factors(o: Options, objects, event) -> list:
     lead = nth_selected_value(objs.pt, objs.w, _leading_n(o))  # [B, n]: expected pT of the i-th selected
     out = []
     for i in range(_leading_n(o)):
-        shift = rate * lead[:, i] / ref
+        shift = exact_divide(rate * lead[:, i], ref)
         out.append((1.0 + shift, 1.0 - shift))
     return out
 

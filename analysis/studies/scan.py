@@ -397,7 +397,7 @@ def format_summary(result: Mapping) -> str:
                  best["sigma_mu"], ", ".join(f"{k} {best['params'][k]:.4g}" for k in names))]
     agc = result["agc"]
     if agc.get("sigma_mu"):
-        lines.append(f"  AGC point: sigma_mu = {agc['sigma_mu']:.5f}")
+        lines.append(f"  config point: sigma_mu = {agc['sigma_mu']:.5f}")
     for g in result.get("gradients", []):
         if g.get("sigma_mu"):
             noise = g.get("bootstrap")

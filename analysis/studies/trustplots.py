@@ -33,7 +33,7 @@ def _markers(result: Mapping):
     out = []
     agc = result.get("agc")
     if agc:
-        out.append(("AGC", agc["params"], agc.get("sigma_mu"), {"marker": "*", "color": "white", "ms": 20, "mec": "k"},
+        out.append(("config", agc["params"], agc.get("sigma_mu"), {"marker": "*", "color": "white", "ms": 20, "mec": "k"},
                     None))
     gradients = result.get("gradients") or []
     for i, g in enumerate(gradients):
