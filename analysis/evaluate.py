@@ -30,33 +30,96 @@ def load_params_file(path: str | Path) -> tuple[dict, list[str]]:
 
     Parameters are cut values (numbers), bin edges ``edges_<region>`` (lists) and the trained
     network ``nn`` (a dict of weight lists); overrides (e.g. a region's observable set to the
-    network) apply to the config before the parameters.
+    network) apply to the config before the parameters. Everything is checked here, before any
+    data is read: finite numbers, increasing edges, the network's six weight arrays and their
+    shapes, and overrides limited to what an optimisation changes (``regions.<r>.observable``,
+    ``regions.<r>.edges``, ``parameters.*``, ``nn.*``, a parameter's value), never the input
+    layout (``tree``, ``branches``, samples). Every error names the file and the key.
     """
+    from jacana.stages.observables.nn import FEATURES, WEIGHT_NAMES
+    from jacana.stages.spec import _cut, _parse_override, _schema
+
     path = Path(path)
+    name = f"params file {str(path)!r}"
     if not path.is_file():
-        raise ConfigError(f"params file {str(path)!r} does not exist")
+        raise ConfigError(f"{name} does not exist")
+    if path.stat().st_size > 64 * 2**20:  # a params.json with a trained network is a few hundred KB
+        raise ConfigError(f"{name} has {path.stat().st_size:,} bytes; at most 64 MiB are read")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"params file {str(path)!r} is not valid JSON: {exc}") from None
+        raise ConfigError(f"{name} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{name} is nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     values = raw.get("params", raw) if isinstance(raw, dict) else None
     overrides = raw.get("overrides", []) if isinstance(raw, dict) and "params" in raw else []
+    if not isinstance(values, dict) or not values:
+        raise ConfigError(f"{name} must map parameter names to values (or hold them under 'params'),"
+                          f" got {_cut(repr(values), 80)}")
 
-    def valid(k, v):
-        if k == "nn":
-            return isinstance(v, dict)
-        if k.startswith("edges_"):
-            return isinstance(v, list) and all(isinstance(e, (int, float)) for e in v)
-        return isinstance(v, (int, float))
+    def number(key, v) -> float:
+        # bool is an int in Python; json reads NaN and Infinity
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            raise ConfigError(f"{name}: {key} must be a finite number, got {_cut(repr(v), 80)}")
+        return float(v)
 
-    if not isinstance(values, dict) or not isinstance(overrides, list):
-        raise ConfigError(f"params file {str(path)!r} must map parameter names to values")
-    bad = [k for k, v in values.items() if not valid(k, v)]
-    if bad:
-        raise ConfigError(f"params file {str(path)!r}: bad values for {bad} (cuts are numbers, edges_<region>"
-                          " lists of numbers, nn a dict of weights)")
-    return {k: (v if k == "nn" else list(map(float, v)) if isinstance(v, list) else float(v))
-            for k, v in values.items()}, [str(o) for o in overrides]
+    def edges(key, v) -> list[float]:
+        if not isinstance(v, list) or len(v) < 2:
+            raise ConfigError(f"{name}: {key} must be a list of at least 2 bin edges, got {_cut(repr(v), 80)}")
+        out = [number(f"{key}[{i}]", e) for i, e in enumerate(v)]
+        bad = [i for i in range(1, len(out)) if not out[i] > out[i - 1]]
+        if bad:
+            raise ConfigError(f"{name}: {key} must be strictly increasing; edge {bad[0]} ({out[bad[0]]}) is not"
+                              f" above edge {bad[0] - 1} ({out[bad[0] - 1]})")
+        return out
+
+    def network(v) -> dict:
+        if not isinstance(v, dict):
+            raise ConfigError(f"{name}: nn must be a dict of weight arrays {list(WEIGHT_NAMES)}, got {_cut(repr(v), 80)}")
+        missing = [k for k in WEIGHT_NAMES if k not in v]
+        if missing:
+            raise ConfigError(f"{name}: nn lacks the weight array(s) {missing} (it needs {list(WEIGHT_NAMES)})")
+        arrays = {}
+        for k in WEIGHT_NAMES:
+            try:
+                arrays[k] = np.asarray(v[k], dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name}: nn.{k} must be a (nested) list of numbers of one shape") from None
+            if not np.all(np.isfinite(arrays[k])):
+                raise ConfigError(f"{name}: nn.{k} has {int(np.sum(~np.isfinite(arrays[k])))} non-finite value(s)")
+        h1 = arrays["w1"].shape[1] if arrays["w1"].ndim == 2 else 0
+        h2 = arrays["w2"].shape[1] if arrays["w2"].ndim == 2 else 0
+        want = {"w1": (len(FEATURES), h1), "b1": (h1,), "w2": (h1, h2), "b2": (h2,), "w3": (h2,), "b3": ()}
+        wrong = [f"nn.{k} has shape {list(arrays[k].shape)}, expected {list(s)}" for k, s in want.items()
+                 if arrays[k].shape != s]
+        if wrong or not h1 or not h2:
+            raise ConfigError(f"{name}: " + ("; ".join(wrong) or "nn.w1 and nn.w2 need at least one column")
+                              + f" ({len(FEATURES)} features)")
+        return dict(v)
+
+    params: dict = {}
+    for k, v in values.items():
+        if not isinstance(k, str) or not k:
+            raise ConfigError(f"{name}: parameter names must be non-empty strings, got {k!r}")
+        params[k] = network(v) if k == "nn" else edges(k, v) if k.startswith("edges_") else number(k, v)
+    if not isinstance(overrides, list):
+        raise ConfigError(f"{name}: overrides must be a list of 'key=value' strings, got {_cut(repr(overrides), 80)}")
+    layout = set(_schema()["properties"]) | set(_schema(general=True)["properties"])
+    for i, o in enumerate(overrides):
+        if not isinstance(o, str):
+            raise ConfigError(f"{name}: overrides[{i}] must be a 'key=value' string, got {_cut(repr(o), 80)}")
+        key, _ = _parse_override(o)  # syntax and YAML limits of the value
+        parts = key.split(".")
+        allowed = (parts[0] in ("parameters", "nn") and len(parts) > 1
+                   or parts[0] == "regions" and len(parts) == 3 and parts[2] in ("observable", "edges")
+                   or len(parts) == 1 and key not in layout)
+        if not allowed:
+            raise ConfigError(f"{name}: overrides[{i}] {_cut(o, 80)!r} would change {key!r}; a params file may set"
+                              " only parameters, regions.<r>.observable, regions.<r>.edges and nn (the input"
+                              " layout, samples and systematics come from the config: use --set for them)")
+    return params, list(overrides)
 
 
 def compositions(spec: AnalysisSpec, hists: Mapping) -> dict[str, dict[str, float]]:

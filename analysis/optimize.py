@@ -16,9 +16,11 @@ fileset) and pyhf's own numpy inference reports the expected uncertainty: the ho
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -257,9 +259,12 @@ class Optimizer:
     (``{"objective": "HOST:PORT"}``, with ``token_file``)."""
 
     def __init__(self, spec: AnalysisSpec, executor, settings: OptimizeSettings, out_dir: str | Path,
-                 progress: bool = True, remote: Mapping[str, str] | None = None, token_file: str | None = None):
+                 progress: bool = True, remote: Mapping[str, str] | None = None, token_file: str | None = None,
+                 inputs: Mapping | None = None):
         settings.validate()
         self.spec, self.executor, self.settings = spec, executor, settings
+        # digests of the fileset, config and settings: a checkpoint is resumed only with the same
+        self.inputs = dict(inputs) if inputs is not None else input_digests(spec, settings)
         self.out = Path(out_dir)
         self.progress = progress
         self.free = settings.free_cuts(spec)  # unknown names fail here, before any pass
@@ -396,26 +401,143 @@ class Optimizer:
             "first_loss": first_loss, "best_point": best_point, "passes": self.passes,
             "settings": self.settings.to_json(),
             "spec": self.spec.to_dict(),
+            "inputs": self.inputs,
         }, indent=None)
 
     def _load_checkpoint(self) -> dict | None:
-        path = self.out / CHECKPOINT
-        if not path.is_file():
-            return None
+        return read_checkpoint(self.out / CHECKPOINT, self.spec, self.settings, self.inputs, self.tx)
+
+
+def input_digests(spec: AnalysisSpec, settings: OptimizeSettings, fileset: Fileset | None = None) -> dict:
+    """SHA-256 digests of what a checkpoint's history depends on: the training fileset (its files and
+    event counts), the analysis config and the settings (``steps`` aside: a resume may extend a run)."""
+    def digest(obj) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+    settings_json = {k: v for k, v in settings.to_json().items() if k != "steps"}
+    out = {"config": digest(spec.to_dict()), "settings": digest(settings_json)}
+    if fileset is not None:
+        out.update(fileset=digest(fileset.to_dict()), fileset_source=str(fileset.source))
+    return out
+
+
+#: What every checkpoint holds, and the type each must have.
+_CHECKPOINT_KEYS = {"version": int, "step": int, "params": dict, "opt_state": list, "history": list,
+                    "stale": int, "settings": dict, "spec": dict}
+
+
+def read_checkpoint(path: Path, spec: AnalysisSpec, settings: OptimizeSettings, inputs: Mapping | None = None,
+                    tx: optax.GradientTransformation | None = None) -> dict | None:
+    """The checkpoint at ``path`` checked in full before any other work (None when there is none).
+
+    Refused with an :class:`OptimizationError` naming the file and the entry: not a JSON object,
+    an entry missing or of the wrong type, another version, settings, config or (``inputs``, from
+    :func:`input_digests`) fileset than this run's, parameters that are not finite or outside their
+    bounds, an optimiser state of another structure. A checkpoint without digests (older jacana)
+    is resumed with a warning that its fileset cannot be checked.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+
+    def refuse(why: str) -> OptimizationError:
+        return OptimizationError(f"checkpoint {path} {why}; remove it to start afresh, or resume with what made it")
+
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:  # atomic writes make this a foreign or damaged file
+        raise OptimizationError(f"checkpoint {path} is not valid JSON ({exc}); remove it to start afresh") from None
+    except (RecursionError, UnicodeDecodeError) as exc:
+        raise refuse(f"cannot be read ({type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise refuse(f"is a JSON {type(state).__name__}, not the object jacana optimize writes")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise OptimizationError(f"checkpoint {path} has version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
+    for key, kind in _CHECKPOINT_KEYS.items():
+        if key not in state:
+            raise refuse(f"lacks {key!r} (damaged, or not written by jacana optimize)")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise refuse(f"has {key!r} of type {type(state[key]).__name__}, expected {kind.__name__}")
+    for key in ("best", "first_loss"):
+        v = state.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise refuse(f"has {key!r} = {v!r}, expected a finite number or null")
+    if state["step"] < 0 or state["stale"] < 0:
+        raise refuse(f"has step {state['step']} and stale {state['stale']}; both must be >= 0")
+    if len(state["history"]) != state["step"] + 1 or not all(isinstance(h, dict) for h in state["history"]):
+        raise refuse(f"has {len(state['history'])} history entries for step {state['step']} (expected"
+                     f" {state['step'] + 1} objects)")
+
+    saved = dict(state["settings"])
+    current = settings.to_json()
+    differ = [k for k in current if k != "steps" and saved.get(k) != current[k]]
+    what = [f"different settings ({', '.join(differ)})"] if differ else []
+    if state["spec"] != spec.to_dict():
+        what.append("a different analysis config")
+    old = state.get("inputs")
+    if isinstance(old, dict) and inputs and old.get("fileset") and inputs.get("fileset") \
+            and old["fileset"] != inputs["fileset"]:
+        what.append(f"a different fileset (then {old.get('fileset_source')}, now {inputs.get('fileset_source')}:"
+                    " other files or event counts)")
+    if what:
+        raise OptimizationError(f"checkpoint {path} was made with {'; '.join(what)}; cannot resume (its history"
+                                " would mix two analyses): use the same inputs, or another --out")
+    if old is None and inputs and inputs.get("fileset"):
+        warnings.warn(f"checkpoint {path} predates input digests: whether it was made with the fileset"
+                      f" {inputs.get('fileset_source')} cannot be checked", stacklevel=2)
+
+    params = _checked_params(state["params"], spec, refuse)
+    leaves = jax.tree.leaves((tx or _optimizer(spec, settings)).init(_as_jax(params)))
+    if len(state["opt_state"]) != len(leaves):
+        raise refuse(f"has {len(state['opt_state'])} optimiser-state arrays; these parameters need {len(leaves)}")
+    for i, (x, leaf) in enumerate(zip(state["opt_state"], leaves)):
         try:
-            state = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:  # atomic writes make this a foreign or damaged file
-            raise OptimizationError(f"checkpoint {path} is not valid JSON ({exc}); remove it to start afresh") from None
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise OptimizationError(f"checkpoint {path} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
-        saved = dict(state["settings"])
-        current = self.settings.to_json()
-        differ = [k for k in current if k != "steps" and saved.get(k) != current[k]]
-        if differ or state["spec"] != self.spec.to_dict():
-            what = ", ".join(differ) or "the analysis config"
-            raise OptimizationError(f"checkpoint {path} was made with different settings ({what}); cannot resume")
-        state["best"] = math.inf if state["best"] is None else state["best"]
-        return state
+            a = np.asarray(x, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise refuse(f"has opt_state[{i}] that is not an array of numbers") from None
+        if a.shape != np.shape(leaf) or not np.all(np.isfinite(a)):
+            raise refuse(f"has opt_state[{i}] of shape {list(a.shape)} (finite: {bool(np.all(np.isfinite(a)))}),"
+                         f" expected shape {list(np.shape(leaf))}, finite")
+    if state.get("best_point") is not None:
+        bp = state["best_point"]
+        if not isinstance(bp, dict) or not {"step", "loss", "params"} <= set(bp):
+            raise refuse("has a best_point without step, loss and params")
+        _checked_params(bp["params"], spec, lambda why: refuse(f"best_point: {why}"))
+    state["best"] = math.inf if state.get("best") is None else state["best"]
+    return state
+
+
+def _checked_params(raw: Mapping, spec: AnalysisSpec, refuse: Callable[[str], Exception]) -> dict:
+    """A checkpoint's parameters as arrays, each finite and inside the spec's bounds (a cut), strictly
+    increasing with the region's edge count (edges) or of finite weights (nn)."""
+    if not isinstance(raw, Mapping):
+        raise refuse("has params that are not an object")
+    missing = [k for k in spec.parameters if k not in raw]
+    if missing:
+        raise refuse(f"lacks the parameter(s) {missing}")
+    try:
+        params = params_from_json(raw)
+    except (TypeError, ValueError):
+        raise refuse("has parameters that are not numbers or arrays of numbers") from None
+    for k, v in params.items():
+        if not _finite(v):
+            raise refuse(f"has a non-finite value in parameter {k!r}")
+        if k in spec.parameters:
+            p = spec.parameters[k]
+            if np.ndim(v) != 0 or not p.lower <= float(v) <= p.upper:
+                raise refuse(f"has {k} = {_short(v)}, outside its bounds [{p.lower:g}, {p.upper:g}]")
+        elif k.startswith("edges_") and k[len("edges_"):] in spec.regions:
+            want = len(spec.regions[k[len("edges_"):]].edges)
+            if np.ndim(v) != 1 or len(v) != want or np.any(np.diff(v) <= 0):
+                raise refuse(f"has {k} = {_short(v)}; expected {want} strictly increasing edges")
+        elif k != "nn":
+            raise refuse(f"has an unknown parameter {k!r}")
+    return params
+
+
+def _short(v) -> str:
+    text = repr(np.asarray(v).tolist())
+    return text if len(text) <= 120 else text[:120] + "..."
 
 
 def relaxation_gap(history) -> dict:
@@ -452,6 +574,9 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     reference_spec, spec = spec, settings.analysis_spec(spec)
+    inputs = input_digests(spec, settings, train)
+    if resume:  # a damaged or foreign checkpoint is refused before any event is read
+        read_checkpoint(out / CHECKPOINT, spec, settings, inputs)
     train_report, val_report = InputReport(on_bad_file), InputReport(on_bad_file)
     executor = make_executor(spec, analysis_chunks(spec, train, settings.chunk_size), workers=workers,
                              scheduler=scheduler, client=client, profile=profile, progress=progress,
@@ -464,7 +589,8 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
 
     initial = initial_params(spec, settings)
     before = validate(reference_spec)  # the analysis as configured (AGC cuts, binning and observables)
-    opt = Optimizer(spec, executor, settings, out, progress=progress, remote=remote, token_file=token_file)
+    opt = Optimizer(spec, executor, settings, out, progress=progress, remote=remote, token_file=token_file,
+                    inputs=inputs)
     try:
         outcome = opt.run(initial, resume=resume)
         final = outcome["params"]

@@ -41,7 +41,7 @@ from jacana.protocol.errors import ProvenanceError
 from jacana.protocol.provenance import Provenance, merge
 from jacana.stages.columns import Columns, columns_from_arrays
 from jacana.stages.errors import InputFileError
-from jacana.stages.fileset import Chunk, Fileset
+from jacana.stages.fileset import NEVTS_KEYS, NOMINAL_VARIATION as NOMINAL, SAMPLE_KEYS, Chunk, Fileset
 from jacana.stages.spec import AnalysisSpec
 
 DATASET_SEP = "__"
@@ -82,11 +82,30 @@ def _field(events, branch: str):
     return materialize(arr) if materialize is not None else arr
 
 
+def chunk_of_work_item(m: Mapping) -> Chunk:
+    """The chunk of a coffea work item's metadata: from :func:`coffea_fileset`'s keys (``sample``,
+    ``variation``, ``nevts_total``) or ordinary coffea ones (``process``, ``nevts``; the dataset's
+    name ``<sample>__<variation>`` when neither names the sample; ``nominal`` by default)."""
+    dataset = str(m.get("dataset", ""))
+    named = dataset.split(DATASET_SEP, 1) if DATASET_SEP in dataset else [dataset, NOMINAL]
+    sample = next((m[k] for k in SAMPLE_KEYS if m.get(k) is not None), named[0] or None)
+    variation = m.get("variation") or named[1]
+    nevts = next((m[k] for k in ("nevts_total",) + NEVTS_KEYS if m.get(k) is not None), None)
+    if sample is None or nevts is None:
+        key = "'sample' (or 'process')" if sample is None else "'nevts' (or 'nevts_total')"
+        raise InputFileError(m.get("filename", "<events>"), f"coffea dataset {dataset!r}: its metadata has no {key}"
+                             " (jacana needs the sample and its generated events: the weight's denominator);"
+                             f" metadata keys: {sorted(map(str, m))}")
+    return Chunk(str(sample), str(variation), m["filename"], int(m["entrystart"]), int(m["entrystop"]), int(nevts))
+
+
 def columns_from_events(events, spec: AnalysisSpec) -> Columns:
-    """jacana's columns of one coffea work item (metadata from :func:`coffea_fileset`)."""
-    m = events.metadata
-    chunk = Chunk(m["sample"], m["variation"], m["filename"], int(m["entrystart"]), int(m["entrystop"]),
-                  int(m["nevts_total"]))
+    """jacana's columns of one coffea work item (metadata: see :func:`chunk_of_work_item`)."""
+    chunk = chunk_of_work_item(events.metadata)
+    if chunk.sample not in spec.samples:
+        raise InputFileError(chunk.path, f"coffea dataset {events.metadata.get('dataset')!r} is sample"
+                             f" {chunk.sample!r}, not one of the analysis' samples {sorted(spec.samples)}"
+                             " (set metadata 'sample')")
     if len(events) != chunk.n_events:
         raise InputFileError(chunk.path, f"coffea gave {len(events)} events for entries {chunk.entry_start}-{chunk.entry_stop}")
     return columns_from_arrays(chunk, spec, {b: _field(events, b) for b in spec.needed_branches()})

@@ -245,8 +245,7 @@ class DaskExecutor(ExecutorBase):
                 msg = s["error"][len(c.path) + 2:] if s["error"].startswith(c.path + ": ") else s["error"]
                 self.report.file_failed(c, InputFileError(c.path, msg))  # raises under the "fail" policy
                 continue
-            for branch, n in s["nonfinite"].items():
-                self.report.nonfinite[branch] = self.report.nonfinite.get(branch, 0) + n
+            self.report.nonfinite_read(c, s["nonfinite"])
             ok.append(i)
         for i in todo:
             if i not in ok:

@@ -7,6 +7,7 @@ never re-read files.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable
 
 import numpy as np
@@ -27,6 +28,10 @@ def analysis_chunks(spec: AnalysisSpec, fileset: Fileset, chunk_size: int = DEFA
     missing = [f"{s}/{v}" for s in spec.samples for v in spec.file_variations(s) if not fileset.has(s, v)]
     if missing:
         raise FilesetError(f"fileset {fileset.source} lacks what the analysis needs: {', '.join(missing)}")
+    empty = [f"{s}/{v} ({', '.join(f.path for f in fileset.files(s, v))})" for s in spec.samples
+             for v in spec.file_variations(s) if not any(f.nevts for f in fileset.files(s, v))]
+    if empty:  # no chunk to read: say so now, not "no readable file left" after the others were read
+        raise FilesetError(f"fileset {fileset.source}: every file of {'; '.join(empty)} is empty (nevts 0)")
     return [c for s in spec.samples for v in spec.file_variations(s) for c in fileset.chunks(s, v, chunk_size)]
 
 
@@ -54,6 +59,10 @@ class ColumnStore:
 BAD_FILE_POLICIES = ("fail", "skip")
 
 
+class NonFiniteInputWarning(UserWarning):
+    """An input branch held NaN/inf values, which were masked (named: file, branch, count)."""
+
+
 class InputReport:
     """What went wrong with the inputs and was handled: skipped files, masked non-finite values.
 
@@ -67,6 +76,7 @@ class InputReport:
         self.policy = policy
         self.skipped: dict[str, dict] = {}
         self.nonfinite: dict[str, int] = {}
+        self.nonfinite_files: dict[str, dict[str, int]] = {}  # file -> branch -> values masked
 
     def should_skip(self, chunk: Chunk) -> bool:
         return chunk.path in self.skipped
@@ -78,12 +88,26 @@ class InputReport:
                                     "error": str(error)}
 
     def columns_read(self, columns: Columns) -> None:
-        for branch, n in columns.nonfinite.items():
+        self.nonfinite_read(columns.chunk, columns.nonfinite)
+
+    def nonfinite_read(self, chunk: Chunk, counts: dict[str, int]) -> None:
+        """Count a chunk's masked NaN/inf values; the first of each file and branch is a warning on
+        the console (a masked value changes the yields: an all-NaN genWeight zeroes a file)."""
+        for branch, n in counts.items():
             self.nonfinite[branch] = self.nonfinite.get(branch, 0) + n
+            per_file = self.nonfinite_files.setdefault(chunk.path, {})
+            if branch not in per_file:
+                warnings.warn(NonFiniteInputWarning(
+                    f"{chunk.path}: branch {branch!r} has {n:,} non-finite (NaN/inf) values in entries"
+                    f" {chunk.entry_start}-{chunk.entry_stop} ({chunk.n_events:,} events); masked (the object fails"
+                    " every cut, a bad event weight becomes 0), so the yields change; totals per file in"
+                    " result.json: inputs.nonfinite_values_by_file"), stacklevel=2)
+            per_file[branch] = per_file.get(branch, 0) + n
 
     def to_dict(self) -> dict:
         return {"on_bad_file": self.policy, "skipped_files": list(self.skipped.values()),
-                "nonfinite_values_masked": dict(self.nonfinite)}
+                "nonfinite_values_masked": dict(self.nonfinite),
+                "nonfinite_values_by_file": {f: dict(c) for f, c in self.nonfinite_files.items()}}
 
 
 def hard_histograms(spec: AnalysisSpec, chunks: Iterable[Chunk], store: ColumnStore | None = None,
@@ -113,8 +137,9 @@ def hard_histograms(spec: AnalysisSpec, chunks: Iterable[Chunk], store: ColumnSt
                        fill(columns, spec, None if replicas is None else replicas(chunk)))
     missing = [s for s in spec.samples if s not in per_sample]
     if missing:
-        raise FilesetError(f"no readable file left for samples {missing}; skipped: "
-                           + "; ".join(v["error"] for v in report.skipped.values()))
+        skipped = [v["error"] for v in report.skipped.values() if v["sample"] in missing]
+        raise FilesetError(f"no readable file left for samples {missing}; "
+                           + (f"skipped: {'; '.join(skipped)}" if skipped else "none of their chunks was given"))
     out: dict = {r: {} for r in spec.regions}
     for sample, by_region in per_sample.items():
         for region, by_var in by_region.items():

@@ -69,6 +69,98 @@ class Systematic:
     options: Mapping[str, Any]
 
 
+# -- YAML with limits --------------------------------------------------------------------
+#: A config is a few KB; a trained network's weights in it a few hundred KB.
+MAX_YAML_BYTES = 4 * 2**20
+#: Values after every alias is expanded: an alias bomb ("billion laughs") is a few lines that
+#: expand to billions, which the schema check and error messages would then walk (1.8 GB, > 60 s).
+MAX_YAML_NODES = 200_000
+#: Characters of a value shown in an error message (a schema error quotes the whole value).
+MAX_SHOWN = 300
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader; :func:`load_yaml` checks the composed document before constructing it."""
+
+
+def _check_yaml_nodes(root: yaml.Node, source: str) -> None:
+    """Refuse duplicate mapping keys (naming key and lines) and documents that expand past
+    :data:`MAX_YAML_NODES` values; aliases are followed once per node, so this costs the
+    document's size, not its expansion."""
+    size: dict[int, int] = {}
+    open_nodes: set[int] = set()  # begun, not finished: meeting one again is a cycle ("&a [*a]")
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # iterative post-order: sizes of children before their parent
+        node, done = stack.pop()
+        if id(node) in size:
+            continue
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if not done:
+            if id(node) in open_nodes:
+                raise ConfigError(f"{source}: the value at line {node.start_mark.line + 1} contains itself"
+                                  " (a recursive YAML alias)")
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in size)
+            continue
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key, _ in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                    continue  # "<<: *base" then a key of its own overrides the base: not a duplicate
+                if key.value in seen:
+                    raise ConfigError(f"{source}: duplicate key {key.value!r} at line {key.start_mark.line + 1}"
+                                      f" (first at line {seen[key.value]}); YAML would keep only the last")
+                seen[key.value] = key.start_mark.line + 1
+        size[id(node)] = 1 + sum(size.get(id(c), 0) for c in children)
+        if size[id(node)] > MAX_YAML_NODES:
+            raise ConfigError(f"{source}: the value at line {node.start_mark.line + 1} expands to more than"
+                              f" {MAX_YAML_NODES:,} values (YAML aliases repeat what they point to); write it out")
+
+
+def load_yaml(text: str | bytes, source: str) -> Any:
+    """YAML ``text`` as Python objects, safely and within limits (size, alias expansion, nesting);
+    duplicate keys are refused. ``source`` names the text in every error."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{source} has {len(text):,} characters; a config has at most {MAX_YAML_BYTES:,}")
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_nodes(node, source)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {_cut(str(exc))}") from None
+    except RecursionError:
+        raise ConfigError(f"{source} is nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml_file(path: str | Path, what: str = "analysis config") -> Any:
+    """A YAML file through :func:`load_yaml`: missing, not a regular file, too large or not UTF-8 is a
+    :class:`ConfigError` naming it (its size is checked before it is read)."""
+    path = Path(path)
+    name = f"{what} {str(path)!r}"
+    if not path.is_file():
+        raise ConfigError(f"{name} does not exist" + (" as a regular file" if path.exists() else ""))
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"{name} has {size:,} bytes; a config has at most {MAX_YAML_BYTES:,}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return load_yaml(text, name)
+
+
+def _cut(text: str, limit: int = MAX_SHOWN) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+
+
 def _schema(general: bool = False) -> dict:
     name = "general" if general else "analysis"
     text = resources.files("jacana.stages").joinpath(f"schemas/{name}.schema.json").read_text()
@@ -95,7 +187,7 @@ def _format_schema_error(err: jsonschema.ValidationError, raw: Mapping) -> str:
             hints.append(f"unknown key {k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         if hints:
             return f"config {where}: " + "; ".join(hints)
-    return f"config {where}: {err.message}"
+    return f"config {_cut(where, 120)}: {_cut(err.message)}"
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -105,10 +197,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has no name before '='")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: cannot parse value {value!r}: {exc}") from None
+    parsed = load_yaml(value, f"override {_cut(text, 80)!r}") if value.strip() else ""
     return key, parsed
 
 
@@ -161,7 +250,7 @@ class AnalysisSpec:
         validator = jsonschema.Draft202012Validator(_schema(self.is_general))
         errors = sorted(validator.iter_errors(self.raw), key=lambda e: list(e.absolute_path))
         if errors:
-            lines = [_format_schema_error(e, self.raw) for e in errors[:10]]
+            lines = [_cut(_format_schema_error(e, self.raw), 2 * MAX_SHOWN) for e in errors[:10]]
             raise ConfigError(f"invalid analysis config ({self.source}):\n  " + "\n  ".join(lines))
         for name, p in self.raw["parameters"].items():
             lo, hi = p["bounds"]
@@ -371,12 +460,7 @@ def load_spec(path: str | Path | None = None, overrides: Iterable[str] | Mapping
     if path is None:
         path = _default_config_path()
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"analysis config {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"analysis config {str(path)!r} is not valid YAML: {exc}") from None
+    raw = read_yaml_file(path)  # size, alias expansion, nesting and duplicate keys checked
     if not isinstance(raw, dict):
         raise ConfigError(f"analysis config {str(path)!r} must be a mapping at the top level")
     try:
