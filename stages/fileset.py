@@ -22,6 +22,9 @@ from jacana.stages.errors import FilesetError, InputFileError
 MAX_FILE_ENTRIES = 10**9
 #: Generated events of a (sample, variation), the weights' denominator: JSON's exact integers.
 MAX_TOTAL_EVENTS = 2**53
+#: A file claiming more entries is checked against its header before its chunks are made (100 chunks
+#: of the default size); a smaller claim is checked by the reader, chunk by chunk.
+CHECKED_CLAIM = 10**7
 MAX_FILESET_BYTES = 256 * 2**20
 DEFAULT_TREE = "Events"
 NOMINAL_VARIATION = "nominal"
@@ -88,6 +91,8 @@ class Fileset:
         files, total = self._get(sample, variation)
         out = []
         for f in files:
+            if f.nevts > CHECKED_CLAIM:  # a large claim costs a long chunk list: the file's header first
+                _check_claim(f, f"fileset {self.source}: {sample}/{variation}")
             for start in range(0, f.nevts, chunk_size):
                 out.append(Chunk(sample, variation, f.path, start, min(start + chunk_size, f.nevts), total))
         return out
@@ -114,6 +119,23 @@ class Fileset:
     def to_dict(self) -> dict:
         return {s: {v: {"files": [{"path": f.path, "nevts": f.nevts} for f in files], "nevts_total": total}
                     for v, (files, total) in vs.items()} for s, vs in self.entries.items()}
+
+
+def _check_claim(f: FileEntry, where: str) -> None:
+    """Refuse a local file that claims more entries than any of its trees holds (remote files and
+    missing ones are left to the reader, which checks every chunk against the tree it reads)."""
+    if "://" in f.path or not Path(f.path).is_file():
+        return
+    import uproot
+
+    try:
+        with uproot.open(f.path) as root:
+            largest = max((t.num_entries for t in root.values(filter_classname="TTree")), default=0)
+    except Exception:  # damaged: the reader names the file and the problem
+        return
+    if f.nevts > largest:
+        raise FilesetError(f"{where}: file {f.path!r} claims nevts {f.nevts:,} but its largest tree has"
+                           f" {largest:,} entries (the fileset's nevts is wrong)")
 
 
 def _where(source: str, *keys) -> str:

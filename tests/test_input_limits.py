@@ -66,6 +66,15 @@ def test_malformed_filesets_name_the_file_and_the_key_at_once(tmp_path, raw, mes
     assert time.perf_counter() - t0 < 0.5  # 10^12 took 67 s and 2.6 GB (the chunk list), 10^14 hung
 
 
+def test_a_large_claim_is_checked_against_the_file_before_its_chunk_list_is_built(tmp_path):
+    _entries_file(tmp_path / "a.root", 37)
+    fileset = load_fileset(_fileset(tmp_path, _agc({"path": "a.root", "nevts": 900_000_000})))
+    t0 = time.perf_counter()
+    with pytest.raises(FilesetError, match=r"a.root' claims nevts 900,000,000 but its largest tree has 37 entries"):
+        fileset.chunks("ttbar", "nominal", chunk_size=100)  # 9 million chunks otherwise
+    assert time.perf_counter() - t0 < 1.0
+
+
 def test_a_fileset_nested_100k_deep_is_refused_without_a_traceback(tmp_path):
     for text in ("[" * 100_000 + "]" * 100_000, '{"a":' * 100_000 + "1" + "}" * 100_000):
         with pytest.raises(FilesetError, match="nested too deeply"):
