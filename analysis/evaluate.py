@@ -200,15 +200,214 @@ def evaluate_histograms(spec: AnalysisSpec, hists: Mapping, significance: bool =
     return {"histograms": hists, "workspace": workspace, "result": result}
 
 
-def write_evaluation(out_dir: str | Path, evaluation: Mapping, extra: Mapping | None = None) -> dict[str, Path]:
+def write_evaluation(out_dir: str | Path, evaluation: Mapping, extra: Mapping | None = None,
+                     spec: AnalysisSpec | None = None) -> dict[str, Path]:
+    """Write an evaluation into ``out_dir``: ``histograms.json``, the same histograms as UHI JSON
+    (``histograms.uhi.json``) and ROOT (``histograms.root``), ``workspace.json`` and ``result.json``
+    (the result with ``extra`` added). ``spec`` names and labels the observable axis of the UHI and
+    ROOT histograms (without it the axis is called ``observable``). Returns ``{kind: path}``.
+
+    >>> paths = write_evaluation(out, hard_evaluation(spec, fileset), spec=spec)
+    >>> sorted(p.name for p in paths.values())
+    ['histograms.json', 'histograms.root', 'histograms.uhi.json', 'result.json', 'workspace.json']
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {**evaluation["result"], **(extra or {})}
+    hists = histograms_to_hist(evaluation["histograms"], None if spec is None else observable_axes(spec))
     return {
         "histograms": write_json(out / "histograms.json", histograms_to_json(evaluation["histograms"]), indent=None),
+        "uhi": write_uhi_json(out / UHI_FILE, hists),
+        "root": write_root(out / ROOT_FILE, hists),
         "workspace": write_json(out / "workspace.json", evaluation["workspace"]),
         "result": write_json(out / "result.json", result),
     }
+
+
+#: The category axes of every region's ``hist.Hist``. hist reserves the name ``sample`` (it is
+#: ``Hist.fill``'s own keyword, and hist warns on such an axis), so the samples' axis is ``process``,
+#: as in the AGC's own histograms; its label is "sample".
+PROCESS_AXIS, VARIATION_AXIS = "process", "variation"
+UHI_FILE, ROOT_FILE = "histograms.uhi.json", "histograms.root"
+#: ROOT names: ``<region>/<sample>__<variation>`` (sample and variation names have single underscores)
+ROOT_SEPARATOR = "__"
+
+
+def observable_axes(spec: AnalysisSpec) -> dict[str, tuple[str, str]]:
+    """Each region's observable as ``{region: (name, axis label)}``, the labels the plots use.
+
+    >>> observable_axes(load_spec())["4j2b"]
+    ('m_bjj', '$m_{bjj}$ [GeV]')
+    """
+    from jacana.analysis.plots import axis_label  # matplotlib: only when labels are asked for
+
+    return {r: (region.observable, axis_label(spec, region.observable)) for r, region in spec.regions.items()}
+
+
+def histograms_to_hist(hists: Mapping, observables: Mapping[str, tuple[str, str]] | None = None) -> dict:
+    """``{region: hist.Hist}`` of the histograms (region -> sample -> variation -> edges, sumw, sumw2).
+
+    Each region's Hist has the category axes ``process`` (the samples) and ``variation``, then the
+    observable (named and labelled from ``observables``, ``{region: (name, label)}``; else
+    ``observable``), with Weight storage holding sumw and sumw2 exactly and no flow bins (the
+    analysis has none). A variation a sample lacks (``ME_var`` of a sample without alternative
+    files) stays zero; ``metadata["variations"]`` names the variations each sample has.
+
+    >>> h = histograms_to_hist(evaluation["histograms"], observable_axes(spec))["4j2b"]
+    >>> h[{"process": "ttbar", "variation": "nominal"}].values()
+    """
+    import hist
+
+    out = {}
+    for region, by_sample in hists.items():
+        samples = list(by_sample)
+        variations = list(dict.fromkeys(v for s in samples for v in by_sample[s]))
+        edges = np.asarray(next(iter(by_sample[samples[0]].values()))["edges"], np.float64)
+        name, label = (observables or {}).get(region, ("observable", ""))
+        h = hist.Hist(hist.axis.StrCategory(samples, name=PROCESS_AXIS, label="sample", overflow=False),
+                      hist.axis.StrCategory(variations, name=VARIATION_AXIS, label="variation", overflow=False),
+                      hist.axis.Variable(edges, name=name, label=label, underflow=False, overflow=False),
+                      storage=hist.storage.Weight(), name=region,
+                      metadata={"variations": {s: list(by_sample[s]) for s in samples}})
+        view = h.view()
+        for i, sample in enumerate(samples):
+            for variation, arrays in by_sample[sample].items():
+                where = f"histogram {region}/{sample}/{variation}"
+                if not np.array_equal(np.asarray(arrays["edges"], np.float64), edges):
+                    raise ConfigError(f"{where}: its bin edges differ from the region's other histograms")
+                sumw, sumw2 = np.asarray(arrays["sumw"], np.float64), np.asarray(arrays["sumw2"], np.float64)
+                if sumw.shape != (len(edges) - 1,) or sumw2.shape != sumw.shape:
+                    raise ConfigError(f"{where}: sumw and sumw2 must have one value per bin ({len(edges) - 1}),"
+                                      f" got shapes {sumw.shape} and {sumw2.shape}")
+                j = variations.index(variation)
+                view.value[i, j] = sumw
+                view.variance[i, j] = sumw2
+        out[region] = h
+    return out
+
+
+def write_uhi_json(path: str | Path, hists: Mapping) -> Path:
+    """Write ``{name: hist.Hist}`` as one UHI JSON file (``uhi.io.json``; read back by :func:`read_histograms`)."""
+    import uhi.io.json
+
+    from jacana.facility.atomic import atomic_path
+
+    text = json.dumps(dict(hists), default=uhi.io.json.default, allow_nan=False)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + "\n")
+    return Path(path)
+
+
+def write_root(path: str | Path, hists: Mapping) -> Path:
+    """Write ``{region: hist.Hist}`` (as :func:`histograms_to_hist` makes them) as a ROOT file of TH1D,
+    ``<region>/<sample>__<variation>`` (with sumw2; the x axis named after the observable, titled with its
+    label). Only the variations each sample has (``metadata["variations"]``) are written."""
+    import uproot
+    from uproot.writing.identify import to_TAxis, to_TH1x
+
+    from jacana.facility.atomic import atomic_path
+
+    with atomic_path(path) as tmp, uproot.recreate(tmp) as f:
+        for region, h in hists.items():
+            names = [ax.name for ax in h.axes]
+            if names[:2] != [PROCESS_AXIS, VARIATION_AXIS] or len(names) != 3:
+                raise ConfigError(f"histogram {region}: needs the axes ({PROCESS_AXIS}, {VARIATION_AXIS}, observable),"
+                                  f" got {tuple(names)}")
+            samples, variations, observable = list(h.axes[0]), list(h.axes[1]), h.axes[2]
+            present = (getattr(h, "metadata", None) or {}).get("variations") or {s: variations for s in samples}
+            _check_root_names(region, samples, variations)
+            edges = np.asarray(observable.edges, np.float64)
+            centres = 0.5 * (edges[1:] + edges[:-1])
+            view = h.view(flow=False)
+            for i, sample in enumerate(samples):
+                for variation in present.get(sample, ()):
+                    j = variations.index(variation)
+                    sumw, sumw2 = np.asarray(view.value[i, j], np.float64), np.asarray(view.variance[i, j], np.float64)
+                    name = f"{sample}{ROOT_SEPARATOR}{variation}"
+                    axis = to_TAxis(fName=observable.name, fTitle=observable.label, fNbins=len(centres),
+                                    fXmin=edges[0], fXmax=edges[-1], fXbins=edges.astype(">f8"))
+                    f[f"{region}/{name}"] = to_TH1x(
+                        fName=name, fTitle=f"{region}: {sample}, {variation}", data=_with_flow(sumw),
+                        fEntries=float(sumw.sum()), fTsumw=float(sumw.sum()), fTsumw2=float(sumw2.sum()),
+                        fTsumwx=float(sumw @ centres), fTsumwx2=float(sumw @ centres ** 2), fSumw2=_with_flow(sumw2),
+                        fXaxis=axis)
+    return Path(path)
+
+
+def _with_flow(values: np.ndarray) -> np.ndarray:
+    """ROOT's layout of a TH1D's bins: underflow, the bins, overflow (empty: the analysis has no flow bins)."""
+    out = np.zeros(len(values) + 2, ">f8")
+    out[1:-1] = values
+    return out
+
+
+def _check_root_names(region: str, samples, variations) -> None:
+    """A name ROOT could not hold, or one that would not split back into sample and variation, is an error."""
+    names = [("region", region)] + [("sample", s) for s in samples] + [("variation", v) for v in variations]
+    for what, name in names:
+        if not name or "/" in name or ";" in name or (what == "sample" and ROOT_SEPARATOR in name):
+            banned = "'/', ';'" + (f" or {ROOT_SEPARATOR!r}" if what == "sample" else "")
+            raise ConfigError(f"{what} {name!r} cannot be written to ROOT as <region>/<sample>{ROOT_SEPARATOR}"
+                              f"<variation>: {banned} in the name")
+
+
+def read_histograms(path: str | Path) -> dict:
+    """``{region: hist.Hist}`` from a file ``jacana evaluate`` writes: ``histograms.uhi.json``,
+    ``histograms.root`` or ``histograms.json`` (whose observable axis is unnamed: ``observable``);
+    a folder: its ``histograms.uhi.json``. Equal to the Hist objects that were written.
+
+    >>> read_histograms("results/histograms.root")["4j2b"].axes.name
+    ('process', 'variation', 'm_bjj')
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / UHI_FILE
+    if not path.is_file():
+        raise ConfigError(f"histogram file {str(path)!r} does not exist")
+    if path.suffix == ".root":
+        return _read_root(path)
+    import hist
+    import uhi.io.json
+
+    try:
+        raw = json.loads(path.read_text(), object_hook=uhi.io.json.object_hook)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"histogram file {str(path)!r} is not valid JSON: {exc}") from None
+    if isinstance(raw, dict) and raw and all(isinstance(v, dict) and "uhi_schema" in v for v in raw.values()):
+        return {name: hist.Hist(ir) for name, ir in raw.items()}
+    if isinstance(raw, dict) and raw and all(
+            isinstance(v, dict) and all(isinstance(x, dict) and "sumw" in y for x in v.values() for y in x.values())
+            for v in raw.values()):
+        return histograms_to_hist(raw)
+    raise ConfigError(f"histogram file {str(path)!r} is neither UHI JSON nor jacana's histograms.json"
+                      " (region -> sample -> variation -> edges, sumw, sumw2)")
+
+
+def _read_root(path: Path) -> dict:
+    """:func:`read_histograms` of a ROOT file as :func:`write_root` writes it."""
+    import uproot
+
+    hists: dict = {}
+    observables: dict = {}
+    with uproot.open(path) as f:
+        for region, kind in f.classnames(recursive=False, cycle=False).items():
+            if kind != "TDirectory":
+                continue
+            for key, cls in f[region].classnames(recursive=False, cycle=False).items():
+                sample, sep, variation = key.partition(ROOT_SEPARATOR)
+                if not cls.startswith("TH1") or not sep:
+                    raise ConfigError(f"{path}: {region}/{key} ({cls}) is not a TH1 named <sample>{ROOT_SEPARATOR}"
+                                      "<variation>")
+                th1 = f[f"{region}/{key}"]
+                axis = th1.member("fXaxis")
+                observables.setdefault(region, (axis.member("fName"), axis.member("fTitle")))
+                hists.setdefault(region, {}).setdefault(sample, {})[variation] = {
+                    "edges": np.asarray(axis.edges(), np.float64),
+                    "sumw": np.asarray(th1.values(flow=False), np.float64),
+                    "sumw2": np.asarray(th1.variances(flow=False), np.float64)}
+    if not hists:
+        raise ConfigError(f"{path}: no <region>/<sample>{ROOT_SEPARATOR}<variation> histograms in it")
+    return histograms_to_hist(hists, observables)
 
 
 #: Model warnings printed by :func:`format_summary` (all are in result.json).

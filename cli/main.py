@@ -87,7 +87,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from jacana.analysis.evaluate import format_summary, hard_evaluation, load_params_file, write_evaluation
+    from jacana import evaluate
+    from jacana.analysis.evaluate import load_params_file
 
     spec = _spec_from_args(args)
     if args.params:
@@ -95,11 +96,11 @@ def cmd_evaluate(args) -> int:
         spec = spec.with_overrides(overrides).with_params(values)
     fileset = _fileset_from_args(args, "validate", spec)
     _warn_skims(spec, fileset)
-    evaluation = hard_evaluation(spec, fileset, progress=not args.quiet, on_bad_file=args.on_bad_file)
-    paths = write_evaluation(args.out, evaluation, extra={"fileset": fileset.source, "config": spec.source})
+    evaluation = evaluate(spec, fileset, progress=not args.quiet, on_bad_file=args.on_bad_file)
+    paths = evaluation.write(args.out)
     print(f"jacana evaluate: {spec.name} on {fileset.source}")
-    print(format_summary(spec, evaluation["result"]))
-    for skipped in evaluation["result"]["inputs"]["skipped_files"]:
+    print(evaluation.summary())
+    for skipped in evaluation.fit["inputs"]["skipped_files"]:
         print(f"  WARNING: skipped {skipped['path']}: {skipped['error']}")
     print(f"jacana: results in {Path(args.out).resolve()} ({', '.join(p.name for p in paths.values())})")
     return 0
@@ -142,7 +143,8 @@ def _relax_end(text: str) -> float:
 
 
 def cmd_optimize(args) -> int:
-    from jacana.analysis.optimize import OptimizeSettings, free_params, run_optimize
+    from jacana import optimize
+    from jacana.analysis.optimize import OptimizeSettings, free_params
     from jacana.samples.datasets import DEFAULT_EVENTS, DEFAULT_TRAIN_EVENTS, default_fileset
     from jacana.stages.fileset import load_fileset
 
@@ -171,10 +173,10 @@ def cmd_optimize(args) -> int:
         from jacana.analysis.studies.multistart import cli_multistart
 
         return cli_multistart(args, spec, train, validation, settings)
-    result = run_optimize(spec, train, validation, args.out, settings, resume=args.resume,
-                          progress=not args.quiet, on_bad_file=args.on_bad_file, plots=not args.no_plots,
-                          workers=args.workers, scheduler=args.scheduler, profile=args.profile,
-                          remote=remote, token_file=args.token_file)
+    result = optimize(spec, train, validation, settings=settings, out=args.out, resume=args.resume,
+                      progress=not args.quiet, on_bad_file=args.on_bad_file, plots=not args.no_plots,
+                      workers=args.workers, scheduler=args.scheduler, profile=args.profile,
+                      remote=remote, token_file=args.token_file)
     out = Path(args.out).resolve()
     b, a = result.sigma_mu_before, result.sigma_mu_after
     print(f"jacana optimize: {result.objective} over {len(result.history)} steps ({result.stopped}),"
