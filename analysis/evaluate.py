@@ -37,7 +37,7 @@ def load_params_file(path: str | Path) -> tuple[dict, list[str]]:
     layout (``tree``, ``branches``, samples). Every error names the file and the key.
     """
     from jacana.stages.observables.nn import FEATURES, WEIGHT_NAMES
-    from jacana.stages.spec import _cut, _parse_override, _schema
+    from jacana.stages.spec import config_schema, parse_override, shorten
 
     path = Path(path)
     name = f"params file {str(path)!r}"
@@ -57,17 +57,17 @@ def load_params_file(path: str | Path) -> tuple[dict, list[str]]:
     overrides = raw.get("overrides", []) if isinstance(raw, dict) and "params" in raw else []
     if not isinstance(values, dict) or not values:
         raise ConfigError(f"{name} must map parameter names to values (or hold them under 'params'),"
-                          f" got {_cut(repr(values), 80)}")
+                          f" got {shorten(repr(values), 80)}")
 
     def number(key, v) -> float:
         # bool is an int in Python; json reads NaN and Infinity
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
-            raise ConfigError(f"{name}: {key} must be a finite number, got {_cut(repr(v), 80)}")
+            raise ConfigError(f"{name}: {key} must be a finite number, got {shorten(repr(v), 80)}")
         return float(v)
 
     def edges(key, v) -> list[float]:
         if not isinstance(v, list) or len(v) < 2:
-            raise ConfigError(f"{name}: {key} must be a list of at least 2 bin edges, got {_cut(repr(v), 80)}")
+            raise ConfigError(f"{name}: {key} must be a list of at least 2 bin edges, got {shorten(repr(v), 80)}")
         out = [number(f"{key}[{i}]", e) for i, e in enumerate(v)]
         bad = [i for i in range(1, len(out)) if not out[i] > out[i - 1]]
         if bad:
@@ -77,7 +77,7 @@ def load_params_file(path: str | Path) -> tuple[dict, list[str]]:
 
     def network(v) -> dict:
         if not isinstance(v, dict):
-            raise ConfigError(f"{name}: nn must be a dict of weight arrays {list(WEIGHT_NAMES)}, got {_cut(repr(v), 80)}")
+            raise ConfigError(f"{name}: nn must be a dict of weight arrays {list(WEIGHT_NAMES)}, got {shorten(repr(v), 80)}")
         missing = [k for k in WEIGHT_NAMES if k not in v]
         if missing:
             raise ConfigError(f"{name}: nn lacks the weight array(s) {missing} (it needs {list(WEIGHT_NAMES)})")
@@ -105,18 +105,18 @@ def load_params_file(path: str | Path) -> tuple[dict, list[str]]:
             raise ConfigError(f"{name}: parameter names must be non-empty strings, got {k!r}")
         params[k] = network(v) if k == "nn" else edges(k, v) if k.startswith("edges_") else number(k, v)
     if not isinstance(overrides, list):
-        raise ConfigError(f"{name}: overrides must be a list of 'key=value' strings, got {_cut(repr(overrides), 80)}")
-    layout = set(_schema()["properties"]) | set(_schema(general=True)["properties"])
+        raise ConfigError(f"{name}: overrides must be a list of 'key=value' strings, got {shorten(repr(overrides), 80)}")
+    layout = set(config_schema()["properties"]) | set(config_schema(general=True)["properties"])
     for i, o in enumerate(overrides):
         if not isinstance(o, str):
-            raise ConfigError(f"{name}: overrides[{i}] must be a 'key=value' string, got {_cut(repr(o), 80)}")
-        key, _ = _parse_override(o)  # syntax and YAML limits of the value
+            raise ConfigError(f"{name}: overrides[{i}] must be a 'key=value' string, got {shorten(repr(o), 80)}")
+        key, _ = parse_override(o)  # syntax and YAML limits of the value
         parts = key.split(".")
         allowed = (parts[0] in ("parameters", "nn") and len(parts) > 1
                    or parts[0] == "regions" and len(parts) == 3 and parts[2] in ("observable", "edges")
                    or len(parts) == 1 and key not in layout)
         if not allowed:
-            raise ConfigError(f"{name}: overrides[{i}] {_cut(o, 80)!r} would change {key!r}; a params file may set"
+            raise ConfigError(f"{name}: overrides[{i}] {shorten(o, 80)!r} would change {key!r}; a params file may set"
                               " only parameters, regions.<r>.observable, regions.<r>.edges and nn (the input"
                               " layout, samples and systematics come from the config: use --set for them)")
     return params, list(overrides)

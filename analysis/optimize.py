@@ -335,12 +335,26 @@ class Optimizer:
             self._chain(params).template(params, default_relax(self.spec, s.relax_start))
             self.passes += 1
         stopped = "steps"
+        first = None
+        if start < s.steps:  # compilation is its own phase: the bar's time estimate starts after it
+            t0 = time.perf_counter()
+            if self.progress:
+                tqdm.write(f"jacana optimize: compiling the analysis and the first step over"
+                           f" {self.executor.n_events:,} events (one program per event shape)...")
+            first = self.value_and_grad(params, default_relax(self.spec, s.relax_scale(start)))
+            first_seconds = time.perf_counter() - t0
+            if self.progress:
+                tqdm.write(f"jacana optimize: compiled and ran step {start} in {first_seconds:.0f} s")
         bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc=f"optimize {s.objective}",
                    disable=not self.progress, unit="step")
         for step in bar:
             scale = s.relax_scale(step)
             t0 = time.perf_counter()
-            value, grad = self.value_and_grad(params, default_relax(self.spec, scale))
+            if first is not None:
+                (value, grad), first = first, None
+                t0 -= first_seconds
+            else:
+                value, grad = self.value_and_grad(params, default_relax(self.spec, scale))
             if not (math.isfinite(value) and _finite(grad)):
                 raise OptimizationError(
                     f"step {step}: objective or gradient is not finite (loss={value}, grad={params_summary(grad)});"
@@ -583,12 +597,14 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
                              report=train_report)
     store = ColumnStore(spec)
 
-    def validate(analysis: AnalysisSpec) -> dict:
+    def validate(analysis: AnalysisSpec, what: str) -> dict:
+        if progress:  # no silent stretch: the held-out pass, its fit and checks take a while on 1M events
+            tqdm.write(f"jacana optimize: {what} on the held-out events (hard analysis, pyhf fit, workspace check)...")
         return hard_evaluation(analysis, validation, store=store, chunk_size=settings.chunk_size,
-                               on_bad_file=on_bad_file)
+                               on_bad_file=on_bad_file, progress=progress)
 
     initial = initial_params(spec, settings)
-    before = validate(reference_spec)  # the analysis as configured (AGC cuts, binning and observables)
+    before = validate(reference_spec, "the configured cuts")  # as configured (cuts, binning, observables)
     opt = Optimizer(spec, executor, settings, out, progress=progress, remote=remote, token_file=token_file,
                     inputs=inputs)
     try:
@@ -599,7 +615,7 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
     finally:
         executor.close()
     final_spec = spec.with_params(final)
-    after = validate(final_spec)
+    after = validate(final_spec, "the optimised cuts")
     b, a = before["result"]["expected"]["sigma_mu"], after["result"]["expected"]["sigma_mu"]
     result = OptimizationResult(
         objective=settings.objective,
@@ -624,6 +640,8 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
     write_json(out / "workspace.json", after["workspace"])
     write_json(out / "histograms.json", histograms_to_json(after["histograms"]), indent=None)
     if plots:
+        if progress:
+            tqdm.write("jacana optimize: plots" + (" and impacts (one fit per nuisance parameter)..." if impacts else "..."))
         result = dataclasses.replace(result, plots=make_plots(reference_spec, final_spec, out, result, before, after,
                                                               impacts=impacts))
     write_json(out / "result.json", result.to_json())
@@ -638,13 +656,18 @@ def make_plots(spec: AnalysisSpec, final_spec: AnalysisSpec, out: Path, result: 
 
     d = out / "plots"
     paths = {
-        "objective": plots.objective_history(result.history, result.objective, d / "objective.png"),
+        "objective": plots.objective_history(result.history, result.objective, d / "objective.png",
+                                             selected=result.selected, poi=spec.poi["name"],
+                                             held_out=(result.sigma_mu_before, result.sigma_mu_after)
+                                             if result.objective == "sigma_mu" else None),
         "parameters": plots.parameter_trajectories(result.history, spec, d / "parameters.png"),
         "before": plots.stacked_histograms(spec, before["histograms"], d / "histograms_before.png",
                                            "(AGC cuts)", pseudo_data(spec, before["histograms"])),
         "after": plots.stacked_histograms(final_spec, after["histograms"], d / "histograms_after.png",
                                           "(optimised)", pseudo_data(final_spec, after["histograms"])),
     }
+    fitted = plots.data_mc(final_spec, after["workspace"], d)  # held-out, optimised: pre- and post-fit
+    paths.update({f"data_mc_{k}": v for k, v in fitted["paths"].items()})
     if impacts:
         paths["impacts"] = plots.impact_ranking(np_impacts(after["workspace"]), spec.poi["name"], d / "impacts.png")
     return {k: str(v) for k, v in paths.items()}

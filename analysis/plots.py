@@ -5,15 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import matplotlib
+# No matplotlib.use() here: in Jupyter it would switch off inline figures. The CLI asks for Agg
+# (MPLBACKEND); without a display matplotlib falls back to Agg by itself.
+import matplotlib.pyplot as plt
+import mplhep
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import mplhep  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jacana.facility.atomic import atomic_path  # noqa: E402
-from jacana.stages.spec import NOMINAL, AnalysisSpec  # noqa: E402
+from jacana.facility.atomic import atomic_path
+from jacana.stages.spec import NOMINAL, AnalysisSpec
+from jacana.stages.stats.quiet import captured_output, one_line
 
 AXIS_LABELS = {"ht": r"$H_T$ [GeV]", "m_bjj": r"$m_{bjj}$ [GeV]", "nn": "NN output"}
 
@@ -32,18 +32,34 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def objective_history(history: Sequence[Mapping], objective: str, path: Path) -> Path:
-    """Objective per step: relaxed (every step) and hard (where evaluated)."""
+def objective_label(objective: str, poi: str | None = None) -> str:
+    """What a physicist calls an objective: sigma_mu is the expected uncertainty of the POI."""
+    poi_text = poi.replace("_", " ") if poi else "POI"
+    names = {"sigma_mu": rf"expected $\sigma$({poi_text})", "z0": "expected discovery significance $Z_0$",
+             "cls": "expected CL$_s$", "upper_limit": "expected upper limit on the POI"}
+    return names.get(objective, objective)
+
+
+def objective_history(history: Sequence[Mapping], objective: str, path: Path, selected: Mapping | None = None,
+                      held_out: tuple[float, float] | None = None, poi: str | None = None) -> Path:
+    """Objective per step: relaxed (every step) and hard (where evaluated); the kept step, and the held-out
+    hard values before and after (``held_out``) at the first and kept steps."""
     plt.style.use(mplhep.style.CMS)
     fig, ax = plt.subplots(figsize=(8, 5.5))
     steps = [h["step"] for h in history]
-    ax.plot(steps, [h["objective"] for h in history], label="relaxed", color="#3f90da")
+    ax.plot(steps, [h["objective"] for h in history], label="relaxed (training)", color="#3f90da")
     hard = [(h["step"], h["hard_objective"]) for h in history if h.get("hard_objective") is not None]
     if hard:
-        ax.plot(*zip(*hard), "o", label="hard limit", color="#e42536")
+        ax.plot(*zip(*hard), "o", label="hard limit (training)", color="#e42536")
+    kept = selected.get("step") if selected else None
+    if kept is not None:
+        ax.axvline(min(kept, steps[-1]) if steps else kept, color="0.3", linestyle=":", label=f"kept: step {kept}")
+    if held_out is not None and steps:
+        ax.plot([steps[0], kept if kept is not None else steps[-1]], held_out, "s", color="k", markersize=8,
+                label=f"held-out: {held_out[0]:.4g} $\\to$ {held_out[1]:.4g}")
     ax.set_xlabel("step")
-    ax.set_ylabel(objective)
-    ax.legend()
+    ax.set_ylabel(objective_label(objective, poi), fontsize=18)
+    ax.legend(fontsize=12)
     return save_figure(fig, path)
 
 
@@ -108,3 +124,92 @@ def impact_ranking(impacts: Sequence[Mapping], poi: str, path: Path, top: int = 
     ax.set_xlabel(rf"$\Delta$ {poi}")
     ax.legend(fontsize=11)
     return save_figure(fig, path)
+
+
+def _experiment_label(ax, spec: AnalysisSpec, text: str = "") -> None:
+    """The label physicists look for: who made it, "Simulation" (the data are pseudo-data), luminosity, energy."""
+    mplhep.label.exp_label(exp="jacana", text=text, data=False, lumi=spec.luminosity_pb / 1000.0,
+                           lumi_format="{0:.2f}", com=13, ax=ax, fontsize=15)
+
+
+def data_mc_figure(spec: AnalysisSpec, region: str, edges, yields: Mapping[str, np.ndarray], total_unc,
+                   data, stage: str, label: str = ""):
+    """One region: the samples stacked, the total-model uncertainty band, the (pseudo-)data and a
+    data / model ratio panel with the band's relative width (what a physicist reads first)."""
+    plt.style.use(mplhep.style.CMS)
+    edges = np.asarray(edges, np.float64)
+    fig, (ax, rax) = plt.subplots(2, 1, figsize=(8, 8), sharex=True, gridspec_kw={"height_ratios": [3, 1],
+                                                                                    "hspace": 0.05})
+    order = sorted(yields, key=lambda s: float(np.sum(yields[s])))
+    mplhep.histplot([np.asarray(yields[s]) for s in order], edges, ax=ax, stack=True, histtype="fill",
+                    label=[spec.samples[s].get("label", s) if s in spec.samples else s for s in order],
+                    color=[spec.samples[s].get("color") if s in spec.samples else None for s in order])
+    total = np.sum([np.asarray(yields[s]) for s in order], axis=0)
+    unc = np.asarray(total_unc, np.float64)
+    band = dict(step="post", facecolor="none", edgecolor="0.3", hatch="////", linewidth=0)
+    ax.fill_between(edges, np.append(total - unc, 0), np.append(total + unc, 0), label="model uncertainty", **band)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    data = np.asarray(data, np.float64)
+    ax.errorbar(centres, data, yerr=np.sqrt(np.maximum(data, 0)), fmt="ko", label="pseudo-data", markersize=5)
+    ax.set_ylabel("events / bin")
+    ax.set_ylim(0, 1.45 * max(float(np.max(total + unc)), float(np.max(data)), 1e-9))
+    ax.legend(fontsize=12, ncol=2, loc="upper right", title=f"{region}, {stage}", title_fontsize=13)
+    _experiment_label(ax, spec, label)
+    safe = np.where(total > 0, total, 1.0)
+    rel = np.where(total > 0, unc / safe, 0.0)
+    rax.fill_between(edges, np.append(1 - rel, 1), np.append(1 + rel, 1), **band)
+    ratio = np.where(total > 0, data / safe, np.nan)
+    rax.errorbar(centres, ratio, yerr=np.where(total > 0, np.sqrt(np.maximum(data, 0)) / safe, 0), fmt="ko",
+                 markersize=5)
+    rax.axhline(1.0, color="0.4", linestyle="--", linewidth=1)
+    rax.set_ylim(0.5, 1.5)
+    rax.set_ylabel("data / model", fontsize=16)
+    rax.set_xlabel(axis_label(spec, spec.regions[region].observable))
+    fig.align_ylabels([ax, rax])
+    return fig
+
+
+def data_mc(spec: AnalysisSpec, workspace: Mapping, folder: Path, postfit: bool = True) -> dict:
+    """Per region, pre-fit and post-fit data/MC plots of a workspace (``<folder>/data_mc_<region>_<stage>.png``).
+
+    Yields and the total-model uncertainty (every nuisance parameter, with the fit's correlations post-fit)
+    come from cabinetry's ``model_utils.prediction``; the post-fit plots are left out, with the reason in
+    the returned ``{"paths": {...}, "postfit": None | "fit failed: ...", "minuit": "N messages: ..."}``, when
+    its MINUIT fit fails; what MINUIT printed is captured into that one line.
+    """
+    import warnings
+
+    import cabinetry
+    import pyhf
+
+    previous = pyhf.get_backend()  # cabinetry sets pyhf's backend globally: restored below
+    try:
+        model, data = cabinetry.model_utils.model_and_data(dict(workspace))
+        n_main = sum(model.config.channel_nbins.values())
+        predictions = [("pre-fit", cabinetry.model_utils.prediction(model))]
+        why, messages = None, []
+        if postfit:
+            try:
+                with warnings.catch_warnings(), captured_output() as messages:  # MINUIT prints from C++
+                    warnings.simplefilter("ignore")
+                    fit = cabinetry.fit.fit(model, data)
+                predictions.append(("post-fit", cabinetry.model_utils.prediction(model, fit_results=fit)))
+            except Exception as exc:  # noqa: BLE001 -- a failed fit leaves the pre-fit plots; the reason is kept
+                why = f"fit failed: {type(exc).__name__}: {exc}"
+        observed = np.asarray(data[:n_main], np.float64)
+        paths = {}
+        for stage, pred in predictions:
+            start = 0
+            for c, channel in enumerate(model.config.channels):
+                nb = model.config.channel_nbins[channel]
+                yields = {sample: np.asarray(pred.model_yields[c][k], np.float64)
+                          for k, sample in enumerate(model.config.samples)}
+                unc = np.asarray(pred.total_stdev_model_bins[c][-1], np.float64)  # the last entry: all samples
+                edges = spec.regions[channel].edges if channel in spec.regions else np.arange(nb + 1)
+                fig = data_mc_figure(spec, channel, edges, yields, unc, observed[start:start + nb], stage)
+                key = f"{channel}_{stage.replace('-', '')}"
+                paths[key] = str(save_figure(fig, Path(folder) / f"data_mc_{key}.png"))
+                start += nb
+        return {"paths": paths, "postfit": why, "minuit": one_line(messages)}
+    finally:
+        pyhf.set_backend(*previous)

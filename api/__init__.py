@@ -31,10 +31,13 @@ __all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str):
-    if name == "__version__":  # the installed distribution's (one implementation: the CLI's --version)
-        from jacana.cli.main import installed_version
+    if name == "__version__":  # the installed distribution's (``jacana --version`` prints it too)
+        from importlib.metadata import PackageNotFoundError, version
 
-        globals()["__version__"] = installed_version()
+        try:
+            globals()["__version__"] = version("jacana")
+        except PackageNotFoundError:
+            globals()["__version__"] = "unknown (not installed)"
         return globals()["__version__"]
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)

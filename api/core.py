@@ -12,6 +12,7 @@ The ``jacana evaluate`` and ``jacana optimize`` commands call :func:`evaluate` a
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import difflib
 import tempfile
 from pathlib import Path
@@ -123,13 +124,18 @@ class EvaluationResult:
 
         return write_evaluation(out_dir, self.evaluation, extra=self._extra(), spec=self.analysis)
 
-    def plot(self, path: str | Path = "histograms.png", title: str = "") -> Path:
-        """The stacked nominal templates of every region with the pseudo-data, as a PNG at ``path``."""
-        from jacana.analysis.plots import stacked_histograms
-        from jacana.stages.stats.workspace import pseudo_data
+    def plot(self, out_dir: str | Path = "plots", postfit: bool = True) -> dict[str, Path]:
+        """Per region, the data/MC plots physicists read (stacked samples, the total-model uncertainty
+        band, the pseudo-data, a ratio panel): pre-fit and, unless the fit fails or ``postfit`` is
+        False, post-fit, as PNGs in ``out_dir``; returns ``{"<region>_prefit": path, ...}``."""
+        from jacana.analysis.plots import data_mc
 
-        hists = self.evaluation["histograms"]
-        return stacked_histograms(self.analysis, hists, Path(path), title, pseudo_data(self.analysis, hists))
+        made = data_mc(self.analysis, self.workspace, Path(out_dir), postfit=postfit)
+        if made["postfit"]:
+            warnings.warn(f"no post-fit plots: {made['postfit']}", stacklevel=2)
+        elif made["minuit"]:
+            warnings.warn(f"post-fit plots: MINUIT printed {made['minuit']}", stacklevel=2)
+        return {k: Path(v) for k, v in made["paths"].items()}
 
     def _extra(self) -> dict:
         return {"fileset": self.fileset, "config": self.analysis.source}

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+import os
 import sys
 from pathlib import Path
 
+import jacana
 from jacana.stages.errors import ConfigError, JacanaError
 
 
@@ -35,16 +38,6 @@ def _fileset_from_args(args, role: str, spec):
 
     path = args.fileset or default_fileset(role, events=args.events or DEFAULT_EVENTS, **synthetic_preset(spec))
     return load_fileset(path)
-
-
-def installed_version() -> str:
-    """The installed distribution's version (``pip install -e .`` included)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("jacana")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def preset_names() -> list[str]:
@@ -103,6 +96,17 @@ def cmd_evaluate(args) -> int:
     for skipped in evaluation.fit["inputs"]["skipped_files"]:
         print(f"  WARNING: skipped {skipped['path']}: {skipped['error']}")
     print(f"jacana: results in {Path(args.out).resolve()} ({', '.join(p.name for p in paths.values())})")
+    if not args.no_plots:
+        import warnings
+
+        plot_dir = Path(args.out).resolve() / "plots"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            made = evaluation.plot(plot_dir)
+        for w in caught:
+            if "post-fit" in str(w.message):  # no post-fit plots, or what MINUIT printed, in one line
+                print(f"  WARNING: {w.message}")
+        print(f"jacana: data/MC plots (pre- and post-fit, per region) in {plot_dir}: {len(made)} files")
     return 0
 
 
@@ -266,7 +270,7 @@ def cmd_baselines(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jacana", description=__doc__ or "jacana")
-    parser.add_argument("--version", action="version", version=f"jacana {installed_version()}")
+    parser.add_argument("--version", action="version", version=f"jacana {jacana.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.subcommands = sub.choices  # name -> its parser (unknown options get a suggestion from it)
 
@@ -279,10 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("evaluate", help="run the AGC analysis in hard mode and fit it with pyhf")
+    p = sub.add_parser("evaluate", help="run the analysis in hard mode and fit it with pyhf")
     _add_analysis_options(p)
     p.add_argument("--params", help="params.json (e.g. from jacana optimize) overriding the config's parameter values")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-plots", action="store_true", help="no data/MC plots (pre- and post-fit) in OUT/plots")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -443,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = _parse(parser, argv)
     _check_before_any_data(parser, args)
+    os.environ.setdefault("MPLBACKEND", "Agg")  # files only, no windows (the plots module leaves it to us)
+    # pyhf logs a failed minimisation as an error with scipy's whole OptimizeResult and an AssertionError
+    # traceback, then raises; jacana catches that and reports it in one line (result.json, the summary)
+    logging.getLogger("pyhf.optimize.mixins").setLevel(logging.CRITICAL)
     if args.command in ("optimize", "evaluate"):
         from jacana.facility.jaxsetup import configure_jax
 

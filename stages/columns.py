@@ -25,6 +25,7 @@ from scipy.special import ndtri
 
 from jacana.stages.errors import InputFileError, MissingBranchError
 from jacana.stages.fileset import Chunk
+from jacana.stages.rootfile import open_tree
 from jacana.stages.spec import AnalysisSpec
 
 
@@ -180,30 +181,6 @@ def bootstrap_multipliers(path: str, entry_start: int, n_events: int, replicas: 
     return out
 
 
-def _open_tree(path: str, tree: str):
-    if "://" not in path and not Path(path).exists():
-        raise InputFileError(path, "file does not exist")
-    try:
-        # No array cache: a chunk's arrays are read once, and uproot's default 100 MB cache per open
-        # file kept a second copy of them alive (file <-> tree cycles wait for a full GC), which made
-        # a streamed pass's memory grow with the number of chunks.
-        f = uproot.open(path, array_cache=None)
-    except Exception as exc:  # uproot raises many types for damaged files
-        raise InputFileError(path, f"cannot open as a ROOT file ({type(exc).__name__}: {exc})") from None
-    try:
-        t = f[tree]
-    except Exception:
-        names = sorted({k.split(";")[0] for k in f.keys()})
-        f.close()
-        close = difflib.get_close_matches(tree, names, n=3)
-        hint = f"; closest: {', '.join(close)}" if close else f"; it has: {', '.join(names[:10]) or 'nothing'}"
-        raise InputFileError(path, f"no tree {tree!r}{hint}") from None
-    if not isinstance(t, uproot.TTree):
-        f.close()
-        raise InputFileError(path, f"{tree!r} is a {type(t).__name__}, not a TTree")
-    return t
-
-
 def _check_branches(tree, path: str, spec: AnalysisSpec) -> None:
     keys = set(tree.keys())
     for logical, branch in spec.branches.items():
@@ -226,7 +203,7 @@ def _check_type(path: str, logical: str, branch: str, array: ak.Array, jagged: b
 
 def read_chunk(chunk: Chunk, spec: AnalysisSpec) -> Columns:
     """Read only the branches ``spec`` needs for the entries of ``chunk``."""
-    tree = _open_tree(chunk.path, spec.tree)
+    tree = open_tree(chunk.path, spec.tree)
     try:
         return _read_tree(tree, chunk, spec)
     finally:

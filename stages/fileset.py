@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from jacana.stages.errors import FilesetError, InputFileError
+from jacana.stages.rootfile import open_tree
 
 #: Entries one file may claim: a NanoAOD file holds a few million; 10^9 would be about a terabyte.
 #: A larger count is a typo, refused before any chunk list is built (10^12 took 67 s and 2.6 GB).
@@ -272,10 +273,8 @@ def _covered(steps, num_entries: int, at: str) -> int:
 
 def _entries_in(path: str, tree: str, at: str) -> int:
     """The entries of ``tree`` in the file (its header only is read)."""
-    from jacana.stages.columns import _open_tree  # columns imports this module
-
     try:
-        t = _open_tree(path, tree)
+        t = open_tree(path, tree)
     except InputFileError as exc:
         raise FilesetError(f"{at}: cannot count its entries: {exc}") from None
     try:

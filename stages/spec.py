@@ -132,7 +132,7 @@ def load_yaml(text: str | bytes, source: str) -> Any:
         _check_yaml_nodes(node, source)
         return loader.construct_document(node)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source} is not valid YAML: {_cut(str(exc))}") from None
+        raise ConfigError(f"{source} is not valid YAML: {shorten(str(exc))}") from None
     except RecursionError:
         raise ConfigError(f"{source} is nested too deeply") from None
     finally:
@@ -156,12 +156,12 @@ def read_yaml_file(path: str | Path, what: str = "analysis config") -> Any:
     return load_yaml(text, name)
 
 
-def _cut(text: str, limit: int = MAX_SHOWN) -> str:
+def shorten(text: str, limit: int = MAX_SHOWN) -> str:
     """``text`` cut to ``limit`` characters, saying how much was left out."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
 
 
-def _schema(general: bool = False) -> dict:
+def config_schema(general: bool = False) -> dict:
     name = "general" if general else "analysis"
     text = resources.files("jacana.stages").joinpath(f"schemas/{name}.schema.json").read_text()
     return json.loads(text)
@@ -187,17 +187,17 @@ def _format_schema_error(err: jsonschema.ValidationError, raw: Mapping) -> str:
             hints.append(f"unknown key {k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         if hints:
             return f"config {where}: " + "; ".join(hints)
-    return f"config {_cut(where, 120)}: {_cut(err.message)}"
+    return f"config {shorten(where, 120)}: {shorten(err.message)}"
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like name=value (e.g. jet_pt_min=25)")
     key, value = text.split("=", 1)
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has no name before '='")
-    parsed = load_yaml(value, f"override {_cut(text, 80)!r}") if value.strip() else ""
+    parsed = load_yaml(value, f"override {shorten(text, 80)!r}") if value.strip() else ""
     return key, parsed
 
 
@@ -210,7 +210,7 @@ def apply_overrides(raw: dict, overrides: Iterable[str] | Mapping[str, Any] | No
     out = copy.deepcopy(raw)
     if overrides is None:
         return out
-    items = overrides.items() if isinstance(overrides, Mapping) else (_parse_override(o) for o in overrides)
+    items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
     for key, value in items:
         if "." not in key and key in out.get("parameters", {}):
             path = ["parameters", key, "value"]
@@ -247,10 +247,10 @@ class AnalysisSpec:
 
     # -- construction -------------------------------------------------------------
     def _validate(self) -> None:
-        validator = jsonschema.Draft202012Validator(_schema(self.is_general))
+        validator = jsonschema.Draft202012Validator(config_schema(self.is_general))
         errors = sorted(validator.iter_errors(self.raw), key=lambda e: list(e.absolute_path))
         if errors:
-            lines = [_cut(_format_schema_error(e, self.raw), 2 * MAX_SHOWN) for e in errors[:10]]
+            lines = [shorten(_format_schema_error(e, self.raw), 2 * MAX_SHOWN) for e in errors[:10]]
             raise ConfigError(f"invalid analysis config ({self.source}):\n  " + "\n  ".join(lines))
         for name, p in self.raw["parameters"].items():
             lo, hi = p["bounds"]

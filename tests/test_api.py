@@ -122,9 +122,57 @@ def test_uhi_json_and_root_files_read_back_equal(evaluation, written):
         assert "4j2b/wjets__ME_var" not in f  # only the variations a sample has
 
 
-def test_plot(evaluation, tmp_path):
-    png = evaluation.plot(tmp_path / "templates.png")
-    assert png.read_bytes()[:4] == b"\x89PNG"
+def test_plot_makes_pre_and_post_fit_data_mc_per_region(evaluation, tmp_path):
+    pngs = evaluation.plot(tmp_path / "plots")
+    assert sorted(pngs) == ["4j1b_postfit", "4j1b_prefit", "4j2b_postfit", "4j2b_prefit"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs.values())
+
+
+def test_data_mc_band_is_the_models_uncertainty_and_the_stack_its_yields(evaluation, tmp_path):
+    """The plotted numbers: the stack adds up to pyhf's expected data, the band is cabinetry's total
+    uncertainty (larger than the MC-statistical part alone, since the systematics are in it)."""
+    import cabinetry
+    import matplotlib.pyplot as plt
+
+    from jacana.analysis import plots
+
+    captured = {}
+    real = plots.data_mc_figure
+
+    def spy(spec, region, edges, yields, unc, data, stage, label=""):
+        captured[(region, stage)] = (yields, unc, data)
+        return real(spec, region, edges, yields, unc, data, stage, label)
+
+    plots.data_mc_figure = spy
+    try:
+        plots.data_mc(evaluation.analysis, evaluation.workspace, tmp_path, postfit=False)
+    finally:
+        plots.data_mc_figure = real
+        plt.close("all")
+    model, data = cabinetry.model_utils.model_and_data(dict(evaluation.workspace))
+    expected = model.expected_actualdata(model.config.suggested_init())
+    start = 0
+    for channel in model.config.channels:
+        nb = model.config.channel_nbins[channel]
+        yields, unc, observed = captured[(channel, "pre-fit")]
+        np.testing.assert_allclose(np.sum(list(yields.values()), axis=0), expected[start:start + nb], rtol=1e-9)
+        np.testing.assert_array_equal(observed, np.asarray(data[start:start + nb]))
+        mc_stat = np.sqrt(sum(np.asarray(evaluation.evaluation["histograms"][channel][s]["nominal"]["sumw2"])
+                              for s in yields))
+        assert np.all(unc >= mc_stat * (1 - 1e-6)) and np.any(unc > 1.05 * mc_stat)
+        start += nb
+
+
+def test_captured_output_turns_library_prints_into_one_line():
+    import os
+
+    from jacana.stages.stats.quiet import captured_output, one_line
+
+    with captured_output() as lines:
+        os.write(1, b"W MnPosDef Matrix forced pos-def\n")
+        os.write(2, b"W MnPosDef Matrix forced pos-def\nW VariableMetricBuilder No improvement\n")
+    assert one_line(lines) == ("3 messages: W MnPosDef Matrix forced pos-def; W VariableMetricBuilder No improvement")
+    assert one_line([]) == ""
 
 
 def test_histogram_files_refuse_what_they_cannot_hold(tmp_path):

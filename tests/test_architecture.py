@@ -1,6 +1,7 @@
 """The import graph points one way and has no circles; no private name crosses a module.
 
-Layers, bottom up: protocol < stages < facility, samples < analysis < analysis.studies, bench < cli.
+Layers, bottom up: protocol < stages < facility, samples < analysis < analysis.studies, bench < api (the
+top-level ``jacana`` package: ``jacana.core``, ``jacana.__init__``) < cli.
 Every ``import jacana.X`` / ``from jacana.X import`` counts, inside functions too.
 """
 
@@ -10,9 +11,15 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGES = ("protocol", "stages", "facility", "samples", "analysis", "bench", "cli")
+PACKAGES = ("protocol", "stages", "facility", "samples", "analysis", "bench", "api", "cli")
 RANK = {"protocol": 0, "stages": 1, "facility": 2, "samples": 2, "analysis": 3, "analysis.studies": 4, "bench": 4,
-        "cli": 5}
+        "api": 5, "cli": 6}
+
+
+def _local(dotted: str) -> str:
+    """``jacana.X...`` as a module name here: the subpackages by folder, the rest is ``api/`` (``jacana``)."""
+    rest = dotted[len("jacana"):].lstrip(".")
+    return rest if rest.split(".")[0] in PACKAGES else ("api." + rest if rest else "api")
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -39,8 +46,8 @@ def _graph():
                 up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 node = ast.ImportFrom(module="jacana." + ".".join(up + ([node.module] if node.module else [])),
                                       names=node.names, level=0)
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jacana."):
-                base = node.module[len("jacana."):]
+            if isinstance(node, ast.ImportFrom) and node.module and (node.module + ".").startswith("jacana."):
+                base = _local(node.module)
                 for a in node.names:
                     target = base + "." + a.name if base + "." + a.name in mods else resolve(base)
                     if target and target != name:
@@ -49,7 +56,7 @@ def _graph():
                             private.append((name, target, a.name))
             elif isinstance(node, ast.Import):
                 for a in node.names:
-                    if a.name.startswith("jacana.") and (t := resolve(a.name[len("jacana."):])) and t != name:
+                    if (a.name + ".").startswith("jacana.") and (t := resolve(_local(a.name))) and t != name:
                         edges[name].add(t)
     return edges, private
 
