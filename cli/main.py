@@ -21,6 +21,9 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events", type=_positive_int, default=None,
                    help="events of the embedded synthetic samples (default: 1,000,000 to evaluate and validate on,"
                         " 250,000 to optimise on)")
+    p.add_argument("--available-samples", action="store_true",
+                   help="run with the samples and alternative-sample systematics the fileset has; the others are"
+                        " left out and listed (default: a missing one is an error)")
     p.add_argument("--on-bad-file", choices=("fail", "skip"), default="fail",
                    help="a missing or unreadable input file stops the run (fail, default) or is skipped and"
                         " recorded in result.json (skip; nothing is re-weighted)")
@@ -60,12 +63,23 @@ def synthetic_preset(spec) -> dict:
             "require_met": any(b.startswith("MET_") for b in spec.needed_branches())}
 
 
-def _warn_skims(spec, *filesets) -> None:
-    """Say so when the config can select events the synthetic samples' skim never wrote."""
+def _fit_to_filesets(args, spec, *filesets):
+    """The analysis to run on ``filesets``: with ``--available-samples``, only what every one of them
+    has (what is left out is printed); and a warning where the config can select events the synthetic
+    samples' skim never wrote."""
+    from jacana.facility.hardrun import restricted_to
     from jacana.samples.synthetic import skim_conflicts
 
+    if getattr(args, "available_samples", False):
+        left_out = []
+        for f in filesets:
+            spec, dropped = restricted_to(spec, f)
+            left_out += dropped
+        for line in dict.fromkeys(left_out):
+            print(f"jacana: left out (--available-samples): {line}", file=sys.stderr)
     for line in dict.fromkeys(x for f in filesets for x in skim_conflicts(spec, f)):
         print(f"jacana: WARNING: {line}; results for such cuts miss those events", file=sys.stderr)
+    return spec
 
 
 def cmd_generate(args) -> int:
@@ -88,7 +102,7 @@ def cmd_evaluate(args) -> int:
         values, overrides = load_params_file(args.params)
         spec = spec.with_overrides(overrides).with_params(values)
     fileset = _fileset_from_args(args, "validate", spec)
-    _warn_skims(spec, fileset)
+    spec = _fit_to_filesets(args, spec, fileset)
     evaluation = evaluate(spec, fileset, progress=not args.quiet, on_bad_file=args.on_bad_file)
     paths = evaluation.write(args.out)
     print(f"jacana evaluate: {spec.name} on {fileset.source}")
@@ -168,7 +182,7 @@ def cmd_optimize(args) -> int:
                                              progress=not args.quiet, **synthetic_preset(spec)))
         validation = load_fileset(args.validation_fileset or default_fileset(
             "validate", events=args.events or DEFAULT_EVENTS, progress=not args.quiet, **synthetic_preset(spec)))
-    _warn_skims(spec, train, validation)
+    spec = _fit_to_filesets(args, spec, train, validation)
     settings = OptimizeSettings(steps=args.steps, objective=args.objective, binning=args.binning, nn=args.nn,
                                 free=free, step_fraction=args.step_fraction, step_schedule=args.step_schedule,
                                 hard_every=args.hard_every, keep_best=not args.last_point,
@@ -237,7 +251,7 @@ def cmd_scan(args) -> int:
     axes = parse_axes(args.params, spec)  # bad names / ranges fail before any data is generated or read
     check_bootstrap(args.bootstrap)
     fileset = _fileset_from_args(args, "validate", spec)
-    _warn_skims(spec, fileset)
+    spec = _fit_to_filesets(args, spec, fileset)
     result = run_scan(spec, fileset, axes, args.out, gradient_results=args.gradient_result or (), hold=args.hold,
                       progress=not args.quiet, plots=not args.no_plots, on_bad_file=args.on_bad_file,
                       bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
@@ -257,7 +271,7 @@ def cmd_baselines(args) -> int:
         parse_axes(args.grid, spec)  # fail early on a bad grid
     train, validation = train_and_validation(args.fileset, args.validation_fileset, args.events,
                                              progress=not args.quiet)
-    _warn_skims(spec, train, validation)
+    spec = _fit_to_filesets(args, spec, train, validation)
     out = run_baselines(spec, train, validation, args.out, methods=args.method, budget=args.budget, seed=args.seed,
                         names=args.params, grid=args.grid, gradient_results=args.gradient_result or (), scan=args.scan,
                         trace_heldout=args.trace_heldout, progress=not args.quiet, plots=not args.no_plots,

@@ -18,7 +18,7 @@ from jacana.stages.columns import Columns, read_chunk
 from jacana.stages.errors import ConfigError, FilesetError, InputFileError
 from jacana.stages.fileset import Chunk, Fileset
 from jacana.stages.reference import add_histograms, fill_histograms, to_arrays
-from jacana.stages.spec import AnalysisSpec
+from jacana.stages.spec import NOMINAL, AnalysisSpec
 
 DEFAULT_CHUNK_SIZE = 100_000
 
@@ -33,6 +33,52 @@ def analysis_chunks(spec: AnalysisSpec, fileset: Fileset, chunk_size: int = DEFA
     if empty:  # no chunk to read: say so now, not "no readable file left" after the others were read
         raise FilesetError(f"fileset {fileset.source}: every file of {'; '.join(empty)} is empty (nevts 0)")
     return [c for s in spec.samples for v in spec.file_variations(s) for c in fileset.chunks(s, v, chunk_size)]
+
+
+def restricted_to(spec: AnalysisSpec, fileset: Fileset) -> tuple[AnalysisSpec, list[str]]:
+    """The analysis with only what ``fileset`` has, and a line per thing left out: samples without
+    nominal files (and their mentions in normalisation systematics and the pseudo-data), and
+    alternative-sample systematics whose files are missing. The POI's sample must be there.
+
+    For running on one's own files, which rarely hold every sample and variation of a config.
+    """
+    from jacana.stages.systematics import SYSTEMATICS
+
+    raw, dropped = spec.to_dict(), []
+    gone = [s for s in spec.samples if not fileset.has(s, NOMINAL)]
+    poi_sample = spec.poi["sample"]
+    if poi_sample in gone:
+        raise FilesetError(f"fileset {fileset.source} has no nominal files of {poi_sample!r}, the sample of the"
+                           f" parameter of interest ({spec.poi['name']}): nothing to measure")
+    for s in gone:
+        del raw["samples"][s]
+        dropped.append(f"sample {s} (no nominal files)")
+    for key, syst in list(raw["systematics"].items()):
+        kind = SYSTEMATICS[syst["kind"]]
+        if kind.category == "file":
+            needed = [(s, v) for s in spec.samples for v in kind.file_variations(syst, s)]
+            missing = [f"{s}/{v}" for s, v in needed if s not in gone and not fileset.has(s, v)]
+            if missing or all(s in gone for s, _ in needed):
+                del raw["systematics"][key]
+                dropped.append(f"systematic {key} (no files of {', '.join(missing) or 'its sample'})")
+        elif kind.category == "normalization" and syst["samples"] != "all":
+            keep = [s for s in syst["samples"] if s not in gone]
+            if not keep:
+                del raw["systematics"][key]
+                dropped.append(f"systematic {key} (its samples are left out)")
+            else:
+                syst["samples"] = keep
+    for s, variations in list(raw.get("pseudo_data", {}).items()):
+        if s in gone:
+            del raw["pseudo_data"][s]
+            continue
+        present = [v for v in variations if fileset.has(s, v)]
+        if present != list(variations):
+            raw["pseudo_data"][s] = present or [NOMINAL]
+            dropped.append(f"pseudo-data of {s}: {', '.join(v for v in variations if v not in present)} (no files)")
+    if not dropped:
+        return spec, []
+    return AnalysisSpec(raw, source=f"{spec.source} + only what {fileset.source} has"), dropped
 
 
 class ColumnStore:

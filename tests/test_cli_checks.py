@@ -57,3 +57,29 @@ def test_version(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith("jacana 0.")
+
+
+def test_available_samples_leaves_out_what_the_fileset_lacks_and_says_so():
+    """--available-samples: one's own files rarely hold every sample and variation of a config."""
+    from jacana.facility.hardrun import analysis_chunks, restricted_to
+    from jacana.stages.errors import FilesetError
+    from jacana.stages.fileset import parse_fileset
+    from jacana.stages.spec import load_spec
+
+    spec = load_spec()
+    files = lambda n: {"files": [{"path": f"/data/{n}.root", "nevts": 1000}]}  # noqa: E731
+    fileset = parse_fileset({"ttbar": {"nominal": files("tt"), "ME_var": files("me")},
+                             "wjets": {"nominal": files("w")}})
+    with pytest.raises(FilesetError, match="lacks what the analysis needs"):
+        analysis_chunks(spec, fileset)
+    small, dropped = restricted_to(spec, fileset)
+    assert list(small.samples) == ["ttbar", "wjets"]
+    assert "systematic ttbar_me (no files of ttbar/ME_var)" not in dropped  # ME_var is there: kept
+    assert "systematic ttbar_ps (no files of ttbar/PS_var)" in dropped
+    assert "sample single_top_tW (no nominal files)" in dropped
+    assert small.raw["pseudo_data"]["ttbar"] == ["ME_var"]
+    assert {"ttbar_me", "wjets_norm", "lumi", "jes"} <= set(small.raw["systematics"])
+    assert len(analysis_chunks(small, fileset)) == 3  # ttbar nominal + ME_var, wjets nominal
+    assert restricted_to(small, fileset) == (small, [])  # nothing more to leave out
+    with pytest.raises(FilesetError, match="sample of the parameter of interest"):
+        restricted_to(spec, parse_fileset({"wjets": {"nominal": files("w")}}))
