@@ -24,6 +24,9 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--available-samples", action="store_true",
                    help="run with the samples and alternative-sample systematics the fileset has; the others are"
                         " left out and listed (default: a missing one is an error)")
+    p.add_argument("--mask-non-finite", action="store_true",
+                   help="mask every NaN/inf input value (the object fails every cut, a bad weight becomes 0);"
+                        " by default more than 1%% of a branch's values in a chunk is an error naming the file")
     p.add_argument("--on-bad-file", choices=("fail", "skip"), default="fail",
                    help="a missing or unreadable input file stops the run (fail, default) or is skipped and"
                         " recorded in result.json (skip; nothing is re-weighted)")
@@ -32,7 +35,8 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
 def _spec_from_args(args):
     from jacana.stages.spec import load_spec
 
-    return load_spec(args.config, overrides=args.overrides)
+    spec = load_spec(args.config, overrides=args.overrides)
+    return spec.masking_nonfinite() if getattr(args, "mask_non_finite", False) else spec
 
 
 def _fileset_from_args(args, role: str, spec):

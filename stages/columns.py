@@ -260,7 +260,8 @@ def columns_from_arrays(chunk: Chunk, spec: AnalysisSpec, raw) -> Columns:
     arrays = {logical: _check_type(chunk.path, logical, branch, raw[branch], logical not in scalar)
               for logical, branch in branch_of.items()}
     _check_multiplicities(chunk.path, arrays, branch_of, spec.collections())
-    arrays, nonfinite = _mask_nonfinite(arrays, branch_of, spec.collections(), spec.event_columns())
+    arrays, nonfinite = _mask_nonfinite(arrays, branch_of, spec.collections(), spec.event_columns(),
+                                        chunk.path, spec.max_nonfinite_fraction)
     jer = [s for s in spec.systematics if s.kind == "jet_pt_smear"]
     return Columns(chunk=chunk, arrays=arrays, nonfinite=nonfinite,
                    jer=(float(jer[0].options["sigma"]), int(jer[0].options["seed"])) if jer else None)
@@ -284,14 +285,23 @@ _MASKED_VALUE = {"pt": 0.0, "btag": -10.0}
 
 
 def _mask_nonfinite(arrays: dict[str, ak.Array], branch_of: dict[str, str], collections: tuple[str, ...],
-                    event_columns: tuple[str, ...]) -> tuple[dict[str, ak.Array], dict[str, int]]:
+                    event_columns: tuple[str, ...], path: str = "<arrays>",
+                    max_fraction: float = 1.0) -> tuple[dict[str, ak.Array], dict[str, int]]:
     """Neutralise NaN/inf values: the object fails every cut, the event weight becomes 0.
 
     Counted per branch and reported, never silently propagated (a NaN would poison every
     sum and every gradient it touches). A non-finite per-event number (genWeight, MET) becomes 0.
+    More than ``max_fraction`` of a branch's values is an :class:`InputFileError` naming the file
+    and branch: that is a broken file, and masking would silently change the yields.
     """
     counts: dict[str, int] = {}
     out = dict(arrays)
+
+    def check(name: str, bad: int, total: int) -> None:
+        if bad > max_fraction * total:
+            raise InputFileError(path, f"branch {branch_of[name]!r} has {bad:,} non-finite (NaN/inf) values of"
+                                 f" {total:,} ({bad / total:.1%}; at most {max_fraction:.0%} are masked): a broken"
+                                 " file? --mask-non-finite (config non_finite.max_fraction: 1) masks them all")
     for coll in collections:
         names = [n for n in arrays if n.startswith(coll + "_")]
         bad = None
@@ -302,6 +312,7 @@ def _mask_nonfinite(arrays: dict[str, ak.Array], branch_of: dict[str, str], coll
             mask = ~np.isfinite(flat)
             if mask.any():
                 counts[branch_of[n]] = int(mask.sum())
+                check(n, counts[branch_of[n]], len(flat))
                 bad = mask if bad is None else (bad | mask)
         if bad is not None:
             for n in names:
@@ -314,5 +325,6 @@ def _mask_nonfinite(arrays: dict[str, ak.Array], branch_of: dict[str, str], coll
             bad = ~np.isfinite(gw)
             if bad.any():
                 counts[branch_of[name]] = int(bad.sum())
+                check(name, counts[branch_of[name]], len(gw))
                 out[name] = ak.Array(np.where(bad, 0.0, gw).astype(gw.dtype))
     return out, counts

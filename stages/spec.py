@@ -237,6 +237,10 @@ def apply_overrides(raw: dict, overrides: Iterable[str] | Mapping[str, Any] | No
     return out
 
 
+#: NaN/inf values masked per branch and chunk at most (a fraction of its values); more is an error.
+DEFAULT_MAX_NONFINITE_FRACTION = 0.01
+
+
 class AnalysisSpec:
     """A validated analysis definition. Immutable: overrides return a new spec."""
 
@@ -355,6 +359,18 @@ class AnalysisSpec:
     @property
     def use_genweight_sign(self) -> bool:
         return bool(self.raw.get("use_genweight_sign", True))
+
+    @property
+    def max_nonfinite_fraction(self) -> float:
+        """The largest fraction of a branch's values in a chunk that may be NaN/inf and be masked;
+        more is an error (a broken file should not silently change the yields). Default 1 %."""
+        return float(self.raw.get("non_finite", {}).get("max_fraction", DEFAULT_MAX_NONFINITE_FRACTION))
+
+    def masking_nonfinite(self) -> "AnalysisSpec":
+        """This analysis with every NaN/inf input value masked, however many (``--mask-non-finite``)."""
+        raw = copy.deepcopy(self.raw)
+        raw["non_finite"] = {"max_fraction": 1.0}
+        return AnalysisSpec(raw, source=f"{self.source} + non_finite.max_fraction=1")
 
     @property
     def branches(self) -> dict[str, str]:

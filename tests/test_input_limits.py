@@ -275,7 +275,10 @@ def test_evaluate_refuses_a_bad_params_file_before_reading_any_data(tmp_path, ca
 
 # -- non-finite branches -------------------------------------------------------------------------
 @pytest.mark.parametrize("branch", ["Jet_pt", "genWeight"])
-def test_an_all_nan_branch_is_a_warning_naming_file_branch_and_count(tmp_path, branch):
+def test_an_all_nan_branch_is_an_error_unless_masking_is_asked_for_then_a_warning(tmp_path, branch):
+    """By default more than 1 % non-finite values of a branch is an error naming file, branch and count
+    (the issue's all-NaN file changed sigma_mu from 0.21 to 0.50 with exit 0); --mask-non-finite masks
+    them, with a warning per file and branch."""
     from test_inputs import nanoaod_like, write_file
 
     record = nanoaod_like(40, seed=1)
@@ -290,13 +293,17 @@ def test_an_all_nan_branch_is_a_warning_naming_file_branch_and_count(tmp_path, b
     from jacana.stages.fileset import Chunk
 
     chunk = Chunk("ttbar", "nominal", path, 0, 40, 40)
-    report = InputReport()
     n = 200 if branch == "Jet_pt" else 40
+    with pytest.raises(InputFileError, match=rf"nan.root.*branch '{branch}' has {n} non-finite \(NaN/inf\) values of"
+                                             rf" {n} \(100.0%; at most 1% are masked\).*--mask-non-finite"):
+        read_chunk(chunk, SPEC)
+    masking = SPEC.masking_nonfinite()
+    report = InputReport()
     with pytest.warns(NonFiniteInputWarning, match=rf"nan.root: branch '{branch}' has {n} non-finite .*\(40 events\)"):
-        report.columns_read(read_chunk(chunk, SPEC))
+        report.columns_read(read_chunk(chunk, masking))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per file and branch: the second chunk only counts
-        report.columns_read(read_chunk(chunk, SPEC))
+        report.columns_read(read_chunk(chunk, masking))
     assert report.to_dict()["nonfinite_values_by_file"] == {path: {branch: 2 * n}}
 
 
