@@ -84,6 +84,32 @@ def call_events_for(platform: str, n_events: int | None = None, block: int | Non
     return min(padded, ACCELERATOR_CALL_EVENTS)
 
 
+def local_devices() -> list:
+    """The devices of the default device's platform in this process (every GPU of a node; on a CPU
+    machine one device, unless XLA is told to split the host: ``--xla_force_host_platform_device_count``)."""
+    import jax
+
+    return jax.local_devices(backend=platform_of_default_device())
+
+
+def assign_devices(costs, n_devices: int) -> list[int]:
+    """Device index for each of the calls with ``costs`` (e.g. events x objects): the largest first,
+    each to the least-loaded device (longest-processing-time first: within 4/3 of the best balance).
+
+    >>> assign_devices([8, 1, 5, 4, 2], 2)
+    [0, 1, 1, 1, 0]
+    """
+    if n_devices < 1:
+        raise ValueError(f"n_devices must be at least 1, got {n_devices}")
+    load = [0.0] * n_devices
+    out = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):  # stable: equal costs keep their order
+        d = min(range(n_devices), key=lambda k: load[k])
+        out[i] = d
+        load[d] += costs[i]
+    return out
+
+
 __all__ = ["ACCELERATOR_BLOCK_ELEMENTS", "ACCELERATOR_CALL_EVENTS", "ACCELERATOR_MIN_ELEMENTS_PER_EVENT",
            "BLOCK_ELEMENTS", "CPU_CALL_EVENTS", "CPU_PLATFORM", "block_events_for", "call_events_for",
-           "is_accelerator", "platform_of_default_device"]
+           "assign_devices", "is_accelerator", "local_devices", "platform_of_default_device"]

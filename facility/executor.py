@@ -16,7 +16,7 @@ chooses one from the options.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Mapping, Protocol, runtime_checkable
+from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import jax
 import numpy as np
@@ -35,7 +35,8 @@ from jacana.stages.spec import AnalysisSpec
 from jacana.stages.stats.sensitivity import yields_key
 from jacana.stages.stats.stage import analysis_keys
 
-from jacana.facility.devices import CPU_CALL_EVENTS, block_events_for, call_events_for, platform_of_default_device
+from jacana.facility.devices import (CPU_CALL_EVENTS, assign_devices, block_events_for, call_events_for, local_devices,
+                                     platform_of_default_device)
 from jacana.facility.hardrun import InputReport
 
 
@@ -178,7 +179,8 @@ class InProcessExecutor(ExecutorBase):
     :class:`~jacana.stages.soft_stage.SoftYieldsStage`; see :data:`~jacana.stages.soft_stage.ChunkStageFactory`)."""
 
     def __init__(self, spec: AnalysisSpec, chunks: Iterable[Chunk], dtype=np.float64, progress: bool = False,
-                 report: InputReport | None = None, stage_factory: ChunkStageFactory = SoftYieldsStage):
+                 report: InputReport | None = None, stage_factory: ChunkStageFactory = SoftYieldsStage,
+                 devices: Sequence | None = None):
         self.spec = spec
         self.stage_factory = stage_factory
         self.config: SoftConfig = soft_config(spec)
@@ -200,8 +202,18 @@ class InProcessExecutor(ExecutorBase):
             batches = regroupable_batches(columns, spec, dtype=dtype)
             parts.setdefault(yields_key(chunk.sample, chunk.variation), []).extend(batches.parts)
             self.n_events += chunk.n_events
-        for key, group in parts.items():
-            self.batches[key] = to_device(rebatch(group))
+        self.devices = list(devices) if devices is not None else local_devices()
+        if not self.devices:
+            raise ValueError("devices: at least one JAX device is needed")
+        if len(self.devices) == 1:
+            for key, group in parts.items():
+                self.batches[key] = to_device(rebatch(group))
+        else:  # several GPUs of a node (or a split host): each call lives on one device; JAX runs them all at once
+            calls = {key: rebatch(group) for key, group in parts.items()}
+            flat = [(key, b) for key, group in calls.items() for b in group]
+            where = assign_devices([b.n_padded * max(b.bucket_width, 1) for _, b in flat], len(self.devices))
+            for (key, b), d in zip(flat, where):
+                self.batches.setdefault(key, []).append(jax.device_put(b, self.devices[d]))
         self.keys = analysis_keys(spec)
         missing = sorted({yields_key(*k) for k in self.keys} - set(self.batches))
         if missing:

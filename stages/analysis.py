@@ -302,8 +302,20 @@ def batch_parts(batches: ChunkBatches | EventBatch | Sequence[EventBatch]) -> tu
 
 
 def add_yields(a, b):
-    """Sum of two yield pytrees (chunks and jet buckets are additive)."""
-    return b if a is None else jax.tree.map(jnp.add, a, b)
+    """Sum of two yield pytrees (chunks and jet buckets are additive). Parts computed on different
+    devices (several GPUs) are added on the first one's device, in the same order as on one device."""
+    if a is None:
+        return b
+    return jax.tree.map(lambda x, y: x + (jax.device_put(y, x.sharding) if _elsewhere(x, y) else y), a, b)
+
+
+def _elsewhere(x, y) -> bool:
+    """Whether two concrete arrays live on different devices (numpy arrays live nowhere in particular;
+    inside a traced function everything is on the function's device)."""
+    if not (isinstance(x, jax.Array) and isinstance(y, jax.Array)) or isinstance(x, jax.core.Tracer) \
+            or isinstance(y, jax.core.Tracer):
+        return False
+    return x.devices() != y.devices()
 
 
 def chunk_yields(params: Mapping, relax: Mapping, batches, config: SoftConfig) -> dict:

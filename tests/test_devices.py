@@ -50,3 +50,55 @@ def test_platform_names():
     assert not is_accelerator("cpu")
     with pytest.raises(ValueError, match="platform"):
         is_accelerator("")
+
+
+def test_calls_are_spread_over_devices_largest_first_to_the_least_loaded():
+    from jacana.facility.devices import assign_devices
+
+    assert assign_devices([8, 1, 5, 4, 2], 2) == [0, 1, 1, 1, 0]  # loads 10 and 10
+    assert assign_devices([3, 3, 3], 1) == [0, 0, 0]
+    costs = [100, 7, 7, 7, 50, 50, 1]
+    where = assign_devices(costs, 3)
+    loads = [sum(c for c, d in zip(costs, where) if d == k) for k in range(3)]
+    assert loads == [100, 64, 58]  # the largest call alone; the rest balanced
+    with pytest.raises(ValueError, match="at least 1"):
+        assign_devices([1], 0)
+
+
+MULTI_DEVICE = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax, numpy as np
+jax.config.update("jax_enable_x64", True)
+from jacana.facility.executor import InProcessExecutor
+from jacana.facility.hardrun import analysis_chunks
+from jacana.samples.synthetic import generate
+from jacana.stages.analysis import default_params, default_relax
+from jacana.stages.fileset import load_fileset
+from jacana.stages.spec import load_spec
+spec = load_spec()
+chunks = analysis_chunks(spec, load_fileset(generate(os.environ["OUT"], events=4000, seed=3, progress=False)), 2000)
+p, r = default_params(spec), default_relax(spec)
+one, two = InProcessExecutor(spec, chunks, devices=jax.devices()[:1]), InProcessExecutor(spec, chunks)
+used = {d for v in two.batches.values() for b in v for d in b.weight.devices()}
+assert len(two.devices) == 2 and len(used) == 2, used
+(y1, j1), (y2, j2) = one.yields_and_jacobian(p, r), two.yields_and_jacobian(p, r)
+ct = jax.tree.map(lambda x: np.ones_like(np.asarray(x)), y1)
+g1, g2 = one.yields_vjp(p, r, ct)[1], two.yields_vjp(p, r, ct)[1]
+for a, b in zip(jax.tree.leaves((y1, j1, g1)), jax.tree.leaves((y2, j2, g2))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+print("ok")
+"""
+
+
+@pytest.mark.slow  # a fresh process with two (host) devices compiles every shape twice: about 2 minutes
+def test_an_executor_on_two_devices_gives_the_one_device_numbers_bit_for_bit(tmp_path):
+    """Several GPUs of a node in one process: each call on one device, sums on the first. Checked on
+    the CPU split into two XLA devices: yields, Jacobians and VJPs identical to one device."""
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", MULTI_DEVICE], env={**os.environ, "OUT": str(tmp_path)},
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
