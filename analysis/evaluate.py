@@ -22,7 +22,7 @@ from jacana.stages.fileset import Fileset
 from jacana.stages.stats.health import check_workspace, histogram_warnings, prefit_warnings
 from jacana.stages.stats.inference import FitError, evaluate_workspace
 from jacana.stages.spec import NOMINAL, AnalysisSpec
-from jacana.stages.stats.workspace import build_workspace, floored_templates, histograms_to_json
+from jacana.stages.stats.workspace import build_workspace, floored_templates, histograms_to_json, template_hygiene
 
 
 def load_params_file(path: str | Path) -> tuple[dict, list[str]]:
@@ -128,13 +128,14 @@ def compositions(spec: AnalysisSpec, hists: Mapping) -> dict[str, dict[str, floa
 
 
 def check_model(spec: AnalysisSpec, hists: Mapping, workspace: Mapping) -> dict:
-    """The checks before any fit: ``{"workspace_check", "model_warnings", "template_floor"}``.
+    """The checks before any fit: ``{"workspace_check", "model_warnings", "template_floor", "template_hygiene"}``.
 
     ``workspace_check`` is :func:`~jacana.stages.stats.health.check_workspace` of ``workspace``
     (the +-5 sigma grid; its warning lines are moved into ``model_warnings``), ``model_warnings``
     the lines naming empty or negative-yield regions and samples, negative bins, parameters
     without effect, bins of low MC statistics and grid problems, and ``template_floor`` what
-    the rate floor clipped (:func:`~jacana.stages.stats.workspace.floored_templates`). Raises
+    the rate floor clipped (:func:`~jacana.stages.stats.workspace.floored_templates`), ``template_hygiene``
+    what was pruned, symmetrised and smoothed (:func:`~jacana.stages.stats.workspace.template_hygiene`). Raises
     :class:`~jacana.stages.stats.inference.FitError` naming them when an unconstrained parameter
     (the POI) has no effect: no fit could determine it.
     """
@@ -157,7 +158,9 @@ def check_model(spec: AnalysisSpec, hists: Mapping, workspace: Mapping) -> dict:
         warnings.append(f"the rate floor clipped {len(floored)} templates (result.json: template_floor) of "
                         + ", ".join(f"{m} ({', '.join(w)})" if len(w) <= 2 else f"{m} ({len(w)} samples and regions)"
                                     for m, w in where.items()))
-    return {"workspace_check": check, "model_warnings": warnings, "template_floor": floored}
+    # what pruning, symmetrisation and smoothing did (stages/stats/workspace.py), beside the floor
+    return {"workspace_check": check, "model_warnings": warnings, "template_floor": floored,
+            "template_hygiene": template_hygiene(spec, hists)}
 
 
 def _context(hist_warnings: list[dict], check: Mapping, exclude=()) -> str:

@@ -213,3 +213,171 @@ def data_mc(spec: AnalysisSpec, workspace: Mapping, folder: Path, postfit: bool 
         return {"paths": paths, "postfit": why, "minuit": one_line(messages)}
     finally:
         pyhf.set_backend(*previous)
+
+
+def _cabinetry_pulls_ranking(workspace: Mapping, staterror: bool) -> dict:
+    """cabinetry's MINUIT fit to the workspace's observations and the impacts on the POI, pre- and post-fit.
+
+    The impacts follow ``cabinetry.fit.ranking``'s procedure (each parameter fixed at its best fit
+    +- its pre-fit and post-fit uncertainty, every other one profiled, with ``cabinetry.fit.fit``)
+    over the nuisance parameters only, staterror gammas too when ``staterror`` (one per bin: they
+    would dominate the time), and with the refits started from the best fit (cabinetry starts them
+    from the nominal point, from which MINUIT wanders into negative rates on sparse templates).
+    Raises what cabinetry raises (``FailedMinimization``) when a fit fails.
+    """
+    import cabinetry
+
+    model, data = cabinetry.model_utils.model_and_data(dict(workspace))
+    fit = cabinetry.fit.fit(model, data)
+    labels = list(fit.labels)
+    poi = model.config.poi_name
+    i_poi = labels.index(poi)
+    prefit = cabinetry.model_utils.prefit_uncertainties(model)
+    fixed = list(model.config.suggested_fixed())
+    impacts = []
+    for i, name in enumerate(labels):
+        if i == i_poi or fixed[i] or (name.startswith("staterror") and not staterror):
+            continue
+        shifts = {}
+        for key, width in (("prefit", prefit[i]), ("postfit", fit.uncertainty[i])):
+            for side, sign in (("up", 1.0), ("down", -1.0)):
+                if width == 0:  # unconstrained: no pre-fit impact (cabinetry's convention)
+                    shifts[f"{key}_{side}"] = 0.0
+                    continue
+                init = [float(v) for v in fit.bestfit]
+                init[i] += sign * float(width)
+                refit = cabinetry.fit.fit(model, data, init_pars=init,
+                                          fix_pars=[f or k == i for k, f in enumerate(fixed)])
+                shifts[f"{key}_{side}"] = float(refit.bestfit[i_poi] - fit.bestfit[i_poi])
+        impacts.append({"name": name, **shifts})
+    centre, width = _widths(model)
+    pulls = [{"name": n, "pull": float((fit.bestfit[i] - centre[i]) / width[i]),
+              "constraint": float(fit.uncertainty[i] / width[i])}
+             for i, n in enumerate(labels) if np.isfinite(width[i]) and not n.startswith("staterror")]
+    return {"source": "cabinetry", "data": "observations", "poi": poi,
+            "poi_fit": {"value": float(fit.bestfit[i_poi]), "uncertainty": float(fit.uncertainty[i_poi]),
+                        "twice_nll": float(fit.best_twice_nll)},
+            "pulls": pulls, "impacts": impacts}
+
+
+def _widths(model) -> tuple[np.ndarray, np.ndarray]:
+    from jacana.stages.stats.inference import constraint_widths
+
+    return constraint_widths(model)
+
+
+def _jacana_pulls_ranking(workspace: Mapping, staterror: bool) -> dict:
+    """The fallback: jacana's post-fit impacts on Asimov data (:func:`~jacana.stages.stats.inference.impacts`)
+    and the Asimov constraints (pulls are 0 there by construction; their bars show what the data constrain)."""
+    from jacana.stages.stats.inference import (asimov_point, asimov_uncertainties, impacts, model_and_data,
+                                               numpy_backend, par_names)
+
+    with numpy_backend():
+        model, _ = model_and_data(workspace)
+        best = asimov_point(model, 1.0)
+        unc = asimov_uncertainties(model, best)
+        centre, width = _widths(model)
+        names = par_names(model)
+    pulls = [{"name": n, "pull": float((best[i] - centre[i]) / width[i]), "constraint": float(unc[i] / width[i])}
+             for i, n in enumerate(names) if np.isfinite(width[i]) and not n.startswith("staterror")]
+    rows = impacts(workspace, include_staterror=staterror)
+    return {"source": "jacana", "data": "asimov", "poi": model.config.poi_name, "pulls": pulls,
+            "impacts": [{"name": r["name"], "prefit_up": None, "prefit_down": None, "postfit_up": r["up"],
+                         "postfit_down": r["down"]} for r in rows]}
+
+
+def pull_plot(pulls: Sequence[Mapping], path: Path, title: str = "") -> Path:
+    """Nuisance-parameter pulls ``(theta_hat - theta_0) / sigma_prefit`` with their post-fit
+    constraints as error bars, on the +-1 and +-2 sigma bands (green, yellow)."""
+    plt.style.use(mplhep.style.CMS)
+    rows = list(pulls)[::-1]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 2))
+    y = np.arange(len(rows))
+    ax.axvspan(-2, 2, color="#ffdd44", alpha=0.6, lw=0)
+    ax.axvspan(-1, 1, color="#44bb44", alpha=0.6, lw=0)
+    ax.axvline(0, color="0.3", ls="--", lw=1)
+    ax.errorbar([r["pull"] for r in rows], y, xerr=[r["constraint"] for r in rows], fmt="ko", markersize=5)
+    ax.set_yticks(y, [r["name"] for r in rows], fontsize=11)
+    ax.set_xlim(-3, 3)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.set_xlabel(r"$(\hat{\theta} - \theta_0) / \Delta\theta$")
+    ax.set_title(title, fontsize=13)
+    return save_figure(fig, path)
+
+
+def impact_plot(impacts: Sequence[Mapping], pulls: Sequence[Mapping], poi: str, path: Path, top: int = 20,
+                title: str = "") -> Path:
+    """The ranking plot physicists know: the largest ``top`` impacts on the POI, sorted by post-fit size,
+    pre-fit (open bars, when known) and post-fit (filled) for +1 and -1 sigma, with the pulls and
+    constraints on a second axis over the +-1 sigma band. Failed refits (None) are left out."""
+    plt.style.use(mplhep.style.CMS)
+    rows = [r for r in impacts if r["postfit_up"] is not None and r["postfit_down"] is not None]
+    rows = sorted(rows, key=lambda r: max(abs(r["postfit_up"]), abs(r["postfit_down"])), reverse=True)[:top][::-1]
+    pull_of = {p["name"]: p for p in pulls}
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 2.5))
+    y = np.arange(len(rows))
+    for key, colour in (("up", "#3f90da"), ("down", "#e42536")):
+        pre = [r[f"prefit_{key}"] for r in rows]
+        if all(v is not None for v in pre):
+            ax.barh(y, pre, fill=False, edgecolor=colour, lw=1.2, height=0.7,
+                    label=rf"pre-fit $\theta = \hat\theta {'+' if key == 'up' else '-'} \Delta\theta$")
+        ax.barh(y, [r[f"postfit_{key}"] for r in rows], color=colour, alpha=0.75, height=0.7,
+                label=rf"post-fit $\theta = \hat\theta {'+' if key == 'up' else '-'} \sigma_{{\hat\theta}}$")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(y, [r["name"] for r in rows], fontsize=11)
+    ax.set_ylim(-0.6, len(rows) + 1.2)
+    ax.set_xlabel(rf"$\Delta\hat{{\mu}}$ ({poi})")
+    ax.legend(fontsize=10, loc="upper right", ncol=2)
+    ax.set_title(title, fontsize=13)
+    span = max([abs(v) for r in rows for v in (r["postfit_up"], r["postfit_down"], r["prefit_up"] or 0,
+                                                 r["prefit_down"] or 0)] + [1e-9])
+    ax.set_xlim(-1.3 * span, 1.3 * span)
+    top_ax = ax.twiny()  # the pulls on their own axis, as cabinetry and TRExFitter draw them
+    shown = [(k, pull_of[r["name"]]) for k, r in enumerate(rows) if r["name"] in pull_of]
+    if shown:
+        top_ax.errorbar([p["pull"] for _, p in shown], [k for k, _ in shown],
+                        xerr=[p["constraint"] for _, p in shown], fmt="ko", markersize=4, label="pull")
+    top_ax.axvline(-1, color="0.5", ls=":", lw=1)
+    top_ax.axvline(1, color="0.5", ls=":", lw=1)
+    top_ax.set_xlim(-2, 2)
+    top_ax.set_xlabel(r"$(\hat{\theta} - \theta_0) / \Delta\theta$", fontsize=14)
+    return save_figure(fig, path)
+
+
+def pulls_and_ranking(workspace: Mapping, folder: Path, top: int = 20, staterror: bool = False) -> dict:
+    """Pull and impact (ranking) plots of a workspace: ``<folder>/pulls.png``, ``<folder>/ranking.png``
+    and the numbers in ``<folder>/impacts.json``.
+
+    cabinetry first (``cabinetry.fit.fit`` to the workspace's observations; pre- and post-fit impacts
+    as ``cabinetry.fit.ranking`` computes them); when one of its MINUIT fits fails, jacana's own post-fit impacts on
+    Asimov data (:func:`~jacana.stages.stats.inference.impacts`). Staterror gammas are left out of the
+    ranking unless ``staterror``. Returns ``{"paths", "source": "cabinetry"|"jacana", "why": None or
+    why cabinetry was not used, "minuit": what MINUIT printed, in one line, "impacts", "pulls"}``.
+    """
+    import json
+    import warnings
+
+    import pyhf
+
+    previous = pyhf.get_backend()  # cabinetry sets pyhf's backend globally: restored below
+    why, messages = None, []
+    try:
+        try:
+            with warnings.catch_warnings(), captured_output() as messages:  # MINUIT prints from C++
+                warnings.simplefilter("ignore")
+                made = _cabinetry_pulls_ranking(workspace, staterror)
+        except Exception as exc:  # noqa: BLE001 -- a failed MINUIT fit: jacana's impacts instead, reason kept
+            why = f"cabinetry: {type(exc).__name__}: {exc}"
+            made = _jacana_pulls_ranking(workspace, staterror)
+    finally:
+        pyhf.set_backend(*previous)
+    folder = Path(folder)
+    label = "cabinetry, fit to pseudo-data" if made["source"] == "cabinetry" else "jacana, Asimov"
+    paths = {"pulls": str(pull_plot(made["pulls"], folder / "pulls.png", title=label)),
+             "ranking": str(impact_plot(made["impacts"], made["pulls"], made["poi"], folder / "ranking.png",
+                                        top=top, title=label))}
+    out = {**made, "why": why, "minuit": one_line(messages), "paths": paths}
+    with atomic_path(folder / "impacts.json") as tmp:
+        Path(tmp).write_text(json.dumps(out, indent=1))
+    paths["impacts"] = str(folder / "impacts.json")
+    return out

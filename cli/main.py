@@ -125,6 +125,12 @@ def cmd_evaluate(args) -> int:
             if "post-fit" in str(w.message):  # no post-fit plots, or what MINUIT printed, in one line
                 print(f"  WARNING: {w.message}")
         print(f"jacana: data/MC plots (pre- and post-fit, per region) in {plot_dir}: {len(made)} files")
+        if args.impacts:  # one refit pair per nuisance parameter: asked for, not default
+            from jacana.analysis.plots import pulls_and_ranking
+
+            ranked = pulls_and_ranking(evaluation.workspace, plot_dir)
+            print(f"jacana: pulls and impacts ({ranked['source']}) in {plot_dir}: pulls.png, ranking.png, impacts.json"
+                  + (f"\n  WARNING: {ranked['why']}" if ranked["why"] else ""))
     return 0
 
 
@@ -306,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", help="params.json (e.g. from jacana optimize) overriding the config's parameter values")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-plots", action="store_true", help="no data/MC plots (pre- and post-fit) in OUT/plots")
+    p.add_argument("--impacts", action="store_true", help="also pull and impact (ranking) plots in OUT/plots (cabinetry,"
+                   " else jacana's impacts): two refits per nuisance parameter")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

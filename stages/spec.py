@@ -218,6 +218,8 @@ def apply_overrides(raw: dict, overrides: Iterable[str] | Mapping[str, Any] | No
             path = key.split(".")
         node = out
         for depth, part in enumerate(path[:-1]):
+            if path[0] == "hygiene" and isinstance(node, dict):  # optional block: --set hygiene.pruning.norm=0
+                node.setdefault(part, {})
             if not isinstance(node, dict) or part not in node:
                 known = sorted(node) if isinstance(node, dict) else []
                 if depth == 0:
@@ -239,6 +241,49 @@ def apply_overrides(raw: dict, overrides: Iterable[str] | Mapping[str, Any] | No
 
 #: NaN/inf values masked per branch and chunk at most (a fraction of its values); more is an error.
 DEFAULT_MAX_NONFINITE_FRACTION = 0.01
+
+
+# -- template hygiene (the optional hygiene: block; applied by jacana.stages.stats.workspace) ----
+#: Defaults of the config's ``hygiene:`` block (the schemas repeat them as ``default``). Pruning
+#: thresholds: a normsys is dropped when ``max(|hi - 1|, |lo - 1|)`` is below ``norm``, a histosys
+#: when its largest relative deviation from the nominal in any bin (the normalisation already
+#: taken out by the NormPlusShape split) is below ``shape``; 0 keeps everything.
+DEFAULT_PRUNING = {"norm": 0.001, "shape": 0.001}
+#: ``auto``: one-sided variations are mirrored (``one_sided``), two-sided ones kept (``none``).
+SYMMETRIZE_MODES = ("auto", "one_sided", "two_sided", "none")
+#: Smoothing of a variation's ratio to the nominal (``none``: off, the default).
+SMOOTHING_METHODS = ("none", "353H", "median3")
+
+
+def hygiene_settings(block: Mapping | None, spec: "AnalysisSpec") -> dict:
+    """The ``hygiene:`` block with defaults: ``{"pruning": {"norm", "shape"}, "symmetrize": {name: mode},
+    "smoothing": {name: method}}``; ``name`` is a systematic's key or one of its modifiers' names
+    (``btag_0``). Unknown names, modes or methods, and a mode that needs a down template missing
+    from a one-sided systematic, are a :class:`ConfigError`."""
+    block = dict(block or {})
+    pruning = {**DEFAULT_PRUNING, **dict(block.get("pruning") or {})}
+    for k, v in pruning.items():
+        if k not in DEFAULT_PRUNING or not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
+            raise ConfigError(f"hygiene.pruning.{k}: expected one of {sorted(DEFAULT_PRUNING)} with a number >= 0,"
+                              f" got {v!r}")
+    modifiers = {name: (s.key, down) for s in spec.systematics for sample in spec.samples
+                 for name, _, down in SYSTEMATICS[s.kind].modifiers(s.key, s.options, sample)}
+    keys = {s.key for s in spec.systematics if s.kind != "normalization"}
+    out = {"pruning": {k: float(v) for k, v in pruning.items()}}
+    for field, allowed in (("symmetrize", SYMMETRIZE_MODES), ("smoothing", SMOOTHING_METHODS)):
+        chosen = dict(block.get(field) or {})
+        for name, value in chosen.items():
+            if name not in keys and name not in modifiers:
+                raise ConfigError(f"hygiene.{field}.{name}: not a shape systematic or modifier; choose from "
+                                  f"{sorted(keys | set(modifiers))}")
+            if value not in allowed:
+                raise ConfigError(f"hygiene.{field}.{name}: {value!r} is not one of {list(allowed)}")
+            one_sided = [m for m, (key, down) in modifiers.items() if (m == name or key == name) and down is None]
+            if field == "symmetrize" and value in ("two_sided", "none") and one_sided:
+                raise ConfigError(f"hygiene.symmetrize.{name}: {value!r} needs a down variation, and {one_sided[0]}"
+                                  f" has none (one-sided variations can only be mirrored: one_sided or auto)")
+        out[field] = chosen
+    return out
 
 
 class AnalysisSpec:
@@ -285,6 +330,7 @@ class AnalysisSpec:
                 raise ConfigError(f"systematics.{key} ({syst['kind']}): missing option(s) {missing}")
         if self.is_general:
             self._validate_general()
+        self.hygiene  # noqa: B018 -- unknown systematics or modes in hygiene: an error at load, not at the fit
         if self.uses_nn():
             self.nn_weights()
 
@@ -433,6 +479,11 @@ class AnalysisSpec:
 
     def systematics_of(self, kind: str) -> list[Systematic]:
         return [s for s in self.systematics if s.kind == kind]
+
+    @cached_property
+    def hygiene(self) -> dict:
+        """The ``hygiene:`` block (template pruning, symmetrisation, smoothing) with its defaults, checked."""
+        return hygiene_settings(self.raw.get("hygiene"), self)
 
     # -- variations -----------------------------------------------------------------
     def kinematic_variations(self) -> list[str]:

@@ -25,7 +25,7 @@ from jacana.stages.stats.likelihood import TracedModel
 from jacana.stages.stats.objectives import OBJECTIVES, SENSE
 from jacana.stages.stats.objectives import loss as objective_loss
 from jacana.stages.spec import NOMINAL, AnalysisSpec
-from jacana.stages.stats.workspace import build_channels, build_workspace, channels_to_yields
+from jacana.stages.stats.workspace import build_channels, build_workspace, channels_to_yields, pruning_decisions
 
 KEY_SEP = "/"
 
@@ -65,13 +65,16 @@ class Sensitivity:
             raise ConfigError(f"unknown objective {objective!r}; choose from {sorted(OBJECTIVES)}")
         self.spec, self.config, self.name = spec, config, objective
         hists = histograms(jax.tree.map(np.asarray, dict(template)), config, xp=np)
-        self.model = TracedModel.from_workspace(build_workspace(spec, hists))
+        # the template hygiene's pruning is decided once, here: fixed structure, differentiable objective
+        self.pruned = pruning_decisions(spec, hists)
+        self.model = TracedModel.from_workspace(build_workspace(spec, hists, pruned=self.pruned))
         self._loss = objective_loss(objective, **objective_options)
         self.sense = SENSE[objective]
 
     def model_yields(self, yields: Mapping) -> dict:
         """The likelihood's yields pytree for these soft yields."""
-        return channels_to_yields(build_channels(self.spec, histograms(yields, self.config), xp=jnp))
+        return channels_to_yields(build_channels(self.spec, histograms(yields, self.config), xp=jnp,
+                                                 pruned=self.pruned))
 
     def __call__(self, yields: Mapping):
         return self._loss(self.model, self.model_yields(yields))

@@ -13,6 +13,15 @@ carries the channel's ``staterror`` with data sqrt(sumw2). Every NormPlusShape p
 passes :func:`rate_floor`, which keeps each sample's expected rate in each bin positive for
 ``|alpha| <= 5`` under pyhf's default interpolations (:func:`floored_templates` lists what it changed).
 
+Template hygiene (the config's optional ``hygiene:`` block, :func:`jacana.stages.spec.hygiene_settings`), as cabinetry
+and TRExFitter users expect, identical in hard and soft mode: per systematic an explicit
+symmetrisation (``auto``: one-sided variations mirrored, as before), optional smoothing of the
+variation's ratio to nominal (off by default), and pruning of normsys factors and histosys shapes
+whose effect is below a threshold. The pruning decision (:func:`pruning_decisions`) is taken from
+concrete (hard or initial) templates and passed to :func:`build_channels` unchanged during an
+optimisation, so the model's structure is constant and the objective differentiable.
+:func:`template_hygiene` lists what was pruned, symmetrised and smoothed.
+
 Histogram layout everywhere in jacana: ``{region: {sample: {variation: {"edges", "sumw", "sumw2"}}}}``.
 """
 
@@ -22,7 +31,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jacana.stages.spec import NOMINAL, AnalysisSpec
+from jacana.stages.errors import ConfigError
+from jacana.stages.spec import NOMINAL, SMOOTHING_METHODS, AnalysisSpec
 from jacana.stages.systematics import SYSTEMATICS
 
 #: Smallest yield used as a denominator: keeps ratios finite when a template is empty.
@@ -48,10 +58,99 @@ NORM_CAP = 10.0
 
 Histograms = Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]]
 
+def _chosen(settings: Mapping, field: str, modifier: str, key: str, default: str) -> str:
+    """A per-systematic setting: the modifier's own entry first, then its systematic's."""
+    table = settings[field]
+    return table.get(modifier, table.get(key, default))
+
 
 def shape_systematics(spec: AnalysisSpec, sample: str) -> list[tuple[str, str, str | None]]:
     """``(modifier name, up variation, down variation or None to symmetrise)`` for ``sample``."""
     return [m for s in spec.systematics for m in SYSTEMATICS[s.kind].modifiers(s.key, s.options, sample)]
+
+
+def _shape_entries(spec: AnalysisSpec, sample: str) -> list[tuple[str, str, str, str | None]]:
+    """``(systematic key, modifier name, up variation, down variation or None)`` for ``sample``."""
+    return [(s.key, *m) for s in spec.systematics for m in SYSTEMATICS[s.kind].modifiers(s.key, s.options, sample)]
+
+
+def _windows(n: int, width: int) -> np.ndarray:
+    """``[width, n]`` indices of each bin's ``width`` (odd) neighbours, the end bins repeated past the ends
+    (static: one gather, also on traced arrays)."""
+    half = width // 2
+    return np.clip(np.arange(n)[None, :] + np.arange(-half, half + 1)[:, None], 0, n - 1)
+
+
+def _running_median(x, width: int, xp):
+    """Running median over ``width`` (odd) bins; ``sort`` is differentiable almost everywhere."""
+    return xp.sort(x[_windows(x.shape[0], width)], axis=0)[width // 2]
+
+
+def _353h(x, xp):
+    """Running medians of 3, 5, 3 bins, then a Hanning average (1/4, 1/2, 1/4)."""
+    y = _running_median(_running_median(_running_median(x, 3, xp), 5, xp), 3, xp)
+    return xp.asarray([0.25, 0.5, 0.25]) @ y[_windows(y.shape[0], 3)]
+
+
+def smooth_ratio(ratio, method: str, xp=np):
+    """Smooth a variation's ratio to the nominal over the bins.
+
+    ``"353H"``: ROOT's ``TH1::Smooth`` recipe (353QH, twice) without the quadratic-interpolation
+    step: running medians of 3, 5 and 3 bins and a Hanning average, then "twicing" (the same
+    smoother applied to the residuals and added back). ``"median3"``: one running median of 3 bins.
+    The end bins see their own value repeated. Fewer than 3 bins are returned unchanged.
+    """
+    if method == "none" or ratio.shape[0] < 3:
+        return ratio
+    if method == "median3":
+        return _running_median(ratio, 3, xp)
+    if method == "353H":
+        first = _353h(ratio, xp)
+        return first + _353h(ratio - first, xp)
+    raise ConfigError(f"unknown smoothing method {method!r}; choose from {list(SMOOTHING_METHODS)}")
+
+
+def smoothed_variation(nominal, variation, method: str, xp=np):
+    """``variation`` with its ratio to ``nominal`` smoothed and its total kept (only the shape is smoothed).
+    Bins with an empty nominal keep their value."""
+    present = nominal > YIELD_FLOOR
+    safe = xp.where(present, nominal, 1.0)
+    ratio = xp.where(present, variation / safe, 1.0)
+    smoothed = xp.where(present, xp.maximum(smooth_ratio(ratio, method, xp), 0.0) * nominal, variation)
+    total, new_total = xp.sum(variation), xp.sum(smoothed)
+    return smoothed * xp.where(new_total > YIELD_FLOOR, total / xp.where(new_total > YIELD_FLOOR, new_total, 1.0), 1.0)
+
+
+def roughness(nominal, variation) -> float:
+    """Bin-to-bin fluctuation of a variation: the RMS of the differences of its relative deviation from
+    the nominal between neighbouring bins with a nominal (what smoothing reduces)."""
+    nominal, variation = np.asarray(nominal, np.float64), np.asarray(variation, np.float64)
+    present = nominal > YIELD_FLOOR
+    rel = variation[present] / nominal[present] - 1.0
+    return float(np.sqrt(np.mean(np.diff(rel) ** 2))) if rel.size > 1 else 0.0
+
+
+def hygienic_variations(nominal, up, down, symmetrize: str, smoothing: str, xp=np):
+    """``(up, down or None, mode)``: the variation templates after smoothing and symmetrisation.
+
+    Smoothing acts on each template's ratio to the nominal. Symmetrisation (``mode``, ``auto``
+    resolved): ``one_sided`` mirrors the up variation (``down`` is then None: :func:`norm_plus_shape`
+    mirrors after its norm/shape split, as cabinetry does; a given down template is ignored, as
+    TRExFitter's ONESIDED does), ``two_sided`` replaces both by ``nominal +- (up - down) / 2``
+    (TRExFitter's TWOSIDED; the down one floored at 0), ``none`` keeps both.
+    """
+    mode = ("one_sided" if down is None else "none") if symmetrize == "auto" else symmetrize
+    if down is None and mode != "one_sided":
+        raise ConfigError(f"symmetrisation {mode!r} needs a down variation; a one-sided one can only be mirrored")
+    if smoothing != "none":
+        up = smoothed_variation(nominal, up, smoothing, xp)
+        down = None if down is None else smoothed_variation(nominal, down, smoothing, xp)
+    if mode == "one_sided":
+        return up, None, mode
+    if mode == "two_sided":
+        half = 0.5 * (up - down)
+        return nominal + half, xp.maximum(nominal - half, 0.0), mode
+    return up, down, mode
 
 
 def norm_plus_shape(nominal, up, down=None, xp=np, floor=True) -> tuple[dict, dict]:
@@ -111,9 +210,79 @@ def _sqrt_floored(x, xp):
     return xp.where(present, xp.sqrt(xp.where(present, x, 1.0)), 0.0)
 
 
-def build_channels(spec: AnalysisSpec, hists: Histograms, xp=np) -> list[dict]:
-    """pyhf ``channels`` (names, samples, modifiers) with array data in namespace ``xp``."""
+def _shape_templates(spec: AnalysisSpec, hists: Histograms, xp=np):
+    """Per (region, sample, shape modifier): ``(region, sample, key, name, nominal, up, down or None, mode,
+    smoothing)`` after hygiene (:func:`hygienic_variations`), negative bins floored at 0."""
+    settings = spec.hygiene
+    for region in spec.regions:
+        for sample in spec.samples:
+            h = hists[region][sample]
+            nominal = xp.maximum(xp.asarray(h[NOMINAL]["sumw"]), 0.0)
+            for key, name, up, down in _shape_entries(spec, sample):
+                sym = _chosen(settings, "symmetrize", name, key, "auto")
+                smooth = _chosen(settings, "smoothing", name, key, "none")
+                up_t, down_t, mode = hygienic_variations(
+                    nominal, xp.maximum(xp.asarray(h[up]["sumw"]), 0.0),
+                    None if down is None else xp.maximum(xp.asarray(h[down]["sumw"]), 0.0), sym, smooth, xp)
+                yield region, sample, key, name, nominal, up_t, down_t, mode, smooth
+
+
+def _concrete(hists: Histograms, spec: AnalysisSpec) -> dict:
+    """The nominal and variation sumw as float64 numpy arrays, or a clear error on traced (soft) arrays."""
+    try:
+        return {r: {s: {v: {"sumw": np.asarray(h["sumw"], dtype=np.float64)} for v, h in hists[r][s].items()}
+                    for s in spec.samples} for r in spec.regions}
+    except TypeError as exc:  # jax raises a TypeError subclass when a tracer is converted
+        raise ConfigError("the pruning decision needs concrete templates: in soft mode take it once from the initial"
+                          " templates (pruning_decisions) and pass it to build_channels as `pruned`") from exc
+
+
+def _prune_measures(spec: AnalysisSpec, hists: Histograms) -> list[dict]:
+    """Per (region, sample, modifier, part): the effect the pruning thresholds compare (numpy)."""
+    thresholds = spec.hygiene["pruning"]
+    out = []
+    for region, sample, key, name, nominal, up, down, mode, _ in _shape_templates(spec, _concrete(hists, spec)):
+        norm, shape = norm_plus_shape(nominal, up, down, floor=False)
+        present = nominal > YIELD_FLOOR
+        rel = [np.abs(np.asarray(shape[k])[present] / nominal[present] - 1.0) for k in ("hi_data", "lo_data")]
+        effects = {"normsys": max(abs(float(norm["hi"]) - 1.0), abs(float(norm["lo"]) - 1.0)),
+                   "histosys": max((float(np.max(r)) for r in rel if r.size), default=0.0)}
+        for part, effect in effects.items():
+            threshold = thresholds["norm" if part == "normsys" else "shape"]
+            out.append({"region": region, "sample": sample, "modifier": name, "type": part, "effect": effect,
+                        "threshold": threshold, "pruned": effect < threshold})
+    for s in spec.systematics_of("normalization"):
+        effect = max(abs(float(s.options["up"]) - 1.0), abs(float(s.options["down"]) - 1.0))
+        for sample in spec.normalization_samples(s):
+            for region in spec.regions:
+                out.append({"region": region, "sample": sample, "modifier": s.key, "type": "normsys",
+                            "effect": effect, "threshold": thresholds["norm"],
+                            "pruned": effect < thresholds["norm"]})
+    return out
+
+
+def pruning_decisions(spec: AnalysisSpec, hists: Histograms) -> frozenset:
+    """The pruned ``(region, sample, modifier, "normsys"|"histosys")`` of ``hists`` (concrete arrays).
+
+    Taken once from the hard (or initial) templates and passed to :func:`build_channels`: in soft mode
+    it stays fixed during an optimisation, so the model's structure never changes.
+    """
+    return frozenset((m["region"], m["sample"], m["modifier"], m["type"]) for m in _prune_measures(spec, hists)
+                     if m["pruned"])
+
+
+def build_channels(spec: AnalysisSpec, hists: Histograms, xp=np, pruned: frozenset | None = None) -> list[dict]:
+    """pyhf ``channels`` (names, samples, modifiers) with array data in namespace ``xp``.
+
+    ``pruned``: the modifiers left out (:func:`pruning_decisions`); None takes the decision from
+    ``hists`` themselves, which must then be concrete (hard mode).
+    """
+    if pruned is None:
+        pruned = pruning_decisions(spec, hists)
     poi = spec.poi
+    shapes: dict = {}
+    for region, sample, _, name, nominal, up, down, _, _ in _shape_templates(spec, hists, xp):
+        shapes.setdefault((region, sample), []).append((name, nominal, up, down))
     channels = []
     for region in spec.regions:
         samples = []
@@ -125,19 +294,61 @@ def build_channels(spec: AnalysisSpec, hists: Histograms, xp=np) -> list[dict]:
             if sample == poi["sample"]:
                 modifiers.append({"name": poi["name"], "type": "normfactor", "data": None})
             for s in spec.systematics_of("normalization"):
-                if sample in spec.normalization_samples(s):
+                if sample in spec.normalization_samples(s) and (region, sample, s.key, "normsys") not in pruned:
                     modifiers.append({"name": s.key, "type": "normsys",
                                       "data": {"hi": float(s.options["up"]), "lo": float(s.options["down"])}})
-            for name, up, down in shape_systematics(spec, sample):
-                norm, shape = norm_plus_shape(nominal, xp.maximum(h[up]["sumw"], 0.0),
-                                              None if down is None else xp.maximum(h[down]["sumw"], 0.0), xp)
-                modifiers.append({"name": name, "type": "normsys", "data": norm})
-                modifiers.append({"name": name, "type": "histosys", "data": shape})
+            for name, nom, up, down in shapes.get((region, sample), []):
+                norm, shape = norm_plus_shape(nom, up, down, xp)
+                for part, data in (("normsys", norm), ("histosys", shape)):
+                    if (region, sample, name, part) not in pruned:
+                        modifiers.append({"name": name, "type": part, "data": data})
             modifiers.append({"name": f"staterror_{region}", "type": "staterror",
                               "data": _sqrt_floored(h[NOMINAL]["sumw2"], xp)})
             samples.append({"name": sample, "data": nominal, "modifiers": modifiers})
         channels.append({"name": region, "samples": samples})
     return channels
+
+
+def template_hygiene(spec: AnalysisSpec, hists: Histograms) -> dict:
+    """What the hygiene did to the model of ``hists``, for ``result.json``'s ``template_hygiene``.
+
+    ``{"settings", "pruned": [{"region", "sample", "modifier", "type", "effect", "threshold"}],
+    "symmetrized": [{"modifier", "samples", "mode", "one_sided"}], "smoothed": [{"region", "sample",
+    "modifier", "method", "roughness_before", "roughness_after"}], "removed_parameters": [names left
+    with no modifier anywhere]}``.
+    """
+    concrete = _concrete(hists, spec)
+    pruned = [{k: m[k] for k in ("region", "sample", "modifier", "type", "effect", "threshold")}
+              for m in _prune_measures(spec, concrete) if m["pruned"]]
+    symmetrized: dict = {}
+    smoothed = []
+    kept: set = set()
+    decided = {(m["region"], m["sample"], m["modifier"], m["type"]) for m in pruned}
+    raw = {(r, s): dict(_shape_templates_raw(spec, concrete, r, s)) for r in spec.regions for s in spec.samples}
+    for region, sample, key, name, nominal, up, down, mode, smooth in _shape_templates(spec, concrete):
+        if mode != "none":
+            entry = symmetrized.setdefault(name, {"modifier": name, "samples": [], "mode": mode,
+                                                  "one_sided": raw[(region, sample)][name][1] is None})
+            if sample not in entry["samples"]:
+                entry["samples"].append(sample)
+        if smooth != "none":
+            raw_up = raw[(region, sample)][name][0]
+            smoothed.append({"region": region, "sample": sample, "modifier": name, "method": smooth,
+                             "roughness_before": roughness(nominal, raw_up), "roughness_after": roughness(nominal, up)})
+        kept.update(name for part in ("normsys", "histosys") if (region, sample, name, part) not in decided)
+    for s in spec.systematics_of("normalization"):
+        kept.update(s.key for sample in spec.normalization_samples(s) for r in spec.regions
+                    if (r, sample, s.key, "normsys") not in decided)
+    names = list(dict.fromkeys([m["modifier"] for m in pruned]))
+    return {"settings": spec.hygiene, "pruned": pruned, "symmetrized": list(symmetrized.values()),
+            "smoothed": smoothed, "removed_parameters": [n for n in names if n not in kept]}
+
+
+def _shape_templates_raw(spec: AnalysisSpec, hists: Histograms, region: str, sample: str):
+    """``(modifier name, (up, down or None))`` before hygiene, negative bins floored at 0 (numpy)."""
+    h = hists[region][sample]
+    for _, name, up, down in _shape_entries(spec, sample):
+        yield name, (np.maximum(h[up]["sumw"], 0.0), None if down is None else np.maximum(h[down]["sumw"], 0.0))
 
 
 def floored_templates(spec: AnalysisSpec, hists: Histograms) -> list[dict]:
@@ -146,31 +357,30 @@ def floored_templates(spec: AnalysisSpec, hists: Histograms) -> list[dict]:
     One entry per (region, sample, modifier, template) with a changed value:
     ``{"region", "sample", "modifier", "template": "hi"|"lo"|"hi_data"|"lo_data", "bins",
     "before", "after"}`` (``bins`` is None for the normsys factors). Computed from the same
-    inputs as :func:`build_channels` (numpy), once without and once with the floor.
+    inputs as :func:`build_channels` (numpy, after hygiene), once without and once with the floor;
+    pruned modifiers are left out.
     """
+    concrete = _concrete(hists, spec)
+    pruned = pruning_decisions(spec, concrete)
     out = []
-    for region in spec.regions:
-        for sample in spec.samples:
-            h = hists[region][sample]
-            nominal = np.maximum(np.asarray(h[NOMINAL]["sumw"], dtype=np.float64), 0.0)
-            for name, up, down in shape_systematics(spec, sample):
-                args = (nominal, np.maximum(np.asarray(h[up]["sumw"], dtype=np.float64), 0.0),
-                        None if down is None else np.maximum(np.asarray(h[down]["sumw"], dtype=np.float64), 0.0))
-                raw = norm_plus_shape(*args, floor=False)
-                kept = norm_plus_shape(*args)
-                for part in (0, 1):
-                    for key in raw[part]:
-                        before, after = np.asarray(raw[part][key]), np.asarray(kept[part][key])
-                        changed = before != after
-                        if not np.any(changed):
-                            continue
-                        entry = {"region": region, "sample": sample, "modifier": name, "template": key}
-                        if before.ndim:
-                            bins = np.flatnonzero(changed)
-                            entry.update(bins=bins.tolist(), before=before[bins].tolist(), after=after[bins].tolist())
-                        else:
-                            entry.update(bins=None, before=float(before), after=float(after))
-                        out.append(entry)
+    for region, sample, _, name, nominal, up, down, _, _ in _shape_templates(spec, concrete):
+        raw = norm_plus_shape(nominal, up, down, floor=False)
+        kept = norm_plus_shape(nominal, up, down)
+        for part, kind in ((0, "normsys"), (1, "histosys")):
+            if (region, sample, name, kind) in pruned:
+                continue
+            for key in raw[part]:
+                before, after = np.asarray(raw[part][key]), np.asarray(kept[part][key])
+                changed = before != after
+                if not np.any(changed):
+                    continue
+                entry = {"region": region, "sample": sample, "modifier": name, "template": key}
+                if before.ndim:
+                    bins = np.flatnonzero(changed)
+                    entry.update(bins=bins.tolist(), before=before[bins].tolist(), after=after[bins].tolist())
+                else:
+                    entry.update(bins=None, before=float(before), after=float(after))
+                out.append(entry)
     return out
 
 
@@ -198,13 +408,15 @@ def _to_json(value):
     return arr.tolist() if arr.ndim else float(arr)
 
 
-def build_workspace(spec: AnalysisSpec, hists: Histograms, observations: Mapping[str, Any] | None = None) -> dict:
-    """A complete pyhf workspace (JSON-ready) with the AGC pseudo-data as observations."""
+def build_workspace(spec: AnalysisSpec, hists: Histograms, observations: Mapping[str, Any] | None = None,
+                    pruned: frozenset | None = None) -> dict:
+    """A complete pyhf workspace (JSON-ready) with the AGC pseudo-data as observations (``pruned``: see
+    :func:`build_channels`)."""
     observations = pseudo_data(spec, hists) if observations is None else observations
     poi = spec.poi
     return {
         "version": "1.0.0",
-        "channels": _to_json(build_channels(spec, hists)),
+        "channels": _to_json(build_channels(spec, hists, pruned=pruned)),
         "observations": [{"name": r, "data": _to_json(observations[r])} for r in spec.regions],
         "measurements": [{
             "name": f"{spec.name}_measurement",
