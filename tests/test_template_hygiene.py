@@ -55,11 +55,15 @@ def make_hists(spec: AnalysisSpec, negligible: tuple[str, str] | None = None, se
     return out
 
 
-def spec_with(hygiene: dict | None = None, keep: tuple[str, ...] | None = None) -> AnalysisSpec:
-    """The AGC spec with a ``hygiene:`` block and (``keep``) only some systematics."""
+def spec_with(hygiene: dict | None = None, keep: tuple[str, ...] | None = None,
+              regions: tuple[str, ...] | None = None) -> AnalysisSpec:
+    """The AGC spec with a ``hygiene:`` block and (``keep``, ``regions``) only some systematics and regions
+    (smaller models compile and fit faster)."""
     raw = load_spec().to_dict()
     if keep is not None:
         raw["systematics"] = {k: v for k, v in raw["systematics"].items() if k in keep}
+    if regions is not None:
+        raw["regions"] = {k: v for k, v in raw["regions"].items() if k in regions}
     if hygiene is not None:
         raw["hygiene"] = hygiene
     return AnalysisSpec(raw)
@@ -138,7 +142,7 @@ def test_negligible_systematic_is_pruned_and_listed():
 def test_pruning_is_identical_in_hard_and_soft_mode():
     """The decision is taken from concrete templates and passed to the traced build: same modifiers and
     numbers, finite gradients; without the decision a traced build is a clear error."""
-    spec = spec_with(keep=("jer",))
+    spec = spec_with(keep=("jer",), regions=("4j2b",))
     hists = make_hists(spec, negligible=("wjets", "pt_res_up"))
     pruned = pruning_decisions(spec, hists)
     hard = channels_to_yields(build_channels(spec, hists))
@@ -167,7 +171,7 @@ def test_soft_likelihood_gets_the_same_modifiers():
     from jacana.stages.analysis import soft_config
     from jacana.stages.stats.sensitivity import Sensitivity, yields_key
 
-    spec = spec_with(keep=("jer",))
+    spec = spec_with(keep=("jer",), regions=("4j2b",))
     config = soft_config(spec)
     hists = make_hists(spec, negligible=("wjets", "pt_res_up"))
     template = {}
@@ -239,6 +243,7 @@ def test_cabinetry_fit_and_ranking_on_a_jacana_workspace(tmp_path):
     assert json.loads((tmp_path / "impacts.json").read_text())["source"] == "cabinetry"
 
 
+@pytest.mark.slow  # about 1 s: the fallback's own fits
 def test_impacts_fall_back_to_jacana_when_cabinetry_fails(tmp_path, monkeypatch):
     """A failed cabinetry fit: jacana's own post-fit impacts (Asimov), the reason recorded, the plots made."""
     cabinetry = pytest.importorskip("cabinetry")
