@@ -60,7 +60,8 @@ from jacana.stages.spec import AnalysisSpec
 from jacana.facility.executor import CALL_EVENTS, ExecutorBase
 from jacana.facility.hardrun import InputReport
 from jacana.facility.errors import FacilityError
-from jacana.facility.profiles import connect, connect_scheduler, load_profile, plugin_for
+from jacana.facility.profiles import (announce_dashboard, connect, connect_scheduler, dashboard_address, load_profile,
+                                      plugin_for)
 
 #: Balance tolerance of the planner: a unit stays on the worker holding its events when that
 #: shard's load is within this fraction of the mean shard load of the lightest shard.
@@ -193,6 +194,8 @@ class DaskExecutor(ExecutorBase):
             prof = load_profile(profile or "local", workers=workers, connect_timeout=connect_timeout)
             self.client, self.cluster = connect(prof)
             self._own_client = True
+        if progress and (prof is None or prof["kind"] != "local" or dashboard_address(prof) is not None):
+            announce_dashboard(self.client)  # once per link: where to watch the tasks (a local cluster may have none)
         try:
             self._setup(spec, list(chunks), prof, plugin, workers, dtype, progress, yields_key)
         except BaseException:

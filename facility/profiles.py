@@ -14,6 +14,11 @@ A profile is a small YAML file (``facility/profiles/<name>.yaml``, or any path) 
     HTCondor jobs through dask-jobqueue (``HTCondorCluster``), optionally with GPUs
     (``job_extra_directives: {request_GPUs: 1}``, ``worker_extra_args: [--resources, GPU=1]``).
 
+A ``local`` profile serves dask's dashboard on a free port (``dashboard: true``, the default), on
+an address (``dashboard: ":8787"``) or not at all (``dashboard: false``; the environment variable
+``JACANA_DASHBOARD=0`` turns it off where a profile does not say, e.g. in tests). A facility's
+cluster serves its own. :func:`announce_dashboard` prints the link once.
+
 Every profile also says ``device`` (``cpu`` or ``gpu``: what JAX uses on the workers) and
 ``worker`` settings for :class:`~jacana.facility.plugin.JacanaWorkerPlugin` (``threads``, ``env``).
 Credentials never appear in a profile and jacana never writes any: a key that looks like one
@@ -47,7 +52,7 @@ _SECRET = re.compile(r"(token|password|passwd|secret|credential|api[_-]?key|priv
 _COMMON = {"name": str, "kind": str, "description": str, "device": str, "workers": int,
            "connect_timeout": (int, float), "worker": dict, "task_resources": dict}
 _BY_KIND: dict[str, dict[str, Any]] = {
-    "local": {"threads_per_worker": int, "memory_limit": (str, int), "processes": bool},
+    "local": {"threads_per_worker": int, "memory_limit": (str, int), "processes": bool, "dashboard": (bool, str)},
     "scheduler": {"address": str, "address_env": str},
     "gateway": {"address": str, "address_env": str, "proxy_address": str, "auth": str,
                 "cluster_name": str, "cluster_options": dict, "adapt": dict, "shutdown_on_close": bool},
@@ -175,6 +180,39 @@ def _resolve_address(prof: Mapping) -> str:
     return addr
 
 
+#: Values of ``$JACANA_DASHBOARD`` that turn a local cluster's dashboard off.
+DASHBOARD_OFF = ("0", "off", "false", "no")
+_ANNOUNCED: set[str] = set()
+
+
+def dashboard_address(prof: Mapping) -> str | None:
+    """The address a local cluster serves its dashboard on (None: no dashboard): the profile's
+    ``dashboard`` (true: a free port, so two runs never collide; false: none; a string: that
+    address), else on unless ``$JACANA_DASHBOARD`` is one of :data:`DASHBOARD_OFF`."""
+    want = prof.get("dashboard")
+    if want is None:
+        env = os.environ.get("JACANA_DASHBOARD", "").strip()
+        want = False if env.lower() in DASHBOARD_OFF else True if env.lower() in ("", "1", "on", "true", "yes") else env
+    if want is False:
+        return None
+    return ":0" if want is True else str(want)
+
+
+def announce_dashboard(client, file=None) -> str | None:
+    """Print ``dask dashboard: LINK`` once per link and process (to ``file``, default stderr); returns
+    the link (None when the client has none). The link points where the scheduler runs: on a remote
+    cluster, open it through the facility's proxy or an SSH tunnel."""
+    import sys
+
+    link = getattr(client, "dashboard_link", None)
+    if not link:
+        return None
+    if link not in _ANNOUNCED:
+        _ANNOUNCED.add(link)
+        print(f"dask dashboard: {link}", file=file or sys.stderr, flush=True)
+    return link
+
+
 def connect(profile: str | Path | Mapping, **overrides: Any):
     """``(client, cluster_or_None)`` for a profile; the caller closes both (cluster may be None).
 
@@ -189,7 +227,7 @@ def connect(profile: str | Path | Mapping, **overrides: Any):
 
         cluster = LocalCluster(n_workers=int(prof.get("workers", 2)), threads_per_worker=int(prof.get("threads_per_worker", 1)),
                                processes=bool(prof.get("processes", True)), memory_limit=prof.get("memory_limit", "auto"),
-                               dashboard_address=None, silence_logs=logging.ERROR)
+                               dashboard_address=dashboard_address(prof), silence_logs=logging.ERROR)
         return Client(cluster, set_as_default=False), cluster
     if kind == "scheduler":
         return connect_scheduler(_resolve_address(prof), timeout), None

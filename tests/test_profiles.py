@@ -8,8 +8,8 @@ import types
 import pytest
 
 from jacana.facility.plugin import JacanaWorkerPlugin, local_versions
-from jacana.facility.profiles import (FacilityError, available_profiles, connect, load_profile, plugin_for,
-                                      validate_profile)
+from jacana.facility.profiles import (FacilityError, announce_dashboard, available_profiles, connect,
+                                      dashboard_address, load_profile, plugin_for, validate_profile)
 
 
 def test_shipped_profiles_are_valid():
@@ -37,6 +37,36 @@ def test_shipped_profiles_are_valid():
 def test_schema_errors_name_the_problem(raw, match):
     with pytest.raises(FacilityError, match=match):
         validate_profile(raw)
+
+
+def test_dashboard_is_on_by_default_and_can_be_turned_off(monkeypatch):
+    monkeypatch.delenv("JACANA_DASHBOARD", raising=False)
+    assert dashboard_address(load_profile("local")) == ":0"  # a free port: two runs never collide
+    assert dashboard_address(load_profile("local", dashboard=False)) is None
+    assert dashboard_address(load_profile("local", dashboard=":8787")) == ":8787"
+    monkeypatch.setenv("JACANA_DASHBOARD", "0")  # tests, CI: off where the profile does not say
+    assert dashboard_address(load_profile("local")) is None
+    assert dashboard_address(load_profile("local", dashboard=True)) == ":0"
+    monkeypatch.setenv("JACANA_DASHBOARD", "127.0.0.1:0")
+    assert dashboard_address(load_profile("local")) == "127.0.0.1:0"
+    with pytest.raises(FacilityError, match="dashboard must be bool or str"):
+        validate_profile({"kind": "local", "dashboard": 8787})
+
+
+def test_local_cluster_serves_its_dashboard_and_the_link_is_printed_once(monkeypatch, capsys):
+    import urllib.request
+
+    monkeypatch.delenv("JACANA_DASHBOARD", raising=False)
+    client, cluster = connect({"kind": "local", "workers": 1, "processes": False})
+    try:
+        link = announce_dashboard(client)
+        assert announce_dashboard(client) == link
+        with urllib.request.urlopen(link, timeout=10) as page:  # the dashboard itself, not the bare HTTP server
+            assert page.status == 200
+    finally:
+        client.close()
+        cluster.close()
+    assert capsys.readouterr().err.count("dask dashboard: http://") == 1
 
 
 def test_unknown_profile_lists_the_known_ones():
@@ -160,3 +190,32 @@ def test_worker_arrays_come_from_the_heap_not_fresh_mmaps():
     out = subprocess.run([sys.executable, "-c", _MMAP_PROBE], env=env, capture_output=True, text=True, check=True)
     before, accepted, after = out.stdout.split()
     assert (int(before), accepted, int(after)) == (8, "True", 0)
+
+
+@pytest.mark.slow  # builds jacana into a folder (pip) and starts a worker process twice (the plugin restarts it)
+def test_upload_directory_puts_jacana_on_a_worker(tmp_path):
+    """docs/facility.md, "Getting jacana onto the workers", option 3: a built tree sent with dask's
+    UploadDirectory is what the restarted worker imports."""
+    import os
+    import subprocess
+
+    from distributed import Client, LocalCluster
+    from distributed.diagnostics.plugin import UploadDirectory
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    site = tmp_path / "jacana-site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(site), root], check=True, capture_output=True)
+    assert (site / "jacana" / "stages" / "spec.py").is_file()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        client.register_plugin(UploadDirectory(str(site), update_path=True, restart_workers=True))
+
+        def where():
+            import jacana.stages.spec
+
+            return jacana.stages.spec.__file__
+
+        (path,) = client.run(where).values()
+    # the worker's copy of the upload (in its scratch space), not the installed checkout
+    assert os.path.join("jacana-site", "jacana", "stages", "spec.py") in path and not path.startswith(root), path
