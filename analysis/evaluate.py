@@ -217,7 +217,7 @@ def write_evaluation(out_dir: str | Path, evaluation: Mapping, extra: Mapping | 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {**evaluation["result"], **(extra or {})}
-    hists = histograms_to_hist(evaluation["histograms"], None if spec is None else observable_axes(spec))
+    hists = histograms_to_hist(evaluation["histograms"], None if spec is None else spec.observable_axes())
     return {
         "histograms": write_json(out / "histograms.json", histograms_to_json(evaluation["histograms"]), indent=None),
         "uhi": write_uhi_json(out / UHI_FILE, hists),
@@ -236,17 +236,6 @@ UHI_FILE, ROOT_FILE = "histograms.uhi.json", "histograms.root"
 ROOT_SEPARATOR = "__"
 
 
-def observable_axes(spec: AnalysisSpec) -> dict[str, tuple[str, str]]:
-    """Each region's observable as ``{region: (name, axis label)}``, the labels the plots use.
-
-    >>> observable_axes(load_spec())["4j2b"]
-    ('m_bjj', '$m_{bjj}$ [GeV]')
-    """
-    from jacana.analysis.plots import axis_label  # matplotlib: only when labels are asked for
-
-    return {r: (region.observable, axis_label(spec, region.observable)) for r, region in spec.regions.items()}
-
-
 def histograms_to_hist(hists: Mapping, observables: Mapping[str, tuple[str, str]] | None = None) -> dict:
     """``{region: hist.Hist}`` of the histograms (region -> sample -> variation -> edges, sumw, sumw2).
 
@@ -256,7 +245,7 @@ def histograms_to_hist(hists: Mapping, observables: Mapping[str, tuple[str, str]
     analysis has none). A variation a sample lacks (``ME_var`` of a sample without alternative
     files) stays zero; ``metadata["variations"]`` names the variations each sample has.
 
-    >>> h = histograms_to_hist(evaluation["histograms"], observable_axes(spec))["4j2b"]
+    >>> h = histograms_to_hist(evaluation["histograms"], spec.observable_axes())["4j2b"]
     >>> h[{"process": "ttbar", "variation": "nominal"}].values()
     """
     import hist

@@ -15,15 +15,6 @@ from jacana.facility.atomic import atomic_path
 from jacana.stages.spec import NOMINAL, AnalysisSpec
 from jacana.stages.stats.quiet import captured_output, one_line
 
-AXIS_LABELS = {"ht": r"$H_T$ [GeV]", "m_bjj": r"$m_{bjj}$ [GeV]", "nn": "NN output"}
-
-
-def axis_label(spec, observable: str) -> str:
-    """The x-axis label of an observable: the config's ``label`` (general form), else a known one, else its name."""
-    own = spec.raw.get("observables", {}).get(observable, {}).get("label") if spec.is_general else None
-    return own or AXIS_LABELS.get(observable, observable)
-
-
 def save_figure(fig, path: Path) -> Path:
     """Write ``fig`` as a PNG at ``path`` atomically, close it, and return ``path``."""
     with atomic_path(path) as tmp:
@@ -103,7 +94,7 @@ def stacked_histograms(spec: AnalysisSpec, hists: Mapping, path: Path, title: st
             centres = 0.5 * (edges[1:] + edges[:-1])
             obs = np.asarray(observations[region])
             ax.errorbar(centres, obs, yerr=np.sqrt(np.maximum(obs, 0)), fmt="ko", label="pseudo-data")
-        ax.set_xlabel(axis_label(spec, spec.regions[region].observable))
+        ax.set_xlabel(spec.observable_label(spec.regions[region].observable))
         ax.set_ylabel("events / bin")
         ax.set_title(f"{region} {title}".strip(), fontsize=16)
         ax.legend(fontsize=12)
@@ -164,7 +155,7 @@ def data_mc_figure(spec: AnalysisSpec, region: str, edges, yields: Mapping[str, 
     rax.axhline(1.0, color="0.4", linestyle="--", linewidth=1)
     rax.set_ylim(0.5, 1.5)
     rax.set_ylabel("data / model", fontsize=16)
-    rax.set_xlabel(axis_label(spec, spec.regions[region].observable))
+    rax.set_xlabel(spec.observable_label(spec.regions[region].observable))
     fig.align_ylabels([ax, rax])
     return fig
 

@@ -88,9 +88,9 @@ class EvaluationResult:
         """From :func:`jacana.analysis.evaluate.hard_evaluation`'s ``{"histograms", "workspace", "result"}``."""
         import pyhf
 
-        from jacana.analysis.evaluate import histograms_to_hist, observable_axes
+        from jacana.analysis.evaluate import histograms_to_hist
 
-        return cls(analysis=analysis, histograms=histograms_to_hist(evaluation["histograms"], observable_axes(analysis)),
+        return cls(analysis=analysis, histograms=histograms_to_hist(evaluation["histograms"], analysis.observable_axes()),
                    workspace=pyhf.Workspace(evaluation["workspace"]), fit=dict(evaluation["result"]), fileset=fileset,
                    evaluation=evaluation)
 

@@ -49,20 +49,18 @@ from jacana.protocol.errors import ProvenanceError
 from jacana.protocol.message import Message, decode, encode
 from jacana.protocol.provenance import Provenance, merge
 from jacana.stages.columns import Columns, columns_from_arrays
-from jacana.stages.errors import FilesetError, InputFileError
+from jacana.stages.errors import InputFileError
 from jacana.stages.fileset import NEVTS_KEYS, NOMINAL_VARIATION as NOMINAL, SAMPLE_KEYS, Chunk, Fileset
 from jacana.stages.spec import AnalysisSpec
 
 from jacana.facility.errors import FacilityError
-from jacana.facility.executor import ExecutorBase
+from jacana.facility.executor import RequestExecutor
 
 DATASET_SEP = "__"
 MODES = ("jacobian", "yields", "vjp")
 COFFEA_EXECUTORS = ("iterative", "futures", "dask")
 #: The category axes of the histograms: ``process`` (hist reserves ``sample``, a keyword of ``fill``), ``variation``.
 PROCESS_AXIS, VARIATION_AXIS = "process", "variation"
-#: Axis labels of the AGC form's observables (a general config gives its own ``label``); the plots use the same.
-OBSERVABLE_LABELS = {"ht": r"$H_T$ [GeV]", "m_bjj": r"$m_{bjj}$ [GeV]", "nn": "NN output"}
 
 
 class SlimNanoAODSchema(NanoAODSchema):
@@ -137,15 +135,6 @@ def columns_from_events(events, spec: AnalysisSpec) -> Columns:
     return columns_from_arrays(chunk, spec, {b: _field(events, b) for b in spec.needed_branches()})
 
 
-def observable_axes(spec: AnalysisSpec) -> dict[str, tuple[str, str]]:
-    """Each region's observable as ``{region: (name, axis label)}``: a general config's ``label``, else
-    :data:`OBSERVABLE_LABELS`, else the name."""
-    own = spec.raw.get("observables", {}) if spec.is_general else {}
-    return {r: (reg.observable, (own.get(reg.observable) or {}).get("label")
-                or OBSERVABLE_LABELS.get(reg.observable, reg.observable))
-            for r, reg in spec.regions.items()}
-
-
 def histogram_variations(spec: AnalysisSpec) -> list[str]:
     """The ``variation`` categories: every histogram variation of any sample, in the config's order."""
     return list(dict.fromkeys(v for s in spec.samples for v in spec.histogram_variations(s)))
@@ -157,7 +146,7 @@ def empty_histograms(spec: AnalysisSpec) -> dict:
     storage. Fixed categories, so the histograms of any two work items add."""
     import hist
 
-    samples, variations, observables = list(spec.samples), histogram_variations(spec), observable_axes(spec)
+    samples, variations, observables = list(spec.samples), histogram_variations(spec), spec.observable_axes()
     out = {}
     for region, reg in spec.regions.items():
         name, label = observables[region]
@@ -385,7 +374,7 @@ def coffea_executor(kind: str = "iterative", *, workers: int = 2, client=None, p
     raise FacilityError(f"coffea executor must be one of {COFFEA_EXECUTORS} (or a coffea executor), got {kind!r}")
 
 
-class CoffeaExecutor(ExecutorBase):
+class CoffeaExecutor(RequestExecutor):
     """The executor interface on coffea's Runner: every stage call is one Runner pass over the fileset
     whose work items answer the same request message (:class:`JacanaProcessor` with ``request``),
     summed by coffea and checked here (every entry of every file exactly once).
@@ -428,20 +417,6 @@ class CoffeaExecutor(ExecutorBase):
         self.runner = runner
         self.passes = 0
         self.last_output: dict = {}
-
-    def stage(self, params_like: Mapping | None = None, apply_program: str = "auto"):
-        """Every work item of the fileset as one stage: each call is one Runner pass (see the class docstring)."""
-        import dataclasses
-
-        from jacana.protocol.rpc import MessageStage
-        from jacana.stages.analysis import default_params
-
-        params_like = default_params(self.spec) if params_like is None else params_like
-        declared = self.stage_factory(self.config, self.keys, params_like).describe()  # no data: the signature
-        if apply_program == "auto":
-            return MessageStage(self.run, declared)
-        return MessageStage(lambda req: self.run(dataclasses.replace(req, meta={**req.meta, "apply_program": apply_program})),
-                            declared)
 
     def run(self, request: Message) -> Message:
         """One request over the fileset through the Runner: the summed response, provenance checked."""

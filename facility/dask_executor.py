@@ -51,13 +51,13 @@ import numpy as np
 from jacana.protocol.errors import JacanaError, ProvenanceError
 from jacana.protocol.message import Message, decode, encode
 from jacana.protocol.provenance import Provenance, merge
-from jacana.protocol.rpc import MessageStage, raise_if_error
+from jacana.protocol.rpc import raise_if_error
 from jacana.protocol.transport import DaskTransport
 from jacana.stages.errors import FilesetError, InputFileError
 from jacana.stages.fileset import Chunk
 from jacana.stages.spec import AnalysisSpec
 
-from jacana.facility.executor import CALL_EVENTS, ExecutorBase
+from jacana.facility.executor import CALL_EVENTS, RequestExecutor
 from jacana.facility.hardrun import InputReport
 from jacana.facility.errors import FacilityError
 from jacana.facility.profiles import (announce_dashboard, connect, connect_scheduler, dashboard_address, load_profile,
@@ -151,7 +151,7 @@ def place_chunks(chunks: Sequence[Chunk], keys_of: Sequence[str], workers: Seque
     return out
 
 
-class DaskExecutor(ExecutorBase):
+class DaskExecutor(RequestExecutor):
     """The executor interface on dask workers (see the module docstring).
 
     Exactly one of ``client`` (an existing :class:`distributed.Client`: a notebook's),
@@ -303,18 +303,6 @@ class DaskExecutor(ExecutorBase):
         self.read_seconds = time.perf_counter() - t0
 
     # -- steps ------------------------------------------------------------------------------
-    def stage(self, params_like: Mapping | None = None, apply_program: str = "auto") -> MessageStage:
-        """The sum over every shard on the cluster as one stage: each call is one request message,
-        answered by one summed response (see the module docstring)."""
-        from jacana.stages.analysis import default_params
-
-        params_like = default_params(self.spec) if params_like is None else params_like
-        declared = self.stage_factory(self.config, self.keys, params_like).describe()  # no data: the signature
-        if apply_program == "auto":
-            return MessageStage(self.run, declared)
-        return MessageStage(lambda req: self.run(dataclasses.replace(req, meta={**req.meta, "apply_program": apply_program})),
-                            declared)
-
     def run(self, request: Message) -> Message:
         """One request on the cluster: the summed, checked response message (ledger and timings removed)."""
         if not self.shards:

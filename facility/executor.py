@@ -92,6 +92,24 @@ class ExecutorBase:
         return yields_by_key(outs), unflatten(grads)
 
 
+class RequestExecutor(ExecutorBase):
+    """An executor whose stage is one protocol round trip per call: :meth:`run` answers a request
+    message over all the data the executor holds (a dask cluster's shards, coffea Runner passes)."""
+
+    def stage(self, params_like: Mapping | None = None, apply_program: str = "auto") -> Stage:
+        from jacana.protocol.rpc import MessageStage
+
+        params_like = default_params(self.spec) if params_like is None else params_like
+        declared = self.stage_factory(self.config, self.keys, params_like).describe()  # no data: the signature
+        if apply_program == "auto":
+            return MessageStage(self.run, declared)
+        return MessageStage(lambda req: self.run(dataclasses.replace(req, meta={**req.meta, "apply_program": apply_program})),
+                            declared)
+
+    def run(self, request):  # pragma: no cover -- each executor answers its own way
+        raise NotImplementedError
+
+
 #: Events per compiled call on the CPU: every call has this many events, so each (jet bucket, file
 #: kind) compiles once however many chunks and events there are (accelerators: see facility.devices).
 CALL_EVENTS = CPU_CALL_EVENTS

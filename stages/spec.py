@@ -239,6 +239,9 @@ def apply_overrides(raw: dict, overrides: Iterable[str] | Mapping[str, Any] | No
     return out
 
 
+#: Axis labels of the AGC-specific config's observables (a general config gives its own ``label``).
+OBSERVABLE_LABELS = {"ht": r"$H_T$ [GeV]", "m_bjj": r"$m_{bjj}$ [GeV]", "nn": "NN output"}
+
 #: NaN/inf values masked per branch and chunk at most (a fraction of its values); more is an error.
 DEFAULT_MAX_NONFINITE_FRACTION = 0.01
 
@@ -405,6 +408,19 @@ class AnalysisSpec:
     @property
     def use_genweight_sign(self) -> bool:
         return bool(self.raw.get("use_genweight_sign", True))
+
+    def observable_label(self, observable: str) -> str:
+        """An observable's axis label: the config's ``label`` (general form), else a known one, else its name."""
+        own = (self.raw.get("observables", {}).get(observable) or {}).get("label") if self.is_general else None
+        return own or OBSERVABLE_LABELS.get(observable, observable)
+
+    def observable_axes(self) -> dict[str, tuple[str, str]]:
+        """Each region's observable as ``{region: (name, axis label)}`` (histogram axes, plots).
+
+        >>> load_spec().observable_axes()["4j2b"]
+        ('m_bjj', '$m_{bjj}$ [GeV]')
+        """
+        return {r: (region.observable, self.observable_label(region.observable)) for r, region in self.regions.items()}
 
     @property
     def max_nonfinite_fraction(self) -> float:

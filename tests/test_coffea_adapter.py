@@ -87,7 +87,7 @@ def test_processor_on_nanoevents_gives_jacanas_columns_and_hist_histograms(setup
     import hist
     from coffea.nanoevents import NanoEventsFactory
 
-    from jacana.analysis.plots import AXIS_LABELS
+    from jacana.stages.spec import OBSERVABLE_LABELS as AXIS_LABELS
     from jacana.stages.columns import read_chunk
     from jacana.stages.reference import fill_histograms, to_arrays
 
