@@ -572,11 +572,12 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
                  on_bad_file: str = "fail", plots: bool = True, impacts: bool = True,
                  workers: int | None = None, scheduler: str | None = None, client=None,
                  profile: str | None = None, remote: Mapping[str, str] | None = None,
-                 token_file: str | None = None) -> OptimizationResult:
+                 token_file: str | None = None, coffea: str | None = None) -> OptimizationResult:
     """The main job: optimise on ``train``, validate before and after on ``validation``, write everything
     (``result.json`` is the returned result's :meth:`~OptimizationResult.to_json`).
 
-    ``workers`` / ``scheduler`` / ``client`` / ``profile`` choose a dask executor (see
+    ``workers`` / ``scheduler`` / ``client`` / ``profile`` choose a dask executor, ``coffea``
+    (``"iterative"``, ``"futures"``, ``"dask"``) coffea's Runner (see
     :func:`jacana.facility.factory.make_executor`); none of them runs in this process.
     """
     from jacana.facility.factory import make_executor
@@ -594,7 +595,7 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
     train_report, val_report = InputReport(on_bad_file), InputReport(on_bad_file)
     executor = make_executor(spec, analysis_chunks(spec, train, settings.chunk_size), workers=workers,
                              scheduler=scheduler, client=client, profile=profile, progress=progress,
-                             report=train_report)
+                             report=train_report, coffea=coffea, fileset=train, chunk_size=settings.chunk_size)
     store = ColumnStore(spec)
 
     def validate(analysis: AnalysisSpec, what: str) -> dict:

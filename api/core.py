@@ -224,7 +224,7 @@ def optimize(analysis: AnalysisSpec | str | Path | None, fileset: str | Path | M
              out: str | Path | None = None, resume: bool = False, progress: bool = True, plots: bool | None = None,
              impacts: bool = True, on_bad_file: str = "fail", client=None, workers: int | None = None,
              scheduler: str | None = None, profile: str | None = None, remote: Mapping[str, str] | None = None,
-             token_file: str | None = None, **options: Any) -> OptimizationResult:
+             token_file: str | None = None, coffea: str | None = None, **options: Any) -> OptimizationResult:
     """Optimise ``analysis`` end to end on ``fileset``, validating before and after with the hard analysis
     and pyhf on ``validation`` (None: every other file of ``fileset`` is held out).
 
@@ -232,7 +232,8 @@ def optimize(analysis: AnalysisSpec | str | Path | None, fileset: str | Path | M
     ``free``, ``binning``, ``nn``, ...), on top of ``settings`` if given. ``out``: a folder for
     ``result.json``, ``params.json``, the workspace, histograms, checkpoint and (``plots``, default on
     with a folder) plots; None: nothing is kept (a temporary folder holds the checkpoint). ``client``,
-    ``workers``, ``scheduler``, ``profile``: run on dask (:func:`jacana.facility.factory.make_executor`).
+    ``workers``, ``scheduler``, ``profile``: run on dask; ``coffea="iterative"|"futures"|"dask"``: every
+    step through coffea's Runner (:func:`jacana.facility.factory.make_executor`).
 
     >>> result = optimize(load_analysis(), "samples/fileset.json", steps=5, progress=False)
     >>> result.params["jet_pt_min"], result.sigma_mu_after / result.sigma_mu_before
@@ -249,7 +250,7 @@ def optimize(analysis: AnalysisSpec | str | Path | None, fileset: str | Path | M
     if held_out is None:
         train, held_out = train.split_alternate()
     run = dict(resume=resume, progress=progress, on_bad_file=on_bad_file, impacts=impacts, workers=workers,
-               scheduler=scheduler, client=client, profile=profile, remote=remote, token_file=token_file)
+               scheduler=scheduler, client=client, profile=profile, remote=remote, token_file=token_file, coffea=coffea)
     if out is not None:
         result = run_optimize(spec, train, held_out, out, run_settings, plots=True if plots is None else plots, **run)
         return OptimizationResult.of_run(result, spec)

@@ -203,7 +203,7 @@ def cmd_optimize(args) -> int:
         return cli_multistart(args, spec, train, validation, settings)
     result = optimize(spec, train, validation, settings=settings, out=args.out, resume=args.resume,
                       progress=not args.quiet, on_bad_file=args.on_bad_file, plots=not args.no_plots,
-                      workers=args.workers, scheduler=args.scheduler, profile=args.profile,
+                      workers=args.workers, scheduler=args.scheduler, profile=args.profile, coffea=args.coffea,
                       remote=remote, token_file=args.token_file)
     out = Path(args.out).resolve()
     b, a = result.sigma_mu_before, result.sigma_mu_after
@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="run on a local dask cluster of N worker processes (default: in this process)")
     p.add_argument("--scheduler", help="run on an existing dask scheduler (e.g. tcp://host:8786)")
+    p.add_argument("--coffea", choices=("iterative", "futures", "dask"), default=None,
+                   help="run every step through coffea's Runner with this executor (futures: --workers processes;"
+                        " each step re-reads the files: for facilities that run coffea, slower than the others)")
     p.add_argument("--profile", help="facility profile: local, coffea-casa, fermilab-eaf, purdue-af, htcondor-gpu,"
                                      " or a YAML path (see docs/facility.md)")
     p.add_argument("--remote-stage", nargs="+", metavar="STAGE=HOST:PORT", default=None,

@@ -156,3 +156,15 @@ def test_coffea_dask_executor_matches_executor(setup):
         cluster.close()
     assert_trees_close(ylds, setup["y0"])
     assert_trees_close(jacs, setup["j0"])
+
+
+def test_make_executor_chooses_coffeas_runner_and_names_what_is_missing():
+    """``jacana optimize --coffea iterative`` goes through make_executor (the CLI's run measured equal to
+    in-process to 5e-13 in the objective: docs/facility.md); bad choices fail before any data is read."""
+    from jacana.facility.factory import make_executor
+    from jacana.stages.spec import load_spec
+
+    with pytest.raises(ValueError, match="coffea must be one of"):
+        make_executor(load_spec(), [], coffea="spark")
+    with pytest.raises(ValueError, match="needs the fileset"):
+        make_executor(load_spec(), [], coffea="iterative")
