@@ -407,6 +407,23 @@ MAX_WARNING_LINES = 10
 
 
 def format_summary(spec: AnalysisSpec, result: Mapping) -> str:
+    def interval_lines(interval: Mapping | None, check: Mapping | None) -> list[str]:
+        """``    profile likelihood interval [0.9300, 1.0800] (-0.0700 +0.0800); finite differences agree to 0.01%``"""
+        parts = []
+        if interval and interval.get("error"):
+            parts.append(f"profile likelihood interval not found: {interval['error']}")
+        elif interval:
+            ends = ", ".join("none inside the bound" if interval.get(k) is None else f"{interval[k]:.4f}"
+                             for k in ("down", "up"))
+            widths = " ".join(f"{sign}{interval[k]:.4f}" for k, sign in (("minus", "-"), ("plus", "+"))
+                              if interval.get(k) is not None)
+            parts.append(f"profile likelihood interval [{ends}]" + (f" ({widths})" if widths else ""))
+        if check and check.get("relative_difference") is not None:
+            parts.append(f"finite differences agree to {100 * check['relative_difference']:.2g}%")
+        elif check:
+            parts.append(f"finite-difference cross-check failed: {check.get('error')}")
+        return [f"    {'; '.join(parts)}"] if parts else []
+
     poi = spec.poi["name"]
     lines = []
     for region, comp in result["regions"].items():
@@ -421,6 +438,7 @@ def format_summary(spec: AnalysisSpec, result: Mapping) -> str:
         source = f" (uncertainty from {fit['uncertainty_from']})" if fit.get("uncertainty_from") else ""
         state = "" if fit.get("converged", True) else " NOT CONVERGED"
         lines.append(f"  fit to pseudo-data{state}: {poi} = {fit['value']:.4f} +/- {fit['uncertainty']:.4f}{source}")
+        lines += interval_lines(fit.get("interval"), fit.get("finite_differences"))
         edm = (fit.get("fit") or {}).get("edm")
         if edm is not None:
             lines.append(f"    edm {edm:.2g}, {len(fit.get('at_bounds', []))} parameters at bounds, "
@@ -428,7 +446,8 @@ def format_summary(spec: AnalysisSpec, result: Mapping) -> str:
         for warning in fit.get("warnings", []) if not fit.get("converged", True) else []:
             lines.append(f"    WARNING: {warning}")
     z0 = f", expected Z0 = {exp['z0']:.1f}" if exp.get("z0") is not None else ""
-    lines.append(f"  expected (Asimov): sigma_{poi} = {exp['sigma_mu']:.4f}{z0}")
+    lines.append(f"  expected (Asimov): sigma_{poi} = {exp['sigma_mu']:.4f} (exact Hessian){z0}")
+    lines += interval_lines(exp.get("interval"), exp.get("finite_differences"))
     check = result.get("workspace_check")
     if check is not None:
         verdict = "passed" if check["passed"] else f"FAILED ({check['problem_count']} problems)"
