@@ -30,3 +30,8 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     assert not errors
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 4
+    sources = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "jacana.evaluate" in sources or "jacana.optimize" in sources  # the notebooks show the Python API
+    if name == "facility.ipynb":  # the dask dashboard's link is printed for the reader to open
+        text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+        assert "dashboard" in text.lower() and "http" in text
