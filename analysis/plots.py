@@ -219,7 +219,8 @@ def _cabinetry_pulls_ranking(workspace: Mapping, staterror: bool) -> dict:
     import cabinetry
 
     model, data = cabinetry.model_utils.model_and_data(dict(workspace))
-    fit = cabinetry.fit.fit(model, data)
+    retried: list[str] = []
+    fit = _fit_with_retry(cabinetry, model, data, None, None, retried, "best fit")
     labels = list(fit.labels)
     poi = model.config.poi_name
     i_poi = labels.index(poi)
@@ -237,8 +238,8 @@ def _cabinetry_pulls_ranking(workspace: Mapping, staterror: bool) -> dict:
                     continue
                 init = [float(v) for v in fit.bestfit]
                 init[i] += sign * float(width)
-                refit = cabinetry.fit.fit(model, data, init_pars=init,
-                                          fix_pars=[f or k == i for k, f in enumerate(fixed)])
+                refit = _fit_with_retry(cabinetry, model, data, init, [f or k == i for k, f in enumerate(fixed)],
+                                        retried, f"{name} {key} {side}")
                 shifts[f"{key}_{side}"] = float(refit.bestfit[i_poi] - fit.bestfit[i_poi])
         impacts.append({"name": name, **shifts})
     centre, width = _widths(model)
@@ -248,7 +249,20 @@ def _cabinetry_pulls_ranking(workspace: Mapping, staterror: bool) -> dict:
     return {"source": "cabinetry", "data": "observations", "poi": poi,
             "poi_fit": {"value": float(fit.bestfit[i_poi]), "uncertainty": float(fit.uncertainty[i_poi]),
                         "twice_nll": float(fit.best_twice_nll)},
-            "pulls": pulls, "impacts": impacts}
+            "pulls": pulls, "impacts": impacts, "strategy_2": retried}
+
+
+def _fit_with_retry(cabinetry, model, data, init, fix, retried: list, what: str):
+    """``cabinetry.fit.fit``, once more with MINUIT's strategy 2 when MIGRAD stops invalid (on the AGC's
+    1M-event workspace one refit of 44 ends with its EDM above the limit at strategy 1 and converges at 2);
+    ``what`` goes into ``retried`` then. A second failure is raised."""
+    import pyhf
+
+    try:
+        return cabinetry.fit.fit(model, data, init_pars=init, fix_pars=fix)
+    except pyhf.exceptions.FailedMinimization:
+        retried.append(what)
+        return cabinetry.fit.fit(model, data, init_pars=init, fix_pars=fix, strategy=2)
 
 
 def _widths(model) -> tuple[np.ndarray, np.ndarray]:

@@ -280,3 +280,26 @@ def test_pulls_and_impacts_on_a_100k_evaluation(tmp_path):
     assert any(i["postfit_up"] is not None for i in made["impacts"])
     result = json.loads((out / "result.json").read_text())
     assert {"pruned", "symmetrized", "smoothed", "settings"} <= set(result["template_hygiene"])
+
+
+def test_a_refit_that_migrad_leaves_invalid_is_retried_at_strategy_2_and_named():
+    """On the main job's 1M workspace one impact refit (btag_0 pre-fit up) ends above MIGRAD's EDM
+    limit at strategy 1 and converges at 2 (jacana evaluate --impacts then stays with cabinetry)."""
+    import pyhf
+
+    from jacana.analysis.plots import _fit_with_retry
+
+    class FakeCabinetry:
+        class fit:
+            calls = []
+
+            @staticmethod
+            def fit(model, data, init_pars=None, fix_pars=None, strategy=None):
+                FakeCabinetry.fit.calls.append(strategy)
+                if strategy != 2:
+                    raise pyhf.exceptions.FailedMinimization(type("R", (), {"message": "EDM above max"})())
+                return "result"
+
+    retried = []
+    assert _fit_with_retry(FakeCabinetry, None, None, [0.0], [False], retried, "btag_0 prefit up") == "result"
+    assert retried == ["btag_0 prefit up"] and FakeCabinetry.fit.calls == [None, 2]
