@@ -6,13 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from collections.abc import Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib import patheffects  # noqa: E402
-import mplhep  # noqa: E402
-import numpy as np  # noqa: E402
+# no matplotlib.use(): it would switch off inline figures in Jupyter (the CLI asks for Agg)
+import matplotlib.pyplot as plt
+from matplotlib import patheffects
+import mplhep
+import numpy as np
 
 from jacana.analysis.plots import save_figure  # noqa: E402
 from jacana.stages.spec import AnalysisSpec  # noqa: E402
