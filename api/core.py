@@ -145,12 +145,15 @@ class EvaluationResult:
 
 
 def evaluate(analysis: AnalysisSpec | str | Path | None, fileset: str | Path | Mapping | Fileset, *,
-             progress: bool = True, on_bad_file: str = "fail", significance: bool = False) -> EvaluationResult:
+             progress: bool = True, on_bad_file: str = "fail", significance: bool = False,
+             available_samples: bool = False) -> EvaluationResult:
     """The analysis with hard cuts on ``fileset``, its pyhf workspace and fit (nothing written).
 
     ``analysis``: an :class:`AnalysisSpec` (:func:`load_analysis`) or a config path (None: the AGC
     config); ``fileset``: anything :func:`load_fileset` takes; ``on_bad_file="skip"`` skips unreadable
-    files (recorded in ``fit["inputs"]``); ``significance`` adds the expected Z0.
+    files (recorded in ``fit["inputs"]``); ``significance`` adds the expected Z0;
+    ``available_samples``: run with the samples and alternative-sample systematics the fileset has
+    (what is left out: ``fit["left_out"]``; the CLI's ``--available-samples``).
 
     >>> ev = evaluate(load_analysis(), "samples/fileset.json", progress=False)
     >>> ev.histograms["4j2b"][{"process": "ttbar", "variation": "nominal"}].values()
@@ -158,7 +161,14 @@ def evaluate(analysis: AnalysisSpec | str | Path | None, fileset: str | Path | M
     from jacana.analysis.evaluate import hard_evaluation
 
     spec, files = _analysis(analysis), load_fileset(fileset)
+    left_out: list[str] = []
+    if available_samples:
+        from jacana.facility.hardrun import restricted_to
+
+        spec, left_out = restricted_to(spec, files)
     evaluation = hard_evaluation(spec, files, progress=progress, on_bad_file=on_bad_file, significance=significance)
+    if left_out:
+        evaluation = {**evaluation, "result": {**evaluation["result"], "left_out": left_out}}
     return EvaluationResult.of(spec, evaluation, files.source)
 
 
@@ -224,7 +234,8 @@ def optimize(analysis: AnalysisSpec | str | Path | None, fileset: str | Path | M
              out: str | Path | None = None, resume: bool = False, progress: bool = True, plots: bool | None = None,
              impacts: bool = True, on_bad_file: str = "fail", client=None, workers: int | None = None,
              scheduler: str | None = None, profile: str | None = None, remote: Mapping[str, str] | None = None,
-             token_file: str | None = None, coffea: str | None = None, **options: Any) -> OptimizationResult:
+             token_file: str | None = None, coffea: str | None = None, available_samples: bool = False,
+             **options: Any) -> OptimizationResult:
     """Optimise ``analysis`` end to end on ``fileset``, validating before and after with the hard analysis
     and pyhf on ``validation`` (None: every other file of ``fileset`` is held out).
 
@@ -233,7 +244,8 @@ def optimize(analysis: AnalysisSpec | str | Path | None, fileset: str | Path | M
     ``result.json``, ``params.json``, the workspace, histograms, checkpoint and (``plots``, default on
     with a folder) plots; None: nothing is kept (a temporary folder holds the checkpoint). ``client``,
     ``workers``, ``scheduler``, ``profile``: run on dask; ``coffea="iterative"|"futures"|"dask"``: every
-    step through coffea's Runner (:func:`jacana.facility.factory.make_executor`).
+    step through coffea's Runner (:func:`jacana.facility.factory.make_executor`); ``available_samples``:
+    only the samples and alternative-sample systematics the filesets have (see :func:`evaluate`).
 
     >>> result = optimize(load_analysis(), "samples/fileset.json", steps=5, progress=False)
     >>> result.params["jet_pt_min"], result.sigma_mu_after / result.sigma_mu_before
@@ -249,6 +261,11 @@ def optimize(analysis: AnalysisSpec | str | Path | None, fileset: str | Path | M
     held_out = load_fileset(validation) if validation is not None else None
     if held_out is None:
         train, held_out = train.split_alternate()
+    if available_samples:  # only what both filesets have (as evaluate(available_samples=True))
+        from jacana.facility.hardrun import restricted_to
+
+        for files in (train, held_out):
+            spec, _ = restricted_to(spec, files)
     run = dict(resume=resume, progress=progress, on_bad_file=on_bad_file, impacts=impacts, workers=workers,
                scheduler=scheduler, client=client, profile=profile, remote=remote, token_file=token_file, coffea=coffea)
     if out is not None:

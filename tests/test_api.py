@@ -213,3 +213,17 @@ def test_optimize_without_an_output_folder(train_validate_20k, tmp_path):
     assert result.optimized_analysis.param_values() == pytest.approx(result.final_params)
     plots = result.plot(tmp_path / "plots")
     assert sorted(p.name for p in plots.values()) == ["objective.png", "parameters.png"]
+
+
+def test_evaluate_with_only_the_samples_a_fileset_has(tiny_fileset):
+    """One's own files rarely hold every sample: available_samples=True leaves the rest out and says so."""
+    full = jacana.load_fileset(tiny_fileset).to_dict()
+    mine = {s: {"nominal": full[s]["nominal"]} for s in ("ttbar", "wjets")}
+    from jacana.stages.errors import FilesetError
+
+    with pytest.raises(FilesetError, match="lacks what the analysis needs"):
+        jacana.evaluate(None, mine, progress=False)
+    ev = jacana.evaluate(None, mine, progress=False, available_samples=True)
+    assert list(ev.histograms["4j1b"].axes["process"]) == ["ttbar", "wjets"]
+    assert "sample single_top_tW (no nominal files)" in ev.fit["left_out"]
+    assert "systematic ttbar_me (no files of ttbar/ME_var)" in ev.fit["left_out"]
