@@ -37,7 +37,8 @@ def load_params_file(path: str | Path) -> tuple[dict, list[str]]:
     layout (``tree``, ``branches``, samples). Every error names the file and the key.
     """
     from jacana.stages.observables.nn import FEATURES, WEIGHT_NAMES
-    from jacana.stages.spec import config_schema, parse_override, shorten
+    from jacana.stages.errors import shorten
+    from jacana.stages.spec import config_schema, parse_override
 
     path = Path(path)
     name = f"params file {str(path)!r}"

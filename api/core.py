@@ -264,8 +264,7 @@ def optimize(analysis: AnalysisSpec | str | Path | None, fileset: str | Path | M
     if available_samples:  # only what both filesets have (as evaluate(available_samples=True))
         from jacana.facility.hardrun import restricted_to
 
-        for files in (train, held_out):
-            spec, _ = restricted_to(spec, files)
+        spec, _ = restricted_to(spec, train, held_out)
     run = dict(resume=resume, progress=progress, on_bad_file=on_bad_file, impacts=impacts, workers=workers,
                scheduler=scheduler, client=client, profile=profile, remote=remote, token_file=token_file, coffea=coffea)
     if out is not None:

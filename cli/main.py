@@ -75,11 +75,8 @@ def _fit_to_filesets(args, spec, *filesets):
     from jacana.samples.synthetic import skim_conflicts
 
     if getattr(args, "available_samples", False):
-        left_out = []
-        for f in filesets:
-            spec, dropped = restricted_to(spec, f)
-            left_out += dropped
-        for line in dict.fromkeys(left_out):
+        spec, left_out = restricted_to(spec, *filesets)
+        for line in left_out:
             print(f"jacana: left out (--available-samples): {line}", file=sys.stderr)
     for line in dict.fromkeys(x for f in filesets for x in skim_conflicts(spec, f)):
         print(f"jacana: WARNING: {line}; results for such cuts miss those events", file=sys.stderr)

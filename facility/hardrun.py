@@ -35,7 +35,17 @@ def analysis_chunks(spec: AnalysisSpec, fileset: Fileset, chunk_size: int = DEFA
     return [c for s in spec.samples for v in spec.file_variations(s) for c in fileset.chunks(s, v, chunk_size)]
 
 
-def restricted_to(spec: AnalysisSpec, fileset: Fileset) -> tuple[AnalysisSpec, list[str]]:
+def restricted_to(spec: AnalysisSpec, *filesets: Fileset) -> tuple[AnalysisSpec, list[str]]:
+    """The analysis with only what every one of ``filesets`` has, and a line per thing left out (each
+    once): see :func:`_restricted_to`."""
+    left_out: list[str] = []
+    for fileset in filesets:
+        spec, dropped = _restricted_to(spec, fileset)
+        left_out += dropped
+    return spec, left_out
+
+
+def _restricted_to(spec: AnalysisSpec, fileset: Fileset) -> tuple[AnalysisSpec, list[str]]:
     """The analysis with only what ``fileset`` has, and a line per thing left out: samples without
     nominal files (and their mentions in normalisation systematics and the pseudo-data), and
     alternative-sample systematics whose files are missing. The POI's sample must be there.

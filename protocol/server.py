@@ -227,6 +227,17 @@ class _Hello:
         self.deadline = deadline
 
 
+
+def _recv_ready(conn: socket.socket, size: int) -> bytes | None:
+    """Up to ``size`` bytes from a non-blocking socket: None if nothing is ready yet, ``b""`` when the
+    peer closed or the connection failed."""
+    try:
+        return conn.recv(size)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
 class StageServer:
     """Serve one stage over TCP. Use as a context manager, or ``start()``/``close()``.
 
@@ -400,12 +411,9 @@ class StageServer:
         if h is None:
             return
         want = FRAME.size - len(h.buf) if h.size is None else FRAME.size + h.size - len(h.buf)
-        try:
-            chunk = conn.recv(want)  # never more than the hello frame: what follows is the next request
-        except (BlockingIOError, InterruptedError):
+        chunk = _recv_ready(conn, want)  # never more than the hello frame: what follows is the next request
+        if chunk is None:
             return
-        except OSError:
-            chunk = b""
         if not chunk:
             self._forget(sel, pending, conn)
             return
@@ -476,12 +484,9 @@ class StageServer:
         sel.register(conn, selectors.EVENT_READ, "linger")
 
     def _drain(self, sel, lingering, conn: socket.socket) -> None:
-        try:
-            more = conn.recv(1 << 16)
-        except (BlockingIOError, InterruptedError):
+        more = _recv_ready(conn, 1 << 16)
+        if more is None:
             return
-        except OSError:
-            more = b""
         if not more:
             self._forget(sel, lingering, conn)
 

@@ -306,7 +306,10 @@ def add_yields(a, b):
     devices (several GPUs) are added on the first one's device, in the same order as on one device."""
     if a is None:
         return b
-    return jax.tree.map(lambda x, y: x + (jax.device_put(y, x.sharding) if _elsewhere(x, y) else y), a, b)
+    first_a, first_b = jax.tree.leaves(a)[0], jax.tree.leaves(b)[0]  # one part's results share a device
+    if _elsewhere(first_a, first_b):
+        b = jax.device_put(b, first_a.sharding)
+    return jax.tree.map(jnp.add, a, b)
 
 
 def _elsewhere(x, y) -> bool:
@@ -389,7 +392,7 @@ def hard_mode_histograms(columns, spec: AnalysisSpec, replicas: np.ndarray | Non
     from jacana.stages.dense import make_dense_batches
     from jacana.stages.reference import event_weight, fill_selected
 
-    config = soft_config(spec)
+    config = spec.definition
     n = len(columns)
     if replicas is not None and (replicas.ndim != 2 or replicas.shape[1] != n):
         raise ValueError(f"{columns.chunk.path}: replicas must be [R, {n}] (one row per replica, one column per"

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-
 from jacana.protocol.errors import JacanaError
+
+#: Characters of a value shown in an error message (a schema error quotes the whole value).
+MAX_SHOWN = 300
+
+
+def shorten(text: str, limit: int = MAX_SHOWN) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
 
 
 class ConfigError(JacanaError, ValueError):

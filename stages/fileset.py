@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from jacana.stages.errors import FilesetError, InputFileError
+from jacana.stages.errors import FilesetError, InputFileError, shorten
 from jacana.stages.rootfile import open_tree
 
 #: Entries one file may claim: a NanoAOD file holds a few million; 10^9 would be about a terabyte.
@@ -150,10 +150,10 @@ def _count(value, what: str, lower: int, upper: int, allow_float: bool = False) 
     float is accepted only where ``allow_float`` and only when integral (coffea metadata).
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise FilesetError(f"{what} must be an integer, got {_show(value)} ({type(value).__name__})")
+        raise FilesetError(f"{what} must be an integer, got {shorten(repr(value), 80)} ({type(value).__name__})")
     if isinstance(value, float):
         if not allow_float or not math.isfinite(value) or not value.is_integer():
-            raise FilesetError(f"{what} must be an integer, got {_show(value)}")
+            raise FilesetError(f"{what} must be an integer, got {shorten(repr(value), 80)}")
         value = int(value)
     if not lower <= value <= upper:
         raise FilesetError(f"{what} must be between {lower:,} and {upper:,}, got {value:,}"
@@ -161,15 +161,9 @@ def _count(value, what: str, lower: int, upper: int, allow_float: bool = False) 
     return value
 
 
-def _show(value, limit: int = 80) -> str:
-    """A value for an error message, cut to ``limit`` characters (a fileset can hold anything)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
-
-
 def _path(value, where: str, base: Path | None) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise FilesetError(f"{where}: 'path' must be a non-empty string, got {_show(value)}")
+        raise FilesetError(f"{where}: 'path' must be a non-empty string, got {shorten(repr(value), 80)}")
     if base is not None and "://" not in value and not Path(value).is_absolute():
         return str((base / value).resolve())
     return value
@@ -177,24 +171,24 @@ def _path(value, where: str, base: Path | None) -> str:
 
 def _key(value, where: str, what: str) -> str:
     if not isinstance(value, str) or not value:
-        raise FilesetError(f"{where}: {what} names must be non-empty strings, got {_show(value)}")
+        raise FilesetError(f"{where}: {what} names must be non-empty strings, got {shorten(repr(value), 80)}")
     return value
 
 
 def _agc_block(block, where: str, base: Path | None) -> tuple[tuple[FileEntry, ...], int]:
     """One (process, variation) of the AGC form: ``{"files": [{"path", "nevts"}], "nevts_total"}``."""
     if not isinstance(block, Mapping) or "files" not in block:
-        raise FilesetError(f"{where}: needs a 'files' list, got {_show(block)}")
+        raise FilesetError(f"{where}: needs a 'files' list, got {shorten(repr(block), 80)}")
     listed = block["files"]
     if not isinstance(listed, list):
         raise FilesetError(f"{where}: 'files' must be a list of {{'path': ..., 'nevts': N}},"
-                           f" got {_show(listed)} ({type(listed).__name__})")
+                           f" got {shorten(repr(listed), 80)} ({type(listed).__name__})")
     files = []
     for i, f in enumerate(listed):
         if isinstance(f, str):
             raise FilesetError(f"{where}: file {i} ({f!r}) needs an event count: {{'path': ..., 'nevts': N}}")
         if not isinstance(f, Mapping) or "path" not in f or "nevts" not in f:
-            raise FilesetError(f"{where}: file {i} must be {{'path': ..., 'nevts': N}}, got {_show(f)}")
+            raise FilesetError(f"{where}: file {i} must be {{'path': ..., 'nevts': N}}, got {shorten(repr(f), 80)}")
         path = _path(f["path"], f"{where}: file {i}", base)
         nevts = _count(f["nevts"], f"{where}: file {f['path']!r}: nevts", 0, MAX_FILE_ENTRIES)
         files.append(FileEntry(path, nevts))
@@ -227,7 +221,7 @@ def _coffea_files(dataset: str, block: Mapping, source: str, base: Path | None) 
         listed = {p: tree for p in listed}
     if not isinstance(listed, Mapping) or not listed:
         raise FilesetError(f"{where}: 'files' must be a non-empty mapping path -> tree name (coffea's form) or"
-                           f" path -> {{'object_path', 'steps', 'num_entries'}} (preprocessed), got {_show(listed)}")
+                           f" path -> {{'object_path', 'steps', 'num_entries'}} (preprocessed), got {shorten(repr(listed), 80)}")
     out = []
     for raw_path, info in listed.items():
         path = _path(raw_path, f"{where}: files", base)
@@ -237,10 +231,10 @@ def _coffea_files(dataset: str, block: Mapping, source: str, base: Path | None) 
             continue
         if not isinstance(info, Mapping):
             raise FilesetError(f"{at}: must map to a tree name or to {{'object_path', 'steps', 'num_entries'}},"
-                               f" got {_show(info)}")
+                               f" got {shorten(repr(info), 80)}")
         object_path = info.get("object_path", tree)
         if not isinstance(object_path, str) or not object_path:
-            raise FilesetError(f"{at}: 'object_path' must be a tree name, got {_show(object_path)}")
+            raise FilesetError(f"{at}: 'object_path' must be a tree name, got {shorten(repr(object_path), 80)}")
         if "num_entries" not in info:
             out.append(FileEntry(path, _entries_in(path, object_path, at)))
             continue
@@ -257,11 +251,11 @@ def _covered(steps, num_entries: int, at: str) -> int:
     if steps is None:
         return num_entries
     if not isinstance(steps, list) or not steps:
-        raise FilesetError(f"{at}: 'steps' must be a list of [start, stop] pairs, got {_show(steps)}")
+        raise FilesetError(f"{at}: 'steps' must be a list of [start, stop] pairs, got {shorten(repr(steps), 80)}")
     stop = 0
     for i, step in enumerate(steps):
         if not (isinstance(step, (list, tuple)) and len(step) == 2):
-            raise FilesetError(f"{at}: steps[{i}] must be [start, stop], got {_show(step)}")
+            raise FilesetError(f"{at}: steps[{i}] must be [start, stop], got {shorten(repr(step), 80)}")
         a = _count(step[0], f"{at}: steps[{i}] start", 0, num_entries)
         b = _count(step[1], f"{at}: steps[{i}] stop", a, num_entries)
         if a != stop:
@@ -295,7 +289,7 @@ def _coffea_metadata(dataset: str, block: Mapping, source: str) -> tuple[str, st
     if md is None:
         md = {}
     if not isinstance(md, Mapping):
-        raise FilesetError(f"{where}: 'metadata' must be a mapping, got {_show(md)}")
+        raise FilesetError(f"{where}: 'metadata' must be a mapping, got {shorten(repr(md), 80)}")
     sample = next((md[k] for k in SAMPLE_KEYS if k in md), None)
     if sample is None:
         raise FilesetError(
@@ -309,7 +303,7 @@ def _coffea_metadata(dataset: str, block: Mapping, source: str) -> tuple[str, st
         nevts = _count(nevts, f"{where}: metadata 'nevts'", 1, MAX_TOTAL_EVENTS, allow_float=True)
     if "xsec" in md and (isinstance(md["xsec"], bool) or not isinstance(md["xsec"], (int, float))
                          or not math.isfinite(md["xsec"]) or md["xsec"] <= 0):
-        raise FilesetError(f"{where}: metadata 'xsec' must be a positive number, got {_show(md['xsec'])}")
+        raise FilesetError(f"{where}: metadata 'xsec' must be a positive number, got {shorten(repr(md['xsec']), 80)}")
     return sample, variation, nevts, dict(md)
 
 
@@ -326,7 +320,7 @@ def _parse_coffea(raw: Mapping, base: Path | None, source: str) -> Fileset:
         dataset = _key(dataset, f"fileset {source}", "dataset")
         if not isinstance(block, Mapping) or "files" not in block:
             raise FilesetError(f"{_where(source, dataset)}: every dataset of a coffea fileset needs 'files'"
-                               f" (the other datasets have it), got {_show(block)}")
+                               f" (the other datasets have it), got {shorten(repr(block), 80)}")
         listed = block["files"]
         if isinstance(listed, list) and listed and all(isinstance(f, Mapping) for f in listed):
             raise FilesetError(f"{_where(source, dataset)}: 'files' lists {{'path', 'nevts'}} entries directly under"
@@ -356,7 +350,7 @@ def parse_fileset(raw: Mapping[str, Any], base: Path | None = None, source: str 
     """
     if not isinstance(raw, Mapping) or not raw:
         raise FilesetError(f"fileset {source}: must be a non-empty mapping process -> variation -> files"
-                           f" (or coffea's dataset -> {{'files', 'metadata'}}), got {_show(raw)}")
+                           f" (or coffea's dataset -> {{'files', 'metadata'}}), got {shorten(repr(raw), 80)}")
     if is_coffea_form(raw):
         return _parse_coffea(raw, base, source)
     entries: dict = {}
@@ -364,7 +358,7 @@ def parse_fileset(raw: Mapping[str, Any], base: Path | None = None, source: str 
         sample = _key(sample, f"fileset {source}", "process")
         if not isinstance(variations, Mapping) or not variations:
             raise FilesetError(f"{_where(source, sample)}: process {sample!r} must map variations to files,"
-                               f" got {_show(variations)}")
+                               f" got {shorten(repr(variations), 80)}")
         entries[sample] = {}
         for variation, block in variations.items():
             variation = _key(variation, _where(source, sample), "variation")

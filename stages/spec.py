@@ -27,7 +27,7 @@ import jsonschema
 import numpy as np
 import yaml
 
-from jacana.stages.errors import ConfigError
+from jacana.stages.errors import MAX_SHOWN, ConfigError, shorten
 from jacana.stages.registry import import_plugins
 from jacana.stages.systematics import SYSTEMATICS
 
@@ -75,8 +75,6 @@ MAX_YAML_BYTES = 4 * 2**20
 #: Values after every alias is expanded: an alias bomb ("billion laughs") is a few lines that
 #: expand to billions, which the schema check and error messages would then walk (1.8 GB, > 60 s).
 MAX_YAML_NODES = 200_000
-#: Characters of a value shown in an error message (a schema error quotes the whole value).
-MAX_SHOWN = 300
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -154,11 +152,6 @@ def read_yaml_file(path: str | Path, what: str = "analysis config") -> Any:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return load_yaml(text, name)
-
-
-def shorten(text: str, limit: int = MAX_SHOWN) -> str:
-    """``text`` cut to ``limit`` characters, saying how much was left out."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
 
 
 def config_schema(general: bool = False) -> dict:

@@ -11,7 +11,6 @@ import json
 import os
 import select
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -27,17 +26,9 @@ from jacana.protocol.rpc import RemoteStage, conform
 from jacana.protocol.server import HELLO_MAX_BYTES, MAX_TOKEN_FILE_BYTES, StageServer, TcpTransport, load_token
 from jacana.protocol.stage import JaxStage, Stage, StageSpec, TensorSpec
 from jacana.protocol.transport import frame, read_frame
+from test_protocol_server import X, server_stage as poly_stage  # the same y = a x^2 + b x stage
 
 TOKEN = "limits-token-0123456789abcdef"
-X = np.linspace(-1, 1, 8).astype(np.float32)
-
-
-def poly_stage():
-    return JaxStage(lambda p, i: {"y": p["a"] * i["x"] ** 2 + p["b"] * i["x"]},
-                    {"a": np.float32(1), "b": np.float32(0)}, {"x": X}, stage_id="poly",
-                    differentiable_inputs=["x"])
-
-
 PARAMS = {"a": np.float32(1.5), "b": np.float32(-0.5)}
 
 
