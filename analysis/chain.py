@@ -97,6 +97,18 @@ class AnalysisChain:
     def loss(self, params: Mapping, relax: Mapping) -> float:
         return float(np.asarray(self.pipeline.apply(params_inputs(params), relax_inputs(relax))[OUTPUT]))
 
+    @property
+    def soft_model(self) -> dict | None:
+        """The objective's fixed model structure, once built: ``{"pruned": [{"region", "sample",
+        "modifier", "type"}], "decided_from"}`` (the template hygiene's pruning); None for a remote
+        objective stage or before the first pass."""
+        sensitivity = getattr(self.objective, "sensitivity", None)
+        if sensitivity is None:
+            return None
+        pruned = [dict(zip(("region", "sample", "modifier", "type"), key)) for key in sorted(sensitivity.pruned)]
+        return {"pruned": pruned,
+                "decided_from": "the soft yields of the training events at the first pass (widest relaxation)"}
+
     def template(self, params: Mapping, relax: Mapping) -> None:
         """Fix the objective's model structure from the yields at ``params`` (no gradient)."""
         stage = self.pipeline.stages[0]

@@ -633,6 +633,7 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
         events={"train": executor.n_events, "validation_fileset": validation.source, "train_fileset": train.source},
         inputs={"train": train_report.to_dict(), "validation": val_report.to_dict()},
         seconds=time.perf_counter() - t_start,
+        soft_model=opt.chain.soft_model if opt.chain is not None else None,
         complete_params=params_to_json(final),
         overrides=nn_overrides(settings.nn_region, settings.nn_bins) if settings.nn else [],
         source=str(out / "result.json"),

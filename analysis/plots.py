@@ -212,8 +212,10 @@ def _cabinetry_pulls_ranking(workspace: Mapping, staterror: bool) -> dict:
     The impacts follow ``cabinetry.fit.ranking``'s procedure (each parameter fixed at its best fit
     +- its pre-fit and post-fit uncertainty, every other one profiled, with ``cabinetry.fit.fit``)
     over the nuisance parameters only, staterror gammas too when ``staterror`` (one per bin: they
-    would dominate the time), and with the refits started from the best fit (cabinetry starts them
-    from the nominal point, from which MINUIT wanders into negative rates on sparse templates).
+    would dominate the time), with the refits started from the best fit (cabinetry starts them
+    from the nominal point, from which MINUIT wanders into negative rates on sparse templates, or
+    stops early in the valley of the normalisation parameters: docs/statistics.md), and with each
+    shift stopped at the parameter's bound (``clipped_at_bounds``).
     Raises what cabinetry raises (``FailedMinimization``) when a fit fails.
     """
     import cabinetry
@@ -226,7 +228,8 @@ def _cabinetry_pulls_ranking(workspace: Mapping, staterror: bool) -> dict:
     i_poi = labels.index(poi)
     prefit = cabinetry.model_utils.prefit_uncertainties(model)
     fixed = list(model.config.suggested_fixed())
-    impacts = []
+    bounds = model.config.suggested_bounds()
+    impacts, clipped = [], []
     for i, name in enumerate(labels):
         if i == i_poi or fixed[i] or (name.startswith("staterror") and not staterror):
             continue
@@ -237,7 +240,12 @@ def _cabinetry_pulls_ranking(workspace: Mapping, staterror: bool) -> dict:
                     shifts[f"{key}_{side}"] = 0.0
                     continue
                 init = [float(v) for v in fit.bestfit]
-                init[i] += sign * float(width)
+                # a gamma whose MC-statistical uncertainty exceeds 100% would be shifted below its bound,
+                # which pyhf refuses (cabinetry 0.6 raises there): the shift stops at the bound, and is named
+                wanted = init[i] + sign * float(width)
+                init[i] = min(max(wanted, bounds[i][0]), bounds[i][1])
+                if init[i] != wanted:
+                    clipped.append(f"{name} {key} {side}: {wanted:.4g} -> {init[i]:.4g}")
                 refit = _fit_with_retry(cabinetry, model, data, init, [f or k == i for k, f in enumerate(fixed)],
                                         retried, f"{name} {key} {side}")
                 shifts[f"{key}_{side}"] = float(refit.bestfit[i_poi] - fit.bestfit[i_poi])
@@ -249,7 +257,7 @@ def _cabinetry_pulls_ranking(workspace: Mapping, staterror: bool) -> dict:
     return {"source": "cabinetry", "data": "observations", "poi": poi,
             "poi_fit": {"value": float(fit.bestfit[i_poi]), "uncertainty": float(fit.uncertainty[i_poi]),
                         "twice_nll": float(fit.best_twice_nll)},
-            "pulls": pulls, "impacts": impacts, "strategy_2": retried}
+            "pulls": pulls, "impacts": impacts, "strategy_2": retried, "clipped_at_bounds": clipped}
 
 
 def _fit_with_retry(cabinetry, model, data, init, fix, retried: list, what: str):

@@ -95,6 +95,8 @@ class OptimizationResult:
     inputs: dict | None = None
     seconds: float | None = None
     plots: dict[str, str] | None = None
+    # the soft objective's model structure: the template hygiene's pruning, decided once at the start
+    soft_model: dict | None = None
     # not in result.json: params.json's (the complete optimum, with the network weights) and where it came from
     complete_params: dict[str, Any] | None = None
     overrides: list[str] = dataclasses.field(default_factory=list)
@@ -145,7 +147,7 @@ class OptimizationResult:
             out["validation"] = {"before": self.before, "after": self.after,
                                  "sigma_mu_ratio_after_over_before": self.sigma_mu_ratio}
         for key, value in (("settings", self.settings), ("events", self.events), ("inputs", self.inputs),
-                           ("seconds", self.seconds), ("plots", self.plots)):
+                           ("seconds", self.seconds), ("soft_model", self.soft_model), ("plots", self.plots)):
             if value is not None:
                 out[key] = value
         return out
@@ -179,7 +181,8 @@ class OptimizationResult:
                    history=list(raw.get("history") or []), final_objective=raw.get("final_objective"),
                    passes=recorded_passes(raw), before=before, after=after, sigma_mu_ratio=ratio,
                    settings=raw.get("settings"), events=raw.get("events"), inputs=raw.get("inputs"),
-                   seconds=raw.get("seconds"), plots=raw.get("plots"), complete_params=complete_params,
+                   seconds=raw.get("seconds"), soft_model=raw.get("soft_model"), plots=raw.get("plots"),
+                   complete_params=complete_params,
                    overrides=overrides, source=None if source is None else str(source))
 
     @classmethod

@@ -64,6 +64,11 @@ def test_outputs(optimized):
     assert result["validation"]["before"]["params"] == result["initial_params"]
     assert result["validation"]["after"]["params"] == pytest.approx(result["final_params"])
     assert result["final_params"] != result["initial_params"]
+    soft = result["soft_model"]  # the soft objective's fixed pruning decision is recorded
+    assert "first pass" in soft["decided_from"]
+    spec = load_spec()
+    for m in soft["pruned"]:
+        assert m["region"] in spec.regions and m["sample"] in spec.samples and m["type"] in ("normsys", "histosys")
     for name, value in result["final_params"].items():
         p = load_spec().parameters[name]
         assert p.lower <= value <= p.upper

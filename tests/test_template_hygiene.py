@@ -303,3 +303,23 @@ def test_a_refit_that_migrad_leaves_invalid_is_retried_at_strategy_2_and_named()
     retried = []
     assert _fit_with_retry(FakeCabinetry, None, None, [0.0], [False], retried, "btag_0 prefit up") == "result"
     assert retried == ["btag_0 prefit up"] and FakeCabinetry.fit.calls == [None, 2]
+
+
+def test_impacts_stop_a_gammas_shift_at_its_bound(tmp_path):
+    """A bin whose MC-statistical uncertainty exceeds its content (150 %): its gamma's pre-fit down shift
+    (1 - 1.5 < 0) would leave the gamma's bounds, which pyhf refuses (cabinetry 0.6 raises there); jacana's
+    impacts stop it at the bound, name it, and the refit is valid."""
+    pytest.importorskip("cabinetry")
+    from jacana.analysis.plots import pulls_and_ranking
+
+    spec = spec_with(keep=("lumi",))
+    hists = make_hists(spec)
+    for sample in spec.samples:
+        h = hists["4j2b"][sample][NOMINAL]
+        h["sumw2"] = np.array(h["sumw2"])
+        h["sumw2"][0] = (1.5 * h["sumw"][0]) ** 2
+    made = pulls_and_ranking(build_workspace(spec, hists), tmp_path, staterror=True)
+    assert made["source"] == "cabinetry", made["why"]
+    assert [c.split(":")[0] for c in made["clipped_at_bounds"]] == ["staterror_4j2b[0] prefit down"]
+    row = next(i for i in made["impacts"] if i["name"] == "staterror_4j2b[0]")
+    assert all(np.isfinite(row[k]) for k in ("prefit_up", "prefit_down", "postfit_up", "postfit_down"))
