@@ -22,6 +22,7 @@ from jacana.stages.stats.workspace import (
     channels_to_yields,
     pruning_decisions,
     roughness,
+    smooth_ratio,
     smoothed_variation,
     template_hygiene,
 )
@@ -188,6 +189,74 @@ def test_soft_likelihood_gets_the_same_modifiers():
     assert wjets == {"jer"}  # jer stays a parameter (other samples carry it)
     soft = objective.model.check_yields(objective.model_yields(jax.tree.map(jnp.asarray, template)))
     assert "jer" not in soft["4j2b"]["wjets"]["modifiers"]
+
+
+# (input, ROOT 6.40's TH1::SmoothArray(n, x, 1) of it), printed with repr: short arrays, ties from
+# rounding, a plateau, a monotone array and one with negative bins (then ROOT does not floor at 0)
+ROOT_SMOOTHED = [
+    ([1.0, 1.2, 0.9],
+     [1.0, 1.0, 1.0]),
+    ([0.97, 1.04, 1.04, 0.99],
+     [1.04, 1.04, 1.04, 1.04]),
+    ([1.0324, 1.0235, 0.9678, 0.9411, 0.9928],
+     [1.0324, 1.00831875, 0.97128125, 0.9538749999999999, 0.9538749999999999]),
+    ([1.02, 0.98, 0.98, 0.98, 1.05, 1.01, 1.01],
+     [0.98, 0.98, 0.98, 0.9875, 1.0025, 1.01, 1.01]),
+    ([1.06, 1.07, 1.05, 1.02, 1.08, 1.06, 0.99, 0.95, 0.98, 0.98, 1.03],
+     [1.06, 1.06, 1.06, 1.0550000000000002, 1.045, 1.0275, 1.0, 0.9825, 0.98, 0.98, 0.98]),
+    ([0.8, 0.85, 0.9, 0.93, 0.97, 1.0, 1.02, 1.05, 1.1, 1.12, 1.2],
+     [0.8, 0.85, 0.8959375, 0.9355208333333334, 0.9713541666666666, 0.9986458333333332, 1.0189583333333332,
+      1.049791666666667, 1.0914583333333334, 1.13625, 1.1925000000000001]),
+    ([0.91, 0.99, 1.08, 0.95, 0.96, 1.0, 0.93, 0.99, 1.0, 1.0, 0.95, 0.98, 1.03, 0.96, 1.03, 1.03, 0.93, 0.97,
+      1.03, 1.02, 1.01, 0.98, 1.01, 1.09, 0.99],
+     [0.99, 0.99, 0.98375, 0.9687499999999999, 0.96, 0.9700000000000001, 0.9874999999999999, 0.99625, 0.99875,
+      0.9974999999999999, 0.9922222222222222, 0.991111111111111, 0.9988888888888888, 1.0150000000000001, 1.03,
+      1.0266666666666668, 1.0108333333333333, 1.0050000000000001, 1.0083333333333333, 1.01, 1.01, 1.01, 1.01,
+      1.01, 1.01]),
+    ([0.058, -0.042, -0.02, 0.065, -0.093, -0.024, -0.061, -0.086, 0.018, 0.124, 0.022, -0.038, -0.145, 0.082,
+      0.021, -0.063, 0.086, 0.157, -0.163, 0.059, 0.085, 0.058, 0.16, 0.063, -0.09],
+     [-0.019999999999999997, -0.02, -0.02, -0.015520833333333334, -0.018413194444444454, -0.04089930555555557,
+      -0.053954861111111106, -0.02682291666666667, 0.018, 0.033625, 0.025312499999999998, 0.0210625, 0.021,
+      0.021, 0.021, 0.0305, 0.049499999999999995, 0.059, 0.059, 0.059, 0.06, 0.062, 0.063, 0.063, 0.063]),
+]
+
+
+@pytest.mark.parametrize("values, root", ROOT_SMOOTHED)
+def test_353h_is_root_smooth(values, root):
+    """``smooth_ratio(x, "353H")`` is ROOT's ``TH1::Smooth()`` (353QH twice, with its end rules and the
+    quadratic interpolation of plateaus), in numpy and in jax, also under jit."""
+    x = np.asarray(values)
+    np.testing.assert_allclose(smooth_ratio(x, "353H"), root, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(smooth_ratio(jnp.asarray(x), "353H", jnp)), root, rtol=0, atol=1e-12)
+    jitted = jax.jit(lambda v: smooth_ratio(v, "353H", jnp))
+    np.testing.assert_allclose(np.asarray(jitted(jnp.asarray(x))), root, rtol=0, atol=1e-12)
+
+
+def test_smoothing_short_arrays_unchanged():
+    """ROOT refuses fewer than 3 bins; they are returned as they are."""
+    for x in (np.array([1.2]), np.array([0.9, 1.3])):
+        for method in ("353H", "median3"):
+            np.testing.assert_array_equal(smooth_ratio(x, method), x)
+
+
+def test_353h_gradient():
+    """The soft-mode gradient of ``353H`` is the derivative of the formulas the medians and tests pick:
+    central differences agree at an array whose first pass interpolates a plateau; with ties (rounded
+    values, where the smoother has no derivative) it stays finite."""
+    from jacana.stages.stats.workspace import _353, _quadratic_plateaus
+
+    rng = np.random.default_rng(11)
+    x, weights = 1.0 + 0.05 * rng.standard_normal(25), rng.standard_normal(25)
+    assert np.any(_quadratic_plateaus(_353(x, np), np) != _353(x, np))
+
+    def f(v, xp=np):
+        return xp.sum(weights * smooth_ratio(v, "353H", xp))
+
+    grad = jax.jit(jax.grad(lambda v: f(v, jnp)))
+    h = 1e-7
+    central = [(f(x + h * e) - f(x - h * e)) / (2 * h) for e in np.eye(x.size)]
+    np.testing.assert_allclose(np.asarray(grad(jnp.asarray(x))), central, atol=1e-6)
+    assert np.all(np.isfinite(np.asarray(grad(jnp.asarray(np.round(x, 2))))))
 
 
 def test_smoothing_reduces_bin_to_bin_fluctuation():

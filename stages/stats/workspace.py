@@ -82,31 +82,116 @@ def _windows(n: int, width: int) -> np.ndarray:
 
 
 def _running_median(x, width: int, xp):
-    """Running median over ``width`` (odd) bins; ``sort`` is differentiable almost everywhere."""
+    """Running median over ``width`` (odd) bins; ``sort`` is differentiable almost everywhere.
+    With width 3 the end bins keep their value (their window is the end bin twice and its neighbour)."""
     return xp.sort(x[_windows(x.shape[0], width)], axis=0)[width // 2]
 
 
-def _353h(x, xp):
-    """Running medians of 3, 5, 3 bins, then a Hanning average (1/4, 1/2, 1/4)."""
-    y = _running_median(_running_median(_running_median(x, 3, xp), 5, xp), 3, xp)
-    return xp.asarray([0.25, 0.5, 0.25]) @ y[_windows(y.shape[0], 3)]
+def _median3(a, b, c, xp):
+    """Median of three scalars (a sort, as the running medians)."""
+    return xp.sort(xp.stack([a, b, c]))[1]
+
+
+def _set_ends(x, first, last, xp):
+    """``x`` with new end values (a concatenation: works on traced arrays)."""
+    return xp.concatenate([xp.reshape(first, (1,)), x[1:-1], xp.reshape(last, (1,))])
+
+
+def _extrapolate(a, b):
+    """``3 a - 2 b`` rounded as ROOT does (``3 a`` first). Written ``(a + 2 a) - 2 b``: the same double, since
+    ``2 a`` and ``2 b`` are exact, but XLA cannot fuse it into one FMA, which rounds ``3 a - 2 b`` only once;
+    that last bit decides ties in the end rule and the plateau test."""
+    return (a + 2.0 * a) - 2.0 * b
+
+
+def _divide(a, divisor: float, xp):
+    """``a / divisor`` rounded as in ROOT. XLA would multiply by the rounded reciprocal instead (an ulp off
+    at times, enough to break a tie in the second pass), so with jax this is
+    :func:`jacana.stages.observables.objects.exact_divide`."""
+    if xp is np:
+        return a / divisor
+    from jacana.stages.observables.objects import exact_divide
+    return exact_divide(a, divisor)
+
+
+def _353(x, xp):
+    """Friedman's running medians of 3, 5 and 3 bins with ROOT's (HBOOK's) end rules."""
+    n = x.shape[0]
+    # median of 3; an end bin then takes the median of itself, its neighbour and the neighbour's
+    # straight-line extrapolation from the next bin (the first end is done before the last one, which
+    # matters for 3 bins, where the last end's rule sees the first end's new value)
+    z = _running_median(x, 3, xp)
+    first = _median3(z[1], z[0], _extrapolate(z[1], z[2]), xp)
+    z = _set_ends(z, first, z[-1], xp)
+    z = _set_ends(z, first, _median3(z[-2], z[-1], _extrapolate(z[-2], z[-3]), xp), xp)
+    # median of 5 where the window fits, of 3 on the bins next to the ends; the end bins stay
+    five = (np.arange(n) >= 2) & (np.arange(n) <= n - 3)
+    z = xp.where(five, _running_median(z, 5, xp), _running_median(z, 3, xp))
+    # median of 3 again; the end bins stay
+    return _running_median(z, 3, xp)
+
+
+def _quadratic_plateaus(z, xp):
+    """ROOT's "quadratic interpolation for flat segments", which restores part of a peak or dip the
+    medians flattened. Bin ``i`` is a plateau centre when bins ``i-1, i, i+1`` are equal and ``z[i-2]``,
+    ``z[i+2]`` both lie above or both below them. Of those two, ``far`` is the one farther from the plateau
+    (``z[i-2]`` on a tie) and ``near`` the other; bin ``i`` becomes ``-far/2 + z[i]/0.75 + near/6`` and its
+    neighbour on the ``near`` side ``z[i] + (near - far)/2``. Plateau centres are at least 3 bins apart, so
+    the replacements never overlap. The tests only pick which linear formula applies (``where``), so the
+    gradient is that of the chosen one."""
+    n = z.shape[0]
+    if n < 5:
+        return z
+    c = np.arange(2, n - 2)  # candidate centres: two bins on each side
+    zm2, zm1, z0, zp1, zp2 = (z[c + k] for k in (-2, -1, 0, 1, 2))
+    flat = (zm1 == z0) & (z0 == zp1) & ((zm2 - z0) * (zp2 - z0) > 0)
+    near_right = xp.abs(zp2 - z0) <= xp.abs(zm2 - z0)
+    far, near = xp.where(near_right, zm2, zp2), xp.where(near_right, zp2, zm2)
+    centre = -0.5 * far + _divide(z0, 0.75, xp) + _divide(near, 6.0, xp)
+    side = 0.5 * (near - far) + z0
+
+    def at(values, mask, shift):
+        """Full-length ``(mask, values)`` with the centres' ``values``/``mask`` on bin ``centre + shift``."""
+        lead, tail = 2 + shift, 2 - shift
+        return (xp.concatenate([xp.zeros(lead, bool), mask, xp.zeros(tail, bool)]),
+                xp.concatenate([z[:lead], values, z[n - tail:]]))
+
+    out = z
+    for values, mask, shift in ((centre, flat, 0), (side, flat & near_right, 1), (side, flat & ~near_right, -1)):
+        replaced, full = at(values, mask, shift)
+        out = xp.where(replaced, full, out)
+    return out
+
+
+def _hanning(y, xp):
+    """Weights 1/4, 1/2, 1/4 on the inner bins (in ROOT's order of additions); the end bins stay."""
+    w = y[_windows(y.shape[0], 3)]
+    inner = (np.arange(y.shape[0]) > 0) & (np.arange(y.shape[0]) < y.shape[0] - 1)
+    return xp.where(inner, 0.25 * w[0] + 0.5 * w[1] + 0.25 * w[2], y)
+
+
+def _353qh(x, xp):
+    """One 353QH pass: running medians 3, 5, 3, the plateaus' quadratic interpolation, Hanning."""
+    return _hanning(_quadratic_plateaus(_353(x, xp), xp), xp)
 
 
 def smooth_ratio(ratio, method: str, xp=np):
     """Smooth a variation's ratio to the nominal over the bins.
 
-    ``"353H"``: ROOT's ``TH1::Smooth`` recipe (353QH, twice) without the quadratic-interpolation
-    step: running medians of 3, 5 and 3 bins and a Hanning average, then "twicing" (the same
-    smoother applied to the residuals and added back). ``"median3"``: one running median of 3 bins.
-    The end bins see their own value repeated. Fewer than 3 bins are returned unchanged.
+    ``"353H"``: ROOT's ``TH1::Smooth()`` (``TH1::SmoothArray(n, x, 1)``, HBOOK's ``hsmoof``), J. Friedman's
+    353QH twice: running medians of 3, 5 and 3 bins, the quadratic interpolation of 3-bin plateaus and a
+    Hanning average, then "twicing" (the same smoother applied to the residuals and added back); the
+    result is floored at 0 unless the input has a negative bin. ``"median3"``: one running median of 3
+    bins, the end bins kept. Fewer than 3 bins are returned unchanged (ROOT refuses them).
     """
     if method == "none" or ratio.shape[0] < 3:
         return ratio
     if method == "median3":
         return _running_median(ratio, 3, xp)
     if method == "353H":
-        first = _353h(ratio, xp)
-        return first + _353h(ratio - first, xp)
+        first = _353qh(ratio, xp)
+        out = first + _353qh(ratio - first, xp)
+        return xp.where(xp.min(ratio) < 0, out, xp.maximum(out, 0.0))
     raise ConfigError(f"unknown smoothing method {method!r}; choose from {list(SMOOTHING_METHODS)}")
 
 
