@@ -126,8 +126,10 @@ def cmd_evaluate(args) -> int:
             from jacana.analysis.plots import pulls_and_ranking
 
             ranked = pulls_and_ranking(evaluation.workspace, plot_dir)
+            notes = [ranked["why"]] if ranked["why"] else []
+            notes += [f"refit failed, its impact left out: {f}" for f in ranked.get("failed_refits", [])]
             print(f"jacana: pulls and impacts ({ranked['source']}) in {plot_dir}: pulls.png, ranking.png, impacts.json"
-                  + (f"\n  WARNING: {ranked['why']}" if ranked["why"] else ""))
+                  + "".join(f"\n  WARNING: {n}" for n in notes))
     return 0
 
 

@@ -392,3 +392,36 @@ def test_impacts_stop_a_gammas_shift_at_its_bound(tmp_path):
     assert [c.split(":")[0] for c in made["clipped_at_bounds"]] == ["staterror_4j2b[0] prefit down"]
     row = next(i for i in made["impacts"] if i["name"] == "staterror_4j2b[0]")
     assert all(np.isfinite(row[k]) for k in ("prefit_up", "prefit_down", "postfit_up", "postfit_down"))
+
+
+def test_a_failed_refit_leaves_only_its_impact_unknown(tmp_path, monkeypatch):
+    """One refit MINUIT cannot finish (at strategy 1 nor 2): its impact is None and named, the others stay
+    cabinetry's, and the ranking plot is drawn without it."""
+    cabinetry = pytest.importorskip("cabinetry")
+    from pyhf.exceptions import FailedMinimization
+
+    from jacana.analysis.plots import pulls_and_ranking
+
+    spec = spec_with(keep=("jes", "lumi", "ttbar_ps"))
+    ws = without_staterror(build_workspace(spec, make_hists(spec)))
+    real_fit = cabinetry.fit.fit
+    calls = []
+
+    def failing_for_lumi_up(model, data, init_pars=None, fix_pars=None, **kwargs):
+        i = model.config.par_names.index("lumi")
+        if fix_pars is not None and fix_pars[i] and init_pars[i] > 0.5:
+            calls.append(kwargs.get("strategy"))
+            if len(calls) <= 2:  # the first such refit (pre-fit +1 sigma) and its strategy-2 retry
+                raise FailedMinimization(type("Result", (), {"message": "Call limit was reached."})())
+        return real_fit(model, data, init_pars=init_pars, fix_pars=fix_pars, **kwargs)
+
+    monkeypatch.setattr(cabinetry.fit, "fit", failing_for_lumi_up)
+    made = pulls_and_ranking(ws, tmp_path)
+    assert made["source"] == "cabinetry" and made["why"] is None
+    assert [f.split(":")[0] for f in made["failed_refits"]] == ["lumi prefit up"]
+    assert made["strategy_2"] == ["lumi prefit up"] and calls[:2] == [None, 2]  # retried once at strategy 2
+    rows = {r["name"]: r for r in made["impacts"]}
+    assert rows["lumi"]["prefit_up"] is None and np.isfinite(rows["lumi"]["prefit_down"])
+    assert all(np.isfinite(rows[n][k]) for n in ("jes", "ttbar_ps")
+               for k in ("prefit_up", "prefit_down", "postfit_up", "postfit_down"))
+    assert (tmp_path / "ranking.png").stat().st_size > 0
