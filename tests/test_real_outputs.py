@@ -86,7 +86,6 @@ def test_sigma_mu_equals_pyhfs_profile_likelihood_scan(outputs, which):
     """The profile interval's crossings equal pyhf's scan on every output; sigma_mu (the exact Hessian's)
     to 1 % where the model converges (the sparse 100k evaluation's comes from the Fisher information)."""
     from jacana.bench.likelihood import pyhf_profile_scan
-
     from jacana.stages.stats.inference import numpy_backend
 
     result = outputs[which]["result"]
