@@ -77,3 +77,106 @@ def test_deviation_metrics():
     assert jacobian_deviation(jac, jac) == 0.0
     # parameter "e", component 0: its row (the bins) has largest entry 1.0 and deviation 0.5
     assert jacobian_deviation(bad, jac) == pytest.approx(0.5)
+
+
+def test_float32_m_bjj_keeps_improbable_high_pt_trijets():
+    """A jet 48 sigma outside a cut (selection probability 1.4e-21) with 200 GeV more pT than the others
+    still takes part in the soft m_bjj choice through exp(pT / T): float32 must choose as float64 does.
+    (With a dtype-dependent weight floor, float32 dropped it: m_bjj 110 GeV instead of 996 GeV. On the
+    synthetic samples such events made float32 miss the 1e-5 yields target at 250k events.)"""
+    import jax
+    import jax.numpy as jnp
+
+    from jacana.stages.observables.kinematics import soft_mbjj
+    from jacana.stages.selection.soft import soft_step
+
+    rng = np.random.default_rng(21)
+    pt = np.array([300.0, 91.0, 65.5, 47.3, 31.4, 27.7, 25.8, 24.3])
+    eta = np.concatenate([[2.4 + 48 * 0.05], rng.uniform(-2, 2, 7)])  # the first jet fails |eta| < 2.4 by 48 sigma
+    phi, mass = rng.uniform(-3, 3, 8), rng.uniform(4, 12, 8)
+    btag = np.array([0.0, 0.0, 0.1, 0.6, 0.1, 0.3, 0.99, 0.7])
+
+    def m_bjj(theta, dtype, keep=np.ones(8)):
+        cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+        p = soft_step(cast(pt), theta[0], 2.0) * soft_step(theta[1], jnp.abs(cast(eta)), 0.05) * cast(keep)
+        q = soft_step(cast(btag), theta[2], 0.02)
+        return soft_mbjj(cast(pt), cast(np.cos(phi)), cast(np.sin(phi)), cast(np.sinh(eta)), cast(mass), p, q,
+                         jnp.asarray(5.0, dtype))
+
+    def both(dtype):
+        theta = jnp.asarray([25.0, 2.4, 0.5], dtype)
+        return float(m_bjj(theta, dtype)), np.asarray(jax.jacfwd(m_bjj)(theta, dtype), np.float64)
+
+    (m64, g64), (m32, g32) = both(jnp.float64), both(jnp.float32)
+    without = float(m_bjj(jnp.asarray([25.0, 2.4, 0.5]), jnp.float64, np.arange(8) > 0))  # the first jet removed
+    assert m64 > 2 * without  # the improbable trijets dominate in float64
+    # float32's own rounding of log weights near -48 (4e-6) on a 110 / 996 GeV mixture: 1.7e-5 here
+    assert abs(m32 - m64) <= 1e-4 * m64, (m32, m64)
+    assert np.max(np.abs(g32 - g64)) <= 1e-3 * np.max(np.abs(g64)), (g32, g64)
+
+
+def _dot_precisions(jaxpr) -> list:
+    """The precision of every dot_general in a jaxpr and in the jaxprs nested in its equations."""
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(eqn.params["precision"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, ClosedJaxpr):
+                    out += _dot_precisions(sub.jaxpr)
+                elif isinstance(sub, Jaxpr):
+                    out += _dot_precisions(sub)
+    return out
+
+
+def test_event_matrix_products_ask_for_full_precision(pairs):
+    """Every matrix product of the float32 gradient step asks for HIGHEST precision: JAX's default lets
+    a GPU run float32 products in TF32 (10-bit mantissa), 70x worse against float64 on an H200."""
+    import jax
+
+    from jacana.stages.jacobian import yields_and_jacobian_call
+
+    spec, config, parts = pairs
+    p32, _ = parts["ttbar/nominal"]
+    params, relax = default_params(spec), default_relax(spec)
+    jaxpr = jax.make_jaxpr(lambda p: yields_and_jacobian_call.__wrapped__(p, relax, p32, config))(params)
+    precisions = _dot_precisions(jaxpr.jaxpr)
+    assert len(precisions) >= 6  # the trijet sums, the log weights, the coefficients, the histogram fills
+    highest = jax.lax.Precision.HIGHEST
+    assert all(p is not None and all(q == highest for q in (p if isinstance(p, tuple) else (p,)))
+               for p in precisions), precisions
+
+
+def test_float32_m_bjj_derivatives_stay_finite_when_no_jet_is_likely_tagged():
+    """Every jet 87 sigma below the b-tag cut (q ~ 1e-38, the edge of float32): d m_bjj / d(log N)
+    carries N / (1 - N) ~ 1e38 against tangents ~ q; uncapped it overflowed float32 and made the whole
+    forward-mode Jacobian NaN. Capped, float32 agrees with float64."""
+    import jax
+    import jax.numpy as jnp
+
+    from jacana.stages.observables.kinematics import soft_mbjj
+    from jacana.stages.selection.soft import soft_step
+
+    rng = np.random.default_rng(4)
+    pt = np.array([120.0, 91.0, 65.5, 47.3, 31.4, 27.7, 25.8, 24.3])
+    eta, phi, mass = rng.uniform(-2, 2, 8), rng.uniform(-3, 3, 8), rng.uniform(4, 12, 8)
+    btag = 0.5 - 87.0 * 0.005 + rng.uniform(0, 0.002, 8)
+
+    def m_bjj(theta, dtype):
+        cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+        p = soft_step(cast(pt), theta[0], 2.0) * soft_step(theta[1], jnp.abs(cast(eta)), 0.05)
+        q = soft_step(cast(btag), theta[2], 0.005)
+        return soft_mbjj(cast(pt), cast(np.cos(phi)), cast(np.sin(phi)), cast(np.sinh(eta)), cast(mass), p, q,
+                         jnp.asarray(5.0, dtype))
+
+    out = {}
+    for dtype in (jnp.float64, jnp.float32):
+        theta = jnp.asarray([25.0, 2.4, 0.5], dtype)
+        out[dtype] = (float(m_bjj(theta, dtype)), np.asarray(jax.jacfwd(m_bjj)(theta, dtype), np.float64))
+    (m64, g64), (m32, g32) = out[jnp.float64], out[jnp.float32]
+    assert m64 > 0 and abs(m32 - m64) <= 1e-5 * m64
+    assert np.all(np.isfinite(g32))
+    assert np.max(np.abs(g32 - g64)) <= 1e-3 * np.max(np.abs(g64)), (g32, g64)

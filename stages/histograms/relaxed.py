@@ -31,6 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jacana.stages.observables.kinematics import EXACT
 from jacana.stages.selection.soft import step_cdf
 
 jax.config.update("jax_enable_x64", True)
@@ -85,7 +86,7 @@ def soft_histogram(x, edges, bandwidth, weights=None, weights2=None, flow: bool 
     def body(carry, blk):
         xb, wb, w2b = blk
         m = bin_mass(xb, edges, bandwidth, flow, kernel)
-        return (carry[0] + wb.T @ m, carry[1] + w2b.T @ m), None
+        return (carry[0] + jnp.matmul(wb.T, m, precision=EXACT), carry[1] + jnp.matmul(w2b.T, m, precision=EXACT)), None
 
     init = (jnp.zeros((w.shape[1], nbins), x.dtype), jnp.zeros((w.shape[1], nbins), x.dtype))
     (sumw, sumw2), _ = jax.lax.scan(body, init, (xs, ws, w2s))
@@ -107,11 +108,11 @@ def fill_variations(masses, selection, weight, factors, regions) -> dict:
     for name in regions:
         m, s = masses[name], selection[name]
         w_kin = weight[None, :] * s  # nominal weight, every kinematic variation
-        sumw = [jnp.einsum("vb,vbk->vk", w_kin, m)]
-        sumw2 = [jnp.einsum("vb,vbk->vk", weight[None, :] * w_kin, m)]
+        sumw = [jnp.einsum("vb,vbk->vk", w_kin, m, precision=EXACT)]
+        sumw2 = [jnp.einsum("vb,vbk->vk", weight[None, :] * w_kin, m, precision=EXACT)]
         if wf.shape[1] > 1:  # weight variations on the nominal objects
             wv = wf[:, 1:] * s[0][:, None]
-            sumw.append(wv.T @ m[0])
-            sumw2.append((wf[:, 1:] * wv).T @ m[0])
+            sumw.append(jnp.matmul(wv.T, m[0], precision=EXACT))
+            sumw2.append(jnp.matmul((wf[:, 1:] * wv).T, m[0], precision=EXACT))
         out[name] = (jnp.concatenate(sumw), jnp.concatenate(sumw2))
     return out

@@ -30,6 +30,10 @@ from jacana.stages.selection.soft import safe_scale
 
 jax.config.update("jax_enable_x64", True)
 
+#: Matrix products of event data in full precision: on GPUs, JAX's default lets float32 products run
+#: in TF32 (10-bit mantissa), which made mixed precision 70x worse on an H200 (docs/bench.md, figure 9).
+EXACT = jax.lax.Precision.HIGHEST
+
 
 @lru_cache(maxsize=None)
 def trijet_indices(n_jets: int) -> np.ndarray:
@@ -63,7 +67,7 @@ def trijet_kinematics(pt, cos_phi, sin_phi, sinh_eta, mass):
     """Trijet pT and mass of every trijet: [..., K] -> ([..., T], [..., T])."""
     s = jnp.asarray(trijet_matrix(pt.shape[-1]), pt.dtype)
     four = jnp.stack(jet_p4(pt, cos_phi, sin_phi, sinh_eta, mass), axis=0)  # [4, ..., K]
-    tpx, tpy, tpz, te = four @ s  # the four-vector sums of all trijets (a BLAS matmul)
+    tpx, tpy, tpz, te = jnp.matmul(four, s, precision=EXACT)  # the four-vector sums of all trijets (a BLAS matmul)
     tpt2 = tpx * tpx + tpy * tpy
     m2 = te * te - tpt2 - tpz * tpz
     return jnp.sqrt(tpt2), jnp.sqrt(jnp.maximum(m2, 0.0))
@@ -86,17 +90,17 @@ def soft_argmax_weights(score, weight, temperature):
     return _choose(score, weight, temperature, None)
 
 
-def _weight_floor(dtype) -> float:
-    return 1e-100 if jnp.finfo(dtype).bits >= 64 else 1e-20
-
-
 def _choose(score, weight, temperature, value):
-    """Choice probabilities (``value is None``) or the expected ``value`` under them (last axis)."""
+    """Choice probabilities (``value is None``) or the expected ``value`` under them (last axis).
+
+    The softmax runs in log space, ``log weight + (score - max score) / T`` (as :func:`_mass_terms`),
+    over the candidates of weight above 1e-100 (``LOG_WEIGHT_FLOOR``); the normalisation's derivative
+    cannot overflow.
+    """
     temperature = jnp.asarray(temperature, score.dtype)
-    # Candidates whose weight is below a floor are not candidates: with every weight near the
-    # underflow limit the softmax normalisation's derivative (e / den^2) overflows to inf and
-    # then NaN. Weights are 0 or 1 in the hard limit, so the floor never changes it.
-    valid = weight > _weight_floor(weight.dtype)
+    positive = weight > 0
+    log_weight = jnp.where(positive, jnp.log(jnp.where(positive, weight, 1.0)), -jnp.inf)
+    valid = log_weight > LOG_WEIGHT_FLOOR
     masked = jnp.where(valid, score, -jnp.inf)
     any_valid = jnp.any(valid, axis=-1, keepdims=True)
 
@@ -105,10 +109,11 @@ def _choose(score, weight, temperature, value):
         onehot = ((jnp.arange(score.shape[-1]) == first[..., None]) & any_valid).astype(score.dtype)
         return onehot if value is None else jnp.sum(onehot * value, axis=-1)
 
-    def soft(t):  # weight-restricted softmax, stable (exponent <= 0 for valid candidates)
-        top = jax.lax.stop_gradient(jnp.where(any_valid, jnp.max(masked, axis=-1, keepdims=True), 0.0))
-        expo = jnp.minimum(jnp.where(valid, (score - top) / t, 0.0), 0.0)
-        e = jnp.where(valid, weight * jnp.exp(expo), 0.0)
+    def soft(t):
+        top_score = jnp.where(any_valid, jnp.max(masked, axis=-1, keepdims=True), 0.0)
+        z = jnp.where(valid, log_weight + (score - top_score) / t, -jnp.inf)
+        top = jax.lax.stop_gradient(jnp.where(any_valid, jnp.max(z, axis=-1, keepdims=True), 0.0))
+        e = jnp.where(valid, jnp.exp(jnp.where(valid, z - top, 0.0)), 0.0)
         den = jnp.sum(e, axis=-1, keepdims=True)
         den = jnp.where(den > 0, den, 1.0)
         if value is None:
@@ -126,9 +131,9 @@ def soft_mbjj(pt, cos_phi, sin_phi, sinh_eta, mass, p_sel, q_tag, temperature):
     The trijet weights are computed in log space with matmuls (no gathers, which are slow on
     CPU): ``w_t = exp(sum_{j in t} log p_j) * (1 - exp(sum_{j in t} log(1 - q_j)))``. Logs of
     zero are clamped to ``LOG_ZERO`` (``exp(3 LOG_ZERO) == exp(LOG_ZERO) == 0`` in any float
-    dtype), so hard weights (0 or 1) give exactly 0 or 1 and the hard limit is unchanged. Jets with
-    ``p_j`` below the validity floor get ``LOG_ZERO`` too: every trijet containing one has
-    ``w_t <= p_j`` below the floor and is not a candidate either way.
+    dtype), so hard weights (0 or 1) give exactly 0 or 1 and the hard limit is unchanged. The choice
+    itself is made in log space too (:func:`_mass_terms`), so float32 and float64 choose among the
+    same trijets.
 
     Derivatives (:func:`_expected_mass`, a custom JVP): a tangent of the per-jet logs reaches the
     output through ``sum_j C_j dlog p_j`` with per-jet coefficients ``C`` computed once from the
@@ -141,27 +146,26 @@ def soft_mbjj(pt, cos_phi, sin_phi, sinh_eta, mass, p_sel, q_tag, temperature):
 
 #: log(0) stand-in: exp of it (or of three times it) is exactly 0 in float32 and float64.
 LOG_ZERO = -1000.0
-
+#: A trijet (a candidate) counts when its weight exceeds 1e-100; compared as a log, so float32 and
+#: float64 count the same trijets (float32's own floor would be 1e-38 and 1e-45 for w itself). Below
+#: it, a candidate's share ``w exp(dpT / T)`` is negligible unless dpT / T > 230.
+LOG_WEIGHT_FLOOR = -230.25850929940458
 
 def trijet_log_inputs(p_sel, q_tag):
-    """(log p, log(1 - q)) per jet, ``LOG_ZERO`` where p is below the validity floor / q == 1.
+    """(log p, log(1 - q)) per jet, ``LOG_ZERO`` where p == 0 (not selectable) / q == 1.
 
     The untaken branches are made harmless (``where`` inside and outside) so gradients stay finite.
     """
-    floor = _weight_floor(p_sel.dtype)
-    p_ok = p_sel > floor
+    p_ok = p_sel > 0
     lp = jnp.where(p_ok, jnp.log(jnp.where(p_ok, p_sel, 1.0)), LOG_ZERO)
     q_ok = q_tag < 1.0
     lq = jnp.where(q_ok, jnp.log1p(-jnp.where(q_ok, q_tag, 0.0)), LOG_ZERO)
     return lp, lq
 
 
-def trijet_log_weights(lp, lq):
-    """Trijet weights from per-jet logs: (P_t = prod p, N_t = prod (1 - q), w_t = P_t (1 - N_t))."""
-    s = jnp.asarray(trijet_matrix(lp.shape[-1]), lp.dtype)
-    g = jnp.stack([lp, lq], axis=0) @ s  # [2, ..., T]: one BLAS matmul for both sums
-    big_p, big_n = jnp.exp(g[0]), jnp.exp(g[1])
-    return big_p, big_n, big_p * -jnp.expm1(g[1])
+def _ratio_cap(dtype) -> float:
+    """Largest N / (1 - N) the m_bjj derivatives use: far from overflow after a sum over trijets."""
+    return float(jnp.finfo(dtype).max) * 1e-10
 
 
 def _mass_terms(tpt, tmass, lp, lq, temperature, coefficients: bool, want_pi: bool):
@@ -170,12 +174,23 @@ def _mass_terms(tpt, tmass, lp, lq, temperature, coefficients: bool, want_pi: bo
     Returns ``(out, cp, cq, pi, r)``: ``cp``/``cq`` [..., K] the derivative of ``out`` with respect
     to ``lp``/``lq``; ``pi`` [..., T] the choice probabilities and ``r = pi (m_t - out)`` (the
     derivative with respect to each trijet's log-score); entries not asked for are None.
+
+    The soft choice is a softmax of ``z_t = log w_t + tpt_t / T`` computed in log space from the
+    per-jet log sums, never from ``w_t`` itself: a trijet of weight 1e-21 (a jet 48 sigma outside a
+    cut) still competes through ``exp(tpt / T)``, in float32 as in float64, and the normalisation is
+    at least 1 (its largest term is ``exp(0)``), so its derivatives cannot overflow. Candidates are
+    the trijets with ``log w_t > LOG_WEIGHT_FLOOR``, the same test in every dtype.
     """
-    big_p, big_n, w = trijet_log_weights(lp, lq)
-    valid = w > _weight_floor(w.dtype)
+    s = jnp.asarray(trijet_matrix(lp.shape[-1]), lp.dtype)
+    g = jnp.matmul(jnp.stack([lp, lq], axis=0), s, precision=EXACT)  # [2, ..., T]: sums of log p, log(1 - q)
+    log_p, log_n = g[0], g[1]
+    tagged = log_n < 0  # some jet may be tagged
+    tag = -jnp.expm1(jnp.where(tagged, log_n, -1.0))  # 1 - N_t, > 0 where tagged
+    log_w = jnp.where(tagged, log_p + jnp.log(tag), -jnp.inf)  # log(P_t (1 - N_t))
+    valid = log_w > LOG_WEIGHT_FLOOR
     masked = jnp.where(valid, tpt, -jnp.inf)
     any_valid = jnp.any(valid, axis=-1, keepdims=True)
-    st = jnp.asarray(trijet_matrix(lp.shape[-1]), lp.dtype).T  # [T, K]: trijet -> its jets
+    st = s.T  # [T, K]: trijet -> its jets
     k = lp.shape[-1]
 
     def hard(_):  # first maximum among valid candidates: no derivative through the weights
@@ -185,19 +200,26 @@ def _mass_terms(tpt, tmass, lp, lq, temperature, coefficients: bool, want_pi: bo
         zeros = jnp.zeros(lp.shape[:-1] + (k,), lp.dtype) if coefficients else None
         return out, zeros, zeros, (onehot if want_pi else None), (jnp.zeros_like(tpt) if want_pi else None)
 
-    def soft(t):  # weight-restricted softmax, stable (exponent <= 0 for valid candidates)
-        top = jnp.where(any_valid, jnp.max(masked, axis=-1, keepdims=True), 0.0)
-        expo = jnp.minimum(jnp.where(valid, (tpt - top) / t, 0.0), 0.0)
-        x = jnp.where(valid, jnp.exp(expo), 0.0)
-        e = w * x
+    def soft(t):  # softmax of z = log w + tpt / T over the candidates
+        # the pT difference first (exact), then the log weights: no tpt / T of hundreds to lose digits
+        top_pt = jnp.where(any_valid, jnp.max(masked, axis=-1, keepdims=True), 0.0)
+        score = jnp.where(valid, (tpt - top_pt) / t, 0.0)
+        z = jnp.where(valid, log_w + score, -jnp.inf)
+        top = jax.lax.stop_gradient(jnp.where(any_valid, jnp.max(z, axis=-1, keepdims=True), 0.0))
+        e = jnp.where(valid, jnp.exp(jnp.where(valid, z - top, 0.0)), 0.0)  # w_t exp(score_t) / exp(top)
         den = jnp.sum(e, axis=-1, keepdims=True)
         den = jnp.where(den > 0, den, 1.0)
         out = jnp.sum(e * tmass, axis=-1) / den[..., 0]
         cp = cq = pi = r = None
         if coefficients or want_pi:
             dev = (tmass - out[..., None]) / den  # d out / d e_t
-            # d e_t = e_t dlog P_t - x_t P_t N_t dlog N_t, with dlog P_t = sum_{j in t} dlp_j (same for N)
-            both = jnp.stack([e * dev, -(x * big_p * big_n) * dev], axis=0) @ st  # [2, ..., K]
+            # d e_t = e_t (dlog P_t - N_t / (1 - N_t) dlog N_t), dlog P_t = sum_{j in t} dlp_j (same for N).
+            # N / (1 - N) is large where every jet's tag probability q is tiny, but then so is the
+            # tangent dlog N ~ q / tau: their product stays below e_t / tau. The cap (never reached in
+            # float64, where 1 - N > 1e-100) keeps float32 finite when 1 - N is below ~1e-28.
+            ratio = jnp.minimum((1.0 - tag) / jnp.where(valid, tag, 1.0), _ratio_cap(tag.dtype))
+            e_n = jnp.where(valid, e * ratio, 0.0)
+            both = jnp.matmul(jnp.stack([e * dev, -e_n * dev], axis=0), st, precision=EXACT)  # [2, ..., K]
             cp, cq = both[0], both[1]
             if want_pi:
                 pi = e / den
