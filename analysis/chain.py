@@ -22,6 +22,7 @@ from typing import Mapping
 
 import numpy as np
 
+from jacana.facility import devices
 from jacana.facility.executor import Executor
 from jacana.protocol.pipeline import Pipeline
 from jacana.protocol.rpc import RemoteStage
@@ -116,9 +117,12 @@ class AnalysisChain:
 
 
 def analysis_chain(executor: Executor, objective: str, params_like: Mapping, *, remote: Mapping[str, str] | None = None,
-                   token: str | None = None, token_file: str | None = None) -> AnalysisChain:
-    """The chain of ``executor``'s analysis for ``objective``; ``remote`` replaces stages by served ones."""
-    local = ObjectiveStage(executor.spec, objective)
+                   token: str | None = None, token_file: str | None = None,
+                   likelihood_device: str = "auto") -> AnalysisChain:
+    """The chain of ``executor``'s analysis for ``objective``; ``remote`` replaces stages by served ones.
+    ``likelihood_device``: where the objective runs ("auto": the CPU when the events are on an
+    accelerator; :func:`jacana.facility.devices.likelihood_device`)."""
+    local = ObjectiveStage(executor.spec, objective, device=devices.likelihood_device(likelihood_device))
     stage: Stage = local
     if remote and "objective" in remote:
         stage = connect_remote(remote["objective"], local, token=token, token_file=token_file)

@@ -15,7 +15,9 @@
 #   H. row 9 and more: the float32 (mixed precision) gradient step's deviation from float64 with
 #      jax_default_matmul_precision=$PRECISION (default "highest": no TF32 matrix products), then
 #      at JAX's default precision (what `jacana bench --rows 9` reports), in one process, the
-#      float64 reference from A's cache; the step times under each -> h_precision.json
+#      float64 reference from A's cache; the step times under each -> h_precision.json. Since
+#      a494aab the programs ask for Precision.HIGHEST on their matrix products themselves, so the
+#      two should now agree (before: 3.4e-4 vs 0.023 of a histogram's largest bin at 1M events).
 #   5. `jacana bench --events 1M --rows 5`: streamed pass, device peak memory, 4x vs 1x the
 #      events (two fresh processes) -> r5_row5_float64.json
 #   C. `jacana bench --events 4M --rows 3` (float64): how the throughput scales

@@ -193,6 +193,20 @@ def _pyhf_reference(name, spec, asimov1, asimov0, details: dict | None = None):
     return run
 
 
+def _host_cpu_time(f, tm, y_host, repeats: int) -> float | None:
+    """Median time of the jitted ``value_and_grad`` on the host CPU from host yields, when JAX's default
+    device is an accelerator (None otherwise: it is then the figure itself)."""
+    from jacana.facility.devices import likelihood_device
+
+    cpu = likelihood_device("auto")
+    if cpu is None:
+        return None
+    vg = jax.jit(jax.value_and_grad(lambda yy: f(tm, yy)))
+    run = lambda: vg(jax.device_put(y_host, cpu))  # noqa: E731  (committed to the CPU: runs there)
+    jax.block_until_ready(run())  # compile
+    return _median_time(run, repeats)[0]
+
+
 def bench_likelihood(workspace_spec, repeats: int = 20, pyhf_repeats: int = 3, objectives=None,
                      pyhf_slow_repeats: int = 1) -> dict:
     """Time the jitted ``value_and_grad`` of each objective and pyhf's numpy inference.
@@ -232,6 +246,7 @@ def bench_likelihood(workspace_spec, repeats: int = 20, pyhf_repeats: int = 3, o
         times, (value, grad) = _times(lambda compiled=compiled: compiled(y), repeats)
         t_vg = float(np.median(times))
         t_host, _ = _median_time(lambda compiled=compiled: compiled(y_host), repeats)
+        t_cpu = _host_cpu_time(f, tm, y_host, repeats)
         print(f"  {name}: compiled in {compile_s:.1f} s, v&g {1e3 * t_vg:.3f} ms, "
               f"pyhf {1e3 * t_ref:.1f} ms", flush=True)
         results[name] = {
@@ -241,6 +256,9 @@ def bench_likelihood(workspace_spec, repeats: int = 20, pyhf_repeats: int = 3, o
             "jacana_vg_ms": 1e3 * t_vg,
             "jacana_vg_min_ms": 1e3 * float(np.min(times)),
             "jacana_vg_host_input_ms": 1e3 * t_host,
+            # on an accelerator: the same on the host's CPU, from host yields (the objective stage's
+            # placement, facility.devices.likelihood_device); None on a CPU machine
+            "jacana_vg_cpu_ms": None if t_cpu is None else 1e3 * t_cpu,
             "pyhf_numpy_ms": 1e3 * t_ref,
             "pyhf_repeats": n_ref,
             "pyhf_method": details.get("method", PYHF_METHODS[name]),

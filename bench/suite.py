@@ -566,14 +566,20 @@ def _likelihood_rows(lk: dict) -> list[dict]:
     rows = []
     for id_, name, label in (("7a", "sigma_mu", "sigma_mu"), ("7b", "z0", "Z0")):
         r = lk[name]
-        ratio = r["jacana_vg_ms"] / r["pyhf_numpy_ms"]
+        # with the events on an accelerator the objective stage runs on the host CPU
+        # (facility.devices.likelihood_device): that is the time a step pays
+        ms = r["jacana_vg_ms"] if r.get("jacana_vg_cpu_ms") is None else r["jacana_vg_cpu_ms"]
+        where = "" if r.get("jacana_vg_cpu_ms") is None else (
+            f"; on the host CPU, where the objective runs (on the accelerator {r['jacana_vg_ms']:.3g} ms from"
+            f" device yields, {r['jacana_vg_host_input_ms']:.3g} ms from host yields)")
+        ratio = ms / r["pyhf_numpy_ms"]
         target, met = f"<= {TARGETS['likelihood_over_pyhf']:g}x", ratio <= TARGETS["likelihood_over_pyhf"]
         if r.get("target_ms") is not None:  # the likelihood's own target (stages.bench_likelihood.TARGET_MS)
-            target, met = f"{target}, < {r['target_ms']:g} ms", met and r["jacana_vg_ms"] < r["target_ms"]
-        rows.append(_row(id_, f"likelihood {label}: jitted value_and_grad vs pyhf numpy", r["jacana_vg_ms"],
+            target, met = f"{target}, < {r['target_ms']:g} ms", met and ms < r["target_ms"]
+        rows.append(_row(id_, f"likelihood {label}: jitted value_and_grad vs pyhf numpy", ms,
                          r["pyhf_numpy_ms"], ratio, target, met and r["grad_finite"], "ms",
                          f"{r['workspace']}; {comparison(r)}; compile {r['compile_s']:.1f} s; timed against"
-                         f" {r.get('pyhf_method', 'pyhf numpy')} (the value only)"))
+                         f" {r.get('pyhf_method', 'pyhf numpy')} (the value only){where}"))
     return rows
 
 

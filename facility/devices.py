@@ -92,6 +92,29 @@ def local_devices() -> list:
     return jax.local_devices(backend=platform_of_default_device())
 
 
+#: Where the likelihood (the objective stage) runs: "auto" (the CPU when the events are on an
+#: accelerator), "cpu", or "default" (JAX's default device).
+LIKELIHOOD_DEVICES = ("auto", "cpu", "default")
+
+
+def likelihood_device(choice: str = "auto", platform: str | None = None):
+    """The JAX device for the likelihood, or None for JAX's default device.
+
+    "auto" picks the host CPU when the default device (``platform``, default: JAX's) is an
+    accelerator: the AGC model's ``value_and_grad`` took 2.8 / 10.1 ms (sigma_mu / Z0) on an H200
+    and 1.3 / 5.7 ms on a 2-core CPU (docs/bench.md, rows 7a/7b), and the yields reach the
+    objective as host arrays, so the CPU also saves their copy to the device and the gradient's
+    copy back. On a CPU machine "auto" is the default device.
+    """
+    import jax
+
+    if choice not in LIKELIHOOD_DEVICES:
+        raise ValueError(f"likelihood device must be one of {LIKELIHOOD_DEVICES}, got {choice!r}")
+    if choice == "default" or (choice == "auto" and not is_accelerator(platform or platform_of_default_device())):
+        return None
+    return jax.local_devices(backend=CPU_PLATFORM)[0]
+
+
 def assign_devices(costs, n_devices: int) -> list[int]:
     """Device index for each of the calls with ``costs`` (e.g. events x objects): the largest first,
     each to the least-loaded device (longest-processing-time first: within 4/3 of the best balance).
@@ -111,5 +134,6 @@ def assign_devices(costs, n_devices: int) -> list[int]:
 
 
 __all__ = ["ACCELERATOR_BLOCK_ELEMENTS", "ACCELERATOR_CALL_EVENTS", "ACCELERATOR_MIN_ELEMENTS_PER_EVENT",
-           "BLOCK_ELEMENTS", "CPU_CALL_EVENTS", "CPU_PLATFORM", "block_events_for", "call_events_for",
-           "assign_devices", "is_accelerator", "local_devices", "platform_of_default_device"]
+           "BLOCK_ELEMENTS", "CPU_CALL_EVENTS", "CPU_PLATFORM", "LIKELIHOOD_DEVICES", "block_events_for",
+           "call_events_for", "assign_devices", "is_accelerator", "likelihood_device", "local_devices",
+           "platform_of_default_device"]

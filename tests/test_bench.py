@@ -172,3 +172,17 @@ def test_bench_rows_and_mixed_precision(tmp_path, monkeypatch):
             parse_rows(bad)
     with pytest.raises(ConfigError, match="--dtype"):
         run_bench(10_000, data_dir=tmp_path, progress=False, dtype="float16")
+
+
+def test_likelihood_rows_time_the_host_cpu_when_the_events_are_on_an_accelerator():
+    """On an accelerator the objective stage runs on the host CPU: rows 7a/7b report that time and name
+    the accelerator's beside it; on a CPU machine (no CPU timing) the default device's time."""
+    from jacana.bench.suite import _likelihood_rows
+
+    lk = {"value": 0.1, "pyhf_value": 0.1, "compile_s": 1.0, "jacana_vg_ms": 8.0, "jacana_vg_host_input_ms": 9.0,
+          "pyhf_numpy_ms": 400.0, "speedup": 50.0, "grad_finite": True, "workspace": "w", "target_ms": 5.0}
+    on_gpu = _likelihood_rows({"sigma_mu": dict(lk, jacana_vg_cpu_ms=2.0), "z0": dict(lk, jacana_vg_cpu_ms=6.0)})
+    assert [r["value"] for r in on_gpu] == [2.0, 6.0] and [r["met"] for r in on_gpu] == [True, False]
+    assert "host CPU" in on_gpu[0]["note"] and "8 ms" in on_gpu[0]["note"]
+    on_cpu = _likelihood_rows({"sigma_mu": dict(lk, jacana_vg_cpu_ms=None), "z0": lk})
+    assert [r["value"] for r in on_cpu] == [8.0, 8.0] and "host CPU" not in on_cpu[0]["note"]

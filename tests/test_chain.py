@@ -137,3 +137,23 @@ def test_an_executor_runs_any_additive_stage_on_its_batches(executor):
             assert np.array_equal(scaled[key][region]["sumw"], 2.0 * by_kind["sumw"])
             assert np.array_equal(ys[key][region]["sumw"], 2.0 * yb[key][region]["sumw"])
             assert np.array_equal(js[key][region]["sumw"]["jet_pt_min"], 2.0 * jb[key][region]["sumw"]["jet_pt_min"])
+
+
+def test_the_likelihood_can_run_on_a_chosen_device(executor):
+    """ObjectiveStage(device=...) commits the yields to that device, so its jitted likelihood runs there
+    (the CPU, when the events are on an accelerator: facility.devices.likelihood_device), with the
+    same value and gradient as on JAX's default device."""
+    import jax
+
+    from jacana.stages.soft_stage import params_inputs, relax_inputs
+    from jacana.stages.stats.stage import ObjectiveStage
+
+    params, relax = default_params(executor.spec), default_relax(executor.spec)
+    yields = executor.stage().apply(params_inputs(params), relax_inputs(relax))
+    cpu = jax.local_devices(backend="cpu")[0]
+    default, placed = ObjectiveStage(executor.spec), ObjectiveStage(executor.spec, device=cpu)
+    (v0, g0), (v1, g1) = default.jacobian({}, yields), placed.jacobian({}, yields)
+    assert float(v1["objective"]) == float(v0["objective"]) > 0
+    np.testing.assert_array_equal(g1["objective"], g0["objective"])
+    flat = placed._yields(yields)
+    assert {d for leaf in jax.tree.leaves(flat) for d in leaf.devices()} == {cpu}

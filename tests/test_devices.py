@@ -102,3 +102,15 @@ def test_an_executor_on_two_devices_gives_the_one_device_numbers_bit_for_bit(tmp
     run = subprocess.run([sys.executable, "-c", MULTI_DEVICE], env={**os.environ, "OUT": str(tmp_path)},
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_the_likelihood_runs_on_the_host_when_the_events_are_on_an_accelerator():
+    import jax
+
+    cpu = jax.local_devices(backend="cpu")[0]
+    assert devices.likelihood_device("auto", platform="gpu") == cpu
+    assert devices.likelihood_device("auto", platform="cpu") is None  # JAX's default device: the CPU
+    assert devices.likelihood_device("default", platform="gpu") is None
+    assert devices.likelihood_device("cpu", platform="gpu") == cpu
+    with pytest.raises(ValueError, match="likelihood device"):
+        devices.likelihood_device("tpu")

@@ -44,10 +44,13 @@ class ObjectiveStage(Stage):
     """``objective = f(yields)`` of ``spec``'s statistical model (see the module docstring)."""
 
     def __init__(self, spec: AnalysisSpec, objective: str = "sigma_mu", template: Mapping | None = None,
-                 stage_id: str = STAGE_ID, **objective_options: Any) -> None:
+                 stage_id: str = STAGE_ID, device: Any = None, **objective_options: Any) -> None:
+        """``device``: the JAX device the likelihood runs on (None: JAX's default device). The yields
+        reach the stage as host arrays, so a CPU device costs no transfer (see
+        :func:`jacana.facility.devices.likelihood_device`)."""
         if objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {objective!r}; choose from {sorted(OBJECTIVES)}")
-        self.spec, self.name, self.options = spec, objective, objective_options
+        self.spec, self.name, self.options, self.device = spec, objective, objective_options, device
         self.config = soft_config(spec)
         self.stage_id = stage_id
         inputs = yields_specs(self.config, analysis_keys(spec))
@@ -82,7 +85,8 @@ class ObjectiveStage(Stage):
         flat = {n: np.asarray(inputs[n], np.float64) for n in self._names}
         if self.sensitivity is None:
             self._build(flat)
-        return flat
+        # committed to the stage's device, the jitted likelihood runs there
+        return flat if self.device is None else jax.device_put(flat, self.device)
 
     def apply(self, params: Arrays, inputs: Arrays) -> dict[str, np.ndarray]:
         flat = self._yields(inputs)  # first: the first yields seen build the model
