@@ -41,6 +41,9 @@ from jacana.stages.stats.objectives import SENSE
 from jacana.stages.spec import AnalysisSpec
 
 CHECKPOINT = "checkpoint.json"
+#: Precisions of the event batches: float64, or float32 event arithmetic with float64 histogram sums
+#: (mixed precision: docs/bench.md, figure 9).
+DTYPES = ("float64", "float32")
 CHECKPOINT_VERSION = 1
 
 
@@ -74,6 +77,7 @@ class OptimizeSettings:
     step_schedule: str = "cosine"  # "cosine": the step decays to step_end x its start by the last step; or "constant"
     step_end: float = 0.1  # with the cosine schedule: the last step's size over the first's
     keep_best: bool = True  # end at the best hard-limit point (training events) among the checks and the last point
+    dtype: str = "float64"  # the event batches' precision; "float32": mixed precision (float32 events, float64 sums)
 
     @property
     def mode(self) -> str:
@@ -116,6 +120,8 @@ class OptimizeSettings:
             raise ConfigError(f"step_fraction must be in (0, 1] (of each cut's bound range), got {self.step_fraction}")
         if self.free is not None and not self.free:
             raise ConfigError("free must name at least one cut parameter (or be None: all of them)")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
 
     def free_cuts(self, spec: AnalysisSpec) -> tuple[str, ...]:
         """The cut parameters that move (checked against ``spec``; every cut when ``free`` is None)."""
@@ -483,8 +489,9 @@ def read_checkpoint(path: Path, spec: AnalysisSpec, settings: OptimizeSettings, 
                      f" {state['step'] + 1} objects)")
 
     saved = dict(state["settings"])
-    current = settings.to_json()
-    differ = [k for k in current if k != "steps" and saved.get(k) != current[k]]
+    current, defaults = settings.to_json(), OptimizeSettings().to_json()
+    # a setting newer than the checkpoint had its default value then
+    differ = [k for k in current if k != "steps" and saved.get(k, defaults.get(k)) != current[k]]
     what = [f"different settings ({', '.join(differ)})"] if differ else []
     if state["spec"] != spec.to_dict():
         what.append("a different analysis config")
@@ -595,7 +602,8 @@ def run_optimize(spec: AnalysisSpec, train: Fileset, validation: Fileset, out_di
     train_report, val_report = InputReport(on_bad_file), InputReport(on_bad_file)
     executor = make_executor(spec, analysis_chunks(spec, train, settings.chunk_size), workers=workers,
                              scheduler=scheduler, client=client, profile=profile, progress=progress,
-                             report=train_report, coffea=coffea, fileset=train, chunk_size=settings.chunk_size)
+                             report=train_report, coffea=coffea, fileset=train, chunk_size=settings.chunk_size,
+                             dtype=settings.dtype)
     store = ColumnStore(spec)
 
     def validate(analysis: AnalysisSpec, what: str) -> dict:

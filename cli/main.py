@@ -195,7 +195,7 @@ def cmd_optimize(args) -> int:
     settings = OptimizeSettings(steps=args.steps, objective=args.objective, binning=args.binning, nn=args.nn,
                                 free=free, step_fraction=args.step_fraction, step_schedule=args.step_schedule,
                                 hard_every=args.hard_every, keep_best=not args.last_point,
-                                relax_end=args.relax_end)
+                                relax_end=args.relax_end, dtype=args.dtype)
     if getattr(args, "starts", 1) > 1:  # an ensemble of starts (analysis/multistart.py)
         from jacana.analysis.studies.multistart import cli_multistart
 
@@ -345,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
                         " (each is one more pass; default 5; 0: never)")
     p.add_argument("--last-point", action="store_true",
                    help="end at the last point, not at the best hard-limit check on the training events")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                   help="precision of the event arithmetic (default float64); float32: mixed precision, float64"
+                        " histogram sums (within 1e-5 of float64 at the default relaxation, less as it narrows:"
+                        " docs/bench.md, figure 9; in-process and dask executors)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.json")
     p.add_argument("--workers", type=_positive_int, default=None,

@@ -180,3 +180,44 @@ def test_float32_m_bjj_derivatives_stay_finite_when_no_jet_is_likely_tagged():
     assert m64 > 0 and abs(m32 - m64) <= 1e-5 * m64
     assert np.all(np.isfinite(g32))
     assert np.max(np.abs(g32 - g64)) <= 1e-3 * np.max(np.abs(g64)), (g32, g64)
+
+
+def test_executors_take_the_precision_as_an_option(tmp_path):
+    """make_executor(dtype="float32") (jacana optimize --dtype float32) gives float32 batches; coffea's
+    Runner, which builds its own float64 batches, refuses it by name."""
+    from jacana.facility.factory import make_executor
+    from jacana.facility.hardrun import analysis_chunks
+    from jacana.samples.synthetic import generate
+
+    spec = load_spec()
+    fileset = load_fileset(generate(tmp_path, events=600, seed=23, files_per_sample=1, progress=False))
+    executor = make_executor(spec, analysis_chunks(spec, fileset), dtype="float32")
+    try:
+        assert {b.dtype for calls in executor.batches.values() for b in calls} == {np.dtype(np.float32)}
+    finally:
+        executor.close()
+    with pytest.raises(ValueError, match="float32.*in-process or dask"):
+        make_executor(spec, [], coffea="iterative", fileset=fileset, dtype="float32")
+
+
+@pytest.mark.slow  # (about 60 s: two short optimisations)
+def test_optimize_in_mixed_precision_follows_float64(tmp_path):
+    """jacana optimize --dtype float32: the same steps as float64 to float32's accuracy, recorded in result.json."""
+    import json
+
+    from jacana.cli.main import main
+    from jacana.samples.synthetic import generate
+
+    train = generate(tmp_path / "train", events=6000, seed=31, progress=False)
+    held_out = generate(tmp_path / "validate", events=6000, seed=32, progress=False)
+    results = {}
+    for dtype in ("float64", "float32"):
+        out = tmp_path / dtype
+        assert main(["optimize", "--fileset", str(train), "--validation-fileset", str(held_out), "--steps", "3",
+                     "--out", str(out), "--dtype", dtype, "--quiet", "--no-plots"]) == 0
+        results[dtype] = json.loads((out / "result.json").read_text())
+    assert results["float32"]["settings"]["dtype"] == "float32"
+    h32, h64 = results["float32"]["history"], results["float64"]["history"]
+    assert [h["loss"] for h in h32] == pytest.approx([h["loss"] for h in h64], rel=1e-4)
+    for name, value in results["float64"]["final_params"].items():
+        assert results["float32"]["final_params"][name] == pytest.approx(value, rel=1e-4, abs=1e-6)

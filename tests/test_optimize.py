@@ -179,6 +179,24 @@ def test_resume_refuses_a_checkpoint_of_other_settings(runs, tmp_path):
         opt.run(spec.param_values(), resume=True)
 
 
+def test_precision_is_a_setting_checked_on_resume(runs, tmp_path):
+    """dtype (mixed precision) must match on resume; a checkpoint from before the setting existed
+    counts as the default, float64; an unknown precision is refused before any work."""
+    spec = runs["spec"]
+    with pytest.raises(ConfigError, match="dtype"):
+        OptimizeSettings(dtype="float16").validate()
+    shutil.copytree(runs["part"], tmp_path / "part")
+    opt = Optimizer(spec, runs["executor"], OptimizeSettings(steps=3, hard_every=2, dtype="float32"),
+                    tmp_path / "part", progress=False)
+    with pytest.raises(OptimizationError, match=r"different settings \(dtype\)"):
+        opt.run(spec.param_values(), resume=True)
+    checkpoint = json.loads((tmp_path / "part" / "checkpoint.json").read_text())
+    del checkpoint["settings"]["dtype"]  # written by a jacana without the setting
+    (tmp_path / "part" / "checkpoint.json").write_text(json.dumps(checkpoint))
+    _, resumed = _run(spec, runs["executor"], tmp_path / "part", 2, resume=True, hard_every=2)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in runs["full"]["history"][:2]]
+
+
 def test_nan_objective_stops_cleanly_and_keeps_the_last_good_checkpoint(counting_executor, tmp_path):
     spec = load_spec()
     opt = Optimizer(spec, counting_executor, OptimizeSettings(steps=5, hard_every=0), tmp_path, progress=False)
