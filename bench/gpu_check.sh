@@ -18,6 +18,9 @@
 #      float64 reference from A's cache; the step times under each -> h_precision.json. Since
 #      a494aab the programs ask for Precision.HIGHEST on their matrix products themselves, so the
 #      two should now agree (before: 3.4e-4 vs 0.023 of a histogram's largest bin at 1M events).
+#   L. `python -m jacana.bench.likelihood` on the AGC-like model: the likelihood's value_and_grad on
+#      the GPU and on the host CPU (where the objective stage runs with events on a GPU: issue 25
+#      item 4) -> l_likelihood.json
 #   5. `jacana bench --events 1M --rows 5`: streamed pass, device peak memory, 4x vs 1x the
 #      events (two fresh processes) -> r5_row5_float64.json
 #   C. `jacana bench --events 4M --rows 3` (float64): how the throughput scales
@@ -286,6 +289,10 @@ say "background compiles started: stream (pid $pw_stream), big (pid $pw_big)"
 # H: the float32 deviation under jax_default_matmul_precision=$PRECISION, then the default
 BG_PIDS="$pw_stream $pw_big" run_timed H 170 60 "$PY" "$HELPER" precision "$FS1" "$DEVICE" "$WARM_THREADS" \
     "$REPEATS" "$PRECISION" "$OUT/h_precision.json"
+
+# L: where the likelihood is fastest: value_and_grad on the GPU and on the host CPU, AGC-like model
+run_timed L 90 40 "$PY" -m jacana.bench.likelihood --objectives sigma_mu z0 --repeats 20 --pyhf-repeats 1 \
+    --json "$OUT/l_likelihood.json"
 
 # 5: streamed pass, device peak memory, 4x vs 1x
 wait_bg prewarm-stream "$pw_stream" $(( $(left) > 110 ? $(left) - 110 : 0 ))
