@@ -44,7 +44,7 @@ import numpy as np
 from jacana.stages.observables import nn
 from jacana.stages.batch import EventBatch
 from jacana.stages.shapes import ChunkBatches
-from jacana.stages.histograms.relaxed import bin_mass, fill_variations
+from jacana.stages.histograms.relaxed import fill_variations
 from jacana.stages.selection.multiplicity import jet_region_probs, nth_selected_value, prob_exactly
 from jacana.stages.observables.kinematics import soft_ht, soft_mbjj
 from jacana.stages.observables.objects import exact_divide
@@ -205,14 +205,12 @@ def _block_yields(p, r, edges, nn_weights, b: EventBatch, config: SoftConfig):
                      "lepton_pt": jnp.sum(p_lep * b.lepton_pt, axis=-1),
                      **{f"jet{i + 1}_pt": lead[:, i] for i in range(4)}}
             obs["nn"] = nn.mlp(nn_weights, nn.stack_features(feats, jnp), jnp)
-        masses = {reg.name: bin_mass(obs[reg.observable], edges[reg.name], r["bandwidth"] * _bandwidth_unit(reg),
-                                     config.flow, config.kernel) for reg in config.regions}
+        values = {reg.name: obs[reg.observable] for reg in config.regions}
         sel = {reg.name: prob_lep * probs[reg.btag] for reg in config.regions}
-        return masses, sel, p_sel
+        return values, sel, p_sel
 
-    # kinematic variations share one program: vmapped over the variation axis of jet_pt
     # kinematic variations share one compiled body (a loop over the variation axis of jet_pt)
-    masses, sel, p_sel = jax.lax.map(per_kinematic, jnp.moveaxis(b.jet_pt, 1, 0))  # [V, B, ...]
+    values, sel, p_sel = jax.lax.map(per_kinematic, jnp.moveaxis(b.jet_pt, 1, 0))  # [V, B, ...]
     factors = []
     if b.weight_variations:
         for bt in config.btag:  # expected pT of the i-th selected nominal jet
@@ -220,7 +218,8 @@ def _block_yields(p, r, edges, nn_weights, b: EventBatch, config: SoftConfig):
             for i in range(bt.n_jets):
                 shift = exact_divide(bt.rate * lead[:, i], bt.pt_ref)
                 factors += [1.0 + shift, 1.0 - shift]
-    return fill_variations(masses, sel, b.weight, factors, [reg.name for reg in config.regions])
+    binning = {reg.name: (edges[reg.name], r["bandwidth"] * _bandwidth_unit(reg)) for reg in config.regions}
+    return fill_variations(values, sel, b.weight, factors, binning, config.flow, config.kernel)
 
 
 def _typed_inputs(params: Mapping, relax: Mapping, batch, config):

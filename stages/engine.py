@@ -4,9 +4,9 @@ For each kinematic variation (one compiled body, looped over the variation axis)
 
 1. per object set, the selection weight ``w = prod(soft cuts on pT) x prod(other soft cuts) x mask``
    and the tag probability ``q`` (:func:`~.selection.soft.soft_step`: exact steps at zero temperature);
-2. per region, the probability of its count requirements: per object set the exact joint distribution
-   of (selected, selected-and-tagged) counts (:func:`~.selection.multiplicity.count_states`), summed over
-   the states the requirements allow, multiplied over object sets;
+2. per region, the probability of its count requirements: per object set the probability that the
+   exact joint distribution of (selected, selected-and-tagged) counts is in a state the requirements
+   allow (:func:`~.selection.multiplicity.count_probabilities`), multiplied over object sets;
 3. the observables (:mod:`.observables.library`), binned by the relaxed histograms (kernel width:
    :func:`bandwidth_unit`, the same fraction of a bin in every region).
 
@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 
 from jacana.stages.definition import Definition, thaw
-from jacana.stages.histograms.relaxed import bin_mass, fill_variations
+from jacana.stages.histograms.relaxed import fill_variations
 from jacana.stages.observables.library import compute
 from jacana.stages.observables.objects import ObservableContext, Objects
-from jacana.stages.selection.multiplicity import count_states
+from jacana.stages.selection.multiplicity import count_probabilities, state_keys
 from jacana.stages.selection.soft import soft_step
 from jacana.stages.systematics import SYSTEMATICS
 
@@ -54,28 +54,34 @@ def _caps(definition: Definition) -> dict:
     return {k: (max(n, t, 1), t) for k, (n, t) in caps.items()}
 
 
-def _region_probability(states: dict, caps: dict, requirements, objset_order):
-    """P(all ``requirements``) from per-set count states (sets independent)."""
-    prob = None
-    for name in objset_order:
-        reqs = [q for q in requirements if q.target == name]
-        if not reqs:
-            continue
-        n_cap, t_cap = caps[name]
-        total = None
-        for (n, t), v in states[name].items():
-            if all(q.passes(t if q.tagged else n, t_cap if q.tagged else n_cap) for q in reqs):
-                total = v if total is None else total + v
-        if total is None:
-            total = jnp.zeros_like(next(iter(states[name].values())))
-        prob = total if prob is None else prob * total
-    return prob
+def _requirement_probabilities(objs, caps: dict, definition: Definition) -> dict:
+    """{region: P(all its count requirements)} (None: none), the object sets independent: per set one
+    :func:`count_probabilities` over the states each region's requirements on it allow."""
+    per_set = {}
+    for name, (n_cap, t_cap) in caps.items():
+        tagged = t_cap > 0 and objs[name].q is not None
+        keys = state_keys(n_cap, t_cap if tagged else 0)
+        regions = [reg for reg in definition.regions if any(q.target == name for q in reg.require)]
+        allows = lambda reg, n, t: all(q.passes(t if q.tagged else n, t_cap if q.tagged else n_cap)  # noqa: E731
+                                       for q in reg.require if q.target == name)
+        accept = [tuple((n, t) for n, t in keys if allows(reg, n, t)) for reg in regions]
+        probs = count_probabilities(objs[name].w, objs[name].q if tagged else None, n_cap, t_cap, accept)
+        per_set.update({(reg.name, name): probs[i] for i, reg in enumerate(regions)})
+    out = {}
+    for reg in definition.regions:
+        prob = None
+        for o in definition.objects:
+            if (reg.name, o.name) in per_set:
+                prob = per_set[reg.name, o.name] if prob is None else prob * per_set[reg.name, o.name]
+        out[reg.name] = prob
+    return out
 
 
 def block_yields(p, r, edges, extra, b, definition: Definition):
     """Histogram contributions of one block of dense events: {region: (sumw [V, bins], sumw2 [V, bins])}."""
-    masses, sel, factors = _event_terms(p, r, edges, extra, b, definition)
-    return fill_variations(masses, sel, b.weight, factors, [reg.name for reg in definition.regions])
+    values, sel, factors = _event_terms(p, r, extra, b, definition)
+    binning = {reg.name: (edges[reg.name], r["bandwidth"] * bandwidth_unit(reg)) for reg in definition.regions}
+    return fill_variations(values, sel, b.weight, factors, binning, definition.flow, definition.kernel)
 
 
 def block_events(p, r, extra, b, definition: Definition):
@@ -83,15 +89,14 @@ def block_events(p, r, extra, b, definition: Definition):
     ``values[region]`` [V, B] the region's observable and ``selection[region]`` [V, B] its selection
     weight under each kinematic variation, and ``factors`` [W, B] the weight variations' factors (on
     the nominal variation). At the hard limit every selection weight is exactly 0 or 1."""
-    values, sel, factors = _event_terms(p, r, None, extra, b, definition)
+    values, sel, factors = _event_terms(p, r, extra, b, definition)
     return values, sel, (jnp.stack(factors) if factors else jnp.zeros((0,) + b.weight.shape, b.weight.dtype))
 
 
-def _event_terms(p, r, edges, extra, b, definition: Definition):
-    """(per-region bin masses [V, B, bins], or the observable values [V, B] when ``edges`` is None;
-    per-region selection weights [V, B]; weight-variation factors, a list of [B])."""
+def _event_terms(p, r, extra, b, definition: Definition):
+    """(per-region observable values [V, B]; per-region selection weights [V, B]; weight-variation
+    factors, a list of [B])."""
     caps = _caps(definition)
-    order = [o.name for o in definition.objects]
     obs_defs = {name: (kind, thaw(opts) if opts else {}) for name, kind, opts in definition.observables}
     needed = list(dict.fromkeys([reg.observable for reg in definition.regions]
                                 + [c.observable for reg in definition.regions for c in reg.cuts]))
@@ -142,27 +147,20 @@ def _event_terms(p, r, edges, extra, b, definition: Definition):
         objs, p_sel = objects_at(pts)
         ctx = ObservableContext(objs, b.event, r, extra, {})
         values = compute(needed, obs_defs, ctx)
-        if edges is None:
-            masses = {reg.name: values[reg.observable] for reg in definition.regions}
-        else:
-            masses = {reg.name: bin_mass(values[reg.observable], edges[reg.name],
-                                         r["bandwidth"] * bandwidth_unit(reg), definition.flow, definition.kernel)
-                      for reg in definition.regions}
-        states = {}
-        for name, (n_cap, t_cap) in caps.items():
-            states[name] = count_states(objs[name].w, objs[name].q if t_cap else None, n_cap, t_cap)
+        values_of = {reg.name: values[reg.observable] for reg in definition.regions}
+        probs = _requirement_probabilities(objs, caps, definition)
         sel = {}
         for reg in definition.regions:
-            prob = _region_probability(states, caps, reg.require, order)
+            prob = probs[reg.name]
             for cut in reg.cuts:  # event-level cuts on observables
                 x = values[cut.observable]
                 theta, tau = (p[cut.param], r[cut.param]) if cut.param else (jnp.asarray(cut.value, x.dtype), 0.0)
                 c = soft_step(x, theta, tau) if cut.above else soft_step(theta, x, tau)
                 prob = c if prob is None else prob * c
             sel[reg.name] = jnp.ones_like(b.weight) if prob is None else prob
-        return masses, sel, p_sel
+        return values_of, sel, p_sel
 
-    masses, sel, p_sel = jax.lax.map(per_kinematic, xs)  # [V, B, ...]
+    values, sel, p_sel = jax.lax.map(per_kinematic, xs)  # [V, B, ...]
     factors = []
     if b.weight_variations and definition.weight_systematics:
         nominal = {}
@@ -173,4 +171,4 @@ def _event_terms(p, r, edges, extra, b, definition: Definition):
         for key, kind, opts in definition.weight_systematics:
             for up, down in SYSTEMATICS[kind].factors(thaw(opts), nominal, b.event):
                 factors += [up] + ([down] if down is not None else [])
-    return masses, sel, factors
+    return values, sel, factors

@@ -14,6 +14,11 @@ passing the soft selection with probability ``P``), so the soft histogram is the
 the hard one and ``sumw2_b = sum w^2 m_b`` (times ``P``) is the expectation of the hard ``sum w^2``.
 At ``h == 0`` it is exactly hist's ``Weight()`` variance. Pass ``weights2`` to override ``w^2``.
 
+Derivatives (:func:`weighted_bin_mass`): a fill ``W^T m(x)`` has the tangent
+``dW^T m + (W dx)^T dm/dx`` (+ the edges' and bandwidth's terms), and ``m`` and the per-event slope
+``dm/dx`` come from one evaluation of the kernel (a JVP with a unit tangent). Every tangent direction
+of a forward-mode Jacobian then costs two matrix products, not its own pass through the kernel.
+
 Memory: events are processed in blocks of ``block_size`` (a ``lax.scan``), so the largest
 temporary is ``block_size x bins``, independent of the number of events (``relaxed.ops.hist``
 materialises ``events x (bins + 1)``). Bin edges may be traced parameters; they must be
@@ -27,6 +32,8 @@ non-decreasing (use :func:`ordered_edges` to parametrise them).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +55,40 @@ def bin_mass(x, edges, bandwidth, flow: bool = False, kernel: str = "normal"):
         mass = mass.at[:, 0].add(cdf[:, 0])
         mass = mass.at[:, -1].add(1.0 - cdf[:, -1])
     return mass
+
+
+def _zero(tangent) -> bool:
+    return isinstance(tangent, jax.custom_derivatives.SymbolicZero)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def weighted_bin_mass(x, weights, edges, bandwidth, flow: bool, kernel: str):
+    """``weights^T bin_mass(x)``: x [n], weights [n, C] -> [C, bins] (C weighted histograms of ``x``)."""
+    return jnp.matmul(weights.T, bin_mass(x, edges, bandwidth, flow, kernel), precision=EXACT)
+
+
+@partial(weighted_bin_mass.defjvp, symbolic_zeros=True)
+def _weighted_bin_mass_jvp(flow, kernel, primals, tangents):
+    x, weights, edges, bandwidth = primals
+    dx, dw, d_edges, d_bandwidth = tangents
+    mass = lambda x, e, h: bin_mass(x, e, h, flow, kernel)  # noqa: E731
+    if _zero(dx):
+        m, slope = mass(x, edges, bandwidth), None
+    else:  # bin_mass acts event by event: a unit tangent gives every event's dm/dx at once
+        m, slope = jax.jvp(lambda y: mass(y, edges, bandwidth), (x,), (jnp.ones_like(x),))
+    out = jnp.matmul(weights.T, m, precision=EXACT)
+    # every term is linear in the tangents (reverse mode transposes this rule)
+    terms = []
+    if not _zero(dw):
+        terms.append(jnp.matmul(dw.T, m, precision=EXACT))
+    if slope is not None:
+        terms.append(jnp.matmul((weights * dx[:, None]).T, slope, precision=EXACT))
+    if not (_zero(d_edges) and _zero(d_bandwidth)):  # rare (traced edges, annealing): plain autodiff
+        d_edges = jnp.zeros_like(edges) if _zero(d_edges) else d_edges
+        d_bandwidth = jnp.zeros_like(bandwidth) if _zero(d_bandwidth) else d_bandwidth
+        dm = jax.jvp(lambda e, h: mass(x, e, h), (edges, bandwidth), (d_edges, d_bandwidth))[1]
+        terms.append(jnp.matmul(weights.T, dm, precision=EXACT))
+    return out, (sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out))
 
 
 def ordered_edges(low, increments):
@@ -95,24 +136,30 @@ def soft_histogram(x, edges, bandwidth, weights=None, weights2=None, flow: bool 
     return sumw, sumw2
 
 
-def fill_variations(masses, selection, weight, factors, regions) -> dict:
+def fill_variations(values, selection, weight, factors, binning, flow: bool, kernel: str) -> dict:
     """Histogram contributions of a block: ``{region: (sumw [V + W, bins], sumw2 [V + W, bins])}``.
 
-    ``masses[region]`` [V, B, bins] are the events' bin masses under each of V kinematic variations,
-    ``selection[region]`` [V, B] their selection probabilities, ``weight`` [B] the nominal weights and
-    ``factors`` the W weight-variation factors [B] each, applied to the nominal (first) variation.
+    ``values[region]`` [V, B] are the events' observable under each of V kinematic variations,
+    ``selection[region]`` [V, B] their selection probabilities, ``weight`` [B] the nominal weights,
+    ``factors`` the W weight-variation factors [B] each, applied to the nominal (first) variation, and
+    ``binning[region]`` the region's (edges, kernel width). One :func:`weighted_bin_mass` per region
+    and variation: the weight variations share the nominal one's kernel evaluation.
     ``sumw2`` is the expectation of the hard ``sum w^2`` (``w^2 x P(selection)``).
     """
-    wf = weight[:, None] * jnp.stack([jnp.ones_like(weight)] + list(factors), axis=-1)  # [B, 1 + W]
+    shifted = [weight * f for f in factors]
     out = {}
-    for name in regions:
-        m, s = masses[name], selection[name]
-        w_kin = weight[None, :] * s  # nominal weight, every kinematic variation
-        sumw = [jnp.einsum("vb,vbk->vk", w_kin, m, precision=EXACT)]
-        sumw2 = [jnp.einsum("vb,vbk->vk", weight[None, :] * w_kin, m, precision=EXACT)]
-        if wf.shape[1] > 1:  # weight variations on the nominal objects
-            wv = wf[:, 1:] * s[0][:, None]
-            sumw.append(jnp.matmul(wv.T, m[0], precision=EXACT))
-            sumw2.append(jnp.matmul((wf[:, 1:] * wv).T, m[0], precision=EXACT))
-        out[name] = (jnp.concatenate(sumw), jnp.concatenate(sumw2))
+    for name, (edges, bandwidth) in binning.items():
+        x, s = values[name], selection[name]
+        sumw, sumw2, var_w, var_w2 = [], [], [], []
+        for v in range(x.shape[0]):
+            w_kin = weight * s[v]
+            var = [a * s[v] for a in shifted] if v == 0 else []  # weight variations: nominal objects only
+            cols = [w_kin, *var, weight * w_kin, *(a * b for a, b in zip(shifted, var))]  # sumw | sumw2 columns
+            filled = weighted_bin_mass(x[v], jnp.stack(cols, axis=-1), edges, bandwidth, flow, kernel)
+            half = len(cols) // 2
+            sumw.append(filled[0])
+            sumw2.append(filled[half])
+            if v == 0:
+                var_w, var_w2 = filled[1:half], filled[half + 1:]
+        out[name] = (jnp.concatenate([jnp.stack(sumw), var_w]), jnp.concatenate([jnp.stack(sumw2), var_w2]))
     return out
