@@ -151,6 +151,7 @@ LOG_ZERO = -1000.0
 #: it, a candidate's share ``w exp(dpT / T)`` is negligible unless dpT / T > 230.
 LOG_WEIGHT_FLOOR = -230.25850929940458
 
+
 def trijet_log_inputs(p_sel, q_tag):
     """(log p, log(1 - q)) per jet, ``LOG_ZERO`` where p == 0 (not selectable) / q == 1.
 
