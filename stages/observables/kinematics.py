@@ -176,21 +176,26 @@ def _mass_terms(tpt, tmass, lp, lq, temperature, coefficients: bool, want_pi: bo
     to ``lp``/``lq``; ``pi`` [..., T] the choice probabilities and ``r = pi (m_t - out)`` (the
     derivative with respect to each trijet's log-score); entries not asked for are None.
 
-    The soft choice weighs trijet ``t`` by ``(1 - N_t) exp(log P_t + tpt_t / T - top)``, with ``top``
-    the largest exponent: ``P_t`` itself is never formed, so a trijet of weight 1e-21 (a jet 48 sigma
-    outside a cut) still competes through ``exp(tpt / T)`` in float32 as in float64 (in float32 also
-    ``log(1 - N_t)`` goes into the exponent). Candidates are the trijets with ``w_t > 1e-100``
-    (``LOG_WEIGHT_FLOOR``), tested as ``1 - N_t > exp(LOG_WEIGHT_FLOOR - log P_t)``: the same test in
-    every dtype, without a float64 logarithm per trijet (XLA's is slow on CPUs: with one, the m_bjj
-    forward pass took 1.4-1.7x as long).
+    The soft choice weighs trijet ``t`` by ``w_t exp((tpt_t - max tpt) / T)`` over the candidates,
+    the trijets with ``w_t > 1e-100`` (``LOG_WEIGHT_FLOOR``), in every dtype. float64 computes
+    ``w_t = P_t (1 - N_t)`` directly (it cannot underflow above the floor). In float32 it could (a
+    trijet of weight 1e-21, a jet 48 sigma outside a cut, still wins with 200 GeV more pT), so float32
+    works in log space: ``log P_t + log(1 - N_t) + score_t`` shifted by its maximum, the floor tested
+    as ``1 - N_t > 1e-100 / P_t``. (A float64 logarithm per trijet would cost: XLA's is slow on CPUs,
+    and with one the m_bjj forward pass took 1.4-1.7x as long.)
     """
     s = jnp.asarray(trijet_matrix(lp.shape[-1]), lp.dtype)
     g = jnp.matmul(jnp.stack([lp, lq], axis=0), s, precision=EXACT)  # [2, ..., T]: sums of log p, log(1 - q)
     log_p, log_n = g[0], g[1]
     tagged = log_n < 0  # some jet may be tagged
     tag = -jnp.expm1(jnp.where(tagged, log_n, -1.0))  # 1 - N_t, > 0 where tagged
-    # the threshold is capped at e > 1 (above any 1 - N) where log P_t is far below the floor
-    valid = tagged & (tag > jnp.exp(jnp.minimum(LOG_WEIGHT_FLOOR - log_p, 1.0)))
+    wide = jnp.finfo(tag.dtype).bits >= 64
+    if wide:  # float64: w_t itself cannot underflow above the floor
+        big_p = jnp.exp(log_p)
+        w = big_p * tag
+        valid = tagged & (w > np.exp(LOG_WEIGHT_FLOOR))
+    else:  # float32: w_t may underflow, so the floor is tested as 1 - N_t > 1e-100 / P_t, capped at e > 1
+        valid = tagged & (tag > jnp.exp(jnp.minimum(LOG_WEIGHT_FLOOR - log_p, 1.0)))
     masked = jnp.where(valid, tpt, -jnp.inf)
     any_valid = jnp.any(valid, axis=-1, keepdims=True)
     st = s.T  # [T, K]: trijet -> its jets
@@ -203,17 +208,14 @@ def _mass_terms(tpt, tmass, lp, lq, temperature, coefficients: bool, want_pi: bo
         zeros = jnp.zeros(lp.shape[:-1] + (k,), lp.dtype) if coefficients else None
         return out, zeros, zeros, (onehot if want_pi else None), (jnp.zeros_like(tpt) if want_pi else None)
 
-    def soft(t):  # e_t = (1 - N_t) exp(log P_t + score_t - top), normalised over the candidates
-        # the pT difference first (exact), then the log weights: no tpt / T of hundreds to lose digits
+    def soft(t):  # e_t proportional to w_t exp(score_t), normalised over the candidates
+        # the pT difference first (exact): no tpt / T of hundreds to lose digits
         top_pt = jnp.where(any_valid, jnp.max(masked, axis=-1, keepdims=True), 0.0)
-        score = jnp.where(valid, (tpt - top_pt) / t, 0.0)
-        if jnp.finfo(tag.dtype).bits >= 64:
-            # e_t = (1 - N_t) exp(z_t - top) <= 1: the largest true term exceeds 1e-100 / P_top (the
-            # floor), far from float64's underflow, so the product keeps every digit
-            z = jnp.where(valid, log_p + score, -jnp.inf)
-            top = jax.lax.stop_gradient(jnp.where(any_valid, jnp.max(z, axis=-1, keepdims=True), 0.0))
-            e = jnp.where(valid, jnp.exp(jnp.where(valid, z - top, 0.0)) * tag, 0.0)
-        else:  # float32: 1 - N_t may be near its smallest normal number, so it goes into the exponent
+        score = jnp.where(valid, (tpt - top_pt) / t, 0.0)  # <= 0
+        if wide:  # e_t = w_t exp(score_t): the highest-pT candidate's is at least its w > 1e-100
+            x = jnp.where(valid, jnp.exp(score), 0.0)
+            e = w * x
+        else:  # float32: in log space, log(1 - N_t) too (it may be near the smallest normal number)
             z = jnp.where(valid, log_p + jnp.log(jnp.where(valid, tag, 1.0)) + score, -jnp.inf)
             top = jax.lax.stop_gradient(jnp.where(any_valid, jnp.max(z, axis=-1, keepdims=True), 0.0))
             e = jnp.where(valid, jnp.exp(jnp.where(valid, z - top, 0.0)), 0.0)
@@ -223,12 +225,15 @@ def _mass_terms(tpt, tmass, lp, lq, temperature, coefficients: bool, want_pi: bo
         cp = cq = pi = r = None
         if coefficients or want_pi:
             dev = (tmass - out[..., None]) / den  # d out / d e_t
-            # d e_t = e_t (dlog P_t - N_t / (1 - N_t) dlog N_t), dlog P_t = sum_{j in t} dlp_j (same for N).
-            # N / (1 - N) is large where every jet's tag probability q is tiny, but then so is the
-            # tangent dlog N ~ q / tau: their product stays below e_t / tau. The cap (never reached in
-            # float64, where 1 - N > 1e-100) keeps float32 finite when 1 - N is below ~1e-28.
-            ratio = jnp.minimum((1.0 - tag) / jnp.where(valid, tag, 1.0), _ratio_cap(tag.dtype))
-            e_n = jnp.where(valid, e * ratio, 0.0)
+            # d e_t = e_t dlog P_t - e_t N_t / (1 - N_t) dlog N_t, dlog P_t = sum_{j in t} dlp_j (same for N)
+            if wide:  # e_t N_t / (1 - N_t) = x_t P_t N_t
+                e_n = x * big_p * jnp.exp(log_n)
+            else:
+                # N / (1 - N) is large where every jet's tag probability q is tiny, but then so is the
+                # tangent dlog N ~ q / tau: their product stays below e_t / tau. The cap keeps float32
+                # finite when 1 - N is below ~1e-28.
+                ratio = jnp.minimum((1.0 - tag) / jnp.where(valid, tag, 1.0), _ratio_cap(tag.dtype))
+                e_n = jnp.where(valid, e * ratio, 0.0)
             both = jnp.matmul(jnp.stack([e * dev, -e_n * dev], axis=0), st, precision=EXACT)  # [2, ..., K]
             cp, cq = both[0], both[1]
             if want_pi:
