@@ -38,12 +38,10 @@ from jacana.stages.analysis import default_relax, hard_relax, param_names
 from jacana.stages.errors import ConfigError, JacanaError
 from jacana.stages.fileset import Fileset
 from jacana.stages.stats.objectives import SENSE
+from jacana.stages.shapes import BATCH_DTYPES
 from jacana.stages.spec import AnalysisSpec
 
 CHECKPOINT = "checkpoint.json"
-#: Precisions of the event batches: float64, or float32 event arithmetic with float64 histogram sums
-#: (mixed precision: docs/bench.md, figure 9).
-DTYPES = ("float64", "float32")
 CHECKPOINT_VERSION = 1
 
 
@@ -120,8 +118,8 @@ class OptimizeSettings:
             raise ConfigError(f"step_fraction must be in (0, 1] (of each cut's bound range), got {self.step_fraction}")
         if self.free is not None and not self.free:
             raise ConfigError("free must name at least one cut parameter (or be None: all of them)")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.dtype not in BATCH_DTYPES:
+            raise ConfigError(f"dtype must be one of {BATCH_DTYPES}, got {self.dtype!r}")
 
     def free_cuts(self, spec: AnalysisSpec) -> tuple[str, ...]:
         """The cut parameters that move (checked against ``spec``; every cut when ``free`` is None)."""

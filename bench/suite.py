@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from jacana.stages.errors import ConfigError, JacanaError
+from jacana.stages.shapes import BATCH_DTYPES
 
 from jacana.facility.errors import FacilityError
 
@@ -83,7 +84,6 @@ DEFAULT_FIGURES = ALL_FIGURES[:FIGURES]
 #: Mixed-precision targets (issue 25): float32 yields and Jacobians vs float64.
 FLOAT32_YIELDS_TOLERANCE = 1e-5
 FLOAT32_JACOBIAN_TOLERANCE = 1e-3
-DTYPES = ("float64", "float32")
 
 
 def _row(id_: str, name: str, value, baseline, ratio, target: str, met, unit: str, note: str = "") -> dict:
@@ -611,8 +611,8 @@ def run_bench(events: int = 1_000_000, workers: int | None = None, scheduler: st
         raise ConfigError(f"--repeats must be at least 1 (got {repeats})")
     if warm_threads < 1:
         raise ConfigError(f"--warm-threads must be at least 1 (got {warm_threads})")
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in BATCH_DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(BATCH_DTYPES)}, got {dtype!r}")
     figures = parse_rows(rows) if rows is not None else DEFAULT_FIGURES + (("9",) if dtype == "float32" else ())
     total = int(figures[-1])
     import jax

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jacana
 from jacana.stages.errors import ConfigError, JacanaError
+from jacana.stages.shapes import BATCH_DTYPES
 
 
 def _add_analysis_options(p: argparse.ArgumentParser) -> None:
@@ -345,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                         " (each is one more pass; default 5; 0: never)")
     p.add_argument("--last-point", action="store_true",
                    help="end at the last point, not at the best hard-limit check on the training events")
-    p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+    p.add_argument("--dtype", choices=BATCH_DTYPES, default="float64",
                    help="precision of the event arithmetic (default float64); float32: mixed precision, float64"
                         " histogram sums (within 1e-5 of float64 at the default relaxation, less as it narrows:"
                         " docs/bench.md, figure 9; in-process and dask executors)")
@@ -384,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--scheduler", help="also benchmark the workers of this dask scheduler (figure 6; they must"
                                            " see --data-dir)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where JAX runs (default cpu)")
-    p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+    p.add_argument("--dtype", choices=BATCH_DTYPES, default="float64",
                    help="precision of the event batches (default float64); float32 is mixed precision (float32"
                         " event arithmetic, float64 histogram sums) and adds figure 9, its deviation from float64")
     p.add_argument("--rows", metavar="FIGURES",

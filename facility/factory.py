@@ -25,9 +25,10 @@ def make_executor(spec: AnalysisSpec, chunks: Iterable[Chunk], workers: int | No
     ``stage_factory``: what runs on the data (default: the soft analysis; see
     :data:`jacana.stages.soft_stage.ChunkStageFactory`); ``dtype``: the event batches' precision
     ("float32": mixed precision; the in-process and dask executors)."""
-    if coffea is not None and np.dtype(dtype) != np.float64:
-        raise ValueError(f"coffea's Runner builds float64 batches; dtype {dtype!r} needs the in-process or dask executor")
     if coffea is not None:
+        if np.dtype(dtype) != np.float64:  # refused before coffea is imported
+            raise ValueError(f"coffea's Runner builds float64 batches; dtype {dtype!r} needs the in-process or dask"
+                             " executor")
         from jacana.facility.coffea_adapter import COFFEA_EXECUTORS, CoffeaExecutor
 
         if coffea not in COFFEA_EXECUTORS:

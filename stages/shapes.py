@@ -12,6 +12,9 @@ JET_BUCKETS_MIN = 4
 #: Target number of (event x trijet) elements per processing block (bounds temporary memory).
 BLOCK_ELEMENTS = 1 << 16  # ~0.5 MB per float64 array: stays in cache
 MIN_BLOCK = 128
+#: Precisions of the dense event batches: float64, or float32 event arithmetic with float64 histogram
+#: sums (mixed precision: :data:`jacana.stages.analysis.ACCUMULATOR_DTYPE`, docs/bench.md figure 9).
+BATCH_DTYPES = ("float64", "float32")
 
 
 def jet_bucket(n: int, minimum: int = JET_BUCKETS_MIN) -> int:

@@ -91,16 +91,12 @@ def soft_argmax_weights(score, weight, temperature):
 
 
 def _choose(score, weight, temperature, value):
-    """Choice probabilities (``value is None``) or the expected ``value`` under them (last axis).
-
-    The softmax runs in log space, ``log weight + (score - max score) / T`` (as :func:`_mass_terms`),
-    over the candidates of weight above 1e-100 (``LOG_WEIGHT_FLOOR``); the normalisation's derivative
-    cannot overflow.
-    """
+    """Choice probabilities (``value is None``) or the expected ``value`` under them (last axis)."""
     temperature = jnp.asarray(temperature, score.dtype)
-    positive = weight > 0
-    log_weight = jnp.where(positive, jnp.log(jnp.where(positive, weight, 1.0)), -jnp.inf)
-    valid = log_weight > LOG_WEIGHT_FLOOR
+    # Candidates: weight above 1e-100 (as :func:`_mass_terms`; in float32 any positive weight). With every
+    # weight near the underflow limit the normalisation's derivative (e / den^2) would overflow to inf and
+    # then NaN. Weights are 0 or 1 in the hard limit, so the floor never changes it.
+    valid = weight > np.exp(LOG_WEIGHT_FLOOR)
     masked = jnp.where(valid, score, -jnp.inf)
     any_valid = jnp.any(valid, axis=-1, keepdims=True)
 
@@ -109,11 +105,10 @@ def _choose(score, weight, temperature, value):
         onehot = ((jnp.arange(score.shape[-1]) == first[..., None]) & any_valid).astype(score.dtype)
         return onehot if value is None else jnp.sum(onehot * value, axis=-1)
 
-    def soft(t):
-        top_score = jnp.where(any_valid, jnp.max(masked, axis=-1, keepdims=True), 0.0)
-        z = jnp.where(valid, log_weight + (score - top_score) / t, -jnp.inf)
-        top = jax.lax.stop_gradient(jnp.where(any_valid, jnp.max(z, axis=-1, keepdims=True), 0.0))
-        e = jnp.where(valid, jnp.exp(jnp.where(valid, z - top, 0.0)), 0.0)
+    def soft(t):  # weight-restricted softmax, stable (exponent <= 0 for valid candidates)
+        top = jax.lax.stop_gradient(jnp.where(any_valid, jnp.max(masked, axis=-1, keepdims=True), 0.0))
+        expo = jnp.minimum(jnp.where(valid, (score - top) / t, 0.0), 0.0)
+        e = jnp.where(valid, weight * jnp.exp(expo), 0.0)
         den = jnp.sum(e, axis=-1, keepdims=True)
         den = jnp.where(den > 0, den, 1.0)
         if value is None:
@@ -131,9 +126,8 @@ def soft_mbjj(pt, cos_phi, sin_phi, sinh_eta, mass, p_sel, q_tag, temperature):
     The trijet weights are computed in log space with matmuls (no gathers, which are slow on
     CPU): ``w_t = exp(sum_{j in t} log p_j) * (1 - exp(sum_{j in t} log(1 - q_j)))``. Logs of
     zero are clamped to ``LOG_ZERO`` (``exp(3 LOG_ZERO) == exp(LOG_ZERO) == 0`` in any float
-    dtype), so hard weights (0 or 1) give exactly 0 or 1 and the hard limit is unchanged. The choice
-    itself is made in log space too (:func:`_mass_terms`), so float32 and float64 choose among the
-    same trijets.
+    dtype), so hard weights (0 or 1) give exactly 0 or 1 and the hard limit is unchanged. float32 and
+    float64 choose among the same trijets (:func:`_mass_terms`).
 
     Derivatives (:func:`_expected_mass`, a custom JVP): a tangent of the per-jet logs reaches the
     output through ``sum_j C_j dlog p_j`` with per-jet coefficients ``C`` computed once from the
@@ -146,9 +140,9 @@ def soft_mbjj(pt, cos_phi, sin_phi, sinh_eta, mass, p_sel, q_tag, temperature):
 
 #: log(0) stand-in: exp of it (or of three times it) is exactly 0 in float32 and float64.
 LOG_ZERO = -1000.0
-#: A trijet (a candidate) counts when its weight exceeds 1e-100; compared as a log, so float32 and
-#: float64 count the same trijets (float32's own floor would be 1e-38 and 1e-45 for w itself). Below
-#: it, a candidate's share ``w exp(dpT / T)`` is negligible unless dpT / T > 230.
+#: A trijet (a candidate) counts when its weight exceeds 1e-100, in every dtype (as a log: float32
+#: tests it in log space, where 1e-100 is representable). Below it, a candidate's share
+#: ``w exp(dpT / T)`` is negligible unless dpT / T > 230.
 LOG_WEIGHT_FLOOR = -230.25850929940458
 
 

@@ -63,18 +63,8 @@ def _over_objects(step, init, *per_object, reverse: bool = False):
 
 def count_distribution(p, cap: int):
     """P(count = 0 .. cap-1) and P(count >= cap) of independent passes ``p`` [..., K] -> [..., cap + 1]."""
-    p = jnp.asarray(p)
-    one = jnp.ones(p.shape[:-1], p.dtype)
-    init = (one,) + tuple(jnp.zeros_like(one) for _ in range(cap))
-
-    def step(state, pj):
-        stay = 1.0 - pj
-        new = [state[0] * stay]
-        new += [state[i] * stay + state[i - 1] * pj for i in range(1, cap)]
-        new.append(state[cap] + state[cap - 1] * pj)  # absorbing "cap or more"
-        return tuple(new), None
-
-    return jnp.stack(_over_objects(step, init, p)[0], axis=-1)
+    states, _ = _states((jnp.asarray(p),), cap, 0)
+    return jnp.stack([states[(n, 0)] for n in range(cap + 1)], axis=-1)
 
 
 def prob_exactly(p, k: int):
