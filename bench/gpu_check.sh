@@ -131,12 +131,8 @@ def load(fileset):
     return spec, analysis_chunks(spec, load_fileset(fileset), CHUNK_SIZE), default_params(spec), default_relax(spec)
 
 
-def shape(p):
-    return (p.n_jets, p.n_padded, p.lepton_pt.shape[1], p.kinematic, p.weight_variations, p.block_size, str(p.dtype))
-
-
 def prewarm(mode, fileset, device, threads):
-    from jacana.bench.passes import warm_up_parallel
+    from jacana.bench.passes import call_shape, warm_up_parallel
     from jacana.facility.executor import InProcessExecutor, load_batches, rebatch
     from jacana.stages.analysis import soft_config
     from jacana.stages.batch import to_device
@@ -146,12 +142,12 @@ def prewarm(mode, fileset, device, threads):
     spec, chunks, params, relax = load(fileset)
     if mode == "executor":
         ex = InProcessExecutor(spec, chunks, dtype=np.dtype("float64"))
-        parts, config = [p for ps in ex.batches.values() for p in ps], ex.config
+        parts, config = ex.calls(), ex.config
     else:  # row 5's streamed pass: each chunk regrouped on its own (streamed_step)
         config, seen = soft_config(spec), {}
         for c in chunks:
             for p in to_device(rebatch(load_batches(c, spec, np.dtype("float64")).parts)):
-                seen.setdefault(shape(p), p)
+                seen.setdefault(call_shape(p), p)
         parts = list(seen.values())
     t1 = time.perf_counter()
     n = warm_up_parallel(parts, params, relax, config, max(2, threads), forward=False)
@@ -180,7 +176,7 @@ def precision(fileset, device, threads, repeats, prec, out):
     spec, chunks, params, relax = load(fileset)
 
     def step(ex, label):
-        parts = [p for ps in ex.batches.values() for p in ps]
+        parts = ex.calls()
         t0 = time.perf_counter()
         warm_up_parallel(parts, params, relax, ex.config, threads, forward=False)
         y, j = jax.block_until_ready(ex.yields_and_jacobian(params, relax))

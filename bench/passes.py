@@ -136,18 +136,16 @@ def _compile_times(executor, params, relax) -> dict:
         jax.block_until_ready(fn())
         return res, max(first - (time.perf_counter() - t0), 0.0)
 
-    for parts in executor.batches.values():
-        for part in parts:
-            shape = (part.n_jets, part.n_padded, part.lepton_pt.shape[1], part.kinematic, part.weight_variations,
-                     part.block_size, str(part.dtype))
-            if shape in seen:
-                continue
-            seen.add(shape)
-            y, t = twice(lambda part=part: soft_yields(params, relax, part, config))
-            out["forward"].append(t)
-            out["jacobian"].append(twice(lambda part=part: yields_and_jacobian_call(params, relax, part, config))[1])
-            cot = jax.tree.map(lambda a: a * 0 + 1.0, y)
-            out["vjp"].append(twice(lambda part=part, cot=cot: yields_vjp_call(params, relax, part, config, cot))[1])
+    for part in executor.calls():
+        shape = call_shape(part)
+        if shape in seen:
+            continue
+        seen.add(shape)
+        y, t = twice(lambda part=part: soft_yields(params, relax, part, config))
+        out["forward"].append(t)
+        out["jacobian"].append(twice(lambda part=part: yields_and_jacobian_call(params, relax, part, config))[1])
+        cot = jax.tree.map(lambda a: a * 0 + 1.0, y)
+        out["vjp"].append(twice(lambda part=part, cot=cot: yields_vjp_call(params, relax, part, config, cot))[1])
     res = {"call_shapes": len(seen)}
     for mode, times in out.items():
         res[f"compile_seconds_{mode}"] = float(sum(times))
@@ -212,14 +210,27 @@ def _jacobian_deviation(jac32: dict, jac64: dict) -> float:
     return worst
 
 
+def call_shape(call) -> tuple:
+    """What one compiled program is specialised on: jets, events, lepton slots, file kind, block size,
+    dtype and (a :class:`~jacana.stages.keyed.KeyedBatch`'s) number of keys."""
+    from jacana.stages.keyed import KeyedBatch
+
+    inner = call.batch if isinstance(call, KeyedBatch) else call
+    return (inner.n_jets, inner.n_padded, inner.lepton_pt.shape[1], inner.kinematic, inner.weight_variations,
+            inner.block_size, str(inner.dtype), len(call.keys) if isinstance(call, KeyedBatch) else 1)
+
+
 def _call_pattern(parts) -> dict:
-    """How a gradient step is cut into compiled calls: one call per fixed-shape part."""
+    """How a gradient step is cut into compiled calls: one call per fixed-shape part (a part of several
+    keys' events on accelerators: ``keyed_calls``)."""
+    from jacana.stages.keyed import KeyedBatch
+
     calls = len(parts)
     slots = sum(p.n_padded for p in parts)
     selected = int(sum(int(np.sum(np.asarray(p.event_mask))) for p in parts))
-    shapes = {(p.n_jets, p.n_padded, p.lepton_pt.shape[1], p.kinematic, p.weight_variations, p.block_size,
-               str(p.dtype)) for p in parts}
-    return {"calls_per_step": calls, "events_in_calls": slots, "events_selected": selected,
+    shapes = {call_shape(p) for p in parts}
+    return {"calls_per_step": calls, "keyed_calls": sum(isinstance(p, KeyedBatch) for p in parts),
+            "events_in_calls": slots, "events_selected": selected,
             "events_per_call": slots / max(calls, 1), "selected_events_per_call": selected / max(calls, 1),
             "call_shapes": len(shapes), "call_sizes": sorted({p.n_padded for p in parts}),
             "block_sizes": sorted({p.block_size for p in parts}), "call_events": max((p.n_padded for p in parts),
@@ -244,8 +255,7 @@ def warm_up_parallel(parts, params, relax, config, threads: int, forward: bool =
 
     distinct: dict = {}
     for p in parts:
-        distinct.setdefault((p.n_jets, p.n_padded, p.lepton_pt.shape[1], p.kinematic, p.weight_variations,
-                             p.block_size, str(p.dtype)), p)
+        distinct.setdefault(call_shape(p), p)
     calls = [(yields_and_jacobian, p) for p in distinct.values()]
     calls += [(chunk_yields, p) for p in distinct.values()] if forward else []
     with ThreadPoolExecutor(min(threads, len(calls))) as pool:
@@ -336,16 +346,14 @@ def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, re
 
     t0 = time.perf_counter()
     executor = InProcessExecutor(spec, chunks, dtype=np.dtype(dtype))
-    jax.block_until_ready([[p.weight for p in parts] for parts in executor.batches.values()])
+    parts = executor.calls()
+    jax.block_until_ready([p.weight for p in parts])
     t_load = time.perf_counter() - t0
-    parts = [p for ps in executor.batches.values() for p in ps]
     params, relax = default_params(spec), default_relax(spec)
-    from jacana.stages.analysis import chunk_yields
+    from jacana.stages.analysis import soft_yields
 
     def forward_pass():  # the soft forward program alone, every (sample, file variation)
-        out = {key: chunk_yields(params, relax, ps, executor.config) for key, ps in executor.batches.items()}
-        jax.block_until_ready(out)
-        return out
+        return executor.yields(params, relax)
 
     def jacobian():
         out = executor.yields_and_jacobian(params, relax)
@@ -393,15 +401,17 @@ def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, re
 
         t_vjp, c_vjp = _timed(vjp, repeats, stat)
         vjp_figures = {"seconds_vjp": t_vjp, "cpu_seconds_vjp": c_vjp, "vjp_over_forward": t_vjp / t_forward}
-        from jacana.stages.jacobian import yields_and_jacobian
+        from jacana.stages.jacobian import yields_and_jacobian_call
 
         by_bucket: dict = {}
         for p in parts:
-            by_bucket.setdefault(p.n_jets, []).append(p)
+            by_bucket.setdefault(p.bucket_width, []).append(p)
         for k, ps in sorted(by_bucket.items()):
-            tf, _ = _timed(lambda ps=ps: jax.block_until_ready(chunk_yields(params, relax, ps, executor.config)), 1)
-            tj, _ = _timed(lambda ps=ps: jax.block_until_ready(yields_and_jacobian(params, relax, ps, executor.config)),
-                           1)
+            tf, _ = _timed(lambda ps=ps: jax.block_until_ready([soft_yields(params, relax, p, executor.config)
+                                                                for p in ps]), 1)
+            tj, _ = _timed(lambda ps=ps: jax.block_until_ready([yields_and_jacobian_call(params, relax, p,
+                                                                                         executor.config)
+                                                                for p in ps]), 1)
             per_bucket[str(k)] = {"calls": len(ps), "forward": tf, "jacobian": tj}
 
     pattern = _call_pattern(parts)
@@ -432,7 +442,7 @@ def run_benchmark(fileset: str | Path | None = None, events: int = 1_000_000, re
         other = "float32" if dtype == "float64" else "float64"
         ylds_main, jac_main = jacobian()
         ex_other = InProcessExecutor(spec, chunks, dtype=np.dtype(other))
-        warm_up_parallel([p for ps in ex_other.batches.values() for p in ps], params, relax, ex_other.config,
+        warm_up_parallel(ex_other.calls(), params, relax, ex_other.config,
                          warm_threads, forward=False)
         t0 = time.perf_counter()
         ylds_other, jac_other = jax.block_until_ready(ex_other.yields_and_jacobian(params, relax))

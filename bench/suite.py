@@ -299,7 +299,7 @@ def first_pass(spec, chunks, repeats: int = 3, dtype=np.float64) -> dict:
         plain_cpu.append(time.process_time() - c0)
         t0, c0 = time.perf_counter(), time.process_time()
         ex = InProcessExecutor(spec, chunks, dtype=dtype)
-        jax.block_until_ready([[p.weight for p in parts] for parts in ex.batches.values()])
+        jax.block_until_ready([p.weight for p in ex.calls()])
         first.append(time.perf_counter() - t0)
         first_cpu.append(time.process_time() - c0)
         ex.close()
@@ -405,7 +405,8 @@ def _call_note(st: dict) -> str:
     """The call pattern of a gradient step (absent from canned or older measurements: empty)."""
     if "calls_per_step" not in st:
         return ""
-    note = (f"; {st['calls_per_step']} calls per step, {st['events_per_call']:,.0f} events per call"
+    keyed = f" ({st['keyed_calls']} over several samples/files)" if st.get("keyed_calls") else ""
+    note = (f"; {st['calls_per_step']} calls per step{keyed}, {st['events_per_call']:,.0f} events per call"
             f" ({st['selected_events_per_call']:,.0f} selected), {st['call_shapes']} call shapes")
     if st.get("seconds_warmup_jacobian") is not None:
         note += "; warm-up (compile or cache load)"
@@ -699,8 +700,8 @@ def run_bench(events: int = 1_000_000, workers: int | None = None, scheduler: st
         setup.update({"dtype": dtype, "figures": list(figures)})
     st = details.get("stages", {})
     if "calls_per_step" in st:
-        setup.update({k: st[k] for k in ("calls_per_step", "events_per_call", "selected_events_per_call",
-                                         "call_shapes")})
+        setup.update({k: st[k] for k in ("calls_per_step", "keyed_calls", "events_per_call", "selected_events_per_call",
+                                         "call_shapes") if k in st})
     result = {"rows": table, "setup": setup, "details": details}
     if out is not None:
         from jacana.facility.atomic import write_json

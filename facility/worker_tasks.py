@@ -124,8 +124,11 @@ def build_shard_task(index: int, n_shards: int, spec_dict: Mapping, units: Seque
     """Regroup the ``units`` ([key, n_jets]) of the given chunk loads into calls kept on this worker."""
     from jacana.stages.batch import to_device
 
-    from jacana.facility.executor import rebatch
+    from jacana.facility.devices import platform_of_default_device
+    from jacana.facility.executor import merges_keys, resident_calls
 
+    from jacana.stages.soft_stage import SoftYieldsStage
+    from jacana.stages.stats.sensitivity import KEY_SEP, yields_key
     from jacana.stages.stats.stage import analysis_keys
 
     spec, config = spec_and_config(spec_dict)
@@ -139,8 +142,11 @@ def build_shard_task(index: int, n_shards: int, spec_dict: Mapping, units: Seque
             groups.setdefault(key, []).append(p)
             events[load.index] += int(np.asarray(p.event_mask).sum())
             parts[load.index] += 1
-    batches = {key: to_device(rebatch(group)) for key, group in groups.items()}
-    nbytes = sum(int(a.nbytes) for calls in batches.values() for b in calls for a in _arrays(b))
+    factory = stage_factory or SoftYieldsStage
+    calls = resident_calls({tuple(k.split(KEY_SEP, 1)): g for k, g in groups.items()},
+                           merge=merges_keys(factory, platform_of_default_device()))
+    batches = {yields_key(*key): to_device(group) for key, group in calls.items()}
+    nbytes = sum(int(a.nbytes) for group in batches.values() for b in group for a in _arrays(b))
     prov = tuple(Provenance(**p) for p in owned)
     return WorkerShard(index, n_shards, config, batches, prov, events, parts, nbytes, analysis_keys(spec),
                        stage_factory)

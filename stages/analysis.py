@@ -43,6 +43,7 @@ import numpy as np
 
 from jacana.stages.observables import nn
 from jacana.stages.batch import EventBatch
+from jacana.stages.keyed import KeyedBatch
 from jacana.stages.shapes import ChunkBatches
 from jacana.stages.histograms.relaxed import fill_variations
 from jacana.stages.selection.multiplicity import jet_region_probs, nth_selected_value, prob_exactly
@@ -251,12 +252,15 @@ def soft_yields(params: Mapping, relax: Mapping, batch, config) -> dict:
     ``config`` is a :class:`SoftConfig` (the AGC-specific program, :class:`EventBatch` batches) or a
     general :class:`~jacana.stages.definition.Definition` (:class:`~jacana.stages.dense.DenseBatch`).
     The variations axis follows ``config.variations(batch.weight_variations, batch.kinematic)``.
-    The event arithmetic runs in the batch's dtype (float32 batches: mixed precision); the
-    histograms are accumulated, and returned, in float64 (:data:`ACCUMULATOR_DTYPE`) whatever it is.
+    A :class:`~jacana.stages.keyed.KeyedBatch` (several keys' events in one call) gives every key's
+    histograms at once, ``[keys, V, bins]``. The event arithmetic runs in the batch's dtype (float32
+    batches: mixed precision); the histograms are accumulated, and returned, in float64
+    (:data:`ACCUMULATOR_DTYPE`) whatever it is.
     """
     from jacana.stages.definition import Definition
     from jacana.stages.engine import block_yields as general_block_yields
 
+    keys = batch.keys if isinstance(batch, KeyedBatch) else ()
     p, r, edges, nn_weights = _typed_inputs(params, relax, batch, config)
     if isinstance(config, Definition):  # the general program takes the extra parameters by name
         block_fn, extra = general_block_yields, ({"nn": nn_weights} if nn_weights is not None else {})
@@ -265,12 +269,14 @@ def soft_yields(params: Mapping, relax: Mapping, batch, config) -> dict:
 
     @jax.checkpoint
     def body(acc, blk):
-        contrib = block_fn(p, r, edges, extra, blk, config)
+        contrib = block_fn(p, r, edges, extra, blk.keyed_events() if keys else blk, config)
         # each block's contribution added in float64 (a no-op cast for float64 batches)
         return jax.tree.map(lambda a, c: a + c.astype(ACCUMULATOR_DTYPE), acc, contrib), None
 
     n_var = len(config.variations(batch.weight_variations, batch.kinematic))
-    init = {reg.name: (jnp.zeros((n_var, len(reg.edges) - 1), ACCUMULATOR_DTYPE),) * 2 for reg in config.regions}
+    shape = (len(keys),) * bool(keys)  # a KeyedBatch's histograms: one per key, the key axis first
+    init = {reg.name: (jnp.zeros(shape + (n_var, len(reg.edges) - 1), ACCUMULATOR_DTYPE),) * 2
+            for reg in config.regions}
     acc, _ = jax.lax.scan(body, init, _blocks(batch))
     return {k: {"sumw": v[0], "sumw2": v[1]} for k, v in acc.items()}
 

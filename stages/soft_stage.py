@@ -24,8 +24,9 @@ import numpy as np
 from jacana.protocol.pipeline import gradient_mode
 from jacana.protocol.stage import Arrays, Stage, StageSpec, TensorSpec
 from jacana.protocol.tree import flatten, join, unflatten
-from jacana.stages.analysis import SoftConfig, add_yields, chunk_yields
-from jacana.stages.jacobian import yields_and_jacobian, yields_vjp
+from jacana.stages.analysis import SoftConfig, soft_yields
+from jacana.stages.jacobian import yields_and_jacobian_call, yields_vjp_call
+from jacana.stages.keyed import Key, KeyedBatch, call_keys, split_by_key
 from jacana.stages.spec import NOMINAL
 
 STAGE_ID = "jacana.soft_yields"
@@ -33,7 +34,6 @@ YIELDS = "yields"
 RELAX = "relax"
 KINDS = ("sumw", "sumw2")
 
-Key = tuple[str, str]  # (sample, file variation)
 #: How ``apply`` computes values: "auto" runs the Jacobian's compiled program in forward mode (an
 #: optimisation compiles one program per call shape, not two); "forward" always the plain forward pass.
 APPLY_PROGRAMS = ("auto", "forward")
@@ -78,12 +78,22 @@ def params_inputs(params: Mapping) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, np.float64) for k, v in flatten(dict(params)).items()}
 
 
+def _host_sum(a, b):
+    """Sum of two host (numpy) trees; ``a`` may be None."""
+    return b if a is None else jax.tree.map(np.add, a, b)
+
+
 class SoftYieldsStage(Stage):
     """The soft yields of the batches held, for every key in ``keys`` (see the module docstring).
 
     ``params_like`` fixes the parameters' names and shapes (values are not used);
-    ``batches`` maps (sample, file variation) to its fixed-shape :class:`EventBatch` calls.
+    ``batches`` maps (sample, file variation) to its fixed-shape :class:`EventBatch` calls. A
+    :class:`~jacana.stages.keyed.KeyedBatch` (several keys' events in one call, on accelerators) is
+    listed under any one of its keys and answers for all of them.
     """
+
+    #: takes KeyedBatch calls (:func:`jacana.facility.executor.merges_keys`)
+    accepts_keyed_batches = True
 
     def __init__(self, config: SoftConfig, keys: Sequence[Key], params_like: Mapping,
                  batches: Mapping[Key, Sequence] | None = None, stage_id: str = STAGE_ID,
@@ -94,7 +104,9 @@ class SoftYieldsStage(Stage):
         self.config = config
         self.keys = tuple(tuple(k) for k in keys)
         self.batches = {tuple(k): list(v) for k, v in (batches or {}).items() if v}
-        unknown = set(self.batches) - set(self.keys)
+        # every call once, with the keys its results belong to
+        self._calls = [(call_keys(c, key), c) for key, calls in self.batches.items() for c in calls]
+        unknown = {k for ks, _ in self._calls for k in ks} - set(self.keys)
         if unknown:
             raise ValueError(f"batches for {sorted(unknown)}, which are not among the stage's keys")
         self.stage_id = stage_id
@@ -122,21 +134,28 @@ class SoftYieldsStage(Stage):
                 for key, by_region in per_key.items() for region, by_kind in by_region.items()
                 for kind, v in by_kind.items()}
 
+    def _per_key(self, run) -> dict:
+        """``run(call)`` of every call, dispatched before any result is read back (JAX runs them
+        asynchronously), fetched to the host together and summed per key in call order."""
+        results = jax.device_get([run(c) for _, c in self._calls])
+        per_key: dict = {}
+        for (keys, call), res in zip(self._calls, results):
+            for key, part in zip(keys, split_by_key(call, res)):
+                per_key[key] = _host_sum(per_key.get(key), part)
+        return per_key
+
     # -- the contract ----------------------------------------------------------------------
     def apply(self, params: Arrays, inputs: Arrays) -> dict[str, np.ndarray]:
         if self.mode == "jacobian" and self.apply_program == "auto":  # one program per call shape serves both
             return self.jacobian(params, inputs, ())[0]
         tree, relax = self._tree(params, inputs)
-        per_key = {key: (chunk_yields(tree, relax, self.batches[key], self.config) if key in self.batches
-                         else self._zeros(key)) for key in self.keys}
-        return self._flat_outputs(per_key)
+        per_key = self._per_key(lambda c: soft_yields(tree, relax, c, self.config))
+        return self._flat_outputs({key: per_key.get(key) or self._zeros(key) for key in self.keys})
 
     def jacobian(self, params: Arrays, inputs: Arrays, wrt: Sequence[str] | None = None):
         wrt = self._spec.check_wrt(wrt)
         tree, relax = self._tree(params, inputs)
-        # every call is dispatched before any result is read back (JAX runs them asynchronously)
-        results = {key: yields_and_jacobian(tree, relax, self.batches[key], self.config)
-                   for key in self.keys if key in self.batches}
+        results = self._per_key(lambda c: yields_and_jacobian_call(tree, relax, c, self.config))
         sizes = [int(np.size(params[a])) for a in wrt]
         outs, jac = {}, {}
         for key in self.keys:
@@ -158,16 +177,27 @@ class SoftYieldsStage(Stage):
     def vjp(self, params: Arrays, inputs: Arrays, cotangents: Arrays, wrt: Sequence[str] | None = None):
         wrt = self._spec.check_wrt(wrt)
         tree, relax = self._tree(params, inputs)
+
+        def cotangent(key):
+            return {r.name: {k: jnp.asarray(cotangents[yields_name(key, r.name, k)], jnp.float64)
+                             if yields_name(key, r.name, k) in cotangents else jnp.zeros_like(z)
+                             for k, z in by_kind.items()} for r, by_kind in zip(self.config.regions,
+                                                                                 self._zeros(key).values())}
+
+        def run(keys, call):
+            ct = cotangent(keys[0]) if len(keys) == 1 and not isinstance(call, KeyedBatch) else \
+                jax.tree.map(lambda *a: jnp.stack(a), *[cotangent(k) for k in keys])  # the key axis first
+            return yields_vjp_call(tree, relax, call, self.config, ct)[1]
+
+        grads = jax.device_get([run(keys, c) for keys, c in self._calls])
+        # summed per key first, then over keys in the stage's order; a merged call counts as its own term
+        by_owner: dict = {}
+        for (keys, call), g in zip(self._calls, grads):
+            owner = keys if isinstance(call, KeyedBatch) else keys[0]
+            by_owner[owner] = _host_sum(by_owner.get(owner), g)
         grad = None
-        for key in self.keys:
-            if key not in self.batches:
-                continue
-            ct = {r.name: {k: jnp.asarray(cotangents[yields_name(key, r.name, k)], jnp.float64)
-                           if yields_name(key, r.name, k) in cotangents else jnp.zeros_like(z)
-                           for k, z in by_kind.items()} for r, by_kind in zip(self.config.regions,
-                                                                               self._zeros(key).values())}
-            _, g = yields_vjp(tree, relax, self.batches[key], self.config, ct)
-            grad = add_yields(grad, g)
+        for owner in [k for k in self.keys if k in by_owner] + [o for o in by_owner if o not in self.keys]:
+            grad = _host_sum(grad, by_owner[owner])
         flat = flatten(grad) if grad is not None else {}
         return {a: (np.asarray(flat[a], np.float64).reshape(np.shape(params[a])) if a in flat
                     else np.zeros(np.shape(params[a]))) for a in wrt}

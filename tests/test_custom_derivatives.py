@@ -141,3 +141,29 @@ def test_fill_variations_lays_out_kinematic_then_weight_variations():
         want_w, want_w2 = soft_histogram(x, edges, h, weights=w, weights2=w2)
         np.testing.assert_allclose(sumw[i], want_w, rtol=1e-13)
         np.testing.assert_allclose(sumw2[i], want_w2, rtol=1e-13)
+
+
+def test_a_fill_of_several_keys_gives_each_key_its_own_events_histograms():
+    """Weights [B, S] (jacana.stages.keyed.key_weights): row s of the result is the fill of key s's events
+    alone, to rounding, in value and in every derivative (the fill's custom rule included)."""
+    from jacana.stages.keyed import key_weights
+
+    rng = np.random.default_rng(5)
+    n, edges, h = 300, jnp.linspace(0.0, 1.0, 6), jnp.asarray(0.07)
+    values = {"r": jnp.asarray(rng.uniform(-0.1, 1.1, (2, n)))}
+    sel = {"r": jnp.asarray(rng.uniform(size=(2, n)))}
+    weight = jnp.asarray(rng.normal(1.0, 0.3, n))
+    factors = [jnp.asarray(rng.uniform(0.8, 1.2, n))]
+    index = jnp.asarray(rng.integers(0, 3, n))
+
+    def fill(scale, w):  # scale: a parameter the values depend on, to differentiate through the kernel
+        vals = {"r": values["r"] * scale}
+        return fill_variations(vals, sel, w, factors, {"r": (edges, h)}, False, "normal")["r"]
+
+    keyed, d_keyed = jax.jvp(lambda s: fill(s, key_weights(weight, index, 3)), (1.0,), (1.0,))
+    assert keyed[0].shape == (3, 3, 5)  # [keys, 2 kinematic + 1 weight variation, bins]
+    for s in range(3):
+        alone, d_alone = jax.jvp(lambda t: fill(t, jnp.where(index == s, weight, 0.0)), (1.0,), (1.0,))
+        for got, want in zip((*keyed, *d_keyed), (*alone, *d_alone)):
+            np.testing.assert_allclose(got[s], want, rtol=1e-12, atol=1e-12 * float(jnp.max(jnp.abs(want))))
+        assert float(jnp.max(jnp.abs(d_alone[0]))) > 1e-3  # the derivative is not trivially zero

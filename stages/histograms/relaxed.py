@@ -145,21 +145,29 @@ def fill_variations(values, selection, weight, factors, binning, flow: bool, ker
     ``binning[region]`` the region's (edges, kernel width). One :func:`weighted_bin_mass` per region
     and variation: the weight variations share the nominal one's kernel evaluation.
     ``sumw2`` is the expectation of the hard ``sum w^2`` (``w^2 x P(selection)``).
+
+    ``weight`` [B, S] fills S histograms of each at once (the events of several (sample, file) keys in
+    one block, :func:`jacana.stages.keyed.key_weights`: each event's weight in its key's column); the
+    contributions are then [S, V + W, bins].
     """
-    shifted = [weight * f for f in factors]
+    per_key = jnp.ndim(weight) == 2
+    col = (lambda a: a[:, None]) if per_key else (lambda a: a)  # noqa: E731 -- [B] factors against [B, S] weights
+    shifted = [weight * col(f) for f in factors]
     out = {}
     for name, (edges, bandwidth) in binning.items():
         x, s = values[name], selection[name]
         sumw, sumw2, var_w, var_w2 = [], [], [], []
         for v in range(x.shape[0]):
-            w_kin = weight * s[v]
-            var = [a * s[v] for a in shifted] if v == 0 else []  # weight variations: nominal objects only
-            cols = [w_kin, *var, weight * w_kin, *(a * b for a, b in zip(shifted, var))]  # sumw | sumw2 columns
-            filled = weighted_bin_mass(x[v], jnp.stack(cols, axis=-1), edges, bandwidth, flow, kernel)
-            half = len(cols) // 2
-            sumw.append(filled[0])
-            sumw2.append(filled[half])
+            w_kin = weight * col(s[v])
+            var = [a * col(s[v]) for a in shifted] if v == 0 else []  # weight variations: nominal objects only
+            cols = jnp.stack([w_kin, *var, weight * w_kin, *(a * b for a, b in zip(shifted, var))], axis=-1)
+            half = cols.shape[-1] // 2  # sumw | sumw2 columns ([B, C] or [B, S, C])
+            filled = weighted_bin_mass(x[v], cols.reshape(cols.shape[0], -1), edges, bandwidth, flow, kernel)
+            filled = filled.reshape(cols.shape[1:] + filled.shape[-1:])  # [C, bins] or [S, C, bins]
+            sumw.append(filled[..., 0, :])
+            sumw2.append(filled[..., half, :])
             if v == 0:
-                var_w, var_w2 = filled[1:half], filled[half + 1:]
-        out[name] = (jnp.concatenate([jnp.stack(sumw), var_w]), jnp.concatenate([jnp.stack(sumw2), var_w2]))
+                var_w, var_w2 = filled[..., 1:half, :], filled[..., half + 1:, :]
+        out[name] = (jnp.concatenate([jnp.stack(sumw, axis=-2), var_w], axis=-2),
+                     jnp.concatenate([jnp.stack(sumw2, axis=-2), var_w2], axis=-2))
     return out
