@@ -47,9 +47,9 @@ from jacana.stages.keyed import KeyedBatch
 from jacana.stages.shapes import ChunkBatches
 from jacana.stages.histograms.relaxed import fill_variations
 from jacana.stages.selection.multiplicity import jet_region_probs, nth_selected_value, prob_exactly
-from jacana.stages.observables.kinematics import soft_ht, soft_mbjj
+from jacana.stages.observables.kinematics import LOG_ZERO, soft_ht, soft_mbjj
 from jacana.stages.observables.objects import exact_divide
-from jacana.stages.selection.soft import soft_step
+from jacana.stages.selection.soft import log_soft_steps, soft_step
 from jacana.stages.spec import NOMINAL, AnalysisSpec
 
 jax.config.update("jax_enable_x64", True)
@@ -190,6 +190,13 @@ def _block_yields(p, r, edges, nn_weights, b: EventBatch, config: SoftConfig):
     q_tag = soft_step(b.jet_btag, p["btag_min"], r["btag_min"])
     eta_w = soft_step(p["jet_eta_max"], jnp.abs(b.jet_eta), r["jet_eta_max"]) * b.jet_mask
     needed = {reg.observable for reg in config.regions}
+    # float32: m_bjj's per-jet log weights from the logits, since the weights themselves underflow at
+    # narrow temperatures where float64's still decide the choice (float64 keeps log(weight))
+    narrow = jnp.finfo(b.dtype).bits < 64 and bool(needed & {"m_bjj", "nn"})
+    if narrow:
+        log_eta = log_soft_steps(p["jet_eta_max"], jnp.abs(b.jet_eta), r["jet_eta_max"], LOG_ZERO)[0]
+        log_eta = jnp.where(b.jet_mask, log_eta, LOG_ZERO)
+        log_untagged = log_soft_steps(b.jet_btag, p["btag_min"], r["btag_min"], LOG_ZERO)[1]
 
     def per_kinematic(pt):  # everything that depends on the (varied) jet pT: [B, K] -> ...
         p_sel = soft_step(pt, p["jet_pt_min"], r["jet_pt_min"]) * eta_w
@@ -198,8 +205,12 @@ def _block_yields(p, r, edges, nn_weights, b: EventBatch, config: SoftConfig):
         if needed & {"ht", "nn"}:
             obs["ht"] = soft_ht(pt, p_sel)
         if needed & {"m_bjj", "nn"}:
+            logs = None
+            if narrow:
+                log_pt = log_soft_steps(pt, p["jet_pt_min"], r["jet_pt_min"], LOG_ZERO)[0]
+                logs = (jnp.maximum(log_pt + log_eta, LOG_ZERO), log_untagged)
             obs["m_bjj"] = soft_mbjj(pt, b.jet_cos_phi, b.jet_sin_phi, b.jet_sinh_eta, b.jet_mass, p_sel, q_tag,
-                                     r["trijet_pt"])
+                                     r["trijet_pt"], log_inputs=logs)
         if "nn" in needed:  # expected features under the soft selection (the hard ones in the hard limit)
             lead = nth_selected_value(pt, p_sel, 4)
             feats = {"ht": obs["ht"], "n_jets": jnp.sum(p_sel, axis=-1), "m_bjj": obs["m_bjj"],

@@ -115,6 +115,41 @@ def test_float32_m_bjj_keeps_improbable_high_pt_trijets():
     assert np.max(np.abs(g32 - g64)) <= 1e-3 * np.max(np.abs(g64)), (g32, g64)
 
 
+def test_float32_m_bjj_at_narrow_temperatures_takes_the_selection_in_log_space():
+    """At a tenth of the default temperatures a jet 100 sigma outside the |eta| cut has selection
+    probability 4e-44: 0 in float32, but float64's m_bjj still lets its trijet win through
+    exp(dpT / 0.5 GeV). The float32 program takes m_bjj's per-jet log weights from the cuts' logits
+    (log_soft_steps), so it fills the 4j2b histogram as float64 does. Through soft_yields."""
+    from jacana.stages.batch import EventBatch
+
+    spec = load_spec()
+    config, relax, params = soft_config(spec), default_relax(spec, scale=0.1), default_params(spec)
+    rng = np.random.default_rng(4)
+    n, k = 128, 8
+    pt = np.tile([200.0, 91.0, 65.5, 47.3, 31.4, 27.7, 25.8, 24.3], (n, 1))
+    eta = rng.uniform(-2.0, 2.0, (n, k))
+    eta[:, 0] = 2.4 + 100 * 0.005  # the leading jet: 100 sigma outside |eta| < 2.4
+    phi, mass = rng.uniform(-3, 3, (n, k)), rng.uniform(4, 12, (n, k))
+    btag = np.tile([0.9, 0.8, 0.1, 0.6, 0.1, 0.3, 0.2, 0.1], (n, 1))  # the selected jets: two tagged
+
+    def histogram(dtype, first_jet=True):
+        cast = lambda a: np.asarray(a, dtype)  # noqa: E731
+        mask = np.ones((n, k), bool)
+        mask[:, 0] = first_jet
+        batch = EventBatch(lepton_pt=cast(np.full((n, 1), 40.0)), lepton_mask=np.ones((n, 1), bool),
+                           lepton_is_muon=np.ones((n, 1), bool), jet_pt=cast(pt[:, None, :]), jet_eta=cast(eta),
+                           jet_cos_phi=cast(np.cos(phi)), jet_sin_phi=cast(np.sin(phi)), jet_sinh_eta=cast(np.sinh(eta)),
+                           jet_mass=cast(mass), jet_btag=cast(btag), jet_mask=mask, weight=cast(np.ones(n)),
+                           event_mask=np.ones(n, bool), weight_variations=False, block_size=n)
+        return np.asarray(soft_yields(params, relax, batch, config)["4j2b"]["sumw"][0], np.float64)
+
+    h64, h32 = histogram(np.float64), histogram(np.float32)
+    without = histogram(np.float64, first_jet=False)
+    assert np.sum(np.abs(h64 - without)) > 0.5 * n  # the improbable trijets decide float64's m_bjj
+    np.testing.assert_allclose(h32, h64, atol=1e-4 * n)
+    assert np.sum(h64) > 0.25 * n  # most events pass, and their m_bjj is inside the edges
+
+
 def _dot_precisions(jaxpr) -> list:
     """The precision of every dot_general in a jaxpr and in the jaxprs nested in its equations."""
     from jax.extend.core import ClosedJaxpr, Jaxpr

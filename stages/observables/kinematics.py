@@ -120,7 +120,7 @@ def _choose(score, weight, temperature, value):
     return jax.lax.cond(is_soft, soft, hard, safe_t)
 
 
-def soft_mbjj(pt, cos_phi, sin_phi, sinh_eta, mass, p_sel, q_tag, temperature):
+def soft_mbjj(pt, cos_phi, sin_phi, sinh_eta, mass, p_sel, q_tag, temperature, log_inputs=None):
     """Soft m_bjj per event: [..., K] jets -> [...] (0 where no trijet has weight > 0).
 
     The trijet weights are computed in log space with matmuls (no gathers, which are slow on
@@ -132,9 +132,13 @@ def soft_mbjj(pt, cos_phi, sin_phi, sinh_eta, mass, p_sel, q_tag, temperature):
     Derivatives (:func:`_expected_mass`, a custom JVP): a tangent of the per-jet logs reaches the
     output through ``sum_j C_j dlog p_j`` with per-jet coefficients ``C`` computed once from the
     primal, so forward mode costs O(jets) per parameter instead of O(trijets).
+
+    ``log_inputs``: ``(log p, log(1 - q))`` per jet where the caller has them from the cuts' logits
+    (:func:`~jacana.stages.selection.soft.log_soft_steps`; float32 at narrow temperatures, where
+    ``p`` itself underflows); default ``trijet_log_inputs(p_sel, q_tag)``.
     """
     tpt, tmass = trijet_kinematics(pt, cos_phi, sin_phi, sinh_eta, mass)
-    lp, lq = trijet_log_inputs(p_sel, q_tag)
+    lp, lq = trijet_log_inputs(p_sel, q_tag) if log_inputs is None else log_inputs
     return _expected_mass(tpt, tmass, lp, lq, jnp.asarray(temperature, tpt.dtype))
 
 

@@ -46,6 +46,25 @@ def soft_step(x, theta, tau):
     return jnp.where(is_soft, soft, (x > theta).astype(dtype))
 
 
+def log_soft_steps(x, theta, tau, log_zero: float):
+    """``(log w, log(1 - w))`` of the cut ``x > theta`` (``w = soft_step(x, theta, tau)``) from the logit,
+    ``log_sigmoid(+-z)``: finite where ``w`` or ``1 - w`` underflows (a float32 sigmoid is 0 below
+    logits of -104). At ``tau == 0`` exactly ``(0, log_zero)`` where ``x > theta``, else ``(log_zero, 0)``;
+    both are clamped at ``log_zero`` (``log_zero`` stands in for log 0).
+
+    >>> [round(v, 3) for v in log_soft_steps(jnp.float32(-150.0), 0.0, 1.0, -1000.0)[0].reshape(1).tolist()]
+    [-150.0]
+    """
+    x = jnp.asarray(x)
+    dtype = jnp.result_type(x, theta, jnp.asarray(tau))
+    is_soft, safe = safe_scale(tau)
+    z = ((x - theta) / safe).astype(dtype)
+    above = x > theta
+    log_w = jnp.where(is_soft, jax.nn.log_sigmoid(z), jnp.where(above, 0.0, log_zero).astype(dtype))
+    log_not = jnp.where(is_soft, jax.nn.log_sigmoid(-z), jnp.where(above, log_zero, 0.0).astype(dtype))
+    return jnp.maximum(log_w, log_zero), jnp.maximum(log_not, log_zero)
+
+
 def normal_cdf(x):
     """Standard normal CDF as ``erfc(-x / sqrt 2) / 2``: as accurate as ``jax.scipy.special.ndtr``
     (which evaluates both ``erf`` and ``erfc`` and selects) and cheaper on CPU (``docs/bench.md``)."""
