@@ -21,10 +21,11 @@ import jax.numpy as jnp
 
 from jacana.stages.definition import Definition, thaw
 from jacana.stages.histograms.relaxed import fill_variations
+from jacana.stages.observables.kinematics import LOG_ZERO
 from jacana.stages.observables.library import compute
 from jacana.stages.observables.objects import ObservableContext, Objects
 from jacana.stages.selection.multiplicity import count_probabilities, state_keys
-from jacana.stages.selection.soft import soft_step
+from jacana.stages.selection.soft import log_soft_steps, soft_step
 from jacana.stages.systematics import SYSTEMATICS
 
 
@@ -42,6 +43,13 @@ def bandwidth_unit(region) -> float:
 def _cut(cut, values, p, r):
     x = jnp.abs(values) if cut.abs else values
     return soft_step(x, p[cut.param], r[cut.param]) if cut.above else soft_step(p[cut.param], x, r[cut.param])
+
+
+def _log_cut(cut, values, p, r):
+    """``(log w, log(1 - w))`` of :func:`_cut` from its logit (:func:`~.selection.soft.log_soft_steps`)."""
+    x = jnp.abs(values) if cut.abs else values
+    a, b = (x, p[cut.param]) if cut.above else (p[cut.param], x)
+    return log_soft_steps(a, b, r[cut.param], LOG_ZERO)
 
 
 def _caps(definition: Definition) -> dict:
@@ -101,16 +109,23 @@ def _event_terms(p, r, extra, b, definition: Definition):
     needed = list(dict.fromkeys([reg.observable for reg in definition.regions]
                                 + [c.observable for reg in definition.regions for c in reg.cuts]))
 
-    static_w, q_tag, fields = {}, {}, {}
+    # float32: the objects also carry their log weights from the cuts' logits (m_bjj's choice at narrow
+    # temperatures, where the weights underflow; as the AGC program does); float64 keeps log(weight)
+    narrow = jnp.finfo(b.weight.dtype).bits < 64
+    static_w, static_log_w, q_tag, log_not_q, fields = {}, {}, {}, {}, {}
     for o in definition.objects:
         d = b.objects[o.name]
         fields[o.name] = {k: v for k, v in d.items() if k not in ("pt", "fixed_pass")}
         w = d["mask"].astype(d["pt"].dtype)
+        log_w = jnp.where(d["mask"], 0.0, LOG_ZERO).astype(w.dtype) if narrow else None
         for cut in o.cuts:
             if cut.field != "pt":
                 w = _cut(cut, d[cut.field], p, r) * w
-        static_w[o.name] = w
+                log_w = log_w + _log_cut(cut, d[cut.field], p, r)[0] if narrow else None
+        static_w[o.name], static_log_w[o.name] = w, log_w
         q_tag[o.name] = _cut(o.tag, d[o.tag.field], p, r) if o.tag is not None and o.tag.field != "pt" else None
+        log_not_q[o.name] = (_log_cut(o.tag, d[o.tag.field], p, r)[1] if narrow and q_tag[o.name] is not None
+                             else None)
 
     # the sets whose pT varies are looped over the variation axis (their pT and, with fixed pT cuts,
     # which objects pass them); the others keep their nominal pT
@@ -130,16 +145,22 @@ def _event_terms(p, r, extra, b, definition: Definition):
         objs, p_sel = {}, {}
         for o in definition.objects:
             pt = per_set[o.name]["pt"] if o.name in per_set else b.objects[o.name]["pt"][:, 0, :]
-            w = None
+            w, log_w = None, static_log_w[o.name]
             for cut in o.cuts:
                 if cut.field == "pt":
                     c = _cut(cut, pt, p, r)
                     w = c if w is None else w * c
+                    log_w = log_w + _log_cut(cut, pt, p, r)[0] if narrow else None
             w = static_w[o.name] if w is None else w * static_w[o.name]
             if o.name in per_set and "fixed_pass" in per_set[o.name]:
                 w = w * per_set[o.name]["fixed_pass"].astype(w.dtype)
+                log_w = jnp.where(per_set[o.name]["fixed_pass"], log_w, LOG_ZERO) if narrow else None
             q = q_tag[o.name] if not (o.tag is not None and o.tag.field == "pt") else _cut(o.tag, pt, p, r)
-            objs[o.name] = Objects({**fields[o.name], "pt": pt}, w=w, q=q)
+            log_q = log_not_q[o.name]
+            if narrow and o.tag is not None and o.tag.field == "pt":
+                log_q = _log_cut(o.tag, pt, p, r)[1]
+            logs = (jnp.maximum(log_w, LOG_ZERO), log_q) if narrow and log_q is not None else None
+            objs[o.name] = Objects({**fields[o.name], "pt": pt}, w=w, q=q, log_inputs=logs)
             p_sel[o.name] = w
         return objs, p_sel
 

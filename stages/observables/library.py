@@ -154,7 +154,8 @@ def trijet_mass(ctx: ObservableContext, of: str = "jet"):
     j = ctx.objects[of]
     if j.q is None:
         raise ValueError(f"trijet_mass of {of!r} needs a tag on that object set")
-    return soft_mbjj(j.pt, j.cos_phi, j.sin_phi, j.sinh_eta, j.mass, j.w, j.q, ctx.relax["trijet_pt"])
+    return soft_mbjj(j.pt, j.cos_phi, j.sin_phi, j.sinh_eta, j.mass, j.w, j.q, ctx.relax["trijet_pt"],
+                     log_inputs=j.log_inputs)
 
 
 def _met_reads(args):

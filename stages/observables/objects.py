@@ -34,11 +34,14 @@ SELECTIONS = ("all", "tagged", "untagged")
 
 @dataclasses.dataclass(frozen=True)
 class Objects:
-    """One object set of a block of events: ``fields`` [B, K] each, ``w`` and ``q`` [B, K]."""
+    """One object set of a block of events: ``fields`` [B, K] each, ``w`` and ``q`` [B, K];
+    ``log_inputs``: ``(log w, log(1 - q))`` from the cuts' logits where the program has them (float32:
+    :func:`~jacana.stages.observables.kinematics.soft_mbjj` at narrow temperatures), else None."""
 
     fields: Mapping[str, Any]
     w: Any
     q: Any = None
+    log_inputs: Any = None
 
     def __getattr__(self, name: str):
         try:
