@@ -128,23 +128,22 @@ def build_shard_task(index: int, n_shards: int, spec_dict: Mapping, units: Seque
     from jacana.facility.executor import merges_keys, resident_calls
 
     from jacana.stages.soft_stage import SoftYieldsStage
-    from jacana.stages.stats.sensitivity import KEY_SEP, yields_key
+    from jacana.stages.stats.sensitivity import yields_key
     from jacana.stages.stats.stage import analysis_keys
 
     spec, config = spec_and_config(spec_dict)
     wanted = _unit_set(units)
-    groups: dict[str, list] = {}
+    groups: dict[tuple, list] = {}  # per (sample, file variation)
     events = np.zeros(n_chunks, np.int64)
     parts = np.zeros(n_chunks, np.int64)
     for load in sorted(loads, key=lambda ld: ld.index):  # chunk order: the in-process concatenation order
-        key, mine = _parts_in(load, wanted)
+        _, mine = _parts_in(load, wanted)
         for p in mine:
-            groups.setdefault(key, []).append(p)
+            groups.setdefault((load.chunk.sample, load.chunk.variation), []).append(p)
             events[load.index] += int(np.asarray(p.event_mask).sum())
             parts[load.index] += 1
     factory = stage_factory or SoftYieldsStage
-    calls = resident_calls({tuple(k.split(KEY_SEP, 1)): g for k, g in groups.items()},
-                           merge=merges_keys(factory, platform_of_default_device()))
+    calls = resident_calls(groups, merge=merges_keys(factory, platform_of_default_device()))
     batches = {yields_key(*key): to_device(group) for key, group in calls.items()}
     nbytes = sum(int(a.nbytes) for group in batches.values() for b in group for a in _arrays(b))
     prov = tuple(Provenance(**p) for p in owned)

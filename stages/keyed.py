@@ -81,9 +81,6 @@ class KeyedBatch:
     def event_mask(self):
         return self.batch.event_mask
 
-    def with_block_size(self, block: int) -> "KeyedBatch":
-        return dataclasses.replace(self, batch=dataclasses.replace(self.batch, block_size=block))
-
     def keyed_events(self):
         """The inner batch with its weight as [N, keys] (:func:`key_weights`): what the analysis of one
         block fills histograms from, every key in its own column."""

@@ -185,8 +185,8 @@ class SoftYieldsStage(Stage):
                                                                                  self._zeros(key).values())}
 
         def run(keys, call):
-            ct = cotangent(keys[0]) if len(keys) == 1 and not isinstance(call, KeyedBatch) else \
-                jax.tree.map(lambda *a: jnp.stack(a), *[cotangent(k) for k in keys])  # the key axis first
+            ct = jax.tree.map(lambda *a: jnp.stack(a), *[cotangent(k) for k in keys]) \
+                if isinstance(call, KeyedBatch) else cotangent(keys[0])  # a KeyedBatch's: the key axis first
             return yields_vjp_call(tree, relax, call, self.config, ct)[1]
 
         grads = jax.device_get([run(keys, c) for keys, c in self._calls])
